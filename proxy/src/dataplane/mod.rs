@@ -1,0 +1,4 @@
+//! Dataplane backends: each renders a [`crate::model::DesiredState`] into a plan (pure)
+//! and applies plans to the kernel (side effects).
+
+pub mod nft;

@@ -1,0 +1,1 @@
+//! HTTP endpoints: metrics (`/proxyMode`, `/metrics`, `/healthz`, `/configz`) and health.

@@ -1,0 +1,10 @@
+//! weir-proxy: a node-level Kubernetes service proxy (kube-proxy replacement).
+//!
+//! Layout: [`source`] feeds objects into [`model`] change trackers; [`sync`] computes the
+//! [`model::DesiredState`], renders it through a [`dataplane`] backend and applies it;
+//! [`http`] serves metrics and health.
+
+pub mod dataplane;
+pub mod http;
+pub mod model;
+pub mod source;

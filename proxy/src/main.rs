@@ -1,0 +1,2 @@
+//! The weir-proxy daemon.
+fn main() {}

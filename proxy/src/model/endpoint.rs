@@ -1,0 +1,3 @@
+//! EndpointSlice -> [`EndpointInfo`].
+/// placeholder
+pub struct EndpointInfo;

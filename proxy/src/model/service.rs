@@ -1,0 +1,5 @@
+//! Service -> per-port [`ServiceInfo`].
+/// placeholder
+pub struct ServiceInfo;
+/// placeholder
+pub enum TargetPort {}

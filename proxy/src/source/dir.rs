@@ -1,0 +1,1 @@
+//! `--source dir:PATH`: Services, EndpointSlices and Nodes read from YAML files.

@@ -1,0 +1,72 @@
+//! Sources of Kubernetes objects: a directory of YAML manifests (`--source dir:PATH`)
+//! and, later, the Kubernetes API. Sources only report what they see; the sync runner
+//! records it in change trackers.
+
+pub mod dir;
+
+use crate::model::ObjectKey;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// One Kubernetes object of a kind weir reads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    /// A core/v1 Service.
+    Service(Service),
+    /// A discovery.k8s.io/v1 EndpointSlice.
+    EndpointSlice(EndpointSlice),
+    /// A core/v1 Node.
+    Node(Node),
+}
+
+/// Which kind an [`Object`] or an [`ObjectRef`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// Service.
+    Service,
+    /// EndpointSlice.
+    EndpointSlice,
+    /// Node.
+    Node,
+}
+
+impl Object {
+    /// The object's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Node(_) => Kind::Node,
+        }
+    }
+
+    /// The object's `namespace/name` (Nodes have no namespace; others default to `default`).
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Object::Service(s) => ObjectKey::of_meta(&s.metadata, true),
+            Object::EndpointSlice(s) => ObjectKey::of_meta(&s.metadata, true),
+            Object::Node(n) => ObjectKey::of_meta(&n.metadata, false),
+        }
+    }
+}
+
+/// A reference to an object that was deleted.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// Kind.
+    pub kind: Kind,
+    /// `namespace/name`.
+    pub key: ObjectKey,
+}
+
+/// What a source reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceUpdate {
+    /// The complete current set of objects as the source sees it (a directory rescan or
+    /// an API relist). The first one a source sends marks it as synced.
+    Replace(Vec<Object>),
+    /// An object was added or changed.
+    Upsert(Object),
+    /// An object was deleted.
+    Delete(ObjectRef),
+}

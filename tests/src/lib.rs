@@ -1,0 +1,1 @@
+//! weir e2e harness
