@@ -30,7 +30,9 @@ impl ObjectKey {
         namespaced: bool,
     ) -> Self {
         let namespace = if namespaced {
-            meta.namespace.clone().unwrap_or_else(|| "default".to_owned())
+            meta.namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned())
         } else {
             String::new()
         };

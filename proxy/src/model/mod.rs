@@ -9,9 +9,11 @@ pub mod endpoint;
 pub mod service;
 
 pub use change_tracker::{ChangeTracker, ObjectKey};
-pub use desired::{compute, DesiredState, Endpoint, ModelConfig, ServicePortState, Snapshot};
+pub use desired::{
+    compute, DesiredState, Endpoint, ModelConfig, ModelError, ServicePortState, Snapshot,
+};
 pub use endpoint::EndpointInfo;
-pub use service::{ServiceInfo, TargetPort};
+pub use service::ServiceInfo;
 
 use std::fmt;
 

@@ -2,6 +2,7 @@
 //! NodePort is an element of shared named maps and sets.
 
 pub mod fake;
+pub mod kernel;
 pub mod plan;
 pub mod render;
 pub mod table;

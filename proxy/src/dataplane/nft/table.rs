@@ -41,7 +41,10 @@ impl Family {
 
     /// Whether an address belongs to this family.
     pub fn contains(self, ip: &IpAddr) -> bool {
-        matches!((self, ip), (Family::Ip, IpAddr::V4(_)) | (Family::Ip6, IpAddr::V6(_)))
+        matches!(
+            (self, ip),
+            (Family::Ip, IpAddr::V4(_)) | (Family::Ip6, IpAddr::V6(_))
+        )
     }
 }
 
@@ -105,17 +108,25 @@ impl fmt::Display for BaseChain {
             ChainType::Nat => "nat",
             ChainType::Filter => "filter",
         };
+        // nft names priorities only where the name is defined for the hook: `dstnat` in
+        // prerouting, `srcnat` in postrouting, `filter` everywhere; others print as numbers.
         let (base_name, base) = match (self.kind, self.hook) {
-            (ChainType::Nat, Hook::Prerouting | Hook::Output) => ("dstnat", -100),
-            (ChainType::Nat, _) => ("srcnat", 100),
+            (ChainType::Nat, Hook::Prerouting) => ("dstnat", -100),
+            (ChainType::Nat, Hook::Postrouting) => ("srcnat", 100),
+            (ChainType::Nat, _) => ("", 0),
             (ChainType::Filter, _) => ("filter", 0),
         };
         let prio = match self.priority - base {
+            d if base_name.is_empty() => d.to_string(),
             0 => base_name.to_owned(),
             d if d > 0 => format!("{base_name} + {d}"),
             d => format!("{base_name} - {}", -d),
         };
-        write!(f, "type {kind} hook {} priority {prio}; policy accept;", self.hook.as_str())
+        write!(
+            f,
+            "type {kind} hook {} priority {prio}; policy accept;",
+            self.hook.as_str()
+        )
     }
 }
 
@@ -203,6 +214,12 @@ pub enum Stmt {
         /// Verdict map name.
         map: String,
     },
+    /// `numgen random mod N vmap { 0 : goto C0, 1 : goto C1, ... }`: go to one of the
+    /// chains, chosen uniformly at random (`chains.len()` is N).
+    NumgenVmap {
+        /// Chains by slot.
+        chains: Vec<String>,
+    },
     /// `dnat ip to KEY map @map`: destination NAT to the looked-up address and port;
     /// a miss continues with the next rule.
     Dnat {
@@ -246,11 +263,12 @@ impl Rule {
         m.chain(s)
     }
 
-    /// Names of the chains the rule jumps to.
+    /// Names of the chains the rule jumps or goes to.
     pub fn referenced_chains(&self) -> impl Iterator<Item = &str> {
-        self.stmts.iter().filter_map(|s| match s {
-            Stmt::Jump(c) => Some(c.as_str()),
-            _ => None,
+        self.stmts.iter().flat_map(|s| match s {
+            Stmt::Jump(c) => std::slice::from_ref(c).iter().map(String::as_str),
+            Stmt::NumgenVmap { chains } => chains.iter().map(String::as_str),
+            _ => [].iter().map(String::as_str),
         })
     }
 }
@@ -279,6 +297,18 @@ impl fmt::Display for RuleDisplay<'_> {
                 Stmt::Reject => "reject".to_owned(),
                 Stmt::Jump(c) => format!("jump {c}"),
                 Stmt::Vmap { key, map } => format!("{} vmap @{map}", KeyDisplay(fam, key)),
+                Stmt::NumgenVmap { chains } => {
+                    let arms: Vec<String> = chains
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| format!("{i} : goto {c}"))
+                        .collect();
+                    format!(
+                        "numgen random mod {} vmap {{ {} }}",
+                        chains.len(),
+                        arms.join(", ")
+                    )
+                }
                 Stmt::Dnat { key, map } => {
                     format!("dnat {fam} to {} map @{map}", KeyDisplay(fam, key))
                 }
@@ -336,51 +366,28 @@ impl MapDecl {
         self.data == DataType::None
     }
 
-    /// The declaration line nft prints back (`type ...` or `typeof ...`).
+    /// The declaration line nft prints back (`type ...`).
     ///
-    /// Maps whose key holds a slot or whose data is `address . port` are declared with
-    /// `typeof`, because nft cannot declare those with plain `type`.
+    /// Plain `type` declarations only: nft 1.0.6 cannot reload a map whose `typeof` data
+    /// mixes network and transport fields, and a `typeof` transport field in the data makes
+    /// nft add a protocol dependency to rules that use the map.
     pub fn to_nft(&self, family: Family) -> String {
-        let needs_typeof =
-            self.data == DataType::AddrPort || self.key.contains(&FieldType::Slot);
-        let join = |fields: &[String]| fields.join(" . ");
-        if needs_typeof {
-            let key: Vec<String> = self
-                .key
-                .iter()
-                .map(|t| match t {
-                    FieldType::Addr => format!("{family} daddr"),
-                    FieldType::Proto => "meta l4proto".to_owned(),
-                    FieldType::Port => "th dport".to_owned(),
-                    FieldType::Slot => "numgen random mod 1".to_owned(),
-                })
-                .collect();
-            let data = match self.data {
-                DataType::AddrPort => format!(" : {family} daddr . th dport"),
-                DataType::Verdict => " : verdict".to_owned(),
-                DataType::None => String::new(),
-            };
-            format!("typeof {}{data}", join(&key))
-        } else {
-            let key: Vec<String> = self
-                .key
-                .iter()
-                .map(|t| {
-                    match t {
-                        FieldType::Addr => family.addr_type(),
-                        FieldType::Proto => "inet_proto",
-                        FieldType::Port => "inet_service",
-                        FieldType::Slot => "integer",
-                    }
-                    .to_owned()
-                })
-                .collect();
-            let data = match self.data {
-                DataType::Verdict => " : verdict",
-                _ => "",
-            };
-            format!("type {}{data}", join(&key))
-        }
+        let key: Vec<&str> = self
+            .key
+            .iter()
+            .map(|t| match t {
+                FieldType::Addr => family.addr_type(),
+                FieldType::Proto => "inet_proto",
+                FieldType::Port => "inet_service",
+                FieldType::Slot => "integer",
+            })
+            .collect();
+        let data = match self.data {
+            DataType::None => String::new(),
+            DataType::Verdict => " : verdict".to_owned(),
+            DataType::AddrPort => format!(" : {} . inet_service", family.addr_type()),
+        };
+        format!("type {}{data}", key.join(" . "))
     }
 }
 
@@ -572,8 +579,15 @@ impl DumpedTable {
 
     /// Number of nftables objects: chains, rules, sets/maps and elements.
     pub fn object_count(&self) -> usize {
-        self.chains.values().map(|c| 1 + c.rules.len()).sum::<usize>()
-            + self.maps.values().map(|m| 1 + m.elements.len()).sum::<usize>()
+        self.chains
+            .values()
+            .map(|c| 1 + c.rules.len())
+            .sum::<usize>()
+            + self
+                .maps
+                .values()
+                .map(|m| 1 + m.elements.len())
+                .sum::<usize>()
     }
 
     /// A stable text rendering (for golden files and readable diffs).
