@@ -4,7 +4,9 @@
 //! [`model::DesiredState`], renders it through a [`dataplane`] backend and applies it;
 //! [`http`] serves metrics and health.
 
+pub mod config;
 pub mod dataplane;
 pub mod http;
 pub mod model;
 pub mod source;
+pub mod sync;

@@ -1,2 +1,106 @@
-//! The weir-proxy daemon.
-fn main() {}
+//! The weir-proxy daemon: parse flags, start the source, the sync runner and the HTTP
+//! servers; or, with `--cleanup`, remove what weir programmed.
+
+use anyhow::Context;
+use clap::Parser;
+use std::sync::Arc;
+use weir_proxy::config::{Args, SourceConfig};
+use weir_proxy::dataplane::nft::kernel::KernelNft;
+use weir_proxy::dataplane::nft::render::{cleanup_plan, RenderConfig};
+use weir_proxy::dataplane::nft::Family;
+use weir_proxy::http::{
+    health::ProxyHealth, metrics::Metrics, serve_health, serve_metrics, HttpState,
+};
+use weir_proxy::model::ModelConfig;
+use weir_proxy::source::dir;
+use weir_proxy::sync::runner::{Runner, RunnerConfig};
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let cfg = args.validate(&hostname)?;
+    let kernel = KernelNft::default();
+    if args.cleanup {
+        let existing = kernel.dump(Family::Ip)?;
+        kernel.apply(&cleanup_plan(existing.as_ref(), Family::Ip))?;
+        tracing::info!("removed weir's nftables table");
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(cfg, kernel))
+}
+
+async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(ProxyHealth::new(cfg.sync_period * 2));
+    let state = Arc::new(HttpState {
+        mode: cfg.mode.as_str().to_owned(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        configz: serde_json::to_value(&cfg)?,
+    });
+    let ml = tokio::net::TcpListener::bind(cfg.metrics_bind_address)
+        .await
+        .with_context(|| {
+            format!(
+                "binding --metrics-bind-address {}",
+                cfg.metrics_bind_address
+            )
+        })?;
+    let hl = tokio::net::TcpListener::bind(cfg.healthz_bind_address)
+        .await
+        .with_context(|| {
+            format!(
+                "binding --healthz-bind-address {}",
+                cfg.healthz_bind_address
+            )
+        })?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let SourceConfig::Dir(path) = cfg.source.clone();
+    if !path.is_dir() {
+        anyhow::bail!("--source dir:{}: not a directory", path.display());
+    }
+    let runner = Runner::new(
+        RunnerConfig {
+            model: ModelConfig {
+                node_name: cfg.node_name.clone(),
+            },
+            render: RenderConfig {
+                cluster_cidrs: cfg.cluster_cidrs.clone(),
+                masquerade_all: cfg.masquerade_all,
+            },
+            min_sync_period: cfg.min_sync_period,
+            sync_period: cfg.sync_period,
+        },
+        kernel,
+        metrics,
+        health,
+    );
+    tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %path.display(), "weir-proxy starting");
+    let mut source = tokio::spawn(dir::run(path, tx));
+    let mut runner = tokio::spawn(runner.run(rx));
+    let mut ms = tokio::spawn(serve_metrics(ml, state.clone()));
+    let mut hs = tokio::spawn(serve_health(hl, state));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = &mut source => { r??; anyhow::bail!("the source stopped") }
+        _ = &mut runner => anyhow::bail!("the sync runner stopped"),
+        r = &mut ms => { r??; anyhow::bail!("the metrics server stopped") }
+        r = &mut hs => { r??; anyhow::bail!("the health server stopped") }
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    // Rules stay programmed on exit so traffic keeps flowing until the next start adopts them.
+    tracing::info!("weir-proxy stopping; nftables rules stay in place");
+    Ok(())
+}

@@ -1,1 +1,420 @@
-//! weir e2e harness
+//! weir's test harness: network namespaces removed by guards (also on panic), the standard
+//! node/pod/client topology from the design's IP plan, and the weir-proxy process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Harness failures.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A command failed.
+    #[error("{cmd}: {msg}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// Something did not happen in time.
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+}
+
+type Result<T> = std::result::Result<T, HarnessError>;
+
+/// Runs a command and fails with its stderr if it does not succeed.
+pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
+    let line = format!("{cmd} {}", args.join(" "));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| HarnessError::Command {
+            cmd: line.clone(),
+            msg: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(HarnessError::Command {
+            cmd: line,
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+/// Whether privileged tests can run. Under `CI=true` a missing privilege is a failure,
+/// never a silent skip.
+pub fn require_privileges() -> bool {
+    let probe = format!("weir-probe-{}", std::process::id());
+    let ok = run("ip", &["netns", "add", &probe]).is_ok();
+    if ok {
+        let _ = run("ip", &["netns", "del", &probe]);
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "this test needs root and network namespaces; under CI=true it must not be skipped"
+    );
+    eprintln!("skipped: needs root and network namespaces");
+    false
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace that is deleted (with the processes started in it) when dropped.
+pub struct Netns {
+    name: String,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    /// Creates `weir-<pid>-<n>-<role>` with `lo` up.
+    pub fn new(role: &str) -> Result<Netns> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("weir-{}-{n}-{role}", std::process::id());
+        run("ip", &["netns", "add", &name])?;
+        let ns = Netns {
+            name,
+            children: Vec::new(),
+        };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) -> Result<Output> {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend_from_slice(cmd);
+        run("ip", &args)
+    }
+
+    /// Starts a background process inside the namespace (killed on drop).
+    pub fn spawn(&mut self, cmd: &[&str], stdout: Stdio) -> Result<&mut Child> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .stdout(stdout)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| HarnessError::Command {
+                cmd: cmd.join(" "),
+                msg: e.to_string(),
+            })?;
+        self.children.push(child);
+        let last = self.children.len() - 1;
+        Ok(&mut self.children[last])
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
+            .map(|_| ())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// The node's address on the client-facing link.
+pub const NODE_IP: &str = "192.168.77.10";
+/// The external client's address.
+pub const CLIENT_IP: &str = "198.51.100.2";
+
+/// Pod i's address (node 1 owns 10.244.1.0/24).
+pub fn pod_ip(i: usize) -> String {
+    format!("10.244.1.{}", 10 + i)
+}
+
+/// A node namespace with routed-veth pods and an external client.
+pub struct Topology {
+    /// Pods (dropped first).
+    pub pods: Vec<Netns>,
+    /// The external client.
+    pub client: Netns,
+    /// The node.
+    pub node: Netns,
+}
+
+impl Topology {
+    /// Builds the node, `pods` pod namespaces and the client.
+    pub fn new(pods: usize) -> Result<Topology> {
+        let node = Netns::new("node")?;
+        let client = Netns::new("client")?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.default.send_redirects", "0"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            node.sysctl(k, v)?;
+        }
+        let n = node.name().to_owned();
+        let c = client.name().to_owned();
+        // node eth0 <-> client eth0
+        run(
+            "ip",
+            &[
+                "link", "add", "weirtmp0", "netns", &n, "type", "veth", "peer", "name", "weirtmp1",
+                "netns", &c,
+            ],
+        )?;
+        node.exec(&["ip", "link", "set", "weirtmp0", "name", "eth0"])?;
+        client.exec(&["ip", "link", "set", "weirtmp1", "name", "eth0"])?;
+        node.exec(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
+        node.exec(&["ip", "addr", "add", "198.51.100.1/24", "dev", "eth0"])?;
+        node.exec(&["ip", "link", "set", "eth0", "up"])?;
+        node.exec(&["ip", "route", "add", "default", "via", CLIENT_IP])?;
+        client.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        client.exec(&["ip", "link", "set", "eth0", "up"])?;
+        client.exec(&[
+            "ip",
+            "route",
+            "add",
+            "192.168.77.0/24",
+            "via",
+            "198.51.100.1",
+        ])?;
+        client.exec(&["ip", "route", "add", "10.96.0.0/16", "via", "198.51.100.1"])?;
+        let mut pod_ns = Vec::new();
+        for i in 0..pods {
+            let pod = Netns::new(&format!("pod{i}"))?;
+            let p = pod.name().to_owned();
+            let host_if = format!("veth{i}");
+            run(
+                "ip",
+                &[
+                    "link", "add", "weirtmp2", "netns", &n, "type", "veth", "peer", "name",
+                    "weirtmp3", "netns", &p,
+                ],
+            )?;
+            node.exec(&["ip", "link", "set", "weirtmp2", "name", &host_if])?;
+            pod.exec(&["ip", "link", "set", "weirtmp3", "name", "eth0"])?;
+            node.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+            node.exec(&["ip", "link", "set", &host_if, "up"])?;
+            node.exec(&[
+                "ip",
+                "route",
+                "add",
+                &format!("{}/32", pod_ip(i)),
+                "dev",
+                &host_if,
+            ])?;
+            pod.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/32", pod_ip(i)),
+                "dev",
+                "eth0",
+            ])?;
+            pod.exec(&["ip", "link", "set", "eth0", "up"])?;
+            pod.exec(&[
+                "ip",
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            pod.exec(&[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ])?;
+            pod_ns.push(pod);
+        }
+        Ok(Topology {
+            pods: pod_ns,
+            client,
+            node,
+        })
+    }
+
+    /// Starts `weir-echo NAME 8080 5353` in pod i and waits until it listens.
+    pub fn start_echo(&mut self, i: usize, echo_bin: &Path, name: &str) -> Result<()> {
+        use std::io::BufRead;
+        let bin = echo_bin.to_string_lossy().into_owned();
+        let child = self.pods[i].spawn(&[&bin, name, "8080", "5353"], Stdio::piped())?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| HarnessError::Timeout("echo stdout".into()))?;
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .map_err(|e| HarnessError::Timeout(format!("weir-echo ready: {e}")))?;
+        if line.trim() != "ready" {
+            return Err(HarnessError::Timeout(format!("weir-echo said {line:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// Path of a workspace binary: `$WEIR_PROXY_BIN` for weir-proxy, else `target/debug/NAME`.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    if name == "weir-proxy" {
+        if let Ok(p) = std::env::var("WEIR_PROXY_BIN") {
+            return PathBuf::from(p);
+        }
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug").join(name)
+}
+
+/// Writes manifests for the node and one Service into `dir`.
+pub fn write_manifests(dir: &Path, services: &str) -> std::io::Result<()> {
+    std::fs::write(
+        dir.join("node.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE_IP}}}]\n"
+        ),
+    )?;
+    // Write-then-rename so the watcher never sees half a file.
+    let tmp = dir.join(".services.yaml.tmp");
+    std::fs::write(&tmp, services)?;
+    std::fs::rename(tmp, dir.join("services.yaml"))
+}
+
+/// A Service with one port and an EndpointSlice whose endpoints are `pods` (indices).
+pub fn service_yaml(
+    name: &str,
+    cluster_ip: &str,
+    protocol: &str,
+    port: u16,
+    node_port: Option<u16>,
+    target: u16,
+    pods: &[usize],
+) -> String {
+    let ty = if node_port.is_some() {
+        "NodePort"
+    } else {
+        "ClusterIP"
+    };
+    let np = node_port
+        .map(|p| format!(", nodePort: {p}"))
+        .unwrap_or_default();
+    let mut eps = String::new();
+    for i in pods {
+        eps.push_str(&format!(
+            "- {{addresses: [\"{}\"], nodeName: node1, conditions: {{ready: true}}}}\n",
+            pod_ip(*i)
+        ));
+    }
+    let eps = if eps.is_empty() {
+        "[]\n".to_owned()
+    } else {
+        format!("\n{eps}")
+    };
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: {ty}\n  clusterIP: {cluster_ip}\n  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}{np}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints: {eps}"
+    )
+}
+
+/// Starts weir-proxy in the node namespace reading `dir`, and waits for its first sync.
+pub fn start_proxy(node: &mut Netns, dir: &Path, metrics_port: u16) -> Result<()> {
+    let bin = workspace_bin("weir-proxy");
+    if !bin.exists() {
+        return Err(HarnessError::Command {
+            cmd: bin.display().to_string(),
+            msg: "missing: build it with cargo build -p weir-proxy (cargo xtask test does)".into(),
+        });
+    }
+    let source = format!("dir:{}", dir.display());
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let health = format!("127.0.0.1:{}", metrics_port + 7);
+    node.spawn(
+        &[
+            &bin.to_string_lossy(),
+            "--proxy-mode",
+            "nftables",
+            "--source",
+            &source,
+            "--hostname-override",
+            "node1",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--metrics-bind-address",
+            &metrics,
+            "--healthz-bind-address",
+            &health,
+            "--min-sync-period",
+            "100ms",
+        ],
+        Stdio::null(),
+    )?;
+    wait_synced(node, metrics_port, 0.0)
+}
+
+/// The value of `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
+pub fn last_sync(node: &Netns, metrics_port: u16) -> Option<f64> {
+    let probe = workspace_bin("weir-probe");
+    let out = node
+        .exec(&[
+            &probe.to_string_lossy(),
+            "get",
+            &format!("127.0.0.1:{metrics_port}"),
+            "/metrics",
+        ])
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until a sync newer than `after` has happened.
+pub fn wait_synced(node: &Netns, metrics_port: u16, after: f64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if last_sync(node, metrics_port).is_some_and(|t| t > after) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(HarnessError::Timeout("weir-proxy's first sync".into()))
+}
+
+/// Runs weir-probe in a namespace and returns its JSON report.
+pub fn probe(ns: &Netns, args: &[&str]) -> Result<serde_json::Value> {
+    let bin = workspace_bin("weir-probe");
+    let mut cmd = vec![bin.to_string_lossy().into_owned()];
+    cmd.extend(args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let out = ns.exec(&refs)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or("{}");
+    serde_json::from_str(last).map_err(|e| HarnessError::Command {
+        cmd: cmd.join(" "),
+        msg: format!("bad report {last:?}: {e}"),
+    })
+}

@@ -78,12 +78,14 @@ pub fn service_ports(svc: &Service) -> Result<ServicePorts, ServiceError> {
     match svc_type {
         "ExternalName" => return Ok(ServicePorts::Skipped(SkipReason::ExternalName)),
         "ClusterIP" | "NodePort" | "LoadBalancer" => {}
-        other => return Err(err(
-            "spec.type".into(),
-            format!(
+        other => {
+            return Err(err(
+                "spec.type".into(),
+                format!(
                 "unknown type {other:?} (want ClusterIP, NodePort, LoadBalancer or ExternalName)"
             ),
-        )),
+            ))
+        }
     }
     let raw_ips: Vec<(String, &str)> = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips

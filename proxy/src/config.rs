@@ -1,0 +1,252 @@
+//! Command line (kube-proxy's flag names, each also from the environment), validated once
+//! into a typed [`Config`].
+
+use ipnetwork::IpNetwork;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The proxy modes weir knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// nftables: one table `weir` with shared named maps.
+    Nftables,
+    /// IPVS (not built yet).
+    Ipvs,
+    /// eBPF (not built yet).
+    Ebpf,
+}
+
+impl ProxyMode {
+    /// The mode's name as `/proxyMode` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Nftables => "nftables",
+            ProxyMode::Ipvs => "ipvs",
+            ProxyMode::Ebpf => "ebpf",
+        }
+    }
+}
+
+/// weir-proxy's flags.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "weir-proxy",
+    version,
+    about = "weir: node dataplane for Kubernetes Services"
+)]
+pub struct Args {
+    /// Which proxy mode to use: nftables, ipvs or ebpf.
+    #[arg(long, env = "WEIR_PROXY_MODE", value_enum, default_value = "nftables")]
+    pub proxy_mode: ProxyMode,
+    /// Where objects come from: `dir:PATH` (a directory of YAML manifests).
+    #[arg(long, env = "WEIR_SOURCE")]
+    pub source: Option<String>,
+    /// The name of this node (defaults to the host name).
+    #[arg(long, env = "NODE_NAME")]
+    pub hostname_override: Option<String>,
+    /// The pod CIDRs of the cluster (comma-separated); ClusterIP traffic from outside them
+    /// is masqueraded.
+    #[arg(long, env = "WEIR_CLUSTER_CIDR", value_delimiter = ',')]
+    pub cluster_cidr: Vec<String>,
+    /// Addresses (CIDRs) NodePorts are served on (comma-separated). Accepted and validated;
+    /// NodePorts are served on the Node object's addresses for now.
+    #[arg(long, env = "WEIR_NODEPORT_ADDRESSES", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+    /// Masquerade all traffic sent to ClusterIPs.
+    #[arg(long, env = "WEIR_MASQUERADE_ALL")]
+    pub masquerade_all: bool,
+    /// Address of the metrics server (`/metrics`, `/proxyMode`, `/healthz`, `/configz`).
+    #[arg(
+        long,
+        env = "WEIR_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:10249"
+    )]
+    pub metrics_bind_address: String,
+    /// Address of the health server (`/healthz`, `/livez`).
+    #[arg(
+        long,
+        env = "WEIR_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    pub healthz_bind_address: String,
+    /// Minimum time between syncs (e.g. `1s`, `100ms`).
+    #[arg(long, env = "WEIR_MIN_SYNC_PERIOD", default_value = "1s")]
+    pub min_sync_period: String,
+    /// Time between full resyncs that repair drift (e.g. `30s`).
+    #[arg(long, env = "WEIR_SYNC_PERIOD", default_value = "30s")]
+    pub sync_period: String,
+    /// Remove everything weir programmed and exit.
+    #[arg(long, env = "WEIR_CLEANUP")]
+    pub cleanup: bool,
+}
+
+/// Where objects come from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum SourceConfig {
+    /// A directory of YAML manifests.
+    Dir(PathBuf),
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    /// Proxy mode name.
+    #[serde(skip)]
+    pub mode: ProxyMode,
+    /// Object source.
+    pub source: SourceConfig,
+    /// This node's name.
+    pub node_name: String,
+    /// Cluster pod CIDRs.
+    pub cluster_cidrs: Vec<IpNetwork>,
+    /// NodePort address CIDRs.
+    pub nodeport_addresses: Vec<IpNetwork>,
+    /// Masquerade all ClusterIP traffic.
+    pub masquerade_all: bool,
+    /// Metrics server address.
+    pub metrics_bind_address: SocketAddr,
+    /// Health server address.
+    pub healthz_bind_address: SocketAddr,
+    /// Minimum time between syncs.
+    pub min_sync_period: Duration,
+    /// Time between full resyncs.
+    pub sync_period: Duration,
+}
+
+/// A flag value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The flag's value is malformed.
+    #[error("--{flag} {value:?}: {message}")]
+    Invalid {
+        /// Flag name.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The proxy mode exists in the CLI but is not built yet.
+    #[error("--proxy-mode {0}: this mode is not implemented yet; use --proxy-mode nftables")]
+    ModeNotBuilt(&'static str),
+    /// No source given.
+    #[error(
+        "--source is required: use --source dir:PATH (the Kubernetes API source is not built yet)"
+    )]
+    NoSource,
+}
+
+fn invalid(flag: &'static str, value: &str, message: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        value: value.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+fn cidrs(flag: &'static str, values: &[String]) -> Result<Vec<IpNetwork>, ConfigError> {
+    values
+        .iter()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<IpNetwork>().map_err(|e| invalid(flag, v, e)))
+        .collect()
+}
+
+fn duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value).map_err(|e| invalid(flag, value, e))
+}
+
+fn addr(flag: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|e| invalid(flag, value, e))
+}
+
+impl Args {
+    /// Validates the flags. `hostname` is used when `--hostname-override` is not given.
+    pub fn validate(&self, hostname: &str) -> Result<Config, ConfigError> {
+        match self.proxy_mode {
+            ProxyMode::Nftables => {}
+            other => return Err(ConfigError::ModeNotBuilt(other.as_str())),
+        }
+        let source = match self.source.as_deref() {
+            None if self.cleanup => SourceConfig::Dir(PathBuf::new()),
+            None => return Err(ConfigError::NoSource),
+            Some(s) => match s.strip_prefix("dir:") {
+                Some(path) if !path.is_empty() => SourceConfig::Dir(PathBuf::from(path)),
+                _ => return Err(invalid("source", s, "want dir:PATH")),
+            },
+        };
+        let min_sync_period = duration("min-sync-period", &self.min_sync_period)?;
+        let sync_period = duration("sync-period", &self.sync_period)?;
+        if sync_period.is_zero() {
+            return Err(invalid(
+                "sync-period",
+                &self.sync_period,
+                "must be greater than 0",
+            ));
+        }
+        Ok(Config {
+            mode: self.proxy_mode,
+            source,
+            node_name: self
+                .hostname_override
+                .clone()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| hostname.trim().to_owned()),
+            cluster_cidrs: cidrs("cluster-cidr", &self.cluster_cidr)?,
+            nodeport_addresses: cidrs("nodeport-addresses", &self.nodeport_addresses)?,
+            masquerade_all: self.masquerade_all,
+            metrics_bind_address: addr("metrics-bind-address", &self.metrics_bind_address)?,
+            healthz_bind_address: addr("healthz-bind-address", &self.healthz_bind_address)?,
+            min_sync_period,
+            sync_period,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["weir-proxy"];
+        all.extend_from_slice(args);
+        Args::try_parse_from(all).unwrap().validate("host1")
+    }
+
+    #[test]
+    fn defaults_match_kube_proxy() {
+        let c = parse(&["--source", "dir:/tmp/x"]).unwrap();
+        assert_eq!(c.metrics_bind_address.to_string(), "127.0.0.1:10249");
+        assert_eq!(c.healthz_bind_address.to_string(), "0.0.0.0:10256");
+        assert_eq!(c.min_sync_period, Duration::from_secs(1));
+        assert_eq!(c.sync_period, Duration::from_secs(30));
+        assert_eq!(c.node_name, "host1");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["--source", "dir:/x", "--cluster-cidr", "10.244.0.0/33"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--cluster-cidr \"10.244.0.0/33\""),
+            "{e}"
+        );
+        let e = parse(&["--source", "dir:/x", "--min-sync-period", "soon"]).unwrap_err();
+        assert!(e.to_string().starts_with("--min-sync-period"), "{e}");
+        let e = parse(&["--source", "kube"]).unwrap_err();
+        assert!(e.to_string().starts_with("--source"), "{e}");
+    }
+
+    #[test]
+    fn modes_not_built_yet_are_refused_clearly() {
+        let e = parse(&["--proxy-mode", "ipvs", "--source", "dir:/x"]).unwrap_err();
+        assert!(e.to_string().contains("not implemented yet"), "{e}");
+    }
+
+    #[test]
+    fn unknown_flags_are_rejected() {
+        assert!(Args::try_parse_from(["weir-proxy", "--frobnicate"]).is_err());
+    }
+}

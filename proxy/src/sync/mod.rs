@@ -1,0 +1,4 @@
+//! The sync runner: records source updates in change trackers and runs one rate-limited
+//! sync at a time (compute -> render -> plan -> apply).
+
+pub mod runner;

@@ -1,0 +1,122 @@
+//! Test client, run inside a network namespace:
+//! - `weir-probe tcp ADDR:PORT COUNT`: COUNT HTTP GETs, one connection each;
+//! - `weir-probe udp ADDR:PORT COUNT`: COUNT datagrams from one socket;
+//! - `weir-probe hold ADDR:PORT MILLIS`: one TCP connection, a line every 100 ms;
+//! - `weir-probe get ADDR:PORT PATH`: one HTTP GET, prints the body.
+//!
+//! Prints one JSON object: answers per backend name, errors per kind, latency percentiles.
+
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn kind(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => "refused",
+        ErrorKind::ConnectionReset => "reset",
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => "unreachable",
+        _ => "other",
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).map(String::as_str).unwrap_or("");
+    let addr: SocketAddr = args
+        .get(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("usage: weir-probe tcp|udp|hold|get ADDR:PORT N"))?;
+    let mut answers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut lat: Vec<u128> = Vec::new();
+    match mode {
+        "get" => {
+            print!(
+                "{}",
+                http_get(addr, args.get(3).map(String::as_str).unwrap_or("/"))?
+            );
+            return Ok(());
+        }
+        "tcp" | "udp" => {
+            let count: u32 = args.get(3).map(|c| c.parse()).transpose()?.unwrap_or(1);
+            let udp = if mode == "udp" {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                s.connect(addr)?;
+                Some(s)
+            } else {
+                None
+            };
+            for _ in 0..count {
+                let t = Instant::now();
+                let r = match &udp {
+                    Some(s) => s.send(b"hi").and_then(|_| {
+                        let mut buf = [0u8; 256];
+                        let n = s.recv(&mut buf)?;
+                        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    }),
+                    None => http_get(addr, "/"),
+                };
+                match r {
+                    Ok(name) => {
+                        lat.push(t.elapsed().as_micros());
+                        *answers.entry(name.trim().to_owned()).or_default() += 1;
+                    }
+                    Err(e) => *errors.entry(kind(&e)).or_default() += 1,
+                }
+            }
+        }
+        "hold" => {
+            let millis: u64 = args.get(3).map(|c| c.parse()).transpose()?.unwrap_or(1000);
+            let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            let mut w = s.try_clone()?;
+            let mut r = BufReader::new(s);
+            let end = Instant::now() + Duration::from_millis(millis);
+            println!("connected");
+            while Instant::now() < end {
+                let mut line = String::new();
+                let res = writeln!(w, "ping").and_then(|_| r.read_line(&mut line));
+                match res {
+                    Ok(n) if n > 0 => *answers.entry(line.trim().to_owned()).or_default() += 1,
+                    Ok(_) => *errors.entry("closed").or_default() += 1,
+                    Err(e) => *errors.entry(kind(&e)).or_default() += 1,
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        other => anyhow::bail!("unknown mode {other:?}"),
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "{}",
+        json!({"answers": answers, "errors": errors, "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99)})
+    );
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! nftables mode with real packets: a node namespace running weir-proxy, pods behind routed
+//! veths, an external client. Each test proves one behaviour.
+
+use serde_json::Value;
+use std::path::Path;
+use weir_e2e::*;
+
+const METRICS: u16 = 10249;
+
+struct Env {
+    topo: Topology,
+    dir: tempfile::TempDir,
+}
+
+fn setup(pods: usize, services: &str) -> Option<Env> {
+    if !require_privileges() {
+        return None;
+    }
+    let mut topo = Topology::new(pods).expect("topology");
+    let echo = Path::new(env!("CARGO_BIN_EXE_weir-echo"));
+    for i in 0..pods {
+        topo.start_echo(i, echo, &format!("pod-{i}")).expect("echo");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_manifests(dir.path(), services).expect("manifests");
+    start_proxy(&mut topo.node, dir.path(), METRICS).expect("weir-proxy");
+    Some(Env { topo, dir })
+}
+
+fn answers(report: &Value) -> Vec<(String, u64)> {
+    report["answers"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn web(pods: &[usize]) -> String {
+    service_yaml("web", "10.96.0.10", "TCP", 80, Some(30080), 8080, pods)
+}
+
+#[test]
+fn clusterip_spreads_over_all_ready_endpoints() {
+    let Some(env) = setup(3, &web(&[0, 1, 2])) else {
+        return;
+    };
+    let r = probe(&env.topo.node, &["tcp", "10.96.0.10:80", "300"]).unwrap();
+    let a = answers(&r);
+    assert_eq!(a.len(), 3, "every backend answers: {r}");
+    for (name, n) in &a {
+        assert!(
+            *n <= 200,
+            "{name} got {n} of 300 (more than twice its share): {r}"
+        );
+    }
+    assert_eq!(a.iter().map(|(_, n)| n).sum::<u64>(), 300, "{r}");
+}
+
+#[test]
+fn nodeport_reaches_the_service_from_an_external_client() {
+    let Some(env) = setup(2, &web(&[0, 1])) else {
+        return;
+    };
+    let r = probe(&env.topo.client, &["tcp", "192.168.77.10:30080", "40"]).unwrap();
+    assert_eq!(answers(&r).iter().map(|(_, n)| n).sum::<u64>(), 40, "{r}");
+    let r = probe(&env.topo.client, &["tcp", "10.96.0.10:80", "20"]).unwrap();
+    assert_eq!(
+        answers(&r).iter().map(|(_, n)| n).sum::<u64>(),
+        20,
+        "ClusterIP from outside: {r}"
+    );
+}
+
+#[test]
+fn pod_reaches_itself_through_its_own_service_hairpin() {
+    let Some(env) = setup(1, &web(&[0])) else {
+        return;
+    };
+    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "20"]).unwrap();
+    assert_eq!(answers(&r), vec![("pod-0".to_owned(), 20)], "{r}");
+}
+
+#[test]
+fn service_without_endpoints_is_rejected_at_once() {
+    let Some(env) = setup(1, &web(&[])) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "5"]).unwrap();
+    assert!(answers(&r).is_empty(), "{r}");
+    let refused = r["errors"]["refused"].as_u64().unwrap_or(0)
+        + r["errors"]["unreachable"].as_u64().unwrap_or(0);
+    assert_eq!(refused, 5, "rejected, not timed out: {r}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    let r = probe(&env.topo.client, &["tcp", "192.168.77.10:30080", "3"]).unwrap();
+    let refused = r["errors"]["refused"].as_u64().unwrap_or(0)
+        + r["errors"]["unreachable"].as_u64().unwrap_or(0);
+    assert_eq!(refused, 3, "NodePort without endpoints rejected: {r}");
+}
+
+#[test]
+fn udp_service_answers() {
+    let svc = service_yaml("dns", "10.96.0.53", "UDP", 53, None, 5353, &[0, 1]);
+    let Some(env) = setup(2, &svc) else { return };
+    let r = probe(&env.topo.node, &["udp", "10.96.0.53:53", "20"]).unwrap();
+    assert_eq!(answers(&r).iter().map(|(_, n)| n).sum::<u64>(), 20, "{r}");
+}
+
+#[test]
+fn removed_endpoint_stops_receiving_new_connections() {
+    let Some(env) = setup(3, &web(&[0, 1, 2])) else {
+        return;
+    };
+    let before = last_sync(&env.topo.node, METRICS).unwrap();
+    write_manifests(env.dir.path(), &web(&[0, 1])).unwrap();
+    wait_synced(&env.topo.node, METRICS, before).unwrap();
+    let r = probe(&env.topo.node, &["tcp", "10.96.0.10:80", "100"]).unwrap();
+    let a = answers(&r);
+    assert!(
+        a.iter().all(|(n, _)| n != "pod-2"),
+        "pod-2 was removed: {r}"
+    );
+    assert_eq!(a.iter().map(|(_, n)| n).sum::<u64>(), 100, "{r}");
+}
+
+#[test]
+fn established_connection_survives_a_proxy_restart_and_rules_are_adopted() {
+    let Some(mut env) = setup(1, &web(&[0])) else {
+        return;
+    };
+    let probe_bin = workspace_bin("weir-probe");
+    let hold = env
+        .topo
+        .client
+        .spawn(
+            &[
+                &probe_bin.to_string_lossy(),
+                "hold",
+                "10.96.0.10:80",
+                "3000",
+            ],
+            std::process::Stdio::piped(),
+        )
+        .unwrap();
+    let mut out = hold.stdout.take().unwrap();
+    let mut first = [0u8; 10];
+    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    assert_eq!(&first, b"connected\n");
+    // Kill the proxy (rules stay), start a new one: it adopts the table without flushing.
+    env.topo
+        .node
+        .exec(&["pkill", "-f", "weir-proxy --proxy-mode"])
+        .unwrap();
+    start_proxy(&mut env.topo.node, env.dir.path(), METRICS).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let r: Value = serde_json::from_str(rest.lines().last().unwrap()).unwrap();
+    assert!(r["errors"].as_object().unwrap().is_empty(), "{r}");
+    assert!(r["answers"]["pod-0"].as_u64().unwrap() >= 20, "{r}");
+}
+
+#[test]
+fn cleanup_leaves_no_weir_table() {
+    let Some(env) = setup(1, &web(&[0])) else {
+        return;
+    };
+    let tables = env.topo.node.exec(&["nft", "list", "tables"]).unwrap();
+    assert!(String::from_utf8_lossy(&tables.stdout).contains("table ip weir"));
+    env.topo
+        .node
+        .exec(&["pkill", "-f", "weir-proxy --proxy-mode"])
+        .unwrap();
+    let bin = workspace_bin("weir-proxy");
+    env.topo
+        .node
+        .exec(&[&bin.to_string_lossy(), "--cleanup"])
+        .unwrap();
+    let tables = env.topo.node.exec(&["nft", "list", "tables"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("weir"),
+        "{tables:?}"
+    );
+}
