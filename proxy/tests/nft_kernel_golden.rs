@@ -1,6 +1,8 @@
 //! The same plan applied to the fake and to the real kernel (in a scratch network
 //! namespace) dumps the same table; re-planning against the kernel's dump is empty.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::process::Command;

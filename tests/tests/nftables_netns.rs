@@ -1,6 +1,8 @@
 //! nftables mode with real packets: a node namespace running weir-proxy, pods behind routed
 //! veths, an external client. Each test proves one behaviour.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use serde_json::Value;
 use std::path::Path;
 use weir_e2e::*;

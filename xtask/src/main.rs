@@ -1,1 +1,71 @@
-fn main() {}
+//! `cargo xtask`: the project's developer commands.
+//!
+//! - `cargo xtask test`: every test tier (fmt, clippy, unit, fake dataplane, netns).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "weir developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every test tier: fmt check, clippy -D warnings, build, unit + fake + netns tests.
+    Test,
+}
+
+fn step(title: &str, program: &str, args: &[&str], envs: &[(&str, String)]) -> Result<()> {
+    eprintln!("\n==> {title}: {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .status()
+        .with_context(|| format!("starting {program}"))?;
+    if !status.success() {
+        bail!("{title} failed ({status})");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.to_owned())
+        .unwrap_or_default()
+}
+
+fn test() -> Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let proxy_bin = target.join("debug/weir-proxy").display().to_string();
+    step("format", "cargo", &["fmt", "--all", "--", "--check"], &[])?;
+    step(
+        "clippy",
+        "cargo",
+        &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        &[],
+    )?;
+    step("build", "cargo", &["build", "--workspace", "--bins"], &[])?;
+    step(
+        "tests (unit, fake dataplane, real kernel in network namespaces)",
+        "cargo",
+        &["test", "--workspace"],
+        &[("WEIR_PROXY_BIN", proxy_bin)],
+    )?;
+    eprintln!("\nall test tiers passed");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Test => test(),
+    }
+}

@@ -9,6 +9,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// One Kubernetes object of a kind weir reads.
+// Objects are moved once from a source to a tracker; boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     /// A core/v1 Service.
@@ -60,6 +62,7 @@ pub struct ObjectRef {
 }
 
 /// What a source reports.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum SourceUpdate {
     /// The complete current set of objects as the source sees it (a directory rescan or
