@@ -50,7 +50,14 @@ fn test() -> Result<()> {
     step(
         "clippy",
         "cargo",
-        &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
         &[],
     )?;
     step("build", "cargo", &["build", "--workspace", "--bins"], &[])?;

@@ -63,9 +63,10 @@ impl Metrics {
             sync_duration: sync_buckets(),
             sync_full_duration: sync_buckets(),
             sync_partial_duration: sync_buckets(),
-            network_programming_duration: Histogram::new([0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 15.0, 20.0, 30.0,
-                    60.0, 120.0, 300.0,
-                ]),
+            network_programming_duration: Histogram::new([
+                0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 15.0, 20.0, 30.0,
+                60.0, 120.0, 300.0,
+            ]),
             last_sync_timestamp: Gauge::default(),
             last_queued_timestamp: Gauge::default(),
             endpoint_changes_pending: Gauge::default(),
