@@ -46,7 +46,8 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
 /// Whether privileged tests can run. Under `CI=true` a missing privilege is a failure,
 /// never a silent skip.
 pub fn require_privileges() -> bool {
-    let probe = format!("weir-probe-{}", std::process::id());
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let probe = format!("weir-{}-{n}-check", std::process::id());
     let ok = run("ip", &["netns", "add", &probe]).is_ok();
     if ok {
         let _ = run("ip", &["netns", "del", &probe]);
@@ -109,6 +110,16 @@ impl Netns {
         self.children.push(child);
         let last = self.children.len() - 1;
         Ok(&mut self.children[last])
+    }
+
+    /// Stops one process this namespace started (SIGKILL), by PID; other processes,
+    /// including other namespaces' weir-proxy, are untouched.
+    pub fn stop(&mut self, pid: u32) {
+        if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
+            let mut c = self.children.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Sets a sysctl inside the namespace.
@@ -340,8 +351,9 @@ pub fn service_yaml(
     )
 }
 
-/// Starts weir-proxy in the node namespace reading `dir`, and waits for its first sync.
-pub fn start_proxy(node: &mut Netns, dir: &Path, metrics_port: u16) -> Result<()> {
+/// Starts weir-proxy in the node namespace reading `dir`, waits for its first sync, and
+/// returns its PID.
+pub fn start_proxy(node: &mut Netns, dir: &Path, metrics_port: u16) -> Result<u32> {
     let bin = workspace_bin("weir-proxy");
     if !bin.exists() {
         return Err(HarnessError::Command {
@@ -352,27 +364,30 @@ pub fn start_proxy(node: &mut Netns, dir: &Path, metrics_port: u16) -> Result<()
     let source = format!("dir:{}", dir.display());
     let metrics = format!("127.0.0.1:{metrics_port}");
     let health = format!("127.0.0.1:{}", metrics_port + 7);
-    node.spawn(
-        &[
-            &bin.to_string_lossy(),
-            "--proxy-mode",
-            "nftables",
-            "--source",
-            &source,
-            "--hostname-override",
-            "node1",
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--metrics-bind-address",
-            &metrics,
-            "--healthz-bind-address",
-            &health,
-            "--min-sync-period",
-            "100ms",
-        ],
-        Stdio::null(),
-    )?;
-    wait_synced(node, metrics_port, 0.0)
+    let pid = node
+        .spawn(
+            &[
+                &bin.to_string_lossy(),
+                "--proxy-mode",
+                "nftables",
+                "--source",
+                &source,
+                "--hostname-override",
+                "node1",
+                "--cluster-cidr",
+                "10.244.0.0/16",
+                "--metrics-bind-address",
+                &metrics,
+                "--healthz-bind-address",
+                &health,
+                "--min-sync-period",
+                "100ms",
+            ],
+            Stdio::null(),
+        )?
+        .id();
+    wait_synced(node, metrics_port, 0.0)?;
+    Ok(pid)
 }
 
 /// The value of `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.

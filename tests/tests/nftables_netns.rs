@@ -12,6 +12,7 @@ const METRICS: u16 = 10249;
 struct Env {
     topo: Topology,
     dir: tempfile::TempDir,
+    proxy: u32,
 }
 
 fn setup(pods: usize, services: &str) -> Option<Env> {
@@ -25,8 +26,8 @@ fn setup(pods: usize, services: &str) -> Option<Env> {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     write_manifests(dir.path(), services).expect("manifests");
-    start_proxy(&mut topo.node, dir.path(), METRICS).expect("weir-proxy");
-    Some(Env { topo, dir })
+    let proxy = start_proxy(&mut topo.node, dir.path(), METRICS).expect("weir-proxy");
+    Some(Env { topo, dir, proxy })
 }
 
 fn answers(report: &Value) -> Vec<(String, u64)> {
@@ -156,10 +157,7 @@ fn established_connection_survives_a_proxy_restart_and_rules_are_adopted() {
     std::io::Read::read_exact(&mut out, &mut first).unwrap();
     assert_eq!(&first, b"connected\n");
     // Kill the proxy (rules stay), start a new one: it adopts the table without flushing.
-    env.topo
-        .node
-        .exec(&["pkill", "-f", "weir-proxy --proxy-mode"])
-        .unwrap();
+    env.topo.node.stop(env.proxy);
     start_proxy(&mut env.topo.node, env.dir.path(), METRICS).unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
@@ -170,15 +168,12 @@ fn established_connection_survives_a_proxy_restart_and_rules_are_adopted() {
 
 #[test]
 fn cleanup_leaves_no_weir_table() {
-    let Some(env) = setup(1, &web(&[0])) else {
+    let Some(mut env) = setup(1, &web(&[0])) else {
         return;
     };
     let tables = env.topo.node.exec(&["nft", "list", "tables"]).unwrap();
     assert!(String::from_utf8_lossy(&tables.stdout).contains("table ip weir"));
-    env.topo
-        .node
-        .exec(&["pkill", "-f", "weir-proxy --proxy-mode"])
-        .unwrap();
+    env.topo.node.stop(env.proxy);
     let bin = workspace_bin("weir-proxy");
     env.topo
         .node
