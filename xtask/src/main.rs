@@ -1,6 +1,9 @@
 //! `cargo xtask`: the project's developer commands.
 //!
 //! - `cargo xtask test`: every test tier (fmt, clippy, unit, fake dataplane, netns).
+//! - `cargo xtask bench sync`: control-plane numbers at scale.
+
+mod bench;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -17,6 +20,15 @@ struct Cli {
 enum Cmd {
     /// Run every test tier: fmt check, clippy -D warnings, build, unit + fake + netns tests.
     Test,
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Full sync, one endpoint change, nft objects and peak RSS at N services × E endpoints.
+    Sync(bench::SyncArgs),
 }
 
 fn step(title: &str, program: &str, args: &[&str], envs: &[(&str, String)]) -> Result<()> {
@@ -74,5 +86,6 @@ fn test() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test(),
+        Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
     }
 }
