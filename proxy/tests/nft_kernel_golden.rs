@@ -1,17 +1,19 @@
-//! The same plan applied to the fake and to the real kernel (in a scratch network
-//! namespace) dumps the same table; re-planning against the kernel's dump is empty.
+//! Golden tests: YAML -> compute -> render -> plan, applied to the fake nftables and, in a
+//! scratch network namespace, to the real kernel. Both dump the same table, which equals the
+//! committed golden file (regenerate with `UPDATE_GOLDEN=1`), and re-planning against the
+//! kernel's dump is empty. Then one endpoint goes away: only changed elements move.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::path::Path;
 use std::process::Command;
+use weir_proxy::dataplane::nft::fake::FakeNft;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
 use weir_proxy::dataplane::nft::render::{desired_table, plan, RenderConfig};
-use weir_proxy::dataplane::nft::{DumpedTable, Family};
-use weir_proxy::model::{
-    DesiredState, Endpoint, Protocol, ServiceInfo, ServicePortName, ServicePortState,
-};
+use weir_proxy::dataplane::nft::{DumpedTable, Family, Table};
+use weir_proxy::model::{compute, ModelConfig, ObjectKey, Snapshot};
+use weir_proxy::source::{dir::load_dir, Object};
 
 struct Netns(String);
 
@@ -40,94 +42,87 @@ impl Drop for Netns {
     }
 }
 
-fn svc(
-    name: &str,
-    ip: &str,
-    port: u16,
-    proto: Protocol,
-    np: Option<u16>,
-    eps: &[&str],
-) -> (ServicePortName, ServicePortState) {
-    let n = ServicePortName {
-        namespace: "demo".into(),
-        name: name.into(),
-        port: String::new(),
-        protocol: proto,
-    };
-    let endpoints = eps
-        .iter()
-        .map(|e| Endpoint {
-            ip: e.parse::<IpAddr>().unwrap(),
-            port: 8080,
-            is_local: true,
-        })
-        .collect();
-    let info = ServiceInfo {
-        name: n.clone(),
-        cluster_ips: vec![ip.parse().unwrap()],
-        port,
-        node_port: np,
-    };
-    (n, ServicePortState { info, endpoints })
-}
-
-fn state(eps_web: &[&str]) -> DesiredState {
-    DesiredState {
-        services: BTreeMap::from([
-            svc("web", "10.96.0.10", 80, Protocol::Tcp, Some(30080), eps_web),
-            svc(
-                "dns",
-                "10.96.0.53",
-                53,
-                Protocol::Udp,
-                None,
-                &["10.244.1.11", "10.244.1.12"],
-            ),
-            svc(
-                "sctp",
-                "10.96.0.60",
-                9000,
-                Protocol::Sctp,
-                Some(30900),
-                &["10.244.1.13"],
-            ),
-            svc("empty", "10.96.0.20", 80, Protocol::Tcp, Some(30081), &[]),
-        ]),
-        node_ips: vec!["192.168.77.10".parse().unwrap()],
+fn render_fixture(yaml: &str) -> Table {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fixture.yaml"), yaml).unwrap();
+    let loaded = load_dir(dir.path()).unwrap();
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let (mut services, mut slices, mut nodes) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    for o in loaded.objects {
+        let k: ObjectKey = o.key();
+        match o {
+            Object::Service(s) => drop(services.insert(k, s)),
+            Object::EndpointSlice(s) => drop(slices.insert(k, s)),
+            Object::Node(n) => drop(nodes.insert(k, n)),
+        }
     }
-}
-
-fn cfg() -> RenderConfig {
-    RenderConfig {
+    let snap = Snapshot {
+        services: &services,
+        slices: &slices,
+        nodes: &nodes,
+    };
+    let (state, errors) = compute(
+        snap,
+        &ModelConfig {
+            node_name: "node1".into(),
+        },
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let cfg = RenderConfig {
         cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
         masquerade_all: false,
-    }
+    };
+    desired_table(&state, &cfg, Family::Ip)
+}
+
+fn fixture() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/basic.yaml"))
+        .unwrap()
 }
 
 #[test]
-fn kernel_dump_equals_rendered_table_and_replanning_is_empty() {
+fn fixture_renders_to_the_golden_table_in_the_fake() {
+    let want = render_fixture(&fixture());
+    let mut fake = FakeNft::default();
+    fake.apply(&plan(&want, &DumpedTable::empty(Family::Ip)))
+        .unwrap();
+    let text = fake.dump(Family::Ip).unwrap().to_text();
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/basic.nft");
+    if std::env::var("UPDATE_GOLDEN").is_ok() {
+        std::fs::write(&golden, &text).unwrap();
+    }
+    assert_eq!(text, std::fs::read_to_string(&golden).unwrap());
+}
+
+#[test]
+fn kernel_dump_equals_fake_dump_and_replanning_is_empty() {
     let Some(ns) = Netns::new("a") else { return };
     let nft = KernelNft::in_netns(&ns.0);
     assert_eq!(nft.dump(Family::Ip).unwrap(), None);
-    let want = desired_table(
-        &state(&["10.244.1.11", "10.244.1.12", "10.244.1.13"]),
-        &cfg(),
-        Family::Ip,
-    );
+    let want = render_fixture(&fixture());
     let p = plan(&want, &DumpedTable::empty(Family::Ip));
+    let mut fake = FakeNft::default();
+    fake.apply(&p).unwrap();
     nft.apply(&p)
         .unwrap_or_else(|e| panic!("{e}\nscript:\n{}", p.to_script()));
     let got = nft.dump(Family::Ip).unwrap().unwrap();
-    assert_eq!(got.to_text(), want.to_dump().to_text());
+    assert_eq!(got.to_text(), fake.dump(Family::Ip).unwrap().to_text());
     assert!(plan(&want, &got).is_empty(), "{:?}", plan(&want, &got));
 
-    // One endpoint removed: only the changed elements move, in one transaction.
-    let want2 = desired_table(&state(&["10.244.1.11", "10.244.1.12"]), &cfg(), Family::Ip);
+    // One endpoint removed: a handful of element changes in one transaction, same on both.
+    let want2 =
+        render_fixture(&fixture().replace("- {addresses: [10.244.2.10], nodeName: node2}\n", ""));
     let p2 = plan(&want2, &got);
-    assert!(p2.element_changes() <= 8, "{}", p2.to_script());
+    assert!(
+        p2.element_changes() > 0 && p2.element_changes() <= 12,
+        "{}",
+        p2.to_script()
+    );
+    fake.apply(&p2).unwrap();
     nft.apply(&p2)
         .unwrap_or_else(|e| panic!("{e}\nscript:\n{}", p2.to_script()));
     let got2 = nft.dump(Family::Ip).unwrap().unwrap();
+    assert_eq!(got2.to_text(), fake.dump(Family::Ip).unwrap().to_text());
     assert_eq!(got2.to_text(), want2.to_dump().to_text());
     assert!(plan(&want2, &got2).is_empty());
 }

@@ -214,7 +214,7 @@ pub fn parse_terse(family: Family, text: &str) -> Result<DumpedTable, KernelErro
                 if line.starts_with("type ") && c.rules.is_empty() && c.header.is_none() {
                     c.header = Some(line.to_owned());
                 } else {
-                    c.rules.push(normalize_rule(line));
+                    c.rules.push(line.to_owned());
                 }
             }
             Block::Map(_, _, decl) => decl.push(line.to_owned()),
@@ -227,16 +227,6 @@ pub fn parse_terse(family: Family, text: &str) -> Result<DumpedTable, KernelErro
         }
     }
     Ok(t)
-}
-
-/// nft 1.0.6 prints a `th dport` key that is followed by `numgen random mod 1` as
-/// `tcp dport` (it borrows the map's typeof); the kernel holds the same bytecode either
-/// way, so the listing is brought back to the form weir renders.
-fn normalize_rule(line: &str) -> String {
-    line.replace(
-        " tcp dport . numgen random mod 1 map",
-        " th dport . numgen random mod 1 map",
-    )
 }
 
 /// Fills set/map elements from `nft -j list table` output.
@@ -332,11 +322,6 @@ fn parse_atom(v: &Value, ty: &str) -> Result<Atom, String> {
             .as_u64()
             .and_then(|n| u16::try_from(n).ok())
             .map(Atom::Port)
-            .ok_or_else(bad),
-        "integer" | "mark" => v
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .map(Atom::Slot)
             .ok_or_else(bad),
         _ => Err(format!("unsupported type {ty}")),
     }

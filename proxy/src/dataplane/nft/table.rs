@@ -141,8 +141,6 @@ pub enum KeyExpr {
     L4Proto,
     /// Transport destination port (`th dport`).
     DPort,
-    /// `numgen random mod N`: a random slot in `0..N`.
-    Numgen(u32),
 }
 
 impl KeyExpr {
@@ -152,7 +150,6 @@ impl KeyExpr {
             KeyExpr::DAddr => write!(f, "{family} daddr"),
             KeyExpr::L4Proto => f.write_str("meta l4proto"),
             KeyExpr::DPort => f.write_str("th dport"),
-            KeyExpr::Numgen(n) => write!(f, "numgen random mod {n}"),
         }
     }
 }
@@ -336,8 +333,6 @@ pub enum FieldType {
     Proto,
     /// A port (`inet_service`).
     Port,
-    /// A 32-bit slot number produced by `numgen`.
-    Slot,
 }
 
 /// What a map maps to.
@@ -379,7 +374,6 @@ impl MapDecl {
                 FieldType::Addr => family.addr_type(),
                 FieldType::Proto => "inet_proto",
                 FieldType::Port => "inet_service",
-                FieldType::Slot => "integer",
             })
             .collect();
         let data = match self.data {
@@ -400,8 +394,6 @@ pub enum Atom {
     Proto(Protocol),
     /// A port.
     Port(u16),
-    /// A slot number.
-    Slot(u32),
 }
 
 impl Atom {
@@ -411,7 +403,6 @@ impl Atom {
             Atom::Addr(_) => FieldType::Addr,
             Atom::Proto(_) => FieldType::Proto,
             Atom::Port(_) => FieldType::Port,
-            Atom::Slot(_) => FieldType::Slot,
         }
     }
 }
@@ -422,7 +413,6 @@ impl fmt::Display for Atom {
             Atom::Addr(a) => write!(f, "{a}"),
             Atom::Proto(p) => f.write_str(p.nft_name()),
             Atom::Port(p) => write!(f, "{p}"),
-            Atom::Slot(s) => write!(f, "{s}"),
         }
     }
 }
