@@ -1,9 +1,11 @@
 //! `cargo xtask`: the project's developer commands.
 //!
 //! - `cargo xtask test`: every test tier (fmt, clippy, unit, fake dataplane, netns).
+//! - `cargo xtask demo`: weir-proxy on a namespace topology with real traffic.
 //! - `cargo xtask bench sync`: control-plane numbers at scale.
 
 mod bench;
+mod demo;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -20,6 +22,9 @@ struct Cli {
 enum Cmd {
     /// Run every test tier: fmt check, clippy -D warnings, build, unit + fake + netns tests.
     Test,
+    /// The main job on an embedded default: a namespace topology, a Service from YAML,
+    /// real traffic through its ClusterIP and NodePort, an endpoint removed, cleanup.
+    Demo,
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -86,6 +91,7 @@ fn test() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test(),
+        Cmd::Demo => demo::demo(&workspace_root()),
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
     }
 }
