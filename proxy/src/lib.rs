@@ -10,3 +10,4 @@ pub mod http;
 pub mod model;
 pub mod source;
 pub mod sync;
+pub mod sys;

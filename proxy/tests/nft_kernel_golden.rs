@@ -5,15 +5,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use weir_proxy::dataplane::nft::fake::FakeNft;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
 use weir_proxy::dataplane::nft::render::{desired_table, plan, RenderConfig};
 use weir_proxy::dataplane::nft::{DumpedTable, Family, Table};
-use weir_proxy::model::{compute, ModelConfig, ObjectKey, Snapshot};
-use weir_proxy::source::{dir::load_dir, Object};
+use weir_proxy::model::{compute, ModelConfig, Store};
+use weir_proxy::source::{dir::load_dir, SourceUpdate};
 
 struct Netns(String);
 
@@ -47,26 +46,15 @@ fn render_fixture(yaml: &str) -> Table {
     std::fs::write(dir.path().join("fixture.yaml"), yaml).unwrap();
     let loaded = load_dir(dir.path()).unwrap();
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-    let (mut services, mut slices, mut nodes) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
-    for o in loaded.objects {
-        let k: ObjectKey = o.key();
-        match o {
-            Object::Service(s) => drop(services.insert(k, s)),
-            Object::EndpointSlice(s) => drop(slices.insert(k, s)),
-            Object::Node(n) => drop(nodes.insert(k, n)),
-        }
-    }
-    let snap = Snapshot {
-        services: &services,
-        slices: &slices,
-        nodes: &nodes,
-    };
-    let (state, errors) = compute(
-        snap,
-        &ModelConfig {
-            node_name: "node1".into(),
-        },
+    let mut store = Store::default();
+    store.record(
+        SourceUpdate::Replace(loaded.objects),
+        std::time::SystemTime::now(),
     );
+    let cfg = ModelConfig {
+        node_name: "node1".into(),
+    };
+    let (state, errors) = compute(&store, &cfg);
     assert!(errors.is_empty(), "{errors:?}");
     let cfg = RenderConfig {
         cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],

@@ -110,11 +110,11 @@ fn get_metric(ns: &Netns, probe: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -243,9 +243,13 @@ pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
             "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum",
         )
         .unwrap_or(f64::NAN);
-        let rss = peak_rss_kib(pid)
-            .map(|k| k as f64 / 1024.0)
-            .unwrap_or(f64::NAN);
+        let mib = |field| {
+            status_kib(pid, field)
+                .map(|k| k as f64 / 1024.0)
+                .unwrap_or(f64::NAN)
+        };
+        let rss = mib("VmHWM:");
+        eprintln!("   (resident after the change: {:.1} MiB)", mib("VmRSS:"));
         ns.stop(pid);
         let _ = std::fs::remove_dir_all(&dir);
         let reference = if args.reference && n <= args.reference_max {

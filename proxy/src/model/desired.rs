@@ -1,23 +1,12 @@
-//! [`compute`]: Services + EndpointSlices + Nodes -> [`DesiredState`], pure and deterministic.
+//! [`compute`]: the store's records -> [`DesiredState`], pure and deterministic; and
+//! [`compute_service`] for one Service, which incremental syncs use.
 
-use super::endpoint::{slice_endpoints, SliceEndpoints};
-use super::service::{service_ports, ServicePorts};
-use super::{EndpointInfo, ObjectKey, ServiceInfo, ServicePortName};
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use super::endpoint::SliceEndpoints;
+use super::service::ServicePorts;
+use super::store::Store;
+use super::{EndpointInfo, ObjectKey, Protocol, ServiceInfo, ServicePortName};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-
-/// The objects a sync computes from (borrowed from the change trackers).
-#[derive(Clone, Copy, Debug)]
-pub struct Snapshot<'a> {
-    /// Services by `namespace/name`.
-    pub services: &'a BTreeMap<ObjectKey, Service>,
-    /// EndpointSlices by `namespace/name`.
-    pub slices: &'a BTreeMap<ObjectKey, EndpointSlice>,
-    /// Nodes by name.
-    pub nodes: &'a BTreeMap<ObjectKey, Node>,
-}
 
 /// What the model needs to know about this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -66,74 +55,130 @@ pub enum ModelError {
     EndpointSlice(#[from] super::endpoint::EndpointSliceError),
 }
 
-/// Computes the desired state. Invalid objects are left out and returned as errors.
-pub fn compute(snapshot: Snapshot<'_>, cfg: &ModelConfig) -> (DesiredState, Vec<ModelError>) {
-    let mut errors = Vec::new();
-    // Endpoints per (service, port name, protocol), merged over all slices.
-    let mut by_port: BTreeMap<(ObjectKey, String, super::Protocol), BTreeSet<EndpointInfo>> =
-        BTreeMap::new();
-    for slice in snapshot.slices.values() {
-        match slice_endpoints(slice) {
-            Ok(SliceEndpoints::Ports { service, ports }) => {
-                for p in ports {
-                    by_port
-                        .entry((service.clone(), p.name, p.protocol))
-                        .or_default()
-                        .extend(p.endpoints);
-                }
-            }
-            Ok(SliceEndpoints::Skipped(_)) => {}
-            Err(e) => errors.push(e.into()),
-        }
-    }
+/// Computes the desired state of every Service. Invalid objects are left out and returned
+/// as errors.
+pub fn compute(store: &Store, cfg: &ModelConfig) -> (DesiredState, Vec<ModelError>) {
+    let mut errors: Vec<ModelError> = store
+        .slices()
+        .values()
+        .filter_map(|r| r.as_ref().err().cloned().map(ModelError::from))
+        .collect();
     let mut state = DesiredState {
-        node_ips: node_ips(snapshot.nodes, &cfg.node_name),
+        node_ips: store.node_ips(&cfg.node_name),
         ..DesiredState::default()
     };
-    for svc in snapshot.services.values() {
-        let infos = match service_ports(svc) {
-            Ok(ServicePorts::Ports(p)) => p,
-            Ok(ServicePorts::Skipped(_)) => continue,
-            Err(e) => {
-                errors.push(e.into());
-                continue;
+    for key in store.services().keys() {
+        match compute_service(store, key, cfg) {
+            Ok(ports) => {
+                for p in ports {
+                    state.services.insert(p.info.name.clone(), p);
+                }
             }
-        };
-        for info in infos {
-            let key = (
-                ObjectKey::new(info.name.namespace.clone(), info.name.name.clone()),
-                info.name.port.clone(),
-                info.name.protocol,
-            );
-            let endpoints = by_port
-                .get(&key)
-                .map(|eps| select_endpoints(eps, &cfg.node_name))
-                .unwrap_or_default();
-            state
-                .services
-                .insert(info.name.clone(), ServicePortState { info, endpoints });
+            Err(e) => errors.push(e),
         }
     }
     (state, errors)
 }
 
-/// InternalIP and ExternalIP addresses of this node's Node object, sorted.
-fn node_ips(nodes: &BTreeMap<ObjectKey, Node>, node_name: &str) -> Vec<IpAddr> {
-    let Some(node) = nodes.get(&ObjectKey::new("", node_name)) else {
-        return Vec::new();
+/// The desired state of one Service's ports (empty when it is skipped or gone).
+pub fn compute_service(
+    store: &Store,
+    key: &ObjectKey,
+    cfg: &ModelConfig,
+) -> Result<Vec<ServicePortState>, ModelError> {
+    let infos = match store.services().get(key) {
+        None | Some(Ok(ServicePorts::Skipped(_))) => return Ok(Vec::new()),
+        Some(Err(e)) => return Err(e.clone().into()),
+        Some(Ok(ServicePorts::Ports(p))) => p,
     };
-    let ips: BTreeSet<IpAddr> = node
-        .status
+    // Endpoints per (port name, protocol), merged over all of the Service's slices.
+    let mut by_port: BTreeMap<(&str, Protocol), BTreeSet<&EndpointInfo>> = BTreeMap::new();
+    for slice in store.slices_of(key) {
+        if let Ok(SliceEndpoints::Ports { ports, .. }) = slice {
+            for p in ports {
+                by_port
+                    .entry((p.name.as_str(), p.protocol))
+                    .or_default()
+                    .extend(p.endpoints.iter());
+            }
+        }
+    }
+    Ok(infos
         .iter()
-        .flat_map(|s| s.addresses.iter().flatten())
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse().ok())
-        .collect();
-    ips.into_iter().collect()
+        .map(|info| {
+            let endpoints = by_port
+                .get(&(info.name.port.as_str(), info.name.protocol))
+                .map(|eps| select_endpoints(eps, &cfg.node_name))
+                .unwrap_or_default();
+            ServicePortState {
+                info: info.clone(),
+                endpoints,
+            }
+        })
+        .collect())
+}
+
+/// One Service port whose desired state changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceDelta {
+    /// The port.
+    pub name: ServicePortName,
+    /// Its state before (None: new).
+    pub old: Option<ServicePortState>,
+    /// Its state now (None: gone).
+    pub new: Option<ServicePortState>,
+}
+
+impl DesiredState {
+    /// Replaces the ports of one Service (`namespace/name`) and returns, for each port that
+    /// changed, its old and new state.
+    pub fn replace_service(
+        &mut self,
+        key: &ObjectKey,
+        ports: Vec<ServicePortState>,
+    ) -> Vec<ServiceDelta> {
+        let from = ServicePortName {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        };
+        let old_names: Vec<ServicePortName> = self
+            .services
+            .range(from..)
+            .take_while(|(n, _)| n.namespace == key.namespace && n.name == key.name)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut old: BTreeMap<ServicePortName, ServicePortState> = old_names
+            .into_iter()
+            .filter_map(|n| self.services.remove_entry(&n))
+            .collect();
+        let mut deltas = Vec::new();
+        for p in ports {
+            let name = p.info.name.clone();
+            let prev = old.remove(&name);
+            if prev.as_ref() != Some(&p) {
+                deltas.push(ServiceDelta {
+                    name: name.clone(),
+                    old: prev,
+                    new: Some(p.clone()),
+                });
+            }
+            self.services.insert(name, p);
+        }
+        for (name, prev) in old {
+            deltas.push(ServiceDelta {
+                name,
+                old: Some(prev),
+                new: None,
+            });
+        }
+        deltas
+    }
 }
 
 /// Ready endpoints, each address:port once (a duplicate across slices counts once).
-fn select_endpoints(eps: &BTreeSet<EndpointInfo>, node_name: &str) -> Vec<Endpoint> {
+fn select_endpoints(eps: &BTreeSet<&EndpointInfo>, node_name: &str) -> Vec<Endpoint> {
     let chosen: BTreeSet<Endpoint> = eps
         .iter()
         .filter(|e| e.ready)
@@ -149,35 +194,26 @@ fn select_endpoints(eps: &BTreeSet<EndpointInfo>, node_name: &str) -> Vec<Endpoi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::Object;
+    use crate::source::{Object, SourceUpdate};
+    use serde::Deserialize;
 
-    fn objects(
-        yaml: &str,
-    ) -> (
-        BTreeMap<ObjectKey, Service>,
-        BTreeMap<ObjectKey, EndpointSlice>,
-    ) {
-        let mut services = BTreeMap::new();
-        let mut slices = BTreeMap::new();
+    fn store(yaml: &str) -> Store {
+        let mut objects = Vec::new();
         for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
             let v = serde_yaml_ng::Value::deserialize(doc).unwrap();
-            let obj = match v["kind"].as_str().unwrap() {
+            objects.push(match v["kind"].as_str().unwrap() {
                 "Service" => Object::Service(serde_yaml_ng::from_value(v).unwrap()),
+                "Node" => Object::Node(serde_yaml_ng::from_value(v).unwrap()),
                 _ => Object::EndpointSlice(serde_yaml_ng::from_value(v).unwrap()),
-            };
-            match obj {
-                Object::Service(s) => {
-                    services.insert(ObjectKey::of_meta(&s.metadata, true), s);
-                }
-                Object::EndpointSlice(s) => {
-                    slices.insert(ObjectKey::of_meta(&s.metadata, true), s);
-                }
-                Object::Node(_) => {}
-            }
+            });
         }
-        (services, slices)
+        let mut s = Store::default();
+        s.record(
+            SourceUpdate::Replace(objects),
+            std::time::SystemTime::UNIX_EPOCH,
+        );
+        s
     }
-    use serde::Deserialize;
 
     const WEB: &str = r#"
 apiVersion: v1
@@ -206,21 +242,13 @@ endpoints:
 "#;
 
     fn run(yaml: &str) -> (DesiredState, Vec<ModelError>) {
-        let (services, slices) = objects(yaml);
-        let nodes = BTreeMap::new();
-        let snap = Snapshot {
-            services: &services,
-            slices: &slices,
-            nodes: &nodes,
-        };
         compute(
-            snap,
+            &store(yaml),
             &ModelConfig {
                 node_name: "node1".into(),
             },
         )
     }
-
     #[test]
     fn ready_endpoints_merge_across_slices_and_duplicates_count_once() {
         let (state, errors) = run(WEB);

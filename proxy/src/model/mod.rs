@@ -1,19 +1,22 @@
 //! The pure desired-state model: Kubernetes objects in, [`DesiredState`] out.
 //!
 //! Nothing here touches the kernel, the network or the clock: [`compute`] is a
-//! deterministic function of a [`Snapshot`] and a [`ModelConfig`].
+//! deterministic function of the [`Store`]'s records and a [`ModelConfig`].
 
 pub mod change_tracker;
 pub mod desired;
 pub mod endpoint;
 pub mod service;
+pub mod store;
 
 pub use change_tracker::{ChangeTracker, ObjectKey};
 pub use desired::{
-    compute, DesiredState, Endpoint, ModelConfig, ModelError, ServicePortState, Snapshot,
+    compute, compute_service, DesiredState, Endpoint, ModelConfig, ModelError, ServiceDelta,
+    ServicePortState,
 };
 pub use endpoint::EndpointInfo;
 pub use service::ServiceInfo;
+pub use store::{Changes, Store};
 
 use std::fmt;
 

@@ -67,14 +67,13 @@ pub enum DirSourceError {
     },
 }
 
-/// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir`, sorted by name.
-pub fn load_dir(dir: &Path) -> Result<Loaded, DirSourceError> {
-    let read_err = |source| DirSourceError::Read {
-        path: dir.to_owned(),
-        source,
-    };
+/// The manifest files directly in `dir` (`*.yaml`, `*.yml`, `*.json`, not hidden), sorted.
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, DirSourceError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(read_err)?
+        .map_err(|source| DirSourceError::Read {
+            path: dir.to_owned(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or(".");
@@ -86,14 +85,22 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, DirSourceError> {
         })
         .collect();
     files.sort();
-    let mut out = Loaded::default();
+    Ok(files)
+}
+
+/// Reads every manifest file in `dir`, handing each usable object and each error to the
+/// callbacks as it goes (no list of all objects is built).
+pub fn scan_dir(
+    dir: &Path,
+    mut on_object: impl FnMut(Object),
+    mut on_error: impl FnMut(DocumentError),
+) -> Result<(), DirSourceError> {
     let mut seen = std::collections::BTreeSet::new();
-    for file in files {
+    for file in manifest_files(dir)? {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) => {
-                out.errors
-                    .push(doc_error(&file, "0".into(), None, None, e.to_string()));
+                on_error(doc_error(&file, "0".into(), None, None, e.to_string()));
                 continue;
             }
         };
@@ -102,8 +109,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, DirSourceError> {
                 Ok(v) => v,
                 Err(e) => {
                     // The rest of the file cannot be parsed either.
-                    out.errors
-                        .push(doc_error(&file, i.to_string(), None, None, e.to_string()));
+                    on_error(doc_error(&file, i.to_string(), None, None, e.to_string()));
                     break;
                 }
             };
@@ -127,28 +133,46 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, DirSourceError> {
                 match parse_object(v) {
                     Ok(None) => {}
                     Ok(Some(obj)) => {
-                        let id = (obj.kind(), obj.key());
-                        if seen.insert(id) {
-                            out.objects.push(obj);
+                        if seen.insert((obj.kind(), obj.key())) {
+                            on_object(obj);
                         } else {
-                            let name = describe(&obj);
-                            out.errors.push(doc_error(
+                            on_error(doc_error(
                                 &file,
                                 index,
-                                Some(name),
+                                Some(describe(&obj)),
                                 None,
                                 "duplicate object; the first one is used".into(),
                             ));
                         }
                     }
-                    Err((object, field, message)) => out
-                        .errors
-                        .push(doc_error(&file, index, object, field, message)),
+                    Err((object, field, message)) => {
+                        on_error(doc_error(&file, index, object, field, message))
+                    }
                 }
             }
         }
     }
+    Ok(())
+}
+
+/// Reads every manifest file in `dir` into one list.
+pub fn load_dir(dir: &Path) -> Result<Loaded, DirSourceError> {
+    let mut out = Loaded::default();
+    let mut errors = Vec::new();
+    scan_dir(dir, |o| out.objects.push(o), |e| errors.push(e))?;
+    out.errors = errors;
     Ok(out)
+}
+
+/// A digest of the manifest files' names and contents, to skip unchanged rescans.
+fn digest(dir: &Path) -> Result<u64, DirSourceError> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for file in manifest_files(dir)? {
+        file.hash(&mut h);
+        std::fs::read(&file).unwrap_or_default().hash(&mut h);
+    }
+    Ok(h.finish())
 }
 
 fn doc_error(
@@ -236,8 +260,9 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
         .map_err(|(field, message)| (Some(label), Some(field).filter(|f| f != "."), message))
 }
 
-/// Loads the directory, sends [`SourceUpdate::Replace`], then re-loads and sends again after
-/// every change (debounced). Returns when the receiver is gone.
+/// Sends the directory's objects as a relist (`RelistStart`, one `RelistItem` per object,
+/// `RelistDone`), then again after every change of the files (debounced). Returns when the
+/// receiver is gone.
 pub async fn run(path: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Result<(), DirSourceError> {
     use notify::Watcher;
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -256,28 +281,37 @@ pub async fn run(path: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Result<(),
             path: path.clone(),
             source,
         })?;
-    let mut last: Option<Vec<Object>> = None;
+    let mut last: Option<u64> = None;
     loop {
-        let loaded = load_dir(&path)?;
-        for e in &loaded.errors {
-            tracing::warn!(
-                file = %e.file.display(),
-                document = %e.index,
-                object = e.object.as_deref().unwrap_or(""),
-                field = e.field.as_deref().unwrap_or(""),
-                "skipping invalid manifest: {}",
-                e.message
-            );
-        }
-        if last.as_ref() != Some(&loaded.objects) {
-            tracing::info!(path = %path.display(), objects = loaded.objects.len(), errors = loaded.errors.len(), "manifests loaded");
-            if tx
-                .send(SourceUpdate::Replace(loaded.objects.clone()))
-                .is_err()
-            {
+        let now = digest(&path)?;
+        if last != Some(now) {
+            last = Some(now);
+            if tx.send(SourceUpdate::RelistStart).is_err() {
                 return Ok(());
             }
-            last = Some(loaded.objects);
+            let (mut objects, mut errors, mut closed) = (0usize, 0usize, false);
+            scan_dir(
+                &path,
+                |o| {
+                    objects += 1;
+                    closed |= tx.send(SourceUpdate::RelistItem(o)).is_err();
+                },
+                |e| {
+                    errors += 1;
+                    tracing::warn!(
+                        file = %e.file.display(),
+                        document = %e.index,
+                        object = e.object.as_deref().unwrap_or(""),
+                        field = e.field.as_deref().unwrap_or(""),
+                        "skipping invalid manifest: {}",
+                        e.message
+                    );
+                },
+            )?;
+            if closed || tx.send(SourceUpdate::RelistDone).is_err() {
+                return Ok(());
+            }
+            tracing::info!(path = %path.display(), objects, errors, "manifests loaded");
         }
         // Wait for a change, then let a burst of events settle.
         tokio::select! {
@@ -361,42 +395,37 @@ metadata: {name: ignored}
         assert!(msgs[3].contains("c.yaml document 0"), "{msgs:#?}");
     }
 
+    async fn next_relist(rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceUpdate>) -> usize {
+        let mut n = 0;
+        loop {
+            let u = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            match u {
+                SourceUpdate::RelistStart => n = 0,
+                SourceUpdate::RelistItem(_) => n += 1,
+                SourceUpdate::RelistDone => return n,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn run_sends_the_objects_again_after_a_file_changes() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(run(dir.path().to_owned(), tx));
-        let SourceUpdate::Replace(first) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(first.len(), 2);
+        assert_eq!(next_relist(&mut rx).await, 2);
         std::fs::write(
             dir.path().join("n.yaml"),
             "{apiVersion: v1, kind: Node, metadata: {name: node1}}",
         )
         .unwrap();
-        let SourceUpdate::Replace(second) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(second.len(), 3);
+        assert_eq!(next_relist(&mut rx).await, 3);
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
-        let SourceUpdate::Replace(third) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(third.len(), 1);
+        assert_eq!(next_relist(&mut rx).await, 1);
         drop(rx);
         task.abort();
     }

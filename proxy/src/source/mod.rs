@@ -65,9 +65,16 @@ pub struct ObjectRef {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum SourceUpdate {
-    /// The complete current set of objects as the source sees it (a directory rescan or
-    /// an API relist). The first one a source sends marks it as synced.
+    /// The complete current set of objects as the source sees it, in one message.
+    /// Equivalent to `RelistStart`, one `RelistItem` per object, `RelistDone`.
     Replace(Vec<Object>),
+    /// A complete listing follows, object by object (so no source holds all of them).
+    RelistStart,
+    /// One object of the listing.
+    RelistItem(Object),
+    /// The listing is complete: objects it did not contain are gone. The first one a
+    /// source sends marks it as synced.
+    RelistDone,
     /// An object was added or changed.
     Upsert(Object),
     /// An object was deleted.

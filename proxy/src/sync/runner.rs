@@ -4,15 +4,12 @@
 //! happens before the source has delivered its first complete view.
 
 use crate::dataplane::nft::kernel::{KernelError, KernelNft};
-use crate::dataplane::nft::render::{desired_table, plan, RenderConfig};
-use crate::dataplane::nft::{DumpedTable, Family};
+use crate::dataplane::nft::render::{desired_table, plan, Incremental, RenderConfig};
+use crate::dataplane::nft::{DumpedTable, Family, Plan};
 use crate::http::health::ProxyHealth;
 use crate::http::metrics::Metrics;
-use crate::model::{compute, ChangeTracker, ModelConfig, Snapshot};
-use crate::source::{Kind, Object, SourceUpdate};
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use std::collections::BTreeMap;
+use crate::model::{compute, compute_service, DesiredState, ModelConfig, Store};
+use crate::source::SourceUpdate;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -31,85 +28,18 @@ pub struct RunnerConfig {
     pub sync_period: Duration,
 }
 
-/// The trackers for every kind weir reads.
-#[derive(Default)]
-pub struct Trackers {
-    services: ChangeTracker<Service>,
-    slices: ChangeTracker<EndpointSlice>,
-    nodes: ChangeTracker<Node>,
-}
-
-impl Trackers {
-    /// Records one source update; returns how many objects changed.
-    pub fn record(&mut self, update: SourceUpdate, now: SystemTime) -> usize {
-        match update {
-            SourceUpdate::Replace(objects) => {
-                let mut services = BTreeMap::new();
-                let mut slices = BTreeMap::new();
-                let mut nodes = BTreeMap::new();
-                for o in objects {
-                    let key = o.key();
-                    match o {
-                        Object::Service(s) => {
-                            services.insert(key, s);
-                        }
-                        Object::EndpointSlice(s) => {
-                            slices.insert(key, s);
-                        }
-                        Object::Node(n) => {
-                            nodes.insert(key, n);
-                        }
-                    }
-                }
-                self.services.replace_all(services, now)
-                    + self.slices.replace_all(slices, now)
-                    + self.nodes.replace_all(nodes, now)
-            }
-            SourceUpdate::Upsert(o) => {
-                let key = o.key();
-                usize::from(match o {
-                    Object::Service(s) => self.services.upsert(key, s, now),
-                    Object::EndpointSlice(s) => self.slices.upsert(key, s, now),
-                    Object::Node(n) => self.nodes.upsert(key, n, now),
-                })
-            }
-            SourceUpdate::Delete(r) => usize::from(match r.kind {
-                Kind::Service => self.services.delete(&r.key, now),
-                Kind::EndpointSlice => self.slices.delete(&r.key, now),
-                Kind::Node => self.nodes.delete(&r.key, now),
-            }),
-        }
-    }
-
-    fn snapshot(&self) -> Snapshot<'_> {
-        Snapshot {
-            services: self.services.objects(),
-            slices: self.slices.objects(),
-            nodes: self.nodes.objects(),
-        }
-    }
-
-    fn oldest_pending(&self) -> Option<SystemTime> {
-        [
-            self.services.oldest_pending(),
-            self.slices.oldest_pending(),
-            self.nodes.oldest_pending(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-    }
-}
-
 /// The sync loop's state.
 pub struct Runner {
     cfg: RunnerConfig,
-    trackers: Trackers,
+    store: Store,
     kernel: KernelNft,
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
-    /// What the kernel holds after the last successful apply; `None` forces a re-read.
-    realized: Option<DumpedTable>,
+    /// The desired state as of the last successful sync.
+    desired: DesiredState,
+    /// Incremental render state matching what the kernel holds; `None` forces a full sync
+    /// (re-reading the kernel's table) next time.
+    incremental: Option<Incremental>,
 }
 
 impl Runner {
@@ -122,11 +52,12 @@ impl Runner {
     ) -> Self {
         Runner {
             cfg,
-            trackers: Trackers::default(),
+            store: Store::default(),
             kernel,
             metrics,
             health,
-            realized: None,
+            desired: DesiredState::default(),
+            incremental: None,
         }
     }
 
@@ -149,28 +80,14 @@ impl Runner {
             tokio::select! {
                 u = updates.recv() => {
                     let Some(u) = u else { return };
-                    let now = SystemTime::now();
-                    if matches!(u, SourceUpdate::Replace(_)) {
-                        synced_once = true;
-                    }
-                    let before_svc = self.trackers.services.total_changes();
-                    let before_eps = self.trackers.slices.total_changes();
-                    if self.trackers.record(u, now) > 0 {
-                        dirty = true;
-                        self.health.queued_update(now);
-                        self.metrics.observe_queued(now);
-                    }
-                    self.metrics.service_changes_total.inc_by(self.trackers.services.total_changes() - before_svc);
-                    self.metrics.endpoint_changes_total.inc_by(self.trackers.slices.total_changes() - before_eps);
-                    self.metrics.service_changes_pending.set(self.trackers.services.pending().len() as i64);
-                    self.metrics.endpoint_changes_pending.set(self.trackers.slices.pending().len() as i64);
+                    self.record(u, &mut synced_once, &mut dirty);
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
                     if !synced_once {
                         last_full = Instant::now();
                         continue;
                     }
-                    let full = Instant::now() >= next_full || self.realized.is_none();
+                    let full = Instant::now() >= next_full || self.incremental.is_none();
                     if full {
                         last_full = Instant::now();
                     }
@@ -181,58 +98,98 @@ impl Runner {
         }
     }
 
+    fn record(&mut self, u: SourceUpdate, synced_once: &mut bool, dirty: &mut bool) {
+        let now = SystemTime::now();
+        if matches!(u, SourceUpdate::Replace(_) | SourceUpdate::RelistDone) {
+            *synced_once = true;
+        }
+        let (svc_before, eps_before) = self.store.total_changes();
+        if self.store.record(u, now) > 0 {
+            *dirty = true;
+            self.health.queued_update(now);
+            self.metrics.observe_queued(now);
+        }
+        let (svc, eps) = self.store.total_changes();
+        self.metrics.service_changes_total.inc_by(svc - svc_before);
+        self.metrics.endpoint_changes_total.inc_by(eps - eps_before);
+        let (svc_pending, eps_pending) = self.store.pending_changes();
+        self.metrics.service_changes_pending.set(svc_pending as i64);
+        self.metrics
+            .endpoint_changes_pending
+            .set(eps_pending as i64);
+    }
+
     /// One sync; returns whether it succeeded.
     #[instrument(skip_all, fields(full))]
     async fn sync(&mut self, full: bool) -> bool {
         let started = Instant::now();
-        let oldest = self.trackers.oldest_pending();
-        let (state, errors) = compute(self.trackers.snapshot(), &self.cfg.model);
-        for e in &errors {
-            warn!(error = %e, "skipping invalid object");
-        }
-        self.metrics.invalid_objects.set(errors.len() as i64);
-        let desired = desired_table(&state, &self.cfg.render, Family::Ip);
-        let kernel = self.kernel.clone();
-        let realized = match self.realized.take().filter(|_| !full) {
-            Some(r) => Ok(r),
-            None => tokio::task::spawn_blocking(move || kernel.dump(Family::Ip))
-                .await
-                .unwrap_or_else(|e| Err(join_error(e)))
-                .map(|t| t.unwrap_or_else(|| DumpedTable::empty(Family::Ip))),
+        let oldest = self.store.oldest_pending();
+        let changes = self.store.take_changes();
+        let incremental = match self.incremental.take() {
+            Some(inc) if !full && !changes.nodes => Some(inc),
+            _ => None,
         };
-        let realized = match realized {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, "reading the kernel's nftables state failed; retrying");
-                self.metrics.nftables_sync_failures.inc();
-                return false;
+        let family = Family::Ip;
+        let was_full = incremental.is_none();
+        let (p, next) = match incremental {
+            Some(mut inc) => {
+                let mut deltas = Vec::new();
+                for key in &changes.services {
+                    let ports =
+                        compute_service(&self.store, key, &self.cfg.model).unwrap_or_else(|e| {
+                            warn!(error = %e, "skipping invalid object");
+                            Vec::new()
+                        });
+                    deltas.extend(self.desired.replace_service(key, ports));
+                }
+                let p = inc.update(&deltas, &self.desired.node_ips);
+                (p, inc)
+            }
+            None => {
+                let (state, errors) = compute(&self.store, &self.cfg.model);
+                for e in &errors {
+                    warn!(error = %e, "skipping invalid object");
+                }
+                self.desired = state;
+                let want = desired_table(&self.desired, &self.cfg.render, family);
+                let realized = match self.read_kernel(family).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(error = %e, "reading the kernel's nftables state failed; retrying");
+                        self.metrics.nftables_sync_failures.inc();
+                        return false;
+                    }
+                };
+                let p = plan(&want, &realized);
+                self.metrics
+                    .nftables_objects
+                    .set(want.object_count() as i64);
+                (p, Incremental::new(&self.desired, &self.cfg.render, family))
             }
         };
-        let p = plan(&desired, &realized);
-        let changes = p.element_changes();
-        let kernel = self.kernel.clone();
+        self.metrics
+            .invalid_objects
+            .set(self.store.invalid_objects() as i64);
+        let changes_applied = p.element_changes();
+        let element_delta = p.element_delta();
         let ops = p.ops.len();
-        let applied = tokio::task::spawn_blocking(move || kernel.apply(&p))
-            .await
-            .unwrap_or_else(|e| Err(join_error(e)));
-        if let Err(e) = applied {
-            warn!(error = %e, "applying the nftables plan failed; the next sync re-reads the kernel");
+        let planned = started.elapsed();
+        if let Err(e) = self.apply(p).await {
+            warn!(error = %e, "applying the nftables plan failed; the next sync is a full one");
             self.metrics.nftables_sync_failures.inc();
             return false;
         }
+        if !was_full {
+            self.metrics.nftables_objects.inc_by(element_delta);
+        }
+        self.incremental = Some(next);
         let now = SystemTime::now();
-        let dumped = desired.to_dump();
-        self.metrics
-            .nftables_objects
-            .set(dumped.object_count() as i64);
-        self.realized = Some(dumped);
-        self.trackers.services.take_pending();
-        self.trackers.slices.take_pending();
-        self.trackers.nodes.take_pending();
         self.metrics.service_changes_pending.set(0);
         self.metrics.endpoint_changes_pending.set(0);
-        self.metrics.plan_element_changes.inc_by(changes as u64);
-        self.metrics.observe_sync(started.elapsed(), full, now);
+        self.metrics
+            .plan_element_changes
+            .inc_by(changes_applied as u64);
+        self.metrics.observe_sync(started.elapsed(), was_full, now);
         if let Some(t) = oldest {
             let latency = now.duration_since(t).unwrap_or_default();
             self.metrics
@@ -241,13 +198,30 @@ impl Runner {
         }
         self.health.updated(now);
         info!(
-            services = state.services.len(),
+            full = was_full,
+            services = self.desired.services.len(),
             ops,
-            element_changes = changes,
-            took_ms = started.elapsed().as_millis() as u64,
+            element_changes = changes_applied,
+            plan_us = planned.as_micros() as u64,
+            took_us = started.elapsed().as_micros() as u64,
             "synced"
         );
         true
+    }
+
+    async fn read_kernel(&self, family: Family) -> Result<DumpedTable, KernelError> {
+        let kernel = self.kernel.clone();
+        tokio::task::spawn_blocking(move || kernel.dump(family))
+            .await
+            .unwrap_or_else(|e| Err(join_error(e)))
+            .map(|t| t.unwrap_or_else(|| DumpedTable::empty(family)))
+    }
+
+    async fn apply(&self, p: Plan) -> Result<(), KernelError> {
+        let kernel = self.kernel.clone();
+        tokio::task::spawn_blocking(move || kernel.apply(&p))
+            .await
+            .unwrap_or_else(|e| Err(join_error(e)))
     }
 }
 

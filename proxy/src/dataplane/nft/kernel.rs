@@ -3,7 +3,7 @@
 use super::plan::Plan;
 use super::table::{Atom, Data, DumpedChain, DumpedMap, DumpedTable, Family, Key, TABLE_NAME};
 use crate::model::Protocol;
-use serde_json::Value;
+use crate::sys::libnftables::LibNft;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -47,11 +47,16 @@ pub enum KernelError {
     },
 }
 
-/// The real nftables, driven through the `nft` binary.
+/// Transactions with more element changes than this use the `nft` binary.
+const LIB_MAX_ELEMENTS: usize = 5000;
+
+/// The real nftables: transactions through libnftables in-process when it loads (else the
+/// `nft` binary), listings through the `nft` binary.
 #[derive(Clone, Debug)]
 pub struct KernelNft {
     program: String,
     prefix: Vec<String>,
+    lib: Option<std::sync::Arc<LibNft>>,
 }
 
 impl Default for KernelNft {
@@ -59,16 +64,34 @@ impl Default for KernelNft {
         KernelNft {
             program: "nft".to_owned(),
             prefix: Vec::new(),
+            lib: None,
         }
     }
 }
 
 impl KernelNft {
+    /// nftables of this process's network namespace, applying through libnftables when it
+    /// can be loaded (falls back to the `nft` binary, with a warning).
+    pub fn with_library() -> Self {
+        let lib = match LibNft::load() {
+            Ok(l) => Some(std::sync::Arc::new(l)),
+            Err(e) => {
+                tracing::warn!(error = %e, "libnftables unavailable; applying through the nft binary");
+                None
+            }
+        };
+        KernelNft {
+            lib,
+            ..KernelNft::default()
+        }
+    }
+
     /// nftables of a named network namespace (runs `ip netns exec NAME nft`); for tests.
     pub fn in_netns(name: &str) -> Self {
         KernelNft {
             program: "ip".to_owned(),
             prefix: ["netns", "exec", name, "nft"].map(str::to_owned).to_vec(),
+            lib: None,
         }
     }
 
@@ -84,6 +107,19 @@ impl KernelNft {
             return Ok(());
         }
         let script = plan.to_script();
+        // Large transactions (full syncs) go through the nft binary: its parse of a big
+        // script is transient memory of a child process rather than a cache in ours.
+        if let Some(lib) = self
+            .lib
+            .as_ref()
+            .filter(|_| plan.element_changes() < LIB_MAX_ELEMENTS)
+        {
+            return lib.run(&script).map_err(|e| KernelError::Apply {
+                family: plan.family,
+                ops: plan.ops.len(),
+                stderr: e.to_string(),
+            });
+        }
         let mut child = self
             .command()
             .args(["-f", "-"])
@@ -120,7 +156,7 @@ impl KernelNft {
         let fam = family.as_str();
         let out = self
             .command()
-            .args(["-t", "list", "table", fam, TABLE_NAME])
+            .args(["list", "table", fam, TABLE_NAME])
             .output()
             .map_err(|source| self.spawn_error(source))?;
         if !out.status.success() {
@@ -133,22 +169,7 @@ impl KernelNft {
                 message: stderr.trim().to_owned(),
             });
         }
-        let mut table = parse_terse(family, &String::from_utf8_lossy(&out.stdout))?;
-        if !table.maps.is_empty() {
-            let out = self
-                .command()
-                .args(["-j", "list", "table", fam, TABLE_NAME])
-                .output()
-                .map_err(|source| self.spawn_error(source))?;
-            if !out.status.success() {
-                return Err(KernelError::List {
-                    family,
-                    message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                });
-            }
-            fill_elements(&mut table, &String::from_utf8_lossy(&out.stdout))?;
-        }
-        Ok(Some(table))
+        parse_listing(family, &String::from_utf8_lossy(&out.stdout)).map(Some)
     }
 
     fn spawn_error(&self, source: std::io::Error) -> KernelError {
@@ -159,35 +180,39 @@ impl KernelNft {
     }
 }
 
-/// Parses `nft -t list table` output: chains with their header and rules, set/map
-/// declarations (elements are filled from the JSON listing).
-pub fn parse_terse(family: Family, text: &str) -> Result<DumpedTable, KernelError> {
+/// Parses `nft list table` output: chains with their header and rules, sets and maps with
+/// their declaration and elements (read with the declared types).
+pub fn parse_listing(family: Family, text: &str) -> Result<DumpedTable, KernelError> {
     enum Block {
         None,
         Chain(String, DumpedChain),
-        Map(String, bool, Vec<String>),
+        Map(String, DumpedMap, Option<String>),
     }
+    let perr = |message: String| KernelError::Parse { family, message };
     let mut t = DumpedTable::empty(family);
     let mut block = Block::None;
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        // Inside a multi-line `elements = { ... }`.
+        if let Block::Map(name, m, Some(buf)) = &mut block {
+            buf.push(' ');
+            buf.push_str(line);
+            if line.ends_with('}') {
+                let all = std::mem::take(buf);
+                fill_map(m, &all).map_err(|e| perr(format!("map {name}: {e}")))?;
+                block = match std::mem::replace(&mut block, Block::None) {
+                    Block::Map(n, m, _) => Block::Map(n, m, None),
+                    other => other,
+                };
+            }
+            continue;
+        }
         if line.starts_with("table ") {
             continue;
         }
         if line == "}" {
             match std::mem::replace(&mut block, Block::None) {
-                Block::Chain(name, c) => {
-                    t.chains.insert(name, c);
-                }
-                Block::Map(name, is_set, decl) => {
-                    t.maps.insert(
-                        name,
-                        DumpedMap {
-                            is_set,
-                            decl: decl.join("; "),
-                            elements: BTreeMap::new(),
-                        },
-                    );
-                }
+                Block::Chain(name, c) => drop(t.chains.insert(name, c)),
+                Block::Map(name, m, _) => drop(t.maps.insert(name, m)),
                 Block::None => {}
             }
             continue;
@@ -196,16 +221,16 @@ pub fn parse_terse(family: Family, text: &str) -> Result<DumpedTable, KernelErro
             let mut words = rest.split_whitespace();
             let kind = words.next().unwrap_or_default();
             let name = words.next().unwrap_or_default().to_owned();
+            let map = |is_set| DumpedMap {
+                is_set,
+                decl: String::new(),
+                elements: BTreeMap::new(),
+            };
             block = match kind {
                 "chain" => Block::Chain(name, DumpedChain::default()),
-                "set" => Block::Map(name, true, Vec::new()),
-                "map" => Block::Map(name, false, Vec::new()),
-                other => {
-                    return Err(KernelError::Parse {
-                        family,
-                        message: format!("unexpected block {other:?}"),
-                    })
-                }
+                "set" => Block::Map(name, map(true), None),
+                "map" => Block::Map(name, map(false), None),
+                other => return Err(perr(format!("unexpected block {other:?}"))),
             };
             continue;
         }
@@ -217,125 +242,117 @@ pub fn parse_terse(family: Family, text: &str) -> Result<DumpedTable, KernelErro
                     c.rules.push(line.to_owned());
                 }
             }
-            Block::Map(_, _, decl) => decl.push(line.to_owned()),
-            Block::None => {
-                return Err(KernelError::Parse {
-                    family,
-                    message: format!("line outside any block: {line:?}"),
-                })
+            Block::Map(name, m, pending) => {
+                if let Some(rest) = line.strip_prefix("elements = ") {
+                    if rest.ends_with('}') {
+                        fill_map(m, rest).map_err(|e| perr(format!("map {name}: {e}")))?;
+                    } else {
+                        *pending = Some(rest.to_owned());
+                    }
+                } else if m.decl.is_empty() {
+                    m.decl = line.to_owned();
+                } else {
+                    m.decl = format!("{}; {line}", m.decl);
+                }
             }
+            Block::None => return Err(perr(format!("line outside any block: {line:?}"))),
         }
     }
     Ok(t)
 }
 
-/// Fills set/map elements from `nft -j list table` output.
-pub fn fill_elements(table: &mut DumpedTable, json: &str) -> Result<(), KernelError> {
-    let family = table.family;
-    let perr = |message: String| KernelError::Parse { family, message };
-    let v: Value = serde_json::from_str(json).map_err(|e| perr(e.to_string()))?;
-    let items = v["nftables"]
-        .as_array()
-        .ok_or_else(|| perr("no nftables array".into()))?;
-    for item in items {
-        let (obj, _is_set) = match (item.get("set"), item.get("map")) {
-            (Some(s), _) => (s, true),
-            (_, Some(m)) => (m, false),
-            _ => continue,
+/// Reads `{ k . k : d . d, ... }` with the types of the map's `type ...` declaration.
+fn fill_map(m: &mut DumpedMap, text: &str) -> Result<(), String> {
+    let decl = m.decl.split(';').next().unwrap_or_default();
+    let types = decl
+        .strip_prefix("type ")
+        .ok_or_else(|| format!("declaration {decl:?} is not `type ...`"))?;
+    let (key_types, data_types) = match types.split_once(" : ") {
+        Some((k, d)) => (k, Some(d)),
+        None => (types, None),
+    };
+    let key_types: Vec<&str> = key_types.split(" . ").collect();
+    let data_types: Option<Vec<&str>> = data_types.map(|d| d.split(" . ").collect());
+    let inner = text
+        .trim()
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .ok_or_else(|| format!("elements {text:?} are not in braces"))?;
+    for el in inner.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (k, d) = match el.split_once(" : ") {
+            Some((k, d)) => (k, Some(d)),
+            None => (el, None),
         };
-        let name = obj["name"].as_str().unwrap_or_default();
-        let Some(dumped) = table.maps.get_mut(name) else {
-            continue;
+        let key = Key(parse_atoms(k, &key_types)?);
+        let data = match (d, &data_types) {
+            (None, _) => Data::None,
+            (Some(d), Some(t)) if t.as_slice() == ["verdict"] => match d.strip_prefix("goto ") {
+                Some(c) => Data::Goto(c.to_owned()),
+                None => return Err(format!("verdict {d:?} is not a goto")),
+            },
+            (Some(d), Some(t)) => match parse_atoms(d, t)?.as_slice() {
+                [Atom::Addr(a), Atom::Port(p)] => Data::AddrPort(*a, *p),
+                _ => return Err(format!("unsupported data {d:?}")),
+            },
+            (Some(d), None) => return Err(format!("data {d:?} in a set")),
         };
-        let key_types = type_list(&obj["type"]);
-        let data_types = obj.get("map").map(type_list).unwrap_or_default();
-        for elem in obj["elem"].as_array().into_iter().flatten() {
-            let (k, d) = match elem.as_array() {
-                Some(pair) if !dumped.is_set && pair.len() == 2 => (&pair[0], Some(&pair[1])),
-                _ => (elem, None),
-            };
-            let key = Key(parse_atoms(k, &key_types).map_err(|m| perr(format!("{name}: {m}")))?);
-            let data = match d {
-                None => Data::None,
-                Some(d) => parse_data(d, &data_types).map_err(|m| perr(format!("{name}: {m}")))?,
-            };
-            dumped.elements.insert(key, data);
-        }
+        m.elements.insert(key, data);
     }
     Ok(())
 }
 
-fn type_list(v: &Value) -> Vec<String> {
-    match v {
-        Value::String(s) => s.split(" . ").map(str::to_owned).collect(),
-        Value::Array(a) => a
-            .iter()
-            .filter_map(|x| x.as_str().map(str::to_owned))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn parts(v: &Value) -> Vec<&Value> {
-    match v.get("concat").and_then(Value::as_array) {
-        Some(c) => c.iter().collect(),
-        None => match v.get("elem") {
-            Some(e) => parts(&e["val"]),
-            None => vec![v],
-        },
-    }
-}
-
-fn parse_atoms(v: &Value, types: &[String]) -> Result<Vec<Atom>, String> {
-    let ps = parts(v);
-    if ps.len() != types.len() {
+fn parse_atoms(text: &str, types: &[&str]) -> Result<Vec<Atom>, String> {
+    let parts: Vec<&str> = text.split(" . ").map(str::trim).collect();
+    if parts.len() != types.len() {
         return Err(format!(
-            "element {v} does not match type {}",
+            "element {text:?} does not match type {}",
             types.join(" . ")
         ));
     }
-    ps.iter()
+    parts
+        .iter()
         .zip(types)
-        .map(|(p, t)| parse_atom(p, t))
+        .map(|(p, t)| {
+            let bad = || format!("{p:?} is not a valid {t}");
+            match *t {
+                "ipv4_addr" | "ipv6_addr" => p.parse().map(Atom::Addr).map_err(|_| bad()),
+                "inet_proto" => Protocol::from_nft_name(p)
+                    .or_else(|| p.parse().ok().and_then(Protocol::from_number))
+                    .map(Atom::Proto)
+                    .ok_or_else(bad),
+                "inet_service" => p.parse().map(Atom::Port).map_err(|_| bad()),
+                other => Err(format!("unsupported type {other}")),
+            }
+        })
         .collect()
 }
 
-fn parse_atom(v: &Value, ty: &str) -> Result<Atom, String> {
-    let bad = || format!("value {v} is not a valid {ty}");
-    match ty {
-        "ipv4_addr" | "ipv6_addr" => v
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .map(Atom::Addr)
-            .ok_or_else(bad),
-        "inet_proto" => match v {
-            Value::String(s) => Protocol::from_nft_name(s).map(Atom::Proto).ok_or_else(bad),
-            Value::Number(n) => n
-                .as_u64()
-                .and_then(|n| u8::try_from(n).ok())
-                .and_then(Protocol::from_number)
-                .map(Atom::Proto)
-                .ok_or_else(bad),
-            _ => Err(bad()),
-        },
-        "inet_service" => v
-            .as_u64()
-            .and_then(|n| u16::try_from(n).ok())
-            .map(Atom::Port)
-            .ok_or_else(bad),
-        _ => Err(format!("unsupported type {ty}")),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn parse_data(v: &Value, types: &[String]) -> Result<Data, String> {
-    if types == ["verdict"] {
-        let target = v["goto"]["target"]
-            .as_str()
-            .ok_or_else(|| format!("verdict {v} is not a goto"))?;
-        return Ok(Data::Goto(target.to_owned()));
+    #[test]
+    fn listing_with_multiline_elements_is_read_with_declared_types() {
+        let text = "table ip weir {\n\tmap b {\n\t\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n\t\telements = { 10.96.0.7 . sctp . 9000 : 10.244.9.9 . 9000,\n\t\t\t     10.96.0.6 . udp . 53 : 10.244.9.9 . 53 }\n\t}\n\n\tmap v {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t\telements = { 10.96.0.5 . tcp . 80 : goto c }\n\t}\n\n\tset e {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t}\n\n\tchain c {\n\t\ttype filter hook forward priority filter - 1; policy accept;\n\t\tjump d\n\t}\n}\n";
+        let t = parse_listing(Family::Ip, text).unwrap();
+        assert_eq!(t.maps["b"].elements.len(), 2);
+        assert!(t.maps["e"].is_set && t.maps["e"].elements.is_empty());
+        assert_eq!(
+            t.maps["v"].elements.values().next(),
+            Some(&Data::Goto("c".into()))
+        );
+        let c = &t.chains["c"];
+        assert_eq!(
+            c.header.as_deref(),
+            Some("type filter hook forward priority filter - 1; policy accept;")
+        );
+        assert_eq!(c.rules, ["jump d"]);
     }
-    match parse_atoms(v, types)?.as_slice() {
-        [Atom::Addr(a), Atom::Port(p)] => Ok(Data::AddrPort(*a, *p)),
-        _ => Err(format!("unsupported map data {v}")),
+
+    #[test]
+    fn malformed_elements_are_reported() {
+        let text = "table ip weir {\n\tset s {\n\t\ttype ipv4_addr . inet_service\n\t\telements = { 10.0.0.1 }\n\t}\n}\n";
+        let e = parse_listing(Family::Ip, text).unwrap_err();
+        assert!(e.to_string().contains("map s"), "{e}");
     }
 }

@@ -102,6 +102,18 @@ impl Plan {
             .sum()
     }
 
+    /// Elements added minus elements deleted.
+    pub fn element_delta(&self) -> i64 {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::AddElements { elements, .. } => elements.len() as i64,
+                Op::DeleteElements { keys, .. } => -(keys.len() as i64),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// The plan as an `nft -f` script (one transaction).
     pub fn to_script(&self) -> String {
         let fam = self.family;

@@ -495,6 +495,19 @@ impl Table {
         }
     }
 
+    /// Number of nftables objects: chains, rules, sets/maps and elements.
+    pub fn object_count(&self) -> usize {
+        self.chains
+            .values()
+            .map(|c| 1 + c.rules.len())
+            .sum::<usize>()
+            + self
+                .maps
+                .values()
+                .map(|m| 1 + m.elements.len())
+                .sum::<usize>()
+    }
+
     /// The table as the kernel would list it.
     pub fn to_dump(&self) -> DumpedTable {
         DumpedTable {

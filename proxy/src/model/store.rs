@@ -1,0 +1,300 @@
+//! The model's store: every object reduced at ingest to the compact record the model needs
+//! (a Service to its validated ports, a slice to its endpoints, a Node to its addresses),
+//! kept in change trackers, with an index from each Service to its EndpointSlices so a
+//! sync can recompute only the Services that changed.
+
+use super::endpoint::{slice_endpoints, EndpointSliceError, SliceEndpoints};
+use super::service::{service_ports, ServiceError, ServicePorts};
+use super::{ChangeTracker, ObjectKey};
+use crate::source::{Kind, Object, SourceUpdate};
+use k8s_openapi::api::core::v1::Node;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+/// A Service as the model keeps it.
+pub type ServiceRecord = Result<ServicePorts, ServiceError>;
+/// An EndpointSlice as the model keeps it.
+pub type SliceRecord = Result<SliceEndpoints, EndpointSliceError>;
+/// A Node as the model keeps it: its InternalIP and ExternalIP addresses, sorted.
+pub type NodeRecord = Vec<IpAddr>;
+
+/// What changed since the last [`Store::take_changes`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Services to recompute: changed themselves or one of their slices changed.
+    pub services: BTreeSet<ObjectKey>,
+    /// Whether any Node changed.
+    pub nodes: bool,
+}
+
+/// Compact records of every object, with change tracking.
+#[derive(Debug, Default)]
+pub struct Store {
+    services: ChangeTracker<ServiceRecord>,
+    slices: ChangeTracker<SliceRecord>,
+    nodes: ChangeTracker<NodeRecord>,
+    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    changed_services: BTreeSet<ObjectKey>,
+    /// Keys seen since `RelistStart`, per kind (Service, EndpointSlice, Node).
+    relist: Option<[BTreeSet<ObjectKey>; 3]>,
+}
+
+fn node_record(node: &Node) -> NodeRecord {
+    let ips: BTreeSet<IpAddr> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    ips.into_iter().collect()
+}
+
+fn unseen<T>(have: &BTreeMap<ObjectKey, T>, seen: &BTreeSet<ObjectKey>) -> Vec<ObjectKey> {
+    have.keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect()
+}
+
+fn slice_service(r: &SliceRecord) -> Option<&ObjectKey> {
+    match r {
+        Ok(SliceEndpoints::Ports { service, .. }) => Some(service),
+        _ => None,
+    }
+}
+
+impl Store {
+    /// Records one source update; returns how many objects changed.
+    pub fn record(&mut self, update: SourceUpdate, now: SystemTime) -> usize {
+        match update {
+            SourceUpdate::Replace(objects) => {
+                let mut changed = self.record(SourceUpdate::RelistStart, now);
+                for o in objects {
+                    changed += self.record(SourceUpdate::RelistItem(o), now);
+                }
+                changed + self.record(SourceUpdate::RelistDone, now)
+            }
+            SourceUpdate::RelistStart => {
+                self.relist = Some(Default::default());
+                0
+            }
+            SourceUpdate::RelistItem(o) => {
+                if let Some(seen) = &mut self.relist {
+                    let i = match o.kind() {
+                        Kind::Service => 0,
+                        Kind::EndpointSlice => 1,
+                        Kind::Node => 2,
+                    };
+                    seen[i].insert(o.key());
+                }
+                self.record(SourceUpdate::Upsert(o), now)
+            }
+            SourceUpdate::RelistDone => {
+                let Some([services, slices, nodes]) = self.relist.take() else {
+                    return 0;
+                };
+                let mut changed = 0;
+                for k in unseen(self.slices.objects(), &slices) {
+                    changed += usize::from(self.delete_slice(&k, now));
+                }
+                for k in unseen(self.services.objects(), &services) {
+                    changed += usize::from(self.delete_service(&k, now));
+                }
+                for k in unseen(self.nodes.objects(), &nodes) {
+                    changed += usize::from(self.nodes.delete(&k, now));
+                }
+                changed
+            }
+            SourceUpdate::Upsert(o) => {
+                let key = o.key();
+                usize::from(match o {
+                    Object::Service(s) => self.upsert_service(key, service_ports(&s), now),
+                    Object::EndpointSlice(s) => self.upsert_slice(key, slice_endpoints(&s), now),
+                    Object::Node(n) => self.nodes.upsert(key, node_record(&n), now),
+                })
+            }
+            SourceUpdate::Delete(r) => usize::from(match r.kind {
+                Kind::Service => self.delete_service(&r.key, now),
+                Kind::EndpointSlice => self.delete_slice(&r.key, now),
+                Kind::Node => self.nodes.delete(&r.key, now),
+            }),
+        }
+    }
+
+    fn upsert_service(&mut self, key: ObjectKey, r: ServiceRecord, now: SystemTime) -> bool {
+        let changed = self.services.upsert(key.clone(), r, now);
+        if changed {
+            self.changed_services.insert(key);
+        }
+        changed
+    }
+
+    fn delete_service(&mut self, key: &ObjectKey, now: SystemTime) -> bool {
+        let changed = self.services.delete(key, now);
+        if changed {
+            self.changed_services.insert(key.clone());
+        }
+        changed
+    }
+
+    fn unindex_slice(&mut self, key: &ObjectKey) {
+        if let Some(svc) = self
+            .slices
+            .objects()
+            .get(key)
+            .and_then(slice_service)
+            .cloned()
+        {
+            if let Some(set) = self.slices_by_service.get_mut(&svc) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.slices_by_service.remove(&svc);
+                }
+            }
+            self.changed_services.insert(svc);
+        }
+    }
+
+    fn upsert_slice(&mut self, key: ObjectKey, r: SliceRecord, now: SystemTime) -> bool {
+        if self.slices.objects().get(&key) == Some(&r) {
+            return false;
+        }
+        self.unindex_slice(&key);
+        if let Some(svc) = slice_service(&r).cloned() {
+            self.slices_by_service
+                .entry(svc.clone())
+                .or_default()
+                .insert(key.clone());
+            self.changed_services.insert(svc);
+        }
+        self.slices.upsert(key, r, now)
+    }
+
+    fn delete_slice(&mut self, key: &ObjectKey, now: SystemTime) -> bool {
+        self.unindex_slice(key);
+        self.slices.delete(key, now)
+    }
+
+    /// Clears and returns what changed.
+    pub fn take_changes(&mut self) -> Changes {
+        self.services.take_pending();
+        self.slices.take_pending();
+        let nodes = !self.nodes.take_pending().is_empty();
+        Changes {
+            services: std::mem::take(&mut self.changed_services),
+            nodes,
+        }
+    }
+
+    /// The Service records.
+    pub fn services(&self) -> &BTreeMap<ObjectKey, ServiceRecord> {
+        self.services.objects()
+    }
+
+    /// The slice records of one Service.
+    pub fn slices_of<'a>(
+        &'a self,
+        service: &ObjectKey,
+    ) -> impl Iterator<Item = &'a SliceRecord> + 'a {
+        let keys = self.slices_by_service.get(service);
+        keys.into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.objects().get(k))
+    }
+
+    /// Every slice record (including invalid ones).
+    pub fn slices(&self) -> &BTreeMap<ObjectKey, SliceRecord> {
+        self.slices.objects()
+    }
+
+    /// Addresses of a node.
+    pub fn node_ips(&self, node_name: &str) -> Vec<IpAddr> {
+        self.nodes
+            .objects()
+            .get(&ObjectKey::new("", node_name))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The oldest change not yet synced.
+    pub fn oldest_pending(&self) -> Option<SystemTime> {
+        [
+            self.services.oldest_pending(),
+            self.slices.oldest_pending(),
+            self.nodes.oldest_pending(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Changes recorded since start: (services, endpoint slices).
+    pub fn total_changes(&self) -> (u64, u64) {
+        (self.services.total_changes(), self.slices.total_changes())
+    }
+
+    /// Changes pending: (services, endpoint slices).
+    pub fn pending_changes(&self) -> (usize, usize) {
+        (self.services.pending().len(), self.slices.pending().len())
+    }
+
+    /// Number of objects that failed validation.
+    pub fn invalid_objects(&self) -> usize {
+        self.services
+            .objects()
+            .values()
+            .filter(|r| r.is_err())
+            .count()
+            + self
+                .slices
+                .objects()
+                .values()
+                .filter(|r| r.is_err())
+                .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Object;
+
+    fn svc(name: &str, ip: &str) -> Object {
+        Object::Service(serde_yaml_ng::from_str(&format!("{{apiVersion: v1, kind: Service, metadata: {{name: {name}, namespace: d}}, spec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}}}")).unwrap())
+    }
+
+    fn slice(name: &str, service: &str) -> Object {
+        Object::EndpointSlice(serde_yaml_ng::from_str(&format!("{{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: {name}, namespace: d, labels: {{kubernetes.io/service-name: {service}}}}}, addressType: IPv4, endpoints: [{{addresses: [10.244.1.1]}}]}}")).unwrap())
+    }
+
+    #[test]
+    fn relist_deletes_what_it_did_not_see_and_marks_only_changed_services() {
+        let t = SystemTime::UNIX_EPOCH;
+        let mut s = Store::default();
+        s.record(SourceUpdate::Replace(vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2"), slice("a-1", "a"), slice("b-1", "b")]), t);
+        s.take_changes();
+        s.record(SourceUpdate::RelistStart, t);
+        for o in [svc("a", "10.96.0.1"), svc("b", "10.96.0.2"), slice("b-1", "b")] {
+            s.record(SourceUpdate::RelistItem(o), t);
+        }
+        assert!(s.take_changes().services.is_empty(), "nothing changed yet: the relist is open");
+        s.record(SourceUpdate::RelistDone, t);
+        let changes = s.take_changes();
+        assert_eq!(changes.services.into_iter().map(|k| k.to_string()).collect::<Vec<_>>(), ["d/a"]);
+        assert_eq!(s.slices_of(&ObjectKey::new("d", "a")).count(), 0);
+        assert_eq!(s.slices_of(&ObjectKey::new("d", "b")).count(), 1);
+    }
+
+    #[test]
+    fn a_slice_moving_to_another_service_changes_both() {
+        let t = SystemTime::UNIX_EPOCH;
+        let mut s = Store::default();
+        s.record(SourceUpdate::Replace(vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2"), slice("x", "a")]), t);
+        s.take_changes();
+        s.record(SourceUpdate::Upsert(slice("x", "b")), t);
+        let changed: Vec<String> = s.take_changes().services.into_iter().map(|k| k.to_string()).collect();
+        assert_eq!(changed, ["d/a", "d/b"]);
+    }
+}

@@ -1,0 +1,3 @@
+//! The one place with `unsafe`: foreign functions of system libraries.
+
+pub mod libnftables;
