@@ -273,16 +273,38 @@ mod tests {
     fn relist_deletes_what_it_did_not_see_and_marks_only_changed_services() {
         let t = SystemTime::UNIX_EPOCH;
         let mut s = Store::default();
-        s.record(SourceUpdate::Replace(vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2"), slice("a-1", "a"), slice("b-1", "b")]), t);
+        s.record(
+            SourceUpdate::Replace(vec![
+                svc("a", "10.96.0.1"),
+                svc("b", "10.96.0.2"),
+                slice("a-1", "a"),
+                slice("b-1", "b"),
+            ]),
+            t,
+        );
         s.take_changes();
         s.record(SourceUpdate::RelistStart, t);
-        for o in [svc("a", "10.96.0.1"), svc("b", "10.96.0.2"), slice("b-1", "b")] {
+        for o in [
+            svc("a", "10.96.0.1"),
+            svc("b", "10.96.0.2"),
+            slice("b-1", "b"),
+        ] {
             s.record(SourceUpdate::RelistItem(o), t);
         }
-        assert!(s.take_changes().services.is_empty(), "nothing changed yet: the relist is open");
+        assert!(
+            s.take_changes().services.is_empty(),
+            "nothing changed yet: the relist is open"
+        );
         s.record(SourceUpdate::RelistDone, t);
         let changes = s.take_changes();
-        assert_eq!(changes.services.into_iter().map(|k| k.to_string()).collect::<Vec<_>>(), ["d/a"]);
+        assert_eq!(
+            changes
+                .services
+                .into_iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>(),
+            ["d/a"]
+        );
         assert_eq!(s.slices_of(&ObjectKey::new("d", "a")).count(), 0);
         assert_eq!(s.slices_of(&ObjectKey::new("d", "b")).count(), 1);
     }
@@ -291,10 +313,22 @@ mod tests {
     fn a_slice_moving_to_another_service_changes_both() {
         let t = SystemTime::UNIX_EPOCH;
         let mut s = Store::default();
-        s.record(SourceUpdate::Replace(vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2"), slice("x", "a")]), t);
+        s.record(
+            SourceUpdate::Replace(vec![
+                svc("a", "10.96.0.1"),
+                svc("b", "10.96.0.2"),
+                slice("x", "a"),
+            ]),
+            t,
+        );
         s.take_changes();
         s.record(SourceUpdate::Upsert(slice("x", "b")), t);
-        let changed: Vec<String> = s.take_changes().services.into_iter().map(|k| k.to_string()).collect();
+        let changed: Vec<String> = s
+            .take_changes()
+            .services
+            .into_iter()
+            .map(|k| k.to_string())
+            .collect();
         assert_eq!(changed, ["d/a", "d/b"]);
     }
 }
