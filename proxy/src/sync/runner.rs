@@ -3,9 +3,9 @@
 //! state, so drift is repaired) every `sync_period` and after any failure. No kernel write
 //! happens before the source has delivered its first complete view.
 
-use crate::dataplane::nft::kernel::{KernelError, KernelNft};
+use crate::dataplane::nft::kernel::KernelError;
 use crate::dataplane::nft::render::{desired_table, plan, Incremental, RenderConfig};
-use crate::dataplane::nft::{DumpedTable, Family, Plan};
+use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::health::ProxyHealth;
 use crate::http::metrics::Metrics;
 use crate::model::{compute, compute_service, DesiredState, ModelConfig, Store};
@@ -29,10 +29,10 @@ pub struct RunnerConfig {
 }
 
 /// The sync loop's state.
-pub struct Runner {
+pub struct Runner<K: NftBackend> {
     cfg: RunnerConfig,
     store: Store,
-    kernel: KernelNft,
+    kernel: K,
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
     /// The desired state as of the last successful sync.
@@ -42,11 +42,11 @@ pub struct Runner {
     incremental: Option<Incremental>,
 }
 
-impl Runner {
+impl<K: NftBackend> Runner<K> {
     /// A runner programming `kernel`.
     pub fn new(
         cfg: RunnerConfig,
-        kernel: KernelNft,
+        kernel: K,
         metrics: Arc<Metrics>,
         health: Arc<ProxyHealth>,
     ) -> Self {
@@ -229,5 +229,133 @@ fn join_error(e: tokio::task::JoinError) -> KernelError {
     KernelError::List {
         family: Family::Ip,
         message: format!("worker task failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::nft::fake::SharedFake;
+    use crate::source::Object;
+
+    fn cfg(min_sync: u64) -> RunnerConfig {
+        RunnerConfig {
+            model: ModelConfig {
+                node_name: "node1".into(),
+            },
+            render: RenderConfig::default(),
+            min_sync_period: Duration::from_millis(min_sync),
+            sync_period: Duration::from_secs(3600),
+        }
+    }
+
+    fn svc(name: &str, ip: &str, eps: &[&str]) -> Vec<Object> {
+        let s = format!("{{apiVersion: v1, kind: Service, metadata: {{name: {name}, namespace: d}}, spec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}}}");
+        let addrs: Vec<String> = eps
+            .iter()
+            .map(|e| format!("{{addresses: [{e}]}}"))
+            .collect();
+        let e = format!("{{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: {name}-1, namespace: d, labels: {{kubernetes.io/service-name: {name}}}}}, addressType: IPv4, ports: [{{port: 8080}}], endpoints: [{}]}}", addrs.join(", "));
+        vec![
+            Object::Service(serde_yaml_ng::from_str(&s).unwrap()),
+            Object::EndpointSlice(serde_yaml_ng::from_str(&e).unwrap()),
+        ]
+    }
+
+    fn start(min_sync: u64) -> (SharedFake, tokio::sync::mpsc::UnboundedSender<SourceUpdate>) {
+        let fake = SharedFake::default();
+        let runner = Runner::new(
+            cfg(min_sync),
+            fake.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(ProxyHealth::new(Duration::from_secs(60))),
+        );
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(runner.run(rx));
+        (fake, tx)
+    }
+
+    fn backends(fake: &SharedFake) -> usize {
+        fake.table(Family::Ip)
+            .map(|t| {
+                t.maps
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("backends_"))
+                    .map(|(_, m)| m.elements.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    #[tokio::test]
+    async fn no_kernel_write_before_the_source_has_synced_once() {
+        let (fake, tx) = start(10);
+        for o in svc("a", "10.96.0.1", &["10.244.1.1"]) {
+            tx.send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        settle().await;
+        assert_eq!(fake.applies(), 0, "a partial view must not be programmed");
+        tx.send(SourceUpdate::RelistStart).unwrap();
+        for o in svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]) {
+            tx.send(SourceUpdate::RelistItem(o)).unwrap();
+        }
+        tx.send(SourceUpdate::RelistDone).unwrap();
+        settle().await;
+        assert_eq!(fake.applies(), 1);
+        assert_eq!(backends(&fake), 2);
+    }
+
+    #[tokio::test]
+    async fn changes_within_the_min_sync_period_are_applied_in_one_sync() {
+        let (fake, tx) = start(1500);
+        tx.send(SourceUpdate::Replace(svc(
+            "a",
+            "10.96.0.1",
+            &["10.244.1.1"],
+        )))
+        .unwrap();
+        settle().await;
+        assert_eq!(fake.applies(), 1);
+        for i in 2..7 {
+            let eps: Vec<String> = (1..i).map(|j| format!("10.244.1.{j}")).collect();
+            let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+            for o in svc("a", "10.96.0.1", &eps) {
+                tx.send(SourceUpdate::Upsert(o)).unwrap();
+            }
+        }
+        settle().await;
+        assert_eq!(fake.applies(), 1, "still inside the min sync period");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(fake.applies(), 2, "one sync took all five changes");
+        assert_eq!(backends(&fake), 5);
+    }
+
+    #[tokio::test]
+    async fn a_failed_apply_is_retried_as_a_full_sync_and_nothing_is_lost() {
+        let (fake, tx) = start(10);
+        tx.send(SourceUpdate::Replace(svc(
+            "a",
+            "10.96.0.1",
+            &["10.244.1.1"],
+        )))
+        .unwrap();
+        settle().await;
+        let dumps = fake.dumps();
+        assert_eq!(fake.applies(), 1);
+        fake.fail_next_apply();
+        for o in svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]) {
+            tx.send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        settle().await;
+        assert!(
+            fake.dumps() > dumps,
+            "the retry re-read the table (full sync)"
+        );
+        assert_eq!(fake.applies(), 2);
+        assert_eq!(backends(&fake), 2);
     }
 }

@@ -89,6 +89,78 @@ impl FakeNft {
     }
 }
 
+/// A [`FakeNft`] shared between the sync runner and a test, counting what was done to it
+/// and able to fail the next apply the way a kernel rejection would.
+#[derive(Clone, Debug, Default)]
+pub struct SharedFake {
+    inner: std::sync::Arc<std::sync::Mutex<SharedState>>,
+}
+
+#[derive(Debug, Default)]
+struct SharedState {
+    fake: FakeNft,
+    applies: usize,
+    dumps: usize,
+    fail_next: bool,
+}
+
+impl SharedFake {
+    fn with<R>(&self, f: impl FnOnce(&mut SharedState) -> R) -> R {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// Successful applies so far.
+    pub fn applies(&self) -> usize {
+        self.with(|s| s.applies)
+    }
+
+    /// Dumps so far (full syncs read the table back).
+    pub fn dumps(&self) -> usize {
+        self.with(|s| s.dumps)
+    }
+
+    /// The next apply fails and changes nothing.
+    pub fn fail_next_apply(&self) {
+        self.with(|s| s.fail_next = true);
+    }
+
+    /// The current table of a family.
+    pub fn table(&self, family: Family) -> Option<Table> {
+        self.with(|s| s.fake.table(family).cloned())
+    }
+}
+
+impl super::NftBackend for SharedFake {
+    fn dump(&self, family: Family) -> Result<Option<DumpedTable>, super::kernel::KernelError> {
+        Ok(self.with(|s| {
+            s.dumps += 1;
+            s.fake.dump(family)
+        }))
+    }
+
+    fn apply(&self, plan: &Plan) -> Result<(), super::kernel::KernelError> {
+        self.with(|s| {
+            let result = if std::mem::take(&mut s.fail_next) {
+                Err("injected failure".to_owned())
+            } else {
+                s.fake.apply(plan).map_err(|e| e.to_string())
+            };
+            match result {
+                Ok(()) => {
+                    s.applies += 1;
+                    Ok(())
+                }
+                Err(stderr) => Err(super::kernel::KernelError::Apply {
+                    family: plan.family,
+                    ops: plan.ops.len(),
+                    stderr,
+                }),
+            }
+        })
+    }
+}
+
 fn not_found(op: &str, object: impl Into<String>) -> FakeNftError {
     FakeNftError::NotFound {
         op: op.to_owned(),

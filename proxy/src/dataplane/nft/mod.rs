@@ -10,3 +10,22 @@ pub mod tracer;
 
 pub use plan::{Op, Plan};
 pub use table::{DumpedTable, Family, Table};
+
+/// What the sync runner needs from nftables: list weir's table, apply a plan. The real
+/// kernel ([`kernel::KernelNft`]) and the fake ([`fake::SharedFake`]) both provide it.
+pub trait NftBackend: Clone + Send + Sync + 'static {
+    /// Lists weir's table of a family (`None` when it does not exist).
+    fn dump(&self, family: Family) -> Result<Option<DumpedTable>, kernel::KernelError>;
+    /// Applies a plan atomically.
+    fn apply(&self, plan: &Plan) -> Result<(), kernel::KernelError>;
+}
+
+impl NftBackend for kernel::KernelNft {
+    fn dump(&self, family: Family) -> Result<Option<DumpedTable>, kernel::KernelError> {
+        kernel::KernelNft::dump(self, family)
+    }
+
+    fn apply(&self, plan: &Plan) -> Result<(), kernel::KernelError> {
+        kernel::KernelNft::apply(self, plan)
+    }
+}
