@@ -15,10 +15,9 @@ use weir_proxy::model::ModelConfig;
 use weir_proxy::source::dir;
 use weir_proxy::sync::runner::{Runner, RunnerConfig};
 
-// mimalloc returns freed memory to the system; glibc's per-thread arenas kept the
-// transient peak of a full sync resident (measured: 194 MiB vs. see the bench note).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// Source updates in flight between a source and the sync runner (backpressure: a relist
+/// never holds all objects at once).
+const UPDATE_QUEUE: usize = 256;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -70,7 +69,7 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
                 cfg.healthz_bind_address
             )
         })?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
     let SourceConfig::Dir(path) = cfg.source.clone();
     if !path.is_dir() {
         anyhow::bail!("--source dir:{}: not a directory", path.display());

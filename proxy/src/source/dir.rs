@@ -7,7 +7,7 @@ use serde_yaml_ng::Value;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 
 /// One document that could not be used, and where it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,6 +164,37 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, DirSourceError> {
     Ok(out)
 }
 
+/// Sends one relist of the directory; returns false when the receiver is gone.
+fn relist(path: &Path, tx: &Sender<SourceUpdate>) -> Result<bool, DirSourceError> {
+    if tx.blocking_send(SourceUpdate::RelistStart).is_err() {
+        return Ok(false);
+    }
+    let (mut objects, mut errors, mut closed) = (0usize, 0usize, false);
+    scan_dir(
+        path,
+        |o| {
+            objects += 1;
+            closed = closed || tx.blocking_send(SourceUpdate::RelistItem(o)).is_err();
+        },
+        |e| {
+            errors += 1;
+            tracing::warn!(
+                file = %e.file.display(),
+                document = %e.index,
+                object = e.object.as_deref().unwrap_or(""),
+                field = e.field.as_deref().unwrap_or(""),
+                "skipping invalid manifest: {}",
+                e.message
+            );
+        },
+    )?;
+    if closed || tx.blocking_send(SourceUpdate::RelistDone).is_err() {
+        return Ok(false);
+    }
+    tracing::info!(path = %path.display(), objects, errors, "manifests loaded");
+    Ok(true)
+}
+
 /// A digest of the manifest files' names and contents, to skip unchanged rescans.
 fn digest(dir: &Path) -> Result<u64, DirSourceError> {
     use std::hash::{Hash, Hasher};
@@ -263,7 +294,7 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
 /// Sends the directory's objects as a relist (`RelistStart`, one `RelistItem` per object,
 /// `RelistDone`), then again after every change of the files (debounced). Returns when the
 /// receiver is gone.
-pub async fn run(path: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Result<(), DirSourceError> {
+pub async fn run(path: PathBuf, tx: Sender<SourceUpdate>) -> Result<(), DirSourceError> {
     use notify::Watcher;
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -286,32 +317,15 @@ pub async fn run(path: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Result<(),
         let now = digest(&path)?;
         if last != Some(now) {
             last = Some(now);
-            if tx.send(SourceUpdate::RelistStart).is_err() {
+            // Parsing blocks; it runs on a blocking thread and hands objects over one by
+            // one through the bounded channel, so they never pile up in memory.
+            let (scan_path, scan_tx) = (path.clone(), tx.clone());
+            let scanned = tokio::task::spawn_blocking(move || relist(&scan_path, &scan_tx))
+                .await
+                .unwrap_or(Ok(false))?;
+            if !scanned {
                 return Ok(());
             }
-            let (mut objects, mut errors, mut closed) = (0usize, 0usize, false);
-            scan_dir(
-                &path,
-                |o| {
-                    objects += 1;
-                    closed |= tx.send(SourceUpdate::RelistItem(o)).is_err();
-                },
-                |e| {
-                    errors += 1;
-                    tracing::warn!(
-                        file = %e.file.display(),
-                        document = %e.index,
-                        object = e.object.as_deref().unwrap_or(""),
-                        field = e.field.as_deref().unwrap_or(""),
-                        "skipping invalid manifest: {}",
-                        e.message
-                    );
-                },
-            )?;
-            if closed || tx.send(SourceUpdate::RelistDone).is_err() {
-                return Ok(());
-            }
-            tracing::info!(path = %path.display(), objects, errors, "manifests loaded");
         }
         // Wait for a change, then let a burst of events settle.
         tokio::select! {
@@ -395,7 +409,7 @@ metadata: {name: ignored}
         assert!(msgs[3].contains("c.yaml document 0"), "{msgs:#?}");
     }
 
-    async fn next_relist(rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceUpdate>) -> usize {
+    async fn next_relist(rx: &mut tokio::sync::mpsc::Receiver<SourceUpdate>) -> usize {
         let mut n = 0;
         loop {
             let u = tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -415,7 +429,7 @@ metadata: {name: ignored}
     async fn run_sends_the_objects_again_after_a_file_changes() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let task = tokio::spawn(run(dir.path().to_owned(), tx));
         assert_eq!(next_relist(&mut rx).await, 2);
         std::fs::write(

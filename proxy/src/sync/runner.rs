@@ -4,7 +4,7 @@
 //! happens before the source has delivered its first complete view.
 
 use crate::dataplane::nft::kernel::KernelError;
-use crate::dataplane::nft::render::{desired_table, plan, Incremental, RenderConfig};
+use crate::dataplane::nft::render::{desired_table, plan_owned, Incremental, RenderConfig};
 use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::health::ProxyHealth;
 use crate::http::metrics::Metrics;
@@ -12,7 +12,7 @@ use crate::model::{compute, compute_service, DesiredState, ModelConfig, Store};
 use crate::source::SourceUpdate;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 use tracing::{info, instrument, warn};
 
 /// Settings of the runner.
@@ -62,7 +62,7 @@ impl<K: NftBackend> Runner<K> {
     }
 
     /// Runs until the source channel closes.
-    pub async fn run(mut self, mut updates: UnboundedReceiver<SourceUpdate>) {
+    pub async fn run(mut self, mut updates: Receiver<SourceUpdate>) {
         let mut synced_once = false;
         let mut dirty = false;
         let mut last_sync = Instant::now() - self.cfg.min_sync_period;
@@ -160,10 +160,11 @@ impl<K: NftBackend> Runner<K> {
                         return false;
                     }
                 };
-                let p = plan(&want, &realized);
                 self.metrics
                     .nftables_objects
                     .set(want.object_count() as i64);
+                let p = plan_owned(want, &realized);
+                drop(realized);
                 (p, Incremental::new(&self.desired, &self.cfg.render, family))
             }
         };
@@ -262,7 +263,7 @@ mod tests {
         ]
     }
 
-    fn start(min_sync: u64) -> (SharedFake, tokio::sync::mpsc::UnboundedSender<SourceUpdate>) {
+    fn start(min_sync: u64) -> (SharedFake, tokio::sync::mpsc::Sender<SourceUpdate>) {
         let fake = SharedFake::default();
         let runner = Runner::new(
             cfg(min_sync),
@@ -270,7 +271,7 @@ mod tests {
             Arc::new(Metrics::new()),
             Arc::new(ProxyHealth::new(Duration::from_secs(60))),
         );
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(runner.run(rx));
         (fake, tx)
     }
@@ -295,15 +296,15 @@ mod tests {
     async fn no_kernel_write_before_the_source_has_synced_once() {
         let (fake, tx) = start(10);
         for o in svc("a", "10.96.0.1", &["10.244.1.1"]) {
-            tx.send(SourceUpdate::Upsert(o)).unwrap();
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
         }
         settle().await;
         assert_eq!(fake.applies(), 0, "a partial view must not be programmed");
-        tx.send(SourceUpdate::RelistStart).unwrap();
+        tx.try_send(SourceUpdate::RelistStart).unwrap();
         for o in svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]) {
-            tx.send(SourceUpdate::RelistItem(o)).unwrap();
+            tx.try_send(SourceUpdate::RelistItem(o)).unwrap();
         }
-        tx.send(SourceUpdate::RelistDone).unwrap();
+        tx.try_send(SourceUpdate::RelistDone).unwrap();
         settle().await;
         assert_eq!(fake.applies(), 1);
         assert_eq!(backends(&fake), 2);
@@ -312,7 +313,7 @@ mod tests {
     #[tokio::test]
     async fn changes_within_the_min_sync_period_are_applied_in_one_sync() {
         let (fake, tx) = start(1500);
-        tx.send(SourceUpdate::Replace(svc(
+        tx.try_send(SourceUpdate::Replace(svc(
             "a",
             "10.96.0.1",
             &["10.244.1.1"],
@@ -324,7 +325,7 @@ mod tests {
             let eps: Vec<String> = (1..i).map(|j| format!("10.244.1.{j}")).collect();
             let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
             for o in svc("a", "10.96.0.1", &eps) {
-                tx.send(SourceUpdate::Upsert(o)).unwrap();
+                tx.try_send(SourceUpdate::Upsert(o)).unwrap();
             }
         }
         settle().await;
@@ -337,7 +338,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_apply_is_retried_as_a_full_sync_and_nothing_is_lost() {
         let (fake, tx) = start(10);
-        tx.send(SourceUpdate::Replace(svc(
+        tx.try_send(SourceUpdate::Replace(svc(
             "a",
             "10.96.0.1",
             &["10.244.1.1"],
@@ -348,7 +349,7 @@ mod tests {
         assert_eq!(fake.applies(), 1);
         fake.fail_next_apply();
         for o in svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]) {
-            tx.send(SourceUpdate::Upsert(o)).unwrap();
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
         }
         settle().await;
         assert!(

@@ -569,6 +569,12 @@ fn family_of(net: &IpNetwork) -> Family {
 /// altered in place: then the plan deletes and recreates the whole table in the same
 /// transaction (established connections keep their conntrack NAT bindings).
 pub fn plan(desired: &Table, realized: &DumpedTable) -> Plan {
+    plan_owned(desired.clone(), realized)
+}
+
+/// [`plan`], consuming the desired table so its elements move into the plan (a full sync at
+/// scale then holds them once, not twice).
+pub fn plan_owned(mut desired: Table, realized: &DumpedTable) -> Plan {
     let fam = desired.family;
     let incompatible = realized.maps.iter().any(|(name, m)| {
         desired
@@ -584,31 +590,24 @@ pub fn plan(desired: &Table, realized: &DumpedTable) -> Plan {
     let empty = DumpedTable::empty(fam);
     let realized = if incompatible { &empty } else { realized };
     let mut d = TableDelta::default();
-    for (name, m) in &desired.maps {
+    for (name, m) in &mut desired.maps {
+        let elements = std::mem::take(&mut m.elements);
         match realized.maps.get(name) {
             None => {
                 d.new_maps.push((name.clone(), m.decl.clone()));
-                d.adds.push((
-                    name.clone(),
-                    m.elements
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                ));
+                d.adds.push((name.clone(), elements.into_iter().collect()));
             }
             Some(have) => {
                 let dels = have
                     .elements
                     .iter()
-                    .filter(|(k, v)| m.elements.get(*k) != Some(*v))
+                    .filter(|(k, v)| elements.get(*k) != Some(*v))
                     .map(|(k, _)| k.clone())
                     .collect();
                 d.dels.push((name.clone(), dels));
-                let adds = m
-                    .elements
-                    .iter()
-                    .filter(|(k, v)| have.elements.get(*k) != Some(*v))
-                    .map(|(k, v)| (k.clone(), v.clone()))
+                let adds = elements
+                    .into_iter()
+                    .filter(|(k, v)| have.elements.get(k) != Some(v))
                     .collect();
                 d.adds.push((name.clone(), adds));
             }
