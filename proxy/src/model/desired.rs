@@ -36,12 +36,46 @@ pub struct ServicePortState {
 }
 
 /// Everything the dataplane must implement, keyed deterministically.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct DesiredState {
     /// Service ports by name.
     pub services: BTreeMap<ServicePortName, ServicePortState>,
     /// This node's addresses (from its Node object), where NodePorts are served.
     pub node_ips: Vec<IpAddr>,
+    /// Which Service port owns each frontend.
+    #[serde(skip)]
+    pub(crate) frontends: BTreeMap<Frontend, ServicePortName>,
+    /// Frontends another Service port wanted too (its port was left out).
+    #[serde(skip)]
+    pub(crate) contested: BTreeSet<Frontend>,
+    /// Set when a contested frontend was released: only a full compute can hand it over.
+    #[serde(skip)]
+    pub(crate) needs_full: bool,
+}
+
+impl PartialEq for DesiredState {
+    fn eq(&self, other: &Self) -> bool {
+        self.services == other.services && self.node_ips == other.node_ips
+    }
+}
+
+impl Eq for DesiredState {}
+
+/// A frontend: (address, protocol, port); NodePorts use the unspecified address, since
+/// they are served on every node address.
+pub(crate) type Frontend = (IpAddr, Protocol, u16);
+
+fn frontends_of(info: &ServiceInfo) -> Vec<Frontend> {
+    let p = info.name.protocol;
+    let mut f: Vec<Frontend> = info
+        .cluster_ips
+        .iter()
+        .map(|ip| (*ip, p, info.port))
+        .collect();
+    if let Some(np) = info.node_port {
+        f.push((IpAddr::from([0, 0, 0, 0]), p, np));
+    }
+    f
 }
 
 /// An object that could not be used in a sync (it is left out; everything else proceeds).
@@ -50,6 +84,16 @@ pub enum ModelError {
     /// A Service failed validation.
     #[error(transparent)]
     Service(#[from] super::service::ServiceError),
+    /// A Service port wants a frontend another Service port already has.
+    #[error("Service {wanted_by}: frontend {frontend} is already used by {owner}; this port is left out")]
+    FrontendConflict {
+        /// The port left out.
+        wanted_by: Box<ServicePortName>,
+        /// The port that keeps the frontend.
+        owner: Box<ServicePortName>,
+        /// `address:port/protocol` (`*:port` for a NodePort).
+        frontend: String,
+    },
     /// An EndpointSlice failed validation.
     #[error(transparent)]
     EndpointSlice(#[from] super::endpoint::EndpointSliceError),
@@ -70,13 +114,13 @@ pub fn compute(store: &Store, cfg: &ModelConfig) -> (DesiredState, Vec<ModelErro
     for key in store.services().keys() {
         match compute_service(store, key, cfg) {
             Ok(ports) => {
-                for p in ports {
-                    state.services.insert(p.info.name.clone(), p);
-                }
+                let (_, conflicts) = state.replace_service(key, ports);
+                errors.extend(conflicts);
             }
             Err(e) => errors.push(e),
         }
     }
+    state.needs_full = false;
     (state, errors)
 }
 
@@ -131,12 +175,13 @@ pub struct ServiceDelta {
 
 impl DesiredState {
     /// Replaces the ports of one Service (`namespace/name`) and returns, for each port that
-    /// changed, its old and new state.
+    /// changed, its old and new state, plus the ports left out because another Service
+    /// port already has one of their frontends.
     pub fn replace_service(
         &mut self,
         key: &ObjectKey,
         ports: Vec<ServicePortState>,
-    ) -> Vec<ServiceDelta> {
+    ) -> (Vec<ServiceDelta>, Vec<ModelError>) {
         let from = ServicePortName {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
@@ -153,9 +198,39 @@ impl DesiredState {
             .into_iter()
             .filter_map(|n| self.services.remove_entry(&n))
             .collect();
+        for prev in old.values() {
+            for f in frontends_of(&prev.info) {
+                self.frontends.remove(&f);
+                if self.contested.remove(&f) {
+                    self.needs_full = true;
+                }
+            }
+        }
         let mut deltas = Vec::new();
+        let mut conflicts = Vec::new();
         for p in ports {
             let name = p.info.name.clone();
+            let fronts = frontends_of(&p.info);
+            if let Some((f, owner)) = fronts
+                .iter()
+                .find_map(|f| self.frontends.get(f).map(|o| (*f, o.clone())))
+            {
+                self.contested.insert(f);
+                let frontend = if f.0.is_unspecified() {
+                    format!("*:{}/{}", f.2, f.1)
+                } else {
+                    format!("{}:{}/{}", f.0, f.2, f.1)
+                };
+                conflicts.push(ModelError::FrontendConflict {
+                    wanted_by: Box::new(name),
+                    owner: Box::new(owner),
+                    frontend,
+                });
+                continue;
+            }
+            for f in fronts {
+                self.frontends.insert(f, name.clone());
+            }
             let prev = old.remove(&name);
             if prev.as_ref() != Some(&p) {
                 deltas.push(ServiceDelta {
@@ -173,7 +248,13 @@ impl DesiredState {
                 new: None,
             });
         }
-        deltas
+        (deltas, conflicts)
+    }
+
+    /// Whether a frontend another port wanted was released: then only a full compute
+    /// gives the right answer.
+    pub fn needs_full_compute(&self) -> bool {
+        self.needs_full
     }
 }
 
@@ -283,6 +364,17 @@ endpoints:
         assert_eq!(state.services.len(), 1);
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("demo/bad"));
+    }
+
+    #[test]
+    fn a_second_service_on_the_same_frontend_is_reported_and_left_out() {
+        let yaml = format!("{WEB}\n---\n{{apiVersion: v1, kind: Service, metadata: {{name: web2, namespace: demo}}, spec: {{clusterIP: 10.96.0.10, ports: [{{name: http, port: 80}}]}}}}\n");
+        let (state, errors) = run(&yaml);
+        assert_eq!(state.services.len(), 1);
+        assert_eq!(
+            errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            ["Service demo/web2:http/TCP: frontend 10.96.0.10:80/TCP is already used by demo/web:http/TCP; this port is left out"]
+        );
     }
 
     #[test]

@@ -126,25 +126,33 @@ impl<K: NftBackend> Runner<K> {
         let oldest = self.store.oldest_pending();
         let changes = self.store.take_changes();
         let incremental = match self.incremental.take() {
-            Some(inc) if !full && !changes.nodes => Some(inc),
+            Some(inc) if !full && !changes.nodes && !self.desired.needs_full_compute() => Some(inc),
             _ => None,
         };
         let family = Family::Ip;
-        let was_full = incremental.is_none();
-        let (p, next) = match incremental {
-            Some(mut inc) => {
-                let mut deltas = Vec::new();
-                for key in &changes.services {
-                    let ports =
-                        compute_service(&self.store, key, &self.cfg.model).unwrap_or_else(|e| {
-                            warn!(error = %e, "skipping invalid object");
-                            Vec::new()
-                        });
-                    deltas.extend(self.desired.replace_service(key, ports));
+        let mut planned = None;
+        if let Some(mut inc) = incremental {
+            let mut deltas = Vec::new();
+            for key in &changes.services {
+                let ports =
+                    compute_service(&self.store, key, &self.cfg.model).unwrap_or_else(|e| {
+                        warn!(error = %e, "skipping invalid object");
+                        Vec::new()
+                    });
+                let (d, conflicts) = self.desired.replace_service(key, ports);
+                for e in conflicts {
+                    warn!(error = %e, "skipping invalid object");
                 }
-                let p = inc.update(&deltas, &self.desired.node_ips);
-                (p, inc)
+                deltas.extend(d);
             }
+            // A released frontend another Service wanted: only a full compute hands it over.
+            if !self.desired.needs_full_compute() {
+                planned = Some((inc.update(&deltas, &self.desired.node_ips), inc));
+            }
+        }
+        let was_full = planned.is_none();
+        let (p, next) = match planned {
+            Some(done) => done,
             None => {
                 let (state, errors) = compute(&self.store, &self.cfg.model);
                 for e in &errors {
@@ -358,5 +366,22 @@ mod tests {
         );
         assert_eq!(fake.applies(), 2);
         assert_eq!(backends(&fake), 2);
+    }
+
+    #[tokio::test]
+    async fn a_service_left_out_for_a_taken_frontend_takes_over_when_the_owner_goes() {
+        let (fake, tx) = start(10);
+        let mut objects = svc("a", "10.96.0.1", &["10.244.1.1"]);
+        objects.extend(svc("b", "10.96.0.1", &["10.244.1.2", "10.244.1.3"]));
+        tx.try_send(SourceUpdate::Replace(objects)).unwrap();
+        settle().await;
+        assert_eq!(backends(&fake), 1, "a owns 10.96.0.1:80; b is left out");
+        tx.try_send(SourceUpdate::Delete(crate::source::ObjectRef {
+            kind: crate::source::Kind::Service,
+            key: crate::model::ObjectKey::new("d", "a"),
+        }))
+        .unwrap();
+        settle().await;
+        assert_eq!(backends(&fake), 2, "b took over the frontend");
     }
 }

@@ -712,6 +712,7 @@ mod tests {
                 .map(|sp| (sp.info.name.clone(), sp))
                 .collect(),
             node_ips: vec![IpAddr::from([192, 168, 77, 10])],
+            ..DesiredState::default()
         }
     }
 
@@ -753,7 +754,7 @@ mod tests {
                         .filter(|s| s.info.name.name == key.name)
                         .cloned()
                         .collect();
-                    deltas.extend(current.replace_service(&key, ports));
+                    deltas.extend(current.replace_service(&key, ports).0);
                 }
                 prop_assert_eq!(&current, &next);
                 let p = inc.update(&deltas, &current.node_ips);
@@ -782,7 +783,7 @@ mod tests {
             .filter(|s| s.info.name.name == "s3")
             .cloned()
             .collect();
-        let deltas = current.replace_service(&key, ports);
+        let (deltas, _) = current.replace_service(&key, ports);
         let p = inc.update(&deltas, &current.node_ips);
         // ClusterIP and NodePort frontends: goto changes (2 deletes + 2 adds) and slot 2
         // goes away (2 deletes); no other service is touched.

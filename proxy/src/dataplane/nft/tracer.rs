@@ -420,6 +420,7 @@ mod tests {
                 svc("empty", "10.96.0.20", 80, Protocol::Tcp, Some(30081), &[]),
             ]),
             node_ips: vec![ip("192.168.77.10")],
+            ..DesiredState::default()
         }
     }
 
