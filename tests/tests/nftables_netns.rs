@@ -185,3 +185,20 @@ fn cleanup_leaves_no_weir_table() {
         "{tables:?}"
     );
 }
+
+#[test]
+fn an_invalid_edit_of_a_manifest_keeps_what_is_programmed() {
+    let Some(env) = setup(2, &web(&[0, 1])) else {
+        return;
+    };
+    let before = last_sync(&env.topo.node, METRICS).unwrap();
+    // The Service's port becomes a string: the document is reported and skipped, and the
+    // last good version stays programmed.
+    let broken = web(&[0, 1]).replace("port: 80,", "port: eighty,");
+    assert_ne!(broken, web(&[0, 1]));
+    write_manifests(env.dir.path(), &broken).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let r = probe(&env.topo.node, &["tcp", "10.96.0.10:80", "20"]).unwrap();
+    assert_eq!(answers(&r).iter().map(|(_, n)| n).sum::<u64>(), 20, "{r}");
+    assert!(last_sync(&env.topo.node, METRICS).unwrap() >= before);
+}

@@ -91,6 +91,17 @@ impl Store {
                 }
                 self.record(SourceUpdate::Upsert(o), now)
             }
+            SourceUpdate::RelistInvalid(r) => {
+                if let Some(seen) = &mut self.relist {
+                    let i = match r.kind {
+                        Kind::Service => 0,
+                        Kind::EndpointSlice => 1,
+                        Kind::Node => 2,
+                    };
+                    seen[i].insert(r.key);
+                }
+                0
+            }
             SourceUpdate::RelistDone => {
                 let Some([services, slices, nodes]) = self.relist.take() else {
                     return 0;
@@ -124,6 +135,12 @@ impl Store {
     }
 
     fn upsert_service(&mut self, key: ObjectKey, r: ServiceRecord, now: SystemTime) -> bool {
+        if let Err(e) = &r {
+            if matches!(self.services.objects().get(&key), Some(Ok(_))) {
+                tracing::warn!(error = %e, "invalid update; keeping the last good version");
+                return false;
+            }
+        }
         let changed = self.services.upsert(key.clone(), r, now);
         if changed {
             self.changed_services.insert(key);
@@ -158,6 +175,12 @@ impl Store {
     }
 
     fn upsert_slice(&mut self, key: ObjectKey, r: SliceRecord, now: SystemTime) -> bool {
+        if let Err(e) = &r {
+            if matches!(self.slices.objects().get(&key), Some(Ok(_))) {
+                tracing::warn!(error = %e, "invalid update; keeping the last good version");
+                return false;
+            }
+        }
         if self.slices.objects().get(&key) == Some(&r) {
             return false;
         }
@@ -330,5 +353,31 @@ mod tests {
             .map(|k| k.to_string())
             .collect();
         assert_eq!(changed, ["d/a", "d/b"]);
+    }
+
+    #[test]
+    fn an_invalid_update_keeps_the_last_good_version() {
+        let t = SystemTime::UNIX_EPOCH;
+        let mut s = Store::default();
+        s.record(SourceUpdate::Replace(vec![svc("a", "10.96.0.1")]), t);
+        s.take_changes();
+        s.record(SourceUpdate::Upsert(svc("a", "not-an-ip")), t);
+        assert!(s.take_changes().services.is_empty());
+        assert!(matches!(
+            s.services().get(&ObjectKey::new("d", "a")),
+            Some(Ok(_))
+        ));
+        // A relist that could not read the object keeps it too.
+        s.record(SourceUpdate::RelistStart, t);
+        s.record(
+            SourceUpdate::RelistInvalid(crate::source::ObjectRef {
+                kind: Kind::Service,
+                key: ObjectKey::new("d", "a"),
+            }),
+            t,
+        );
+        s.record(SourceUpdate::RelistDone, t);
+        assert!(s.take_changes().services.is_empty());
+        assert_eq!(s.services().len(), 1);
     }
 }

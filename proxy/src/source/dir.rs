@@ -1,7 +1,8 @@
 //! `--source dir:PATH`: Services, EndpointSlices and Nodes read from YAML files in a
 //! directory (multi-document files and `kind: List`), re-read whenever the directory changes.
 
-use super::{Object, SourceUpdate};
+use super::{Kind, Object, ObjectRef, SourceUpdate};
+use crate::model::ObjectKey;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use std::fmt;
@@ -22,6 +23,8 @@ pub struct DocumentError {
     pub field: Option<String>,
     /// What is wrong.
     pub message: String,
+    /// The object, when it exists but its content is invalid (its last good version stays).
+    pub invalid_object: Option<ObjectRef>,
 }
 
 impl fmt::Display for DocumentError {
@@ -145,8 +148,11 @@ pub fn scan_dir(
                             ));
                         }
                     }
-                    Err((object, field, message)) => {
-                        on_error(doc_error(&file, index, object, field, message))
+                    Err(err) => {
+                        let (object, field, message, target) = *err;
+                        let mut e = doc_error(&file, index, object, field, message);
+                        e.invalid_object = target;
+                        on_error(e)
                     }
                 }
             }
@@ -169,15 +175,23 @@ fn relist(path: &Path, tx: &Sender<SourceUpdate>) -> Result<bool, DirSourceError
     if tx.blocking_send(SourceUpdate::RelistStart).is_err() {
         return Ok(false);
     }
-    let (mut objects, mut errors, mut closed) = (0usize, 0usize, false);
+    let (mut objects, mut errors) = (0usize, 0usize);
+    let closed = std::cell::Cell::new(false);
     scan_dir(
         path,
         |o| {
             objects += 1;
-            closed = closed || tx.blocking_send(SourceUpdate::RelistItem(o)).is_err();
+            if tx.blocking_send(SourceUpdate::RelistItem(o)).is_err() {
+                closed.set(true);
+            }
         },
         |e| {
             errors += 1;
+            if let Some(r) = e.invalid_object.clone() {
+                if tx.blocking_send(SourceUpdate::RelistInvalid(r)).is_err() {
+                    closed.set(true);
+                }
+            }
             tracing::warn!(
                 file = %e.file.display(),
                 document = %e.index,
@@ -188,7 +202,7 @@ fn relist(path: &Path, tx: &Sender<SourceUpdate>) -> Result<bool, DirSourceError
             );
         },
     )?;
-    if closed || tx.blocking_send(SourceUpdate::RelistDone).is_err() {
+    if closed.get() || tx.blocking_send(SourceUpdate::RelistDone).is_err() {
         return Ok(false);
     }
     tracing::info!(path = %path.display(), objects, errors, "manifests loaded");
@@ -219,6 +233,7 @@ fn doc_error(
         object,
         field,
         message,
+        invalid_object: None,
     }
 }
 
@@ -226,12 +241,19 @@ fn describe(obj: &Object) -> String {
     format!("{:?} {}", obj.kind(), obj.key())
 }
 
-type ParseError = (Option<String>, Option<String>, String);
+/// Why a document was not used: (object label, field, message, the object it names when
+/// that object exists but is invalid).
+type ParseError = Box<(Option<String>, Option<String>, String, Option<ObjectRef>)>;
 
 /// Decides the kind from the raw document, then deserializes it into the typed object.
 fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
     if !v.is_mapping() {
-        return Err((None, None, "document is not a mapping".into()));
+        return Err(Box::new((
+            None,
+            None,
+            "document is not a mapping".into(),
+            None,
+        )));
     }
     let kind = v
         .get("kind")
@@ -256,7 +278,12 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
         None => format!("{kind} {name}"),
     };
     if kind.is_empty() {
-        return Err((None, Some("kind".into()), "missing".into()));
+        return Err(Box::new((
+            None,
+            Some("kind".into()),
+            "missing".into(),
+            None,
+        )));
     }
     let want_api = match kind.as_str() {
         "Service" | "Node" => "v1",
@@ -267,14 +294,20 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
         }
     };
     if api != want_api {
-        return Err((
+        return Err(Box::new((
             Some(label),
             Some("apiVersion".into()),
             format!("{api:?} is not supported for {kind} (want {want_api})"),
-        ));
+            None,
+        )));
     }
     if name.is_empty() {
-        return Err((Some(label), Some("metadata.name".into()), "missing".into()));
+        return Err(Box::new((
+            Some(label),
+            Some("metadata.name".into()),
+            "missing".into(),
+            None,
+        )));
     }
     fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, (String, String)> {
         serde_path_to_error::deserialize(v).map_err(|e| {
@@ -282,13 +315,24 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
             (path, e.into_inner().to_string())
         })
     }
-    let res = match kind.as_str() {
-        "Service" => typed(v).map(Object::Service),
-        "EndpointSlice" => typed(v).map(Object::EndpointSlice),
-        _ => typed(v).map(Object::Node),
+    let key = match kind.as_str() {
+        "Node" => ObjectKey::new("", name),
+        _ => ObjectKey::new(ns.unwrap_or("default"), name),
     };
-    res.map(Some)
-        .map_err(|(field, message)| (Some(label), Some(field).filter(|f| f != "."), message))
+    let (res, target) = match kind.as_str() {
+        "Service" => (typed(v).map(Object::Service), Kind::Service),
+        "EndpointSlice" => (typed(v).map(Object::EndpointSlice), Kind::EndpointSlice),
+        _ => (typed(v).map(Object::Node), Kind::Node),
+    };
+    res.map(Some).map_err(|(field, message)| {
+        let target = ObjectRef { kind: target, key };
+        Box::new((
+            Some(label),
+            Some(field).filter(|f| f != "."),
+            message,
+            Some(target),
+        ))
+    })
 }
 
 /// Sends the directory's objects as a relist (`RelistStart`, one `RelistItem` per object,
@@ -419,6 +463,7 @@ metadata: {name: ignored}
             match u {
                 SourceUpdate::RelistStart => n = 0,
                 SourceUpdate::RelistItem(_) => n += 1,
+                SourceUpdate::RelistInvalid(r) => assert_eq!(r.key.to_string(), "demo/broken"),
                 SourceUpdate::RelistDone => return n,
                 other => panic!("unexpected {other:?}"),
             }
