@@ -392,6 +392,15 @@ pub fn start_proxy(node: &mut Netns, dir: &Path, metrics_port: u16) -> Result<u3
 
 /// The value of `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
 pub fn last_sync(node: &Netns, metrics_port: u16) -> Option<f64> {
+    metric(
+        node,
+        metrics_port,
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    )
+}
+
+/// The value of a metric (without labels) from weir-proxy's `/metrics`.
+pub fn metric(node: &Netns, metrics_port: u16, name: &str) -> Option<f64> {
     let probe = workspace_bin("weir-probe");
     let out = node
         .exec(&[
@@ -401,9 +410,10 @@ pub fn last_sync(node: &Netns, metrics_port: u16) -> Option<f64> {
             "/metrics",
         ])
         .ok()?;
+    let prefix = format!("{name} ");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds "))
+        .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
 }
 

@@ -159,6 +159,15 @@ fn established_connection_survives_a_proxy_restart_and_rules_are_adopted() {
     // Kill the proxy (rules stay), start a new one: it adopts the table without flushing.
     env.topo.node.stop(env.proxy);
     start_proxy(&mut env.topo.node, env.dir.path(), METRICS).unwrap();
+    assert_eq!(
+        metric(
+            &env.topo.node,
+            METRICS,
+            "weir_sync_plan_element_changes_total"
+        ),
+        Some(0.0),
+        "the restarted proxy found everything in place and changed no element"
+    );
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     let r: Value = serde_json::from_str(rest.lines().last().unwrap()).unwrap();
