@@ -5,8 +5,9 @@ use anyhow::Context;
 use clap::Parser;
 use std::sync::Arc;
 use weir_proxy::config::{Args, SourceConfig};
+use weir_proxy::dataplane::nft::diff::cleanup_plan;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
-use weir_proxy::dataplane::nft::render::{cleanup_plan, RenderConfig};
+use weir_proxy::dataplane::nft::render::RenderConfig;
 use weir_proxy::dataplane::nft::Family;
 use weir_proxy::http::{
     health::ProxyHealth, metrics::Metrics, serve_health, serve_metrics, HttpState,

@@ -7,9 +7,10 @@
 
 use std::path::Path;
 use std::process::Command;
+use weir_proxy::dataplane::nft::diff::plan;
 use weir_proxy::dataplane::nft::fake::FakeNft;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
-use weir_proxy::dataplane::nft::render::{desired_table, plan, RenderConfig};
+use weir_proxy::dataplane::nft::render::{desired_table, RenderConfig};
 use weir_proxy::dataplane::nft::{DumpedTable, Family, Table};
 use weir_proxy::model::{compute, ModelConfig, Store};
 use weir_proxy::source::{dir::load_dir, SourceUpdate};

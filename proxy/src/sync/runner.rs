@@ -3,8 +3,10 @@
 //! state, so drift is repaired) every `sync_period` and after any failure. No kernel write
 //! happens before the source has delivered its first complete view.
 
+use crate::dataplane::nft::diff::plan_owned;
+use crate::dataplane::nft::incremental::Incremental;
 use crate::dataplane::nft::kernel::KernelError;
-use crate::dataplane::nft::render::{desired_table, plan_owned, Incremental, RenderConfig};
+use crate::dataplane::nft::render::{desired_table, RenderConfig};
 use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::health::ProxyHealth;
 use crate::http::metrics::Metrics;

@@ -1,7 +1,9 @@
 //! The nftables backend: one table `weir` per family; every service, endpoint and
 //! NodePort is an element of shared named maps and sets.
 
+pub mod diff;
 pub mod fake;
+pub mod incremental;
 pub mod kernel;
 pub mod plan;
 pub mod render;

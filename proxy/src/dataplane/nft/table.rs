@@ -580,19 +580,6 @@ impl DumpedTable {
         }
     }
 
-    /// Number of nftables objects: chains, rules, sets/maps and elements.
-    pub fn object_count(&self) -> usize {
-        self.chains
-            .values()
-            .map(|c| 1 + c.rules.len())
-            .sum::<usize>()
-            + self
-                .maps
-                .values()
-                .map(|m| 1 + m.elements.len())
-                .sum::<usize>()
-    }
-
     /// A stable text rendering (for golden files and readable diffs).
     pub fn to_text(&self) -> String {
         let mut out = format!("table {} {TABLE_NAME} {{\n", self.family);

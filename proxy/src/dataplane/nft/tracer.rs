@@ -326,7 +326,8 @@ fn run_stmts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::nft::render::{desired_table, plan, RenderConfig};
+    use crate::dataplane::nft::diff::plan;
+    use crate::dataplane::nft::render::{desired_table, RenderConfig};
     use crate::dataplane::nft::{fake::FakeNft, DumpedTable, Family};
     use crate::model::{DesiredState, Endpoint, ServiceInfo, ServicePortName, ServicePortState};
     use std::collections::BTreeMap;
