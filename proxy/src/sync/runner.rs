@@ -3,10 +3,10 @@
 //! state, so drift is repaired) every `sync_period` and after any failure. No kernel write
 //! happens before the source has delivered its first complete view.
 
-use crate::dataplane::nft::diff::plan_owned;
+use crate::dataplane::nft::diff::plan_state;
 use crate::dataplane::nft::incremental::Incremental;
 use crate::dataplane::nft::kernel::KernelError;
-use crate::dataplane::nft::render::{desired_table, RenderConfig};
+use crate::dataplane::nft::render::RenderConfig;
 use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::health::ProxyHealth;
 use crate::http::metrics::Metrics;
@@ -16,6 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::Receiver;
 use tracing::{info, instrument, warn};
+
+/// Element additions per transaction when filling a table that did not exist.
+const FRESH_BATCH: usize = 20_000;
 
 /// Settings of the runner.
 #[derive(Clone, Debug)]
@@ -149,11 +152,11 @@ impl<K: NftBackend> Runner<K> {
             }
             // A released frontend another Service wanted: only a full compute hands it over.
             if !self.desired.needs_full_compute() {
-                planned = Some((inc.update(&deltas, &self.desired.node_ips), inc));
+                planned = Some((vec![inc.update(&deltas, &self.desired.node_ips)], inc));
             }
         }
         let was_full = planned.is_none();
-        let (p, next) = match planned {
+        let (plans, next) = match planned {
             Some(done) => done,
             None => {
                 let (state, errors) = compute(&self.store, &self.cfg.model);
@@ -161,7 +164,6 @@ impl<K: NftBackend> Runner<K> {
                     warn!(error = %e, "skipping invalid object");
                 }
                 self.desired = state;
-                let want = desired_table(&self.desired, &self.cfg.render, family);
                 let realized = match self.read_kernel(family).await {
                     Ok(r) => r,
                     Err(e) => {
@@ -170,25 +172,36 @@ impl<K: NftBackend> Runner<K> {
                         return false;
                     }
                 };
-                self.metrics
-                    .nftables_objects
-                    .set(want.object_count() as i64);
-                let p = plan_owned(want, &realized);
-                drop(realized);
-                (p, Incremental::new(&self.desired, &self.cfg.render, family))
+                let fresh = realized.is_none();
+                let realized = realized.unwrap_or_else(|| DumpedTable::empty(family));
+                let (p, objects) = plan_state(&self.desired, &self.cfg.render, family, realized);
+                self.metrics.nftables_objects.set(objects as i64);
+                // A table that did not exist is filled in batches: nothing was there to keep
+                // consistent, and no transaction has to hold every element at once.
+                let plans = if fresh {
+                    p.split_additions(FRESH_BATCH)
+                } else {
+                    vec![p]
+                };
+                (
+                    plans,
+                    Incremental::new(&self.desired, &self.cfg.render, family),
+                )
             }
         };
         self.metrics
             .invalid_objects
             .set(self.store.invalid_objects() as i64);
-        let changes_applied = p.element_changes();
-        let element_delta = p.element_delta();
-        let ops = p.ops.len();
+        let changes_applied: usize = plans.iter().map(Plan::element_changes).sum();
+        let element_delta: i64 = plans.iter().map(Plan::element_delta).sum();
+        let ops: usize = plans.iter().map(|p| p.ops.len()).sum();
         let planned = started.elapsed();
-        if let Err(e) = self.apply(p).await {
-            warn!(error = %e, "applying the nftables plan failed; the next sync is a full one");
-            self.metrics.nftables_sync_failures.inc();
-            return false;
+        for p in plans {
+            if let Err(e) = self.apply(p).await {
+                warn!(error = %e, "applying the nftables plan failed; the next sync is a full one");
+                self.metrics.nftables_sync_failures.inc();
+                return false;
+            }
         }
         if !was_full {
             self.metrics.nftables_objects.inc_by(element_delta);
@@ -220,12 +233,11 @@ impl<K: NftBackend> Runner<K> {
         true
     }
 
-    async fn read_kernel(&self, family: Family) -> Result<DumpedTable, KernelError> {
+    async fn read_kernel(&self, family: Family) -> Result<Option<DumpedTable>, KernelError> {
         let kernel = self.kernel.clone();
         tokio::task::spawn_blocking(move || kernel.dump(family))
             .await
             .unwrap_or_else(|e| Err(join_error(e)))
-            .map(|t| t.unwrap_or_else(|| DumpedTable::empty(family)))
     }
 
     async fn apply(&self, p: Plan) -> Result<(), KernelError> {

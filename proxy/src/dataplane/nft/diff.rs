@@ -1,7 +1,10 @@
 //! Turning a desired table into a plan against what is realized, in a safe order.
 
 use super::plan::{Op, Plan};
+use super::render::{contribution, hairpin_key, skeleton, Counts, MapName, RenderConfig};
 use super::table::{Chain, Data, DumpedTable, Family, Key, MapDecl, Table};
+use crate::model::DesiredState;
+use std::collections::BTreeMap;
 
 /// Everything one transaction changes, before it is put in a safe order.
 #[derive(Debug, Default)]
@@ -117,48 +120,74 @@ pub fn plan(desired: &Table, realized: &DumpedTable) -> Plan {
     plan_owned(desired.clone(), realized)
 }
 
-/// [`plan`], consuming the desired table so its elements move into the plan (a full sync at
-/// scale then holds them once, not twice).
+/// [`plan`], consuming the desired table so its elements move into the plan.
 pub fn plan_owned(mut desired: Table, realized: &DumpedTable) -> Plan {
-    let fam = desired.family;
+    let mut elements = Vec::new();
+    for (name, m) in &mut desired.maps {
+        for (k, d) in std::mem::take(&mut m.elements) {
+            elements.push((name.clone(), k, d));
+        }
+    }
+    plan_from(&desired, elements, realized.clone()).0
+}
+
+/// The full-sync plan straight from the desired state: elements are produced one Service
+/// port at a time and compared with (and removed from) the realized table, so the desired
+/// table is never held in memory. Also returns the number of nftables objects desired.
+pub fn plan_state(
+    state: &DesiredState,
+    cfg: &RenderConfig,
+    family: Family,
+    realized: DumpedTable,
+) -> (Plan, usize) {
+    let mut counts = Counts::default();
+    for sp in state.services.values() {
+        counts.add(&contribution(sp, &state.node_ips, family));
+    }
+    let skel = skeleton(&counts, cfg, family);
+    let hairpin: Vec<(String, Key, Data)> = counts
+        .hairpin
+        .keys()
+        .map(|ip| (MapName::Hairpin.to_string(), hairpin_key(*ip), Data::None))
+        .collect();
+    let elements = state
+        .services
+        .values()
+        .flat_map(|sp| contribution(sp, &state.node_ips, family).elements)
+        .map(|(m, k, d)| (m.to_string(), k, d))
+        .chain(hairpin);
+    plan_from(&skel, elements, realized)
+}
+
+/// Diffs a skeleton (chains, rules, map declarations) plus a stream of desired elements
+/// against the realized table, which is consumed as elements are matched.
+fn plan_from(
+    skel: &Table,
+    elements: impl IntoIterator<Item = (String, Key, Data)>,
+    realized: DumpedTable,
+) -> (Plan, usize) {
+    let fam = skel.family;
     let incompatible = realized.maps.iter().any(|(name, m)| {
-        desired
-            .maps
+        skel.maps
             .get(name)
             .is_some_and(|w| w.decl.to_nft(fam) != m.decl || w.decl.is_set() != m.is_set)
     }) || realized.chains.iter().any(|(name, c)| {
-        desired
-            .chains
+        skel.chains
             .get(name)
             .is_some_and(|w| w.base.map(|b| b.to_string()) != c.header)
     });
-    let empty = DumpedTable::empty(fam);
-    let realized = if incompatible { &empty } else { realized };
+    let mut realized = if incompatible {
+        DumpedTable::empty(fam)
+    } else {
+        realized
+    };
     let mut d = TableDelta::default();
-    for (name, m) in &mut desired.maps {
-        let elements = std::mem::take(&mut m.elements);
-        match realized.maps.get(name) {
-            None => {
-                d.new_maps.push((name.clone(), m.decl.clone()));
-                d.adds.push((name.clone(), elements.into_iter().collect()));
-            }
-            Some(have) => {
-                let dels = have
-                    .elements
-                    .iter()
-                    .filter(|(k, v)| elements.get(*k) != Some(*v))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                d.dels.push((name.clone(), dels));
-                let adds = elements
-                    .into_iter()
-                    .filter(|(k, v)| have.elements.get(k) != Some(v))
-                    .collect();
-                d.adds.push((name.clone(), adds));
-            }
+    for (name, m) in &skel.maps {
+        if !realized.maps.contains_key(name) {
+            d.new_maps.push((name.clone(), m.decl.clone()));
         }
     }
-    for (name, c) in &desired.chains {
+    for (name, c) in &skel.chains {
         match realized.chains.get(name) {
             None => d.new_chains.push((name.clone(), c.clone())),
             Some(have) => {
@@ -171,22 +200,58 @@ pub fn plan_owned(mut desired: Table, realized: &DumpedTable) -> Plan {
         }
     }
     for (name, c) in &realized.chains {
-        if !desired.chains.contains_key(name) {
+        if !skel.chains.contains_key(name) {
             d.gone_chains.push((name.clone(), !c.rules.is_empty()));
         }
     }
     for (name, m) in &realized.maps {
-        if !desired.maps.contains_key(name) {
+        if !skel.maps.contains_key(name) {
             d.gone_maps.push((name.clone(), m.is_set));
         }
     }
+    let mut adds: BTreeMap<String, Vec<(Key, Data)>> = BTreeMap::new();
+    let mut dels: BTreeMap<String, Vec<Key>> = BTreeMap::new();
+    let mut element_count = 0;
+    for (map, key, data) in elements {
+        element_count += 1;
+        match realized
+            .maps
+            .get_mut(&map)
+            .and_then(|m| m.elements.remove(&key))
+        {
+            Some(have) if have == data => {}
+            Some(_) => {
+                dels.entry(map.clone()).or_default().push(key.clone());
+                adds.entry(map).or_default().push((key, data));
+            }
+            None => adds.entry(map).or_default().push((key, data)),
+        }
+    }
+    for (name, m) in realized
+        .maps
+        .iter_mut()
+        .filter(|(n, _)| skel.maps.contains_key(*n))
+    {
+        dels.entry(name.clone())
+            .or_default()
+            .extend(std::mem::take(&mut m.elements).into_keys());
+    }
+    d.dels = dels.into_iter().collect();
+    d.adds = adds.into_iter().collect();
+    let objects = element_count
+        + skel
+            .chains
+            .values()
+            .map(|c| 1 + c.rules.len())
+            .sum::<usize>()
+        + skel.maps.len();
     let mut p = d.into_plan(fam, true);
     if incompatible {
         p.ops.splice(0..0, [Op::AddTable, Op::DeleteTable]);
     } else if p.ops == [Op::AddTable] && !realized.chains.is_empty() {
         p.ops.clear();
     }
-    p
+    (p, objects)
 }
 
 /// The plan that removes weir's table (for `--cleanup`); empty when there is none.
