@@ -21,6 +21,7 @@ use weir_proxy::sync::runner::{Runner, RunnerConfig};
 const UPDATE_QUEUE: usize = 256;
 
 fn main() -> anyhow::Result<()> {
+    let one_arena = weir_proxy::sys::malloc::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -28,6 +29,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if !one_arena {
+        tracing::warn!("could not limit malloc to one arena; memory use may be higher");
+    }
     let args = Args::parse();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let cfg = args.validate(&hostname)?;

@@ -3,6 +3,7 @@
 use super::{ObjectKey, Protocol};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Label naming the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -23,9 +24,9 @@ pub struct EndpointInfo {
     /// `conditions.terminating` (missing means false).
     pub terminating: bool,
     /// `nodeName`, when given.
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
     /// `zone`, when given.
-    pub zone: Option<String>,
+    pub zone: Option<Arc<str>>,
 }
 
 /// The endpoints one slice gives one named port of its Service.
@@ -63,6 +64,32 @@ pub struct EndpointSliceError {
     pub field: String,
     /// What is wrong with it.
     pub message: String,
+}
+
+impl SliceEndpoints {
+    /// Makes equal node and zone names share one allocation (there are few distinct ones,
+    /// and one per endpoint otherwise).
+    pub fn intern(&mut self, names: &mut std::collections::BTreeSet<Arc<str>>) {
+        let SliceEndpoints::Ports { ports, .. } = self else {
+            return;
+        };
+        let mut shared = |n: &mut Option<Arc<str>>| {
+            if let Some(v) = n {
+                match names.get(v) {
+                    Some(existing) => *v = existing.clone(),
+                    None => {
+                        names.insert(v.clone());
+                    }
+                }
+            }
+        };
+        for p in ports {
+            for e in &mut p.endpoints {
+                shared(&mut e.node_name);
+                shared(&mut e.zone);
+            }
+        }
+    }
 }
 
 /// Reads an EndpointSlice's endpoints per port.
@@ -147,8 +174,8 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<SliceEndpoints, Endpoint
                     ready,
                     serving: c.and_then(|c| c.serving).unwrap_or(ready),
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                    node_name: ep.node_name.clone(),
-                    zone: ep.zone.clone(),
+                    node_name: ep.node_name.as_deref().map(Arc::from),
+                    zone: ep.zone.as_deref().map(Arc::from),
                 }
             })
             .collect();

@@ -38,6 +38,8 @@ pub struct Store {
     changed_services: BTreeSet<ObjectKey>,
     /// Keys seen since `RelistStart`, per kind (Service, EndpointSlice, Node).
     relist: Option<[BTreeSet<ObjectKey>; 3]>,
+    /// Node and zone names, shared by every endpoint that names them.
+    names: BTreeSet<std::sync::Arc<str>>,
 }
 
 fn node_record(node: &Node) -> NodeRecord {
@@ -174,7 +176,10 @@ impl Store {
         }
     }
 
-    fn upsert_slice(&mut self, key: ObjectKey, r: SliceRecord, now: SystemTime) -> bool {
+    fn upsert_slice(&mut self, key: ObjectKey, mut r: SliceRecord, now: SystemTime) -> bool {
+        if let Ok(eps) = &mut r {
+            eps.intern(&mut self.names);
+        }
         if let Err(e) = &r {
             if matches!(self.slices.objects().get(&key), Some(Ok(_))) {
                 tracing::warn!(error = %e, "invalid update; keeping the last good version");

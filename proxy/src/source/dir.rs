@@ -5,6 +5,7 @@ use super::{Kind, Object, ObjectRef, SourceUpdate};
 use crate::model::ObjectKey;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -98,67 +99,95 @@ pub fn scan_dir(
     mut on_object: impl FnMut(Object),
     mut on_error: impl FnMut(DocumentError),
 ) -> Result<(), DirSourceError> {
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for file in manifest_files(dir)? {
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
+        scan_file(&file, &mut seen, &mut on_object, &mut on_error);
+    }
+    Ok(())
+}
+
+/// What identifies an object across files.
+type Id = (Kind, ObjectKey);
+
+/// Reads one manifest file. `seen` holds the objects already read (from this file or
+/// others): a second definition is reported as a duplicate. Returns the digest of the file's
+/// contents (0 when it could not be read) and the objects it holds, valid or not.
+fn scan_file(
+    file: &Path,
+    seen: &mut BTreeSet<Id>,
+    on_object: &mut impl FnMut(Object),
+    on_error: &mut impl FnMut(DocumentError),
+) -> (u64, BTreeSet<Id>) {
+    let mut ids = BTreeSet::new();
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            on_error(doc_error(file, "0".into(), None, None, e.to_string()));
+            return (0, ids);
+        }
+    };
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let value = match Value::deserialize(doc) {
+            Ok(v) => v,
             Err(e) => {
-                on_error(doc_error(&file, "0".into(), None, None, e.to_string()));
-                continue;
+                // The rest of the file cannot be parsed either.
+                on_error(doc_error(file, i.to_string(), None, None, e.to_string()));
+                break;
             }
         };
-        for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
-            let value = match Value::deserialize(doc) {
-                Ok(v) => v,
-                Err(e) => {
-                    // The rest of the file cannot be parsed either.
-                    on_error(doc_error(&file, i.to_string(), None, None, e.to_string()));
-                    break;
+        if value.is_null() {
+            continue;
+        }
+        let items: Vec<(String, Value)> =
+            if value.get("kind").and_then(Value::as_str) == Some("List") {
+                match value.get("items").and_then(Value::as_sequence) {
+                    Some(items) => items
+                        .iter()
+                        .enumerate()
+                        .map(|(j, v)| (format!("{i} item {j}"), v.clone()))
+                        .collect(),
+                    None => Vec::new(),
                 }
+            } else {
+                vec![(i.to_string(), value)]
             };
-            if value.is_null() {
-                continue;
-            }
-            let items: Vec<(String, Value)> =
-                if value.get("kind").and_then(Value::as_str) == Some("List") {
-                    match value.get("items").and_then(Value::as_sequence) {
-                        Some(items) => items
-                            .iter()
-                            .enumerate()
-                            .map(|(j, v)| (format!("{i} item {j}"), v.clone()))
-                            .collect(),
-                        None => Vec::new(),
+        for (index, v) in items {
+            match parse_object(v) {
+                Ok(None) => {}
+                Ok(Some(obj)) => {
+                    if seen.insert((obj.kind(), obj.key())) {
+                        ids.insert((obj.kind(), obj.key()));
+                        on_object(obj);
+                    } else {
+                        on_error(doc_error(
+                            file,
+                            index,
+                            Some(describe(&obj)),
+                            None,
+                            "duplicate object; the first one is used".into(),
+                        ));
                     }
-                } else {
-                    vec![(i.to_string(), value)]
-                };
-            for (index, v) in items {
-                match parse_object(v) {
-                    Ok(None) => {}
-                    Ok(Some(obj)) => {
-                        if seen.insert((obj.kind(), obj.key())) {
-                            on_object(obj);
-                        } else {
-                            on_error(doc_error(
-                                &file,
-                                index,
-                                Some(describe(&obj)),
-                                None,
-                                "duplicate object; the first one is used".into(),
-                            ));
-                        }
+                }
+                Err(err) => {
+                    let (object, field, message, target) = *err;
+                    if let Some(r) = &target {
+                        ids.insert((r.kind, r.key.clone()));
                     }
-                    Err(err) => {
-                        let (object, field, message, target) = *err;
-                        let mut e = doc_error(&file, index, object, field, message);
-                        e.invalid_object = target;
-                        on_error(e)
-                    }
+                    let mut e = doc_error(file, index, object, field, message);
+                    e.invalid_object = target;
+                    on_error(e)
                 }
             }
         }
     }
-    Ok(())
+    (content_digest(text.as_bytes()), ids)
+}
+
+fn content_digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 /// Reads every manifest file in `dir` into one list.
@@ -170,54 +199,141 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, DirSourceError> {
     Ok(out)
 }
 
-/// Sends one relist of the directory; returns false when the receiver is gone.
-fn relist(path: &Path, tx: &Sender<SourceUpdate>) -> Result<bool, DirSourceError> {
-    if tx.blocking_send(SourceUpdate::RelistStart).is_err() {
-        return Ok(false);
-    }
-    let (mut objects, mut errors) = (0usize, 0usize);
-    let closed = std::cell::Cell::new(false);
-    scan_dir(
-        path,
-        |o| {
-            objects += 1;
-            if tx.blocking_send(SourceUpdate::RelistItem(o)).is_err() {
-                closed.set(true);
-            }
-        },
-        |e| {
-            errors += 1;
-            if let Some(r) = e.invalid_object.clone() {
-                if tx.blocking_send(SourceUpdate::RelistInvalid(r)).is_err() {
-                    closed.set(true);
-                }
-            }
-            tracing::warn!(
-                file = %e.file.display(),
-                document = %e.index,
-                object = e.object.as_deref().unwrap_or(""),
-                field = e.field.as_deref().unwrap_or(""),
-                "skipping invalid manifest: {}",
-                e.message
-            );
-        },
-    )?;
-    if closed.get() || tx.blocking_send(SourceUpdate::RelistDone).is_err() {
-        return Ok(false);
-    }
-    tracing::info!(path = %path.display(), objects, errors, "manifests loaded");
-    Ok(true)
+/// What the watcher knows of the files it sent: their digests and the objects each held.
+#[derive(Debug, Default)]
+struct Sent {
+    files: BTreeMap<PathBuf, (u64, BTreeSet<Id>)>,
 }
 
-/// A digest of the manifest files' names and contents, to skip unchanged rescans.
-fn digest(dir: &Path) -> Result<u64, DirSourceError> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for file in manifest_files(dir)? {
-        file.hash(&mut h);
-        std::fs::read(&file).unwrap_or_default().hash(&mut h);
+/// Logs a document error with structured fields.
+fn report(e: &DocumentError) {
+    tracing::warn!(
+        file = %e.file.display(),
+        document = %e.index,
+        object = e.object.as_deref().unwrap_or(""),
+        field = e.field.as_deref().unwrap_or(""),
+        "skipping invalid manifest: {}",
+        e.message
+    );
+}
+
+/// Sends what changed in the directory since `sent`: the first time (or when objects are
+/// defined twice) a full relist; afterwards, only the objects of changed files as upserts,
+/// and deletions for objects gone from changed or removed files. Returns false when the
+/// receiver is gone.
+fn send_changes(
+    path: &Path,
+    tx: &Sender<SourceUpdate>,
+    sent: &mut Option<Sent>,
+) -> Result<bool, DirSourceError> {
+    let files = manifest_files(path)?;
+    let digests: BTreeMap<PathBuf, u64> = files
+        .iter()
+        .map(|f| {
+            (
+                f.clone(),
+                content_digest(&std::fs::read(f).unwrap_or_default()),
+            )
+        })
+        .collect();
+    let closed = std::cell::Cell::new(false);
+    let send = |u: SourceUpdate| {
+        if tx.blocking_send(u).is_err() {
+            closed.set(true);
+        }
+    };
+    let Some(prev) = sent.as_mut() else {
+        // First view: a complete relist.
+        send(SourceUpdate::RelistStart);
+        let mut seen = BTreeSet::new();
+        let mut state = Sent::default();
+        let (mut objects, mut errors) = (0usize, 0usize);
+        for file in &files {
+            let scanned = scan_file(
+                file,
+                &mut seen,
+                &mut |o| {
+                    objects += 1;
+                    send(SourceUpdate::RelistItem(o));
+                },
+                &mut |e| {
+                    errors += 1;
+                    report(&e);
+                    if let Some(r) = e.invalid_object {
+                        send(SourceUpdate::RelistInvalid(r));
+                    }
+                },
+            );
+            state.files.insert(file.clone(), scanned);
+        }
+        send(SourceUpdate::RelistDone);
+        tracing::info!(path = %path.display(), objects, errors, "manifests loaded");
+        *sent = Some(state);
+        return Ok(!closed.get());
+    };
+    let changed: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| prev.files.get(*f).map(|(d, _)| d) != digests.get(*f))
+        .collect();
+    let removed: Vec<PathBuf> = prev
+        .files
+        .keys()
+        .filter(|f| !digests.contains_key(*f))
+        .cloned()
+        .collect();
+    if changed.is_empty() && removed.is_empty() {
+        return Ok(true);
     }
-    Ok(h.finish())
+    // Objects other files hold, so a changed file's objects can be checked for duplicates.
+    let mut duplicate = false;
+    for file in changed {
+        let mut seen: BTreeSet<Id> = prev
+            .files
+            .iter()
+            .filter(|(f, _)| *f != file)
+            .flat_map(|(_, (_, ids))| ids.iter().cloned())
+            .collect();
+        let mut upserts = 0usize;
+        // Objects that are invalid now are in `ids` too: their last good version stays.
+        let (digest, ids) = scan_file(
+            file,
+            &mut seen,
+            &mut |o| {
+                upserts += 1;
+                send(SourceUpdate::Upsert(o));
+            },
+            &mut |e| {
+                duplicate |= e.message.starts_with("duplicate object");
+                report(&e);
+            },
+        );
+        let old = prev
+            .files
+            .insert(file.clone(), (digest, ids.clone()))
+            .map(|(_, ids)| ids)
+            .unwrap_or_default();
+        for (kind, key) in old.difference(&ids) {
+            send(SourceUpdate::Delete(ObjectRef {
+                kind: *kind,
+                key: key.clone(),
+            }));
+        }
+        tracing::info!(file = %file.display(), objects = upserts, "manifest file changed");
+    }
+    for file in removed {
+        if let Some((_, ids)) = prev.files.remove(&file) {
+            for (kind, key) in ids {
+                send(SourceUpdate::Delete(ObjectRef { kind, key }));
+            }
+        }
+        tracing::info!(file = %file.display(), "manifest file removed");
+    }
+    if duplicate {
+        // An object defined in two files: only a full relist resolves which one wins.
+        *sent = None;
+        return send_changes(path, tx, sent);
+    }
+    Ok(!closed.get())
 }
 
 fn doc_error(
@@ -336,8 +452,9 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
 }
 
 /// Sends the directory's objects as a relist (`RelistStart`, one `RelistItem` per object,
-/// `RelistDone`), then again after every change of the files (debounced). Returns when the
-/// receiver is gone.
+/// `RelistDone`), then, after every change of the files (debounced), the objects of the
+/// changed files and deletions of what they no longer hold. Returns when the receiver is
+/// gone.
 pub async fn run(path: PathBuf, tx: Sender<SourceUpdate>) -> Result<(), DirSourceError> {
     use notify::Watcher;
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -356,20 +473,20 @@ pub async fn run(path: PathBuf, tx: Sender<SourceUpdate>) -> Result<(), DirSourc
             path: path.clone(),
             source,
         })?;
-    let mut last: Option<u64> = None;
+    let mut sent: Option<Sent> = None;
     loop {
-        let now = digest(&path)?;
-        if last != Some(now) {
-            last = Some(now);
-            // Parsing blocks; it runs on a blocking thread and hands objects over one by
-            // one through the bounded channel, so they never pile up in memory.
-            let (scan_path, scan_tx) = (path.clone(), tx.clone());
-            let scanned = tokio::task::spawn_blocking(move || relist(&scan_path, &scan_tx))
-                .await
-                .unwrap_or(Ok(false))?;
-            if !scanned {
-                return Ok(());
-            }
+        // Parsing blocks; it runs on a blocking thread and hands objects over one by one
+        // through the bounded channel, so they never pile up in memory.
+        let (scan_path, scan_tx) = (path.clone(), tx.clone());
+        let (open, state) = tokio::task::spawn_blocking(move || {
+            let r = send_changes(&scan_path, &scan_tx, &mut sent);
+            (r, sent)
+        })
+        .await
+        .unwrap_or((Ok(false), None));
+        sent = state;
+        if !open? {
+            return Ok(());
         }
         // Wait for a change, then let a burst of events settle.
         tokio::select! {
@@ -453,38 +570,61 @@ metadata: {name: ignored}
         assert!(msgs[3].contains("c.yaml document 0"), "{msgs:#?}");
     }
 
-    async fn next_relist(rx: &mut tokio::sync::mpsc::Receiver<SourceUpdate>) -> usize {
-        let mut n = 0;
-        loop {
-            let u = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+    /// Everything received until the source is quiet for a moment, as short strings.
+    async fn drain(rx: &mut tokio::sync::mpsc::Receiver<SourceUpdate>) -> Vec<String> {
+        let mut out = Vec::new();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut next = Some(first);
+        while let Some(u) = next {
+            out.push(match u {
+                SourceUpdate::RelistStart => "start".to_owned(),
+                SourceUpdate::RelistDone => "done".to_owned(),
+                SourceUpdate::RelistItem(o) => format!("item {}", o.key()),
+                SourceUpdate::RelistInvalid(r) => format!("invalid {}", r.key),
+                SourceUpdate::Upsert(o) => format!("upsert {}", o.key()),
+                SourceUpdate::Delete(r) => format!("delete {}", r.key),
+                SourceUpdate::Replace(_) => "replace".to_owned(),
+            });
+            next = tokio::time::timeout(Duration::from_millis(400), rx.recv())
                 .await
-                .unwrap()
-                .unwrap();
-            match u {
-                SourceUpdate::RelistStart => n = 0,
-                SourceUpdate::RelistItem(_) => n += 1,
-                SourceUpdate::RelistInvalid(r) => assert_eq!(r.key.to_string(), "demo/broken"),
-                SourceUpdate::RelistDone => return n,
-                other => panic!("unexpected {other:?}"),
-            }
+                .ok()
+                .flatten();
         }
+        out
     }
 
     #[tokio::test]
-    async fn run_sends_the_objects_again_after_a_file_changes() {
+    async fn run_relists_once_then_sends_only_what_changed_files_hold() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let task = tokio::spawn(run(dir.path().to_owned(), tx));
-        assert_eq!(next_relist(&mut rx).await, 2);
+        assert_eq!(
+            drain(&mut rx).await,
+            [
+                "start",
+                "item demo/web",
+                "invalid demo/broken",
+                "item demo/web-1",
+                "done"
+            ]
+        );
         std::fs::write(
             dir.path().join("n.yaml"),
             "{apiVersion: v1, kind: Node, metadata: {name: node1}}",
         )
         .unwrap();
-        assert_eq!(next_relist(&mut rx).await, 3);
+        assert_eq!(drain(&mut rx).await, ["upsert node1"]);
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
-        assert_eq!(next_relist(&mut rx).await, 1);
+        let mut gone = drain(&mut rx).await;
+        gone.sort();
+        assert_eq!(
+            gone,
+            ["delete demo/broken", "delete demo/web", "delete demo/web-1"]
+        );
         drop(rx);
         task.abort();
     }

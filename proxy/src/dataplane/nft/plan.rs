@@ -114,38 +114,6 @@ impl Plan {
             .sum()
     }
 
-    /// Splits a plan into several whose element additions are at most `max` each: the
-    /// first holds every other operation. Only for programming a table that did not exist,
-    /// where a partial state in between breaks nothing that was there.
-    pub fn split_additions(self, max: usize) -> Vec<Plan> {
-        let max = max.max(1);
-        let family = self.family;
-        let mut plans = vec![Plan::empty(family)];
-        let mut load = 0;
-        for op in self.ops {
-            let Op::AddElements { map, mut elements } = op else {
-                plans[0].ops.push(op);
-                continue;
-            };
-            while !elements.is_empty() {
-                if load == max {
-                    plans.push(Plan::empty(family));
-                    load = 0;
-                }
-                let take = elements.len().min(max - load);
-                let tail = elements.split_off(take);
-                let last = plans.len() - 1;
-                plans[last].ops.push(Op::AddElements {
-                    map: map.clone(),
-                    elements,
-                });
-                elements = tail;
-                load += take;
-            }
-        }
-        plans
-    }
-
     /// The plan as an `nft -f` script (one transaction).
     pub fn to_script(&self) -> String {
         let fam = self.family;
@@ -202,35 +170,5 @@ impl Plan {
             };
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dataplane::nft::table::Atom;
-
-    #[test]
-    fn split_additions_keeps_every_element_once_and_structure_first() {
-        let el = |i: u16| (Key(vec![Atom::Port(i)]), Data::None);
-        let p = Plan {
-            family: Family::Ip,
-            ops: vec![
-                Op::AddTable,
-                Op::AddElements {
-                    map: "a".into(),
-                    elements: (0..7).map(el).collect(),
-                },
-                Op::AddElements {
-                    map: "b".into(),
-                    elements: (0..5).map(el).collect(),
-                },
-            ],
-        };
-        let parts = p.split_additions(4);
-        assert_eq!(parts[0].ops[0], Op::AddTable);
-        assert!(parts.iter().all(|p| p.element_changes() <= 4));
-        assert_eq!(parts.len(), 3, "12 elements in batches of 4");
-        assert_eq!(parts.iter().map(Plan::element_changes).sum::<usize>(), 12);
     }
 }
