@@ -31,6 +31,9 @@ pub struct SyncArgs {
     reference_max: usize,
 }
 
+/// Endpoint removals measured per size.
+const CHANGES: usize = 5;
+
 fn service_ip(i: usize) -> String {
     format!("10.96.{}.{}", i / 250, i % 250 + 1)
 }
@@ -41,25 +44,20 @@ fn endpoint_ip(i: usize, e: usize) -> String {
 }
 
 /// Writes the manifests: one file per 500 services, so one change rewrites a small file.
-fn write_manifests(
-    dir: &Path,
-    services: usize,
-    endpoints: usize,
-    changed: Option<usize>,
-) -> Result<()> {
+fn write_manifests(dir: &Path, services: usize, endpoints: usize, changed: &[usize]) -> Result<()> {
     std::fs::write(
         dir.join("node.yaml"),
         "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nstatus: {addresses: [{type: InternalIP, address: 192.168.77.10}]}\n",
     )?;
     for chunk in 0..services.div_ceil(500) {
-        if changed.is_some_and(|c| c / 500 != chunk) {
+        if !changed.is_empty() && changed.iter().all(|c| c / 500 != chunk) {
             continue;
         }
         let mut y = String::new();
         for i in chunk * 500..((chunk + 1) * 500).min(services) {
             let np = 30000 + (i % 2768);
             let eps: Vec<String> = (0..endpoints)
-                .filter(|e| changed != Some(i) || *e != 0)
+                .filter(|e| !changed.contains(&i) || *e != 0)
                 .map(|e| {
                     format!(
                         "{{addresses: [\"{}\"], nodeName: node{}}}",
@@ -194,7 +192,7 @@ pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
         let dir = std::env::temp_dir().join(format!("weir-bench-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        write_manifests(&dir, n, args.endpoints, None)?;
+        write_manifests(&dir, n, args.endpoints, &[])?;
         let source = format!("dir:{}", dir.display());
         let pid = ns
             .spawn(
@@ -228,21 +226,24 @@ pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
         )
         .unwrap_or(0.0);
-        // One endpoint of one service removed.
-        write_manifests(&dir, n, args.endpoints, Some(n / 2))?;
-        wait_metric(
-            &ns,
-            &probe,
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            last,
-            Duration::from_secs(60),
-        )?;
-        let partial = get_metric(
-            &ns,
-            &probe,
-            "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum",
-        )
-        .unwrap_or(f64::NAN);
+        // One endpoint of one service removed, five times (services spread over files);
+        // the mean partial sync is reported.
+        let mut last = last;
+        let mut removed = Vec::new();
+        for k in 0..CHANGES {
+            removed.push((n / 2 + k * 97) % n);
+            write_manifests(&dir, n, args.endpoints, &removed)?;
+            last = wait_metric(
+                &ns,
+                &probe,
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                last,
+                Duration::from_secs(60),
+            )?;
+        }
+        let metric = |name| get_metric(&ns, &probe, name).unwrap_or(f64::NAN);
+        let partial = metric("kubeproxy_sync_partial_proxy_rules_duration_seconds_sum")
+            / metric("kubeproxy_sync_partial_proxy_rules_duration_seconds_count");
         let mib = |field| {
             status_kib(pid, field)
                 .map(|k| k as f64 / 1024.0)

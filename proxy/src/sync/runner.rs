@@ -231,6 +231,7 @@ impl<K: NftBackend> Runner<K> {
             ops,
             element_changes = changes_applied,
             plan_us = planned.as_micros() as u64,
+            apply_us = (started.elapsed() - planned).as_micros() as u64,
             took_us = started.elapsed().as_micros() as u64,
             "synced"
         );
