@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// The proxy modes weir knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ProxyMode {
     /// nftables: one table `weir` with shared named maps.
     Nftables,
@@ -88,17 +89,18 @@ pub enum SourceConfig {
     Dir(PathBuf),
 }
 
-/// The validated configuration.
+/// The validated configuration (served by `/configz` in kube-proxy's camelCase).
 #[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Config {
-    /// Proxy mode name.
-    #[serde(skip)]
+    /// Proxy mode.
     pub mode: ProxyMode,
     /// Object source.
     pub source: SourceConfig,
     /// This node's name.
     pub node_name: String,
     /// Cluster pod CIDRs.
+    #[serde(rename = "clusterCIDRs")]
     pub cluster_cidrs: Vec<IpNetwork>,
     /// NodePort address CIDRs.
     pub nodeport_addresses: Vec<IpNetwork>,
@@ -223,6 +225,15 @@ mod tests {
         assert_eq!(c.min_sync_period, Duration::from_secs(1));
         assert_eq!(c.sync_period, Duration::from_secs(30));
         assert_eq!(c.node_name, "host1");
+    }
+
+    #[test]
+    fn configz_shows_the_effective_config_with_kube_proxy_field_names() {
+        let c = parse(&["--source", "dir:/x", "--cluster-cidr", "10.244.0.0/16"]).unwrap();
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["mode"], "nftables");
+        assert_eq!(v["clusterCIDRs"][0], "10.244.0.0/16");
+        assert_eq!(v["metricsBindAddress"], "127.0.0.1:10249");
     }
 
     #[test]

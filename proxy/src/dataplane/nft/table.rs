@@ -553,7 +553,7 @@ pub struct DumpedChain {
 pub struct DumpedMap {
     /// Whether it is a set (`set NAME`) rather than a map (`map NAME`).
     pub is_set: bool,
-    /// The declaration line (`type ...` / `typeof ...`).
+    /// The declaration line (`type ...`).
     pub decl: String,
     /// Elements.
     pub elements: BTreeMap<Key, Data>,
