@@ -166,6 +166,19 @@ impl<K: NftBackend> Runner<K> {
                     warn!(error = %e, "skipping invalid object");
                 }
                 self.desired = state;
+                if self.desired.node_ips.is_empty()
+                    && self
+                        .desired
+                        .services
+                        .values()
+                        .any(|s| s.info.node_port.is_some())
+                {
+                    warn!(
+                        node = %self.cfg.model.node_name,
+                        "no InternalIP/ExternalIP for this node (Node object missing or without \
+                         status.addresses, or --hostname-override wrong): NodePorts are not served"
+                    );
+                }
                 let realized = match self.read_kernel(family).await {
                     Ok(r) => r,
                     Err(e) => {
