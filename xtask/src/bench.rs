@@ -204,8 +204,9 @@ pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
                     "node1",
                     "--cluster-cidr",
                     "10.244.0.0/16",
+                    // kube-proxy's default: a change waits for a burst to settle.
                     "--min-sync-period",
-                    "0s",
+                    "1s",
                     "--sync-period",
                     "1h",
                 ],

@@ -31,7 +31,8 @@ pub struct Endpoint {
 pub struct ServicePortState {
     /// Frontends (cluster IPs, port, NodePort).
     pub info: ServiceInfo,
-    /// Endpoints that receive new connections, sorted and without duplicates.
+    /// Endpoints that receive new connections, without duplicates, in slot order: sorted
+    /// when the port is first seen, then stable (an endpoint keeps its slot while it stays).
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -102,26 +103,73 @@ pub enum ModelError {
 /// Computes the desired state of every Service. Invalid objects are left out and returned
 /// as errors.
 pub fn compute(store: &Store, cfg: &ModelConfig) -> (DesiredState, Vec<ModelError>) {
+    let mut state = DesiredState::default();
+    let errors = recompute(store, cfg, &mut state);
+    (state, errors)
+}
+
+/// Recomputes every Service onto an existing state, so each port keeps the slot order of
+/// its endpoints (see [`DesiredState::replace_service`]) across full syncs.
+pub fn recompute(store: &Store, cfg: &ModelConfig, state: &mut DesiredState) -> Vec<ModelError> {
     let mut errors: Vec<ModelError> = store
         .slices()
         .values()
         .filter_map(|r| r.as_ref().err().cloned().map(ModelError::from))
         .collect();
-    let mut state = DesiredState {
-        node_ips: store.node_ips(&cfg.node_name),
-        ..DesiredState::default()
-    };
+    state.node_ips = store.node_ips(&cfg.node_name);
+    let gone: BTreeSet<ObjectKey> = state
+        .services
+        .keys()
+        .map(|n| ObjectKey::new(n.namespace.clone(), n.name.clone()))
+        .filter(|k| !store.services().contains_key(k))
+        .collect();
+    for key in &gone {
+        state.replace_service(key, Vec::new());
+    }
     for key in store.services().keys() {
         match compute_service(store, key, cfg) {
             Ok(ports) => {
                 let (_, conflicts) = state.replace_service(key, ports);
                 errors.extend(conflicts);
             }
-            Err(e) => errors.push(e),
+            Err(e) => {
+                state.replace_service(key, Vec::new());
+                errors.push(e)
+            }
         }
     }
     state.needs_full = false;
-    (state, errors)
+    errors
+}
+
+/// Orders `new` endpoints so that each one also in `old` keeps its position (its slot in
+/// the dataplane), new ones fill the places of removed ones, and the list stays dense by
+/// moving the last endpoints into remaining holes. Identity is address and port.
+fn sticky_order(old: &[Endpoint], new: Vec<Endpoint>) -> Vec<Endpoint> {
+    let id = |e: &Endpoint| (e.ip, e.port);
+    let mut incoming: BTreeMap<(IpAddr, u16), Endpoint> =
+        new.into_iter().map(|e| (id(&e), e)).collect();
+    let mut slots: Vec<Option<Endpoint>> = old.iter().map(|e| incoming.remove(&id(e))).collect();
+    let mut extra = incoming.into_values();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        *slot = extra.next();
+    }
+    slots.extend(extra.map(Some));
+    // Fill holes from the end.
+    let mut out: Vec<Option<Endpoint>> = Vec::with_capacity(slots.len());
+    let mut tail: Vec<Endpoint> = Vec::new();
+    let live = slots.iter().filter(|s| s.is_some()).count();
+    for (i, s) in slots.into_iter().enumerate() {
+        if i < live {
+            out.push(s);
+        } else if let Some(e) = s {
+            tail.push(e);
+        }
+    }
+    for slot in out.iter_mut().filter(|s| s.is_none()) {
+        *slot = tail.pop();
+    }
+    out.into_iter().flatten().collect()
 }
 
 /// The desired state of one Service's ports (empty when it is skipped or gone).
@@ -232,6 +280,10 @@ impl DesiredState {
                 self.frontends.insert(f, name.clone());
             }
             let prev = old.remove(&name);
+            let mut p = p;
+            if let Some(prev) = &prev {
+                p.endpoints = sticky_order(&prev.endpoints, std::mem::take(&mut p.endpoints));
+            }
             if prev.as_ref() != Some(&p) {
                 deltas.push(ServiceDelta {
                     name: name.clone(),
@@ -375,6 +427,36 @@ endpoints:
             errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
             ["Service demo/web2:http/TCP: frontend 10.96.0.10:80/TCP is already used by demo/web:http/TCP; this port is left out"]
         );
+    }
+
+    fn ep(last: u8) -> Endpoint {
+        Endpoint {
+            ip: IpAddr::from([10, 244, 1, last]),
+            port: 8080,
+            is_local: true,
+        }
+    }
+
+    #[test]
+    fn endpoints_keep_their_slots_when_others_come_and_go() {
+        let old = vec![ep(1), ep(2), ep(3), ep(4)];
+        // 2 goes, 9 comes: 9 takes 2's slot; the others stay.
+        assert_eq!(
+            sticky_order(&old, vec![ep(1), ep(3), ep(4), ep(9)]),
+            [ep(1), ep(9), ep(3), ep(4)]
+        );
+        // 1 goes: the last one moves into its slot, the list stays dense.
+        assert_eq!(
+            sticky_order(&old, vec![ep(2), ep(3), ep(4)]),
+            [ep(4), ep(2), ep(3)]
+        );
+        // Growth appends.
+        assert_eq!(
+            sticky_order(&old[..2], vec![ep(1), ep(2), ep(5)]),
+            [ep(1), ep(2), ep(5)]
+        );
+        // 1 and 3 go, nothing comes.
+        assert_eq!(sticky_order(&old, vec![ep(2), ep(4)]), [ep(4), ep(2)]);
     }
 
     #[test]

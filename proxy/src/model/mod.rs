@@ -11,8 +11,8 @@ pub mod store;
 
 pub use change_tracker::{ChangeTracker, ObjectKey};
 pub use desired::{
-    compute, compute_service, DesiredState, Endpoint, ModelConfig, ModelError, ServiceDelta,
-    ServicePortState,
+    compute, compute_service, recompute, DesiredState, Endpoint, ModelConfig, ModelError,
+    ServiceDelta, ServicePortState,
 };
 pub use endpoint::EndpointInfo;
 pub use service::ServiceInfo;

@@ -11,7 +11,7 @@ use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::health::ProxyHealth;
 use crate::http::metrics::Metrics;
 use crate::model::{
-    compute, compute_service, DesiredState, ModelConfig, ServiceDelta, ServicePortState, Store,
+    compute_service, recompute, DesiredState, ModelConfig, ServiceDelta, ServicePortState, Store,
 };
 use crate::source::SourceUpdate;
 use std::sync::Arc;
@@ -161,11 +161,9 @@ impl<K: NftBackend> Runner<K> {
         let (plans, next) = match planned {
             Some(done) => done,
             None => {
-                let (state, errors) = compute(&self.store, &self.cfg.model);
-                for e in &errors {
+                for e in recompute(&self.store, &self.cfg.model, &mut self.desired) {
                     warn!(error = %e, "skipping invalid object");
                 }
-                self.desired = state;
                 if self.desired.node_ips.is_empty()
                     && self
                         .desired

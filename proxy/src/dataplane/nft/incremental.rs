@@ -219,17 +219,21 @@ mod tests {
                         .collect();
                     deltas.extend(current.replace_service(&key, ports).0);
                 }
-                prop_assert_eq!(&current, &next);
+                // Same ports and endpoints as `next`; endpoints keep their slots (order).
+                let as_sets = |s: &DesiredState| -> Vec<(String, BTreeSet<IpAddr>)> {
+                    s.services.values().map(|p| (p.info.name.to_string(), p.endpoints.iter().map(|e| e.ip).collect())).collect()
+                };
+                prop_assert_eq!(as_sets(&current), as_sets(&next));
                 let p = inc.update(&deltas, &current.node_ips);
                 fake.apply(&p).map_err(|e| TestCaseError::fail(format!("{e}\n{}", p.to_script())))?;
-                let want = desired_table(&next, &cfg(), family);
+                let want = desired_table(&current, &cfg(), family);
                 prop_assert_eq!(fake.dump(family).unwrap().to_text(), want.to_dump().to_text());
                 // The full-sync planner agrees: nothing to do against the same table, and
                 // from nothing it builds the same table.
-                let (again, _) = plan_state(&next, &cfg(), family, fake.dump(family).unwrap());
+                let (again, _) = plan_state(&current, &cfg(), family, fake.dump(family).unwrap());
                 prop_assert!(again.is_empty(), "{}", again.to_script());
                 let mut fresh = FakeNft::default();
-                let (p, _) = plan_state(&next, &cfg(), family, DumpedTable::empty(family));
+                let (p, _) = plan_state(&current, &cfg(), family, DumpedTable::empty(family));
                 fresh.apply(&p).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(fresh.dump(family).unwrap().to_text(), want.to_dump().to_text());
             }
@@ -260,5 +264,31 @@ mod tests {
         // goes away (2 deletes); no other service is touched.
         assert_eq!(p.element_changes(), 6, "{}", p.to_script());
         assert!(!p.to_script().contains("10.96.0.3 "), "{}", p.to_script());
+    }
+
+    #[test]
+    fn removing_the_first_endpoint_moves_only_the_last_one_into_its_slot() {
+        let family = Family::Ip;
+        let spec: Spec = (0..6)
+            .map(|_| Some((0, true, vec![(0, false), (1, false), (2, true)])))
+            .collect();
+        let mut current = state(&spec);
+        let mut inc = Incremental::new(&current, &cfg(), family);
+        let mut smaller = spec.clone();
+        smaller[3] = Some((0, true, vec![(1, false), (2, true)]));
+        let next = state(&smaller);
+        let key = ObjectKey::new("ns", "s3");
+        let ports = next
+            .services
+            .values()
+            .filter(|s| s.info.name.name == "s3")
+            .cloned()
+            .collect();
+        let (deltas, _) = current.replace_service(&key, ports);
+        let p = inc.update(&deltas, &current.node_ips);
+        // Per frontend (ClusterIP, NodePort): slot 0 gets the last endpoint (2), slot 2 goes
+        // (1), the goto changes (2). Slot 1 is untouched.
+        assert_eq!(p.element_changes(), 10, "{}", p.to_script());
+        assert!(!p.to_script().contains("backends_1"), "{}", p.to_script());
     }
 }
