@@ -240,8 +240,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn removing_one_endpoint_sends_only_that_service_s_elements() {
+    /// Six services with endpoints 0, 1, 2; service 3 then keeps only `kept`. Returns the
+    /// incremental plan for that change.
+    fn plan_for_s3_keeping(kept: Vec<(u8, bool)>) -> Plan {
         let family = Family::Ip;
         let spec: Spec = (0..6)
             .map(|_| Some((0, true, vec![(0, false), (1, false), (2, true)])))
@@ -249,17 +250,21 @@ mod tests {
         let mut current = state(&spec);
         let mut inc = Incremental::new(&current, &cfg(), family);
         let mut smaller = spec.clone();
-        smaller[3] = Some((0, true, vec![(0, false), (1, false)]));
+        smaller[3] = Some((0, true, kept));
         let next = state(&smaller);
-        let key = ObjectKey::new("ns", "s3");
         let ports = next
             .services
             .values()
             .filter(|s| s.info.name.name == "s3")
             .cloned()
             .collect();
-        let (deltas, _) = current.replace_service(&key, ports);
-        let p = inc.update(&deltas, &current.node_ips);
+        let (deltas, _) = current.replace_service(&ObjectKey::new("ns", "s3"), ports);
+        inc.update(&deltas, &current.node_ips)
+    }
+
+    #[test]
+    fn removing_one_endpoint_sends_only_that_service_s_elements() {
+        let p = plan_for_s3_keeping(vec![(0, false), (1, false)]);
         // ClusterIP and NodePort frontends: goto changes (2 deletes + 2 adds) and slot 2
         // goes away (2 deletes); no other service is touched.
         assert_eq!(p.element_changes(), 6, "{}", p.to_script());
@@ -268,24 +273,7 @@ mod tests {
 
     #[test]
     fn removing_the_first_endpoint_moves_only_the_last_one_into_its_slot() {
-        let family = Family::Ip;
-        let spec: Spec = (0..6)
-            .map(|_| Some((0, true, vec![(0, false), (1, false), (2, true)])))
-            .collect();
-        let mut current = state(&spec);
-        let mut inc = Incremental::new(&current, &cfg(), family);
-        let mut smaller = spec.clone();
-        smaller[3] = Some((0, true, vec![(1, false), (2, true)]));
-        let next = state(&smaller);
-        let key = ObjectKey::new("ns", "s3");
-        let ports = next
-            .services
-            .values()
-            .filter(|s| s.info.name.name == "s3")
-            .cloned()
-            .collect();
-        let (deltas, _) = current.replace_service(&key, ports);
-        let p = inc.update(&deltas, &current.node_ips);
+        let p = plan_for_s3_keeping(vec![(1, false), (2, true)]);
         // Per frontend (ClusterIP, NodePort): slot 0 gets the last endpoint (2), slot 2 goes
         // (1), the goto changes (2). Slot 1 is untouched.
         assert_eq!(p.element_changes(), 10, "{}", p.to_script());
