@@ -50,6 +50,10 @@ pub struct Args {
     /// is masqueraded.
     #[arg(long, env = "WEIR_CLUSTER_CIDR", value_delimiter = ',')]
     pub cluster_cidr: Vec<String>,
+    /// The Service ClusterIP range(s) (comma-separated): traffic to an unallocated address
+    /// in it is dropped.
+    #[arg(long, env = "WEIR_SERVICE_CLUSTER_IP_RANGE", value_delimiter = ',')]
+    pub service_cluster_ip_range: Vec<String>,
     /// Addresses (CIDRs) NodePorts are served on (comma-separated). Accepted and validated;
     /// NodePorts are served on the Node object's addresses for now.
     #[arg(long, env = "WEIR_NODEPORT_ADDRESSES", value_delimiter = ',')]
@@ -102,6 +106,9 @@ pub struct Config {
     /// Cluster pod CIDRs.
     #[serde(rename = "clusterCIDRs")]
     pub cluster_cidrs: Vec<IpNetwork>,
+    /// Service ClusterIP ranges.
+    #[serde(rename = "serviceClusterIPRange")]
+    pub service_cidrs: Vec<IpNetwork>,
     /// NodePort address CIDRs.
     pub nodeport_addresses: Vec<IpNetwork>,
     /// Masquerade all ClusterIP traffic.
@@ -196,6 +203,7 @@ impl Args {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| hostname.trim().to_owned()),
             cluster_cidrs: cidrs("cluster-cidr", &self.cluster_cidr)?,
+            service_cidrs: cidrs("service-cluster-ip-range", &self.service_cluster_ip_range)?,
             nodeport_addresses: cidrs("nodeport-addresses", &self.nodeport_addresses)?,
             masquerade_all: self.masquerade_all,
             metrics_bind_address: addr("metrics-bind-address", &self.metrics_bind_address)?,

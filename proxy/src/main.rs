@@ -86,6 +86,7 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
             },
             render: RenderConfig {
                 cluster_cidrs: cfg.cluster_cidrs.clone(),
+                service_cidrs: cfg.service_cidrs.clone(),
                 masquerade_all: cfg.masquerade_all,
             },
             min_sync_period: cfg.min_sync_period,

@@ -59,6 +59,7 @@ fn render_fixture(yaml: &str) -> Table {
     assert!(errors.is_empty(), "{errors:?}");
     let cfg = RenderConfig {
         cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
         masquerade_all: false,
     };
     desired_table(&state, &cfg, Family::Ip)

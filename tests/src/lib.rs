@@ -376,6 +376,8 @@ pub fn start_proxy(node: &mut Netns, dir: &Path, metrics_port: u16) -> Result<u3
                 "node1",
                 "--cluster-cidr",
                 "10.244.0.0/16",
+                "--service-cluster-ip-range",
+                "10.96.0.0/16",
                 "--metrics-bind-address",
                 &metrics,
                 "--healthz-bind-address",

@@ -211,3 +211,16 @@ fn an_invalid_edit_of_a_manifest_keeps_what_is_programmed() {
     assert_eq!(answers(&r).iter().map(|(_, n)| n).sum::<u64>(), 20, "{r}");
     assert!(last_sync(&env.topo.node, METRICS).unwrap() >= before);
 }
+
+#[test]
+fn unallocated_service_address_is_dropped_and_an_unknown_port_rejected() {
+    let Some(env) = setup(1, &web(&[0])) else {
+        return;
+    };
+    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.99:80", "1"]).unwrap();
+    assert_eq!(r["errors"]["timeout"].as_u64(), Some(1), "dropped: {r}");
+    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.10:81", "3"]).unwrap();
+    assert_eq!(r["errors"]["refused"].as_u64(), Some(3), "rejected: {r}");
+    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "3"]).unwrap();
+    assert_eq!(answers(&r).iter().map(|(_, n)| n).sum::<u64>(), 3, "{r}");
+}

@@ -1,7 +1,7 @@
 //! Turning a desired table into a plan against what is realized, in a safe order.
 
 use super::plan::{Op, Plan};
-use super::render::{contribution, hairpin_key, skeleton, Counts, MapName, RenderConfig};
+use super::render::{contribution, skeleton, Counts, RenderConfig};
 use super::table::{Chain, Data, DumpedTable, Family, Key, MapDecl, Table};
 use crate::model::DesiredState;
 use std::collections::BTreeMap;
@@ -145,17 +145,17 @@ pub fn plan_state(
         counts.add(&contribution(sp, &state.node_ips, family));
     }
     let skel = skeleton(&counts, cfg, family);
-    let hairpin: Vec<(String, Key, Data)> = counts
-        .hairpin
-        .keys()
-        .map(|ip| (MapName::Hairpin.to_string(), hairpin_key(*ip), Data::None))
+    let shared: Vec<(String, Key, Data)> = counts
+        .shared
+        .into_keys()
+        .map(|(map, key)| (map.to_string(), key, Data::None))
         .collect();
     let elements = state
         .services
         .values()
         .flat_map(|sp| contribution(sp, &state.node_ips, family).elements)
         .map(|(m, k, d)| (m.to_string(), k, d))
-        .chain(hairpin);
+        .chain(shared);
     plan_from(&skel, elements, realized)
 }
 

@@ -3,7 +3,7 @@
 
 use super::diff::TableDelta;
 use super::plan::Plan;
-use super::render::{contribution, hairpin_key, skeleton, Counts, MapName, RenderConfig};
+use super::render::{contribution, skeleton, Counts, MapName, RenderConfig};
 use super::table::{Data, Family, Key, Table};
 use crate::model::{DesiredState, ServiceDelta};
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,7 +49,7 @@ impl Incremental {
         let fam = self.family;
         let mut dels: BTreeMap<MapName, BTreeSet<Key>> = BTreeMap::new();
         let mut adds: BTreeMap<MapName, BTreeMap<Key, Data>> = BTreeMap::new();
-        let mut hairpin_before: BTreeMap<IpAddr, bool> = BTreeMap::new();
+        let mut shared_before: BTreeMap<(MapName, Key), bool> = BTreeMap::new();
         for d in deltas {
             let old = d
                 .old
@@ -61,10 +61,10 @@ impl Incremental {
                 .as_ref()
                 .map(|s| contribution(s, node_ips, fam))
                 .unwrap_or_default();
-            for ip in old.hairpin.iter().chain(&new.hairpin) {
-                hairpin_before
-                    .entry(*ip)
-                    .or_insert_with(|| self.counts.hairpin.contains_key(ip));
+            for k in old.shared.iter().chain(&new.shared) {
+                shared_before
+                    .entry(k.clone())
+                    .or_insert_with(|| self.counts.shared.contains_key(k));
             }
             self.counts.remove(&old);
             self.counts.add(&new);
@@ -83,16 +83,12 @@ impl Incremental {
                 }
             }
         }
-        for (ip, was) in hairpin_before {
-            let now = self.counts.hairpin.contains_key(&ip);
+        for ((map, key), was) in shared_before {
+            let now = self.counts.shared.contains_key(&(map, key.clone()));
             if was && !now {
-                dels.entry(MapName::Hairpin)
-                    .or_default()
-                    .insert(hairpin_key(ip));
+                dels.entry(map).or_default().insert(key);
             } else if !was && now {
-                adds.entry(MapName::Hairpin)
-                    .or_default()
-                    .insert(hairpin_key(ip), Data::None);
+                adds.entry(map).or_default().insert(key, Data::None);
             }
         }
         let next = skeleton(&self.counts, &self.cfg, fam);
@@ -126,6 +122,7 @@ mod tests {
     fn cfg() -> RenderConfig {
         RenderConfig {
             cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
             masquerade_all: false,
         }
     }

@@ -39,6 +39,8 @@ pub mod names {
     pub const NO_ENDPOINT_SERVICES: &str = "no_endpoint_services";
     /// `endpoint . endpoint` pairs for hairpin masquerade.
     pub const HAIRPIN: &str = "hairpin";
+    /// Every ClusterIP: other ports on them are rejected.
+    pub const CLUSTER_IPS: &str = "cluster_ips";
     /// Dispatch chain jumped to from the nat hooks.
     pub const SERVICES: &str = "services";
     /// Prefix of the per-endpoint-count chains for ClusterIP frontends.
@@ -54,6 +56,8 @@ pub mod names {
 pub struct RenderConfig {
     /// `--cluster-cidr`: ClusterIP traffic from outside it is masqueraded.
     pub cluster_cidrs: Vec<IpNetwork>,
+    /// `--service-cluster-ip-range`: traffic to unallocated addresses in it is dropped.
+    pub service_cidrs: Vec<IpNetwork>,
     /// `--masquerade-all`: masquerade all ClusterIP traffic.
     pub masquerade_all: bool,
 }
@@ -80,8 +84,9 @@ pub struct Contribution {
     pub elements: Vec<(MapName, Key, Data)>,
     /// Pick chains used, one per frontend with endpoints: (external?, endpoint count).
     pub picks: Vec<(bool, usize)>,
-    /// Local endpoints (hairpin pairs), shared between services and so reference-counted.
-    pub hairpin: Vec<IpAddr>,
+    /// Set elements several Service ports may need (hairpin pairs of local endpoints,
+    /// ClusterIPs): reference-counted, present while any port needs them.
+    pub shared: Vec<(MapName, Key)>,
 }
 
 /// A map elements go to.
@@ -93,6 +98,8 @@ pub enum MapName {
     NoEndpointServices,
     /// `hairpin`.
     Hairpin,
+    /// `cluster_ips`.
+    ClusterIps,
     /// `backends_I`.
     Backends(usize),
 }
@@ -103,6 +110,7 @@ impl std::fmt::Display for MapName {
             MapName::ServiceIps => f.write_str(names::SERVICE_IPS),
             MapName::NoEndpointServices => f.write_str(names::NO_ENDPOINT_SERVICES),
             MapName::Hairpin => f.write_str(names::HAIRPIN),
+            MapName::ClusterIps => f.write_str(names::CLUSTER_IPS),
             MapName::Backends(i) => write!(f, "{}{i}", names::BACKENDS_PREFIX),
         }
     }
@@ -153,15 +161,32 @@ pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) 
             ));
         }
     }
-    c.hairpin = eps.iter().filter(|e| e.is_local).map(|e| e.ip).collect();
+    c.shared = eps
+        .iter()
+        .filter(|e| e.is_local)
+        .map(|e| {
+            (
+                MapName::Hairpin,
+                Key(vec![Atom::Addr(e.ip), Atom::Addr(e.ip)]),
+            )
+        })
+        .chain(
+            sp.info
+                .cluster_ips
+                .iter()
+                .filter(|ip| family.contains(ip))
+                .map(|ip| (MapName::ClusterIps, Key(vec![Atom::Addr(*ip)]))),
+        )
+        .collect();
     c
 }
 
-/// Reference counts of the shared parts: pick chains per (external?, N) and hairpin pairs.
+/// Reference counts of the shared parts: pick chains per (external?, N) and shared set
+/// elements.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
     picks: BTreeMap<(bool, usize), usize>,
-    pub(super) hairpin: BTreeMap<IpAddr, usize>,
+    pub(super) shared: BTreeMap<(MapName, Key), usize>,
 }
 
 impl Counts {
@@ -169,8 +194,8 @@ impl Counts {
         for p in &c.picks {
             *self.picks.entry(*p).or_default() += 1;
         }
-        for ip in &c.hairpin {
-            *self.hairpin.entry(*ip).or_default() += 1;
+        for k in &c.shared {
+            *self.shared.entry(k.clone()).or_default() += 1;
         }
     }
 
@@ -183,19 +208,15 @@ impl Counts {
                 }
             }
         }
-        for ip in &c.hairpin {
-            if let Some(v) = self.hairpin.get_mut(ip) {
+        for k in &c.shared {
+            if let Some(v) = self.shared.get_mut(k) {
                 *v -= 1;
                 if *v == 0 {
-                    self.hairpin.remove(ip);
+                    self.shared.remove(k);
                 }
             }
         }
     }
-}
-
-pub(super) fn hairpin_key(ip: IpAddr) -> Key {
-    Key(vec![Atom::Addr(ip), Atom::Addr(ip)])
 }
 
 /// Chains and (empty) maps for the pick chains and slots in use.
@@ -215,6 +236,8 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
     t.maps.insert(NO_ENDPOINT_SERVICES.into(), empty(frontend));
     t.maps
         .insert(HAIRPIN.into(), empty(decl(&[Addr, Addr], DataType::None)));
+    t.maps
+        .insert(CLUSTER_IPS.into(), empty(decl(&[Addr], DataType::None)));
     let max_slots = counts.picks.keys().map(|(_, n)| *n).max().unwrap_or(0);
     for slot in 0..max_slots {
         t.maps.insert(
@@ -311,6 +334,24 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
         ],
         vec![Stmt::Reject],
     );
+    // What is still addressed to a ClusterIP here was not DNATed: a port the Service does
+    // not have. What is addressed to the service range but no ClusterIP is unallocated.
+    let mut checks = vec![Rule::new(
+        vec![
+            Match::CtStateNew,
+            Match::InSet {
+                key: vec![KeyExpr::DAddr],
+                set: CLUSTER_IPS.into(),
+            },
+        ],
+        vec![Stmt::Reject],
+    )];
+    for cidr in cfg.service_cidrs.iter().filter(|c| family_of(c) == family) {
+        checks.push(Rule::new(
+            vec![Match::CtStateNew, Match::DAddrIn(*cidr)],
+            vec![Stmt::Drop],
+        ));
+    }
     for (name, hook) in [
         ("filter_input", Hook::Input),
         ("filter_forward", Hook::Forward),
@@ -320,7 +361,9 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
             name.into(),
             Chain {
                 base: base(ChainType::Filter, hook, -1),
-                rules: vec![reject.clone()],
+                rules: std::iter::once(reject.clone())
+                    .chain(checks.iter().cloned())
+                    .collect(),
             },
         );
     }
@@ -346,12 +389,10 @@ pub fn desired_table(state: &DesiredState, cfg: &RenderConfig, family: Family) -
             }
         }
     }
-    if let Some(m) = t.maps.get_mut(names::HAIRPIN) {
-        m.elements = counts
-            .hairpin
-            .keys()
-            .map(|ip| (hairpin_key(*ip), Data::None))
-            .collect();
+    for (map, key) in counts.shared.into_keys() {
+        if let Some(m) = t.maps.get_mut(&map.to_string()) {
+            m.elements.insert(key, Data::None);
+        }
     }
     t
 }

@@ -180,6 +180,8 @@ pub enum Match {
     FibDaddrLocal,
     /// `ip saddr != CIDR`.
     SAddrNotIn(IpNetwork),
+    /// `ip daddr CIDR`.
+    DAddrIn(IpNetwork),
     /// `meta mark & BIT == BIT`.
     MarkHas(u32),
     /// `KEY @set`: the key is an element of the named set.
@@ -202,6 +204,8 @@ pub enum Stmt {
     Masquerade,
     /// `reject` (ICMP port unreachable).
     Reject,
+    /// `drop`.
+    Drop,
     /// `jump CHAIN`.
     Jump(String),
     /// `KEY vmap @map`: jump or goto by lookup; a miss continues with the next rule.
@@ -282,6 +286,7 @@ impl fmt::Display for RuleDisplay<'_> {
                 Match::CtStatusDnat => "ct status dnat".to_owned(),
                 Match::FibDaddrLocal => "fib daddr type local".to_owned(),
                 Match::SAddrNotIn(net) => format!("{fam} saddr != {net}"),
+                Match::DAddrIn(net) => format!("{fam} daddr {net}"),
                 Match::MarkHas(bit) => format!("meta mark & {bit:#010x} == {bit:#010x}"),
                 Match::InSet { key, set } => format!("{} @{set}", KeyDisplay(fam, key)),
             });
@@ -292,6 +297,7 @@ impl fmt::Display for RuleDisplay<'_> {
                 Stmt::MarkXor(bit) => format!("meta mark set meta mark ^ {bit:#010x}"),
                 Stmt::Masquerade => "masquerade fully-random".to_owned(),
                 Stmt::Reject => "reject".to_owned(),
+                Stmt::Drop => "drop".to_owned(),
                 Stmt::Jump(c) => format!("jump {c}"),
                 Stmt::Vmap { key, map } => format!("{} vmap @{map}", KeyDisplay(fam, key)),
                 Stmt::NumgenVmap { chains } => {

@@ -250,6 +250,7 @@ fn matches(table: &Table, host: &Host, p: &Packet, st: &State, m: &Match) -> boo
         Match::CtStatusDnat => st.dnat.is_some(),
         Match::FibDaddrLocal => host.local_addrs.contains(&st.dst),
         Match::SAddrNotIn(net) => !net.contains(p.src),
+        Match::DAddrIn(net) => net.contains(st.dst),
         Match::MarkHas(bit) => st.mark & bit == *bit,
         Match::InSet { key, set } => lookup(table, set, &key_of(p, st, key)).is_some(),
     }
@@ -284,6 +285,7 @@ fn run_stmts(
             return Ok(vec![Flow::Done(st, Verdict::Accept)]);
         }
         Stmt::Reject => return Ok(vec![Flow::Done(st, Verdict::Reject)]),
+        Stmt::Drop => return Ok(vec![Flow::Done(st, Verdict::Drop)]),
         Stmt::Jump(target) => {
             let mut out = Vec::new();
             for f in run_chain(table, host, p, target, st, depth + 1)? {
@@ -376,6 +378,7 @@ mod tests {
     fn programmed(state: &DesiredState) -> Table {
         let cfg = RenderConfig {
             cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
             masquerade_all: false,
         };
         let want = desired_table(state, &cfg, Family::Ip);
@@ -587,20 +590,57 @@ mod tests {
     }
 
     #[test]
-    fn wrong_protocol_or_port_is_not_translated() {
+    fn a_port_the_service_does_not_have_is_rejected() {
         let t = programmed(&state());
-        let out = trace(
-            &t,
-            &host(),
-            &pkt(
-                "10.244.1.10",
-                "10.96.0.53",
-                Protocol::Tcp,
-                53,
-                Origin::Forwarded,
-            ),
-        )
-        .unwrap();
-        assert_eq!(dnats(&out), ["Accept  masq=false"]);
+        let p = pkt(
+            "10.244.1.10",
+            "10.96.0.53",
+            Protocol::Tcp,
+            53,
+            Origin::Forwarded,
+        );
+        assert_eq!(
+            dnats(&trace(&t, &host(), &p).unwrap()),
+            ["Reject  masq=false"]
+        );
+        let p = pkt(
+            "192.168.77.10",
+            "10.96.0.10",
+            Protocol::Tcp,
+            81,
+            Origin::Local,
+        );
+        assert_eq!(
+            dnats(&trace(&t, &host(), &p).unwrap()),
+            ["Reject  masq=false"]
+        );
+    }
+
+    #[test]
+    fn an_unallocated_address_in_the_service_range_is_dropped_and_others_pass() {
+        let t = programmed(&state());
+        let p = pkt(
+            "10.244.1.10",
+            "10.96.0.99",
+            Protocol::Tcp,
+            80,
+            Origin::Forwarded,
+        );
+        assert_eq!(
+            dnats(&trace(&t, &host(), &p).unwrap()),
+            ["Drop  masq=false"]
+        );
+        let p = pkt(
+            "10.244.1.10",
+            "10.97.0.1",
+            Protocol::Tcp,
+            80,
+            Origin::Forwarded,
+        );
+        assert_eq!(
+            dnats(&trace(&t, &host(), &p).unwrap()),
+            ["Accept  masq=false"],
+            "outside the service range: not ours"
+        );
     }
 }
