@@ -224,3 +224,27 @@ fn unallocated_service_address_is_dropped_and_an_unknown_port_rejected() {
     let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "3"]).unwrap();
     assert_eq!(answers(&r).iter().map(|(_, n)| n).sum::<u64>(), 3, "{r}");
 }
+
+#[test]
+fn internal_traffic_policy_local_sends_clusterip_traffic_only_to_local_endpoints() {
+    // pod-1 runs in this node's namespace, but its EndpointSlice entry names node2: to
+    // weir it is a remote endpoint.
+    let yaml = web(&[0, 1])
+        .replace(
+            "  type: NodePort\n",
+            "  type: NodePort\n  internalTrafficPolicy: Local\n",
+        )
+        .replace(
+            &format!("[\"{}\"], nodeName: node1", pod_ip(1)),
+            &format!("[\"{}\"], nodeName: node2", pod_ip(1)),
+        );
+    assert!(yaml.contains("internalTrafficPolicy: Local") && yaml.contains("nodeName: node2"));
+    let Some(env) = setup(2, &yaml) else {
+        return;
+    };
+    let r = probe(&env.topo.node, &["tcp", "10.96.0.10:80", "40"]).unwrap();
+    assert_eq!(answers(&r), vec![("pod-0".to_owned(), 40)], "{r}");
+    // External traffic to the NodePort is not internal: both endpoints.
+    let r = probe(&env.topo.client, &["tcp", "192.168.77.10:30080", "60"]).unwrap();
+    assert_eq!(answers(&r).len(), 2, "{r}");
+}

@@ -18,6 +18,9 @@ pub struct ServiceInfo {
     pub port: u16,
     /// The NodePort, for NodePort and LoadBalancer Services that have one.
     pub node_port: Option<u16>,
+    /// `internalTrafficPolicy: Local`: ClusterIP traffic goes only to endpoints on this
+    /// node, and is dropped when there are none here.
+    pub internal_local: bool,
 }
 
 /// Why a Service is deliberately not programmed.
@@ -109,6 +112,16 @@ pub fn service_ports(svc: &Service) -> Result<ServicePorts, ServiceError> {
             .map_err(|_| err(field, format!("{raw:?} is not an IP address")))?;
         cluster_ips.push(ip);
     }
+    let internal_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(err(
+                "spec.internalTrafficPolicy".into(),
+                format!("unknown policy {other:?} (want Cluster or Local)"),
+            ))
+        }
+    };
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut out = Vec::with_capacity(ports.len());
     for (i, p) in ports.iter().enumerate() {
@@ -151,6 +164,7 @@ pub fn service_ports(svc: &Service) -> Result<ServicePorts, ServiceError> {
             cluster_ips: cluster_ips.clone(),
             port,
             node_port,
+            internal_local,
         });
     }
     Ok(ServicePorts::Ports(out))
@@ -235,6 +249,11 @@ spec:
         let bad_type =
             svc("{apiVersion: v1, kind: Service, metadata: {name: b}, spec: {type: Magic}}");
         assert_eq!(service_ports(&bad_type).unwrap_err().field, "spec.type");
+        let bad_itp = svc("{apiVersion: v1, kind: Service, metadata: {name: b}, spec: {clusterIP: 10.96.0.3, internalTrafficPolicy: Nearby, ports: [{port: 80}]}}");
+        assert_eq!(
+            service_ports(&bad_itp).unwrap_err().field,
+            "spec.internalTrafficPolicy"
+        );
     }
 
     #[test]

@@ -153,6 +153,7 @@ mod tests {
                 cluster_ips: vec![IpAddr::from([10, 96, 0, i + 1])],
                 port: 80,
                 node_port: nodeport.then_some(30000 + u16::from(i)),
+                internal_local: proto % 2 == 1 && i % 2 == 1,
             },
             endpoints,
         }

@@ -39,6 +39,8 @@ pub mod names {
     pub const NO_ENDPOINT_SERVICES: &str = "no_endpoint_services";
     /// `endpoint . endpoint` pairs for hairpin masquerade.
     pub const HAIRPIN: &str = "hairpin";
+    /// Frontends whose traffic policy is Local and that have no endpoint on this node.
+    pub const NO_LOCAL_ENDPOINT_SERVICES: &str = "no_local_endpoint_services";
     /// Every ClusterIP: other ports on them are rejected.
     pub const CLUSTER_IPS: &str = "cluster_ips";
     /// Dispatch chain jumped to from the nat hooks.
@@ -96,6 +98,8 @@ pub enum MapName {
     ServiceIps,
     /// `no_endpoint_services`.
     NoEndpointServices,
+    /// `no_local_endpoint_services`.
+    NoLocalEndpointServices,
     /// `hairpin`.
     Hairpin,
     /// `cluster_ips`.
@@ -109,6 +113,7 @@ impl std::fmt::Display for MapName {
         match self {
             MapName::ServiceIps => f.write_str(names::SERVICE_IPS),
             MapName::NoEndpointServices => f.write_str(names::NO_ENDPOINT_SERVICES),
+            MapName::NoLocalEndpointServices => f.write_str(names::NO_LOCAL_ENDPOINT_SERVICES),
             MapName::Hairpin => f.write_str(names::HAIRPIN),
             MapName::ClusterIps => f.write_str(names::CLUSTER_IPS),
             MapName::Backends(i) => write!(f, "{}{i}", names::BACKENDS_PREFIX),
@@ -126,7 +131,7 @@ pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) 
         .iter()
         .filter(|e| family.contains(&e.ip))
         .collect();
-    let n = eps.len();
+    let local: Vec<_> = eps.iter().copied().filter(|e| e.is_local).collect();
     let cluster = sp
         .info
         .cluster_ips
@@ -141,9 +146,21 @@ pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) 
     });
     for (ip, port, is_ext) in cluster.chain(external) {
         let key = Key(vec![Atom::Addr(ip), proto.clone(), Atom::Port(port)]);
+        // internalTrafficPolicy Local: ClusterIP traffic only to endpoints on this node.
+        let eps = if sp.info.internal_local && !is_ext {
+            &local
+        } else {
+            &eps
+        };
+        let n = eps.len();
         if n == 0 {
-            c.elements
-                .push((MapName::NoEndpointServices, key, Data::None));
+            // No endpoint at all: reject; none here under a Local policy: drop (as upstream).
+            let set = if sp.endpoints.is_empty() {
+                MapName::NoEndpointServices
+            } else {
+                MapName::NoLocalEndpointServices
+            };
+            c.elements.push((set, key, Data::None));
             continue;
         }
         c.picks.push((is_ext, n));
@@ -161,9 +178,8 @@ pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) 
             ));
         }
     }
-    c.shared = eps
+    c.shared = local
         .iter()
-        .filter(|e| e.is_local)
         .map(|e| {
             (
                 MapName::Hairpin,
@@ -238,6 +254,10 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
         .insert(HAIRPIN.into(), empty(decl(&[Addr, Addr], DataType::None)));
     t.maps
         .insert(CLUSTER_IPS.into(), empty(decl(&[Addr], DataType::None)));
+    t.maps.insert(
+        NO_LOCAL_ENDPOINT_SERVICES.into(),
+        empty(decl(&[Addr, Proto, Port], DataType::None)),
+    );
     let max_slots = counts.picks.keys().map(|(_, n)| *n).max().unwrap_or(0);
     for slot in 0..max_slots {
         t.maps.insert(
@@ -328,7 +348,7 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
         vec![
             Match::CtStateNew,
             Match::InSet {
-                key: front_key,
+                key: front_key.clone(),
                 set: NO_ENDPOINT_SERVICES.into(),
             },
         ],
@@ -336,16 +356,28 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
     );
     // What is still addressed to a ClusterIP here was not DNATed: a port the Service does
     // not have. What is addressed to the service range but no ClusterIP is unallocated.
-    let mut checks = vec![Rule::new(
-        vec![
-            Match::CtStateNew,
-            Match::InSet {
-                key: vec![KeyExpr::DAddr],
-                set: CLUSTER_IPS.into(),
-            },
-        ],
-        vec![Stmt::Reject],
-    )];
+    let mut checks = vec![
+        Rule::new(
+            vec![
+                Match::CtStateNew,
+                Match::InSet {
+                    key: front_key.clone(),
+                    set: NO_LOCAL_ENDPOINT_SERVICES.into(),
+                },
+            ],
+            vec![Stmt::Drop],
+        ),
+        Rule::new(
+            vec![
+                Match::CtStateNew,
+                Match::InSet {
+                    key: vec![KeyExpr::DAddr],
+                    set: CLUSTER_IPS.into(),
+                },
+            ],
+            vec![Stmt::Reject],
+        ),
+    ];
     for cidr in cfg.service_cidrs.iter().filter(|c| family_of(c) == family) {
         checks.push(Rule::new(
             vec![Match::CtStateNew, Match::DAddrIn(*cidr)],

@@ -368,6 +368,7 @@ mod tests {
                     cluster_ips: vec![ip(cip)],
                     port,
                     node_port: np,
+                    internal_local: name.starts_with("local"),
                 },
                 endpoints,
             },
@@ -422,6 +423,22 @@ mod tests {
                     &[("10.244.2.11", false)],
                 ),
                 svc("empty", "10.96.0.20", 80, Protocol::Tcp, Some(30081), &[]),
+                svc(
+                    "local-web",
+                    "10.96.0.30",
+                    80,
+                    Protocol::Tcp,
+                    Some(30082),
+                    &[("10.244.1.12", true), ("10.244.2.12", false)],
+                ),
+                svc(
+                    "local-none",
+                    "10.96.0.31",
+                    80,
+                    Protocol::Tcp,
+                    None,
+                    &[("10.244.2.13", false)],
+                ),
             ]),
             node_ips: vec![ip("192.168.77.10")],
             ..DesiredState::default()
@@ -587,6 +604,49 @@ mod tests {
         )
         .unwrap();
         assert_eq!(dnats(&out), ["Accept 10.244.1.11:8080 masq=true"]);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_clusterip_traffic_on_this_node() {
+        let t = programmed(&state());
+        let p = pkt(
+            "10.244.1.10",
+            "10.96.0.30",
+            Protocol::Tcp,
+            80,
+            Origin::Forwarded,
+        );
+        assert_eq!(
+            dnats(&trace(&t, &host(), &p).unwrap()),
+            ["Accept 10.244.1.12:8080 masq=false"]
+        );
+        // The NodePort of the same Service is not internal traffic: every endpoint.
+        let p = pkt(
+            "198.51.100.2",
+            "192.168.77.10",
+            Protocol::Tcp,
+            30082,
+            Origin::Forwarded,
+        );
+        assert_eq!(
+            dnats(&trace(&t, &host(), &p).unwrap()),
+            [
+                "Accept 10.244.1.12:8080 masq=true",
+                "Accept 10.244.2.12:8080 masq=true"
+            ]
+        );
+        // Endpoints only elsewhere: dropped, not rejected.
+        let p = pkt(
+            "10.244.1.10",
+            "10.96.0.31",
+            Protocol::Tcp,
+            80,
+            Origin::Forwarded,
+        );
+        assert_eq!(
+            dnats(&trace(&t, &host(), &p).unwrap()),
+            ["Drop  masq=false"]
+        );
     }
 
     #[test]
