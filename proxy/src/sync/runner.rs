@@ -20,7 +20,7 @@ use tokio::sync::mpsc::Receiver;
 use tracing::{info, instrument, warn};
 
 /// Service ports per transaction when filling a table that did not exist.
-const FRESH_BATCH: usize = 2_000;
+const FRESH_BATCH: usize = 500;
 
 /// Settings of the runner.
 #[derive(Clone, Debug)]
