@@ -354,6 +354,16 @@ pub fn service_yaml(
 /// Starts weir-proxy in the node namespace reading `dir`, waits for its first sync, and
 /// returns its PID.
 pub fn start_proxy(node: &mut Netns, dir: &Path, metrics_port: u16) -> Result<u32> {
+    start_proxy_with(node, dir, metrics_port, &[])
+}
+
+/// [`start_proxy`] with extra flags.
+pub fn start_proxy_with(
+    node: &mut Netns,
+    dir: &Path,
+    metrics_port: u16,
+    extra: &[&str],
+) -> Result<u32> {
     let bin = workspace_bin("weir-proxy");
     if !bin.exists() {
         return Err(HarnessError::Command {
@@ -364,30 +374,28 @@ pub fn start_proxy(node: &mut Netns, dir: &Path, metrics_port: u16) -> Result<u3
     let source = format!("dir:{}", dir.display());
     let metrics = format!("127.0.0.1:{metrics_port}");
     let health = format!("127.0.0.1:{}", metrics_port + 7);
-    let pid = node
-        .spawn(
-            &[
-                &bin.to_string_lossy(),
-                "--proxy-mode",
-                "nftables",
-                "--source",
-                &source,
-                "--hostname-override",
-                "node1",
-                "--cluster-cidr",
-                "10.244.0.0/16",
-                "--service-cluster-ip-range",
-                "10.96.0.0/16",
-                "--metrics-bind-address",
-                &metrics,
-                "--healthz-bind-address",
-                &health,
-                "--min-sync-period",
-                "100ms",
-            ],
-            Stdio::null(),
-        )?
-        .id();
+    let bin = bin.to_string_lossy();
+    let mut args: Vec<&str> = vec![
+        &bin,
+        "--proxy-mode",
+        "nftables",
+        "--source",
+        &source,
+        "--hostname-override",
+        "node1",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--service-cluster-ip-range",
+        "10.96.0.0/16",
+        "--metrics-bind-address",
+        &metrics,
+        "--healthz-bind-address",
+        &health,
+        "--min-sync-period",
+        "100ms",
+    ];
+    args.extend_from_slice(extra);
+    let pid = node.spawn(&args, Stdio::null())?.id();
     wait_synced(node, metrics_port, 0.0)?;
     Ok(pid)
 }

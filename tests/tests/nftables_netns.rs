@@ -248,3 +248,30 @@ fn internal_traffic_policy_local_sends_clusterip_traffic_only_to_local_endpoints
     let r = probe(&env.topo.client, &["tcp", "192.168.77.10:30080", "60"]).unwrap();
     assert_eq!(answers(&r).len(), 2, "{r}");
 }
+
+#[test]
+fn pod_source_is_preserved_to_a_clusterip_and_masqueraded_with_masquerade_all() {
+    let Some(env) = setup(2, &web(&[1])) else {
+        return;
+    };
+    let r = probe(&env.topo.pods[0], &["peer", "10.96.0.10:80"]).unwrap();
+    assert_eq!(
+        r["peer"],
+        pod_ip(0),
+        "pod to ClusterIP keeps its source: {r}"
+    );
+    // From outside the cluster CIDR: masqueraded.
+    let r = probe(&env.topo.client, &["peer", "10.96.0.10:80"]).unwrap();
+    assert_ne!(r["peer"], CLIENT_IP, "{r}");
+
+    let Env {
+        mut topo,
+        dir,
+        proxy,
+        ..
+    } = env;
+    topo.node.stop(proxy);
+    start_proxy_with(&mut topo.node, dir.path(), METRICS, &["--masquerade-all"]).unwrap();
+    let r = probe(&topo.pods[0], &["peer", "10.96.0.10:80"]).unwrap();
+    assert_ne!(r["peer"], pod_ip(0), "--masquerade-all: {r}");
+}

@@ -1,4 +1,5 @@
-//! Test backend: answers HTTP GETs and TCP lines with its name, and UDP datagrams too.
+//! Test backend: answers HTTP GETs and TCP lines with its name (the line `peer` with the
+//! caller's address as this backend sees it), and UDP datagrams too.
 //! `weir-echo NAME TCP_PORT [UDP_PORT]`; prints `ready` once listening.
 
 use std::io::{BufRead, BufReader, Write};
@@ -42,7 +43,12 @@ fn main() -> anyhow::Result<()> {
                     );
                     return;
                 }
-                if writeln!(conn, "{n}").is_err() {
+                // `peer` asks who is calling: the source address this backend sees.
+                let reply = match (line.trim(), conn.peer_addr()) {
+                    ("peer", Ok(peer)) => peer.ip().to_string(),
+                    _ => n.clone(),
+                };
+                if writeln!(conn, "{reply}").is_err() {
                     return;
                 }
                 line.clear();

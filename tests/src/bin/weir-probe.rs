@@ -2,7 +2,8 @@
 //! - `weir-probe tcp ADDR:PORT COUNT`: COUNT HTTP GETs, one connection each;
 //! - `weir-probe udp ADDR:PORT COUNT`: COUNT datagrams from one socket;
 //! - `weir-probe hold ADDR:PORT MILLIS`: one TCP connection, a line every 100 ms;
-//! - `weir-probe get ADDR:PORT PATH`: one HTTP GET, prints the body.
+//! - `weir-probe get ADDR:PORT PATH`: one HTTP GET, prints the body;
+//! - `weir-probe peer ADDR:PORT`: the source address the backend sees.
 //!
 //! Prints one JSON object: answers per backend name, errors per kind, latency percentiles.
 
@@ -51,6 +52,15 @@ fn main() -> anyhow::Result<()> {
     let mut errors: BTreeMap<&str, u64> = BTreeMap::new();
     let mut lat: Vec<u128> = Vec::new();
     match mode {
+        "peer" => {
+            let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            writeln!(s, "peer")?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            println!("{}", json!({"peer": line.trim()}));
+            return Ok(());
+        }
         "get" => {
             print!(
                 "{}",
