@@ -19,32 +19,41 @@ pub(super) struct TableDelta {
 }
 
 impl TableDelta {
-    /// Structural differences between two skeletons (typed rules on both sides).
+    /// Structural differences between two skeletons.
     pub(super) fn between_skeletons(old: &Table, new: &Table) -> TableDelta {
+        TableDelta::structure(new, &old.to_dump())
+    }
+
+    /// Chains, rules and maps `skel` has that `realized` lacks or holds differently, and
+    /// those `realized` has that `skel` does not (elements are not compared here).
+    fn structure(skel: &Table, realized: &DumpedTable) -> TableDelta {
+        let fam = skel.family;
         let mut d = TableDelta::default();
-        for (name, m) in &new.maps {
-            if !old.maps.contains_key(name) {
+        for (name, m) in &skel.maps {
+            if !realized.maps.contains_key(name) {
                 d.new_maps.push((name.clone(), m.decl.clone()));
             }
         }
-        for (name, m) in &old.maps {
-            if !new.maps.contains_key(name) {
-                d.gone_maps.push((name.clone(), m.decl.is_set()));
-            }
-        }
-        for (name, c) in &new.chains {
-            match old.chains.get(name) {
+        for (name, c) in &skel.chains {
+            match realized.chains.get(name) {
                 None => d.new_chains.push((name.clone(), c.clone())),
-                Some(o) if o.rules != c.rules => {
-                    d.changed_chains
-                        .push((name.clone(), c.clone(), !o.rules.is_empty()))
+                Some(have) => {
+                    let want: Vec<String> = c.rules.iter().map(|r| r.to_nft(fam)).collect();
+                    if want != have.rules {
+                        d.changed_chains
+                            .push((name.clone(), c.clone(), !have.rules.is_empty()));
+                    }
                 }
-                Some(_) => {}
             }
         }
-        for (name, c) in &old.chains {
-            if !new.chains.contains_key(name) {
+        for (name, c) in &realized.chains {
+            if !skel.chains.contains_key(name) {
                 d.gone_chains.push((name.clone(), !c.rules.is_empty()));
+            }
+        }
+        for (name, m) in &realized.maps {
+            if !skel.maps.contains_key(name) {
+                d.gone_maps.push((name.clone(), m.is_set));
             }
         }
         d
@@ -181,34 +190,7 @@ fn plan_from(
     } else {
         realized
     };
-    let mut d = TableDelta::default();
-    for (name, m) in &skel.maps {
-        if !realized.maps.contains_key(name) {
-            d.new_maps.push((name.clone(), m.decl.clone()));
-        }
-    }
-    for (name, c) in &skel.chains {
-        match realized.chains.get(name) {
-            None => d.new_chains.push((name.clone(), c.clone())),
-            Some(have) => {
-                let want: Vec<String> = c.rules.iter().map(|r| r.to_nft(fam)).collect();
-                if want != have.rules {
-                    d.changed_chains
-                        .push((name.clone(), c.clone(), !have.rules.is_empty()));
-                }
-            }
-        }
-    }
-    for (name, c) in &realized.chains {
-        if !skel.chains.contains_key(name) {
-            d.gone_chains.push((name.clone(), !c.rules.is_empty()));
-        }
-    }
-    for (name, m) in &realized.maps {
-        if !skel.maps.contains_key(name) {
-            d.gone_maps.push((name.clone(), m.is_set));
-        }
-    }
+    let mut d = TableDelta::structure(skel, &realized);
     let mut adds: BTreeMap<String, Vec<(Key, Data)>> = BTreeMap::new();
     let mut dels: BTreeMap<String, Vec<Key>> = BTreeMap::new();
     let mut element_count = 0;
