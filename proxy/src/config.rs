@@ -54,8 +54,8 @@ pub struct Args {
     /// in it is dropped.
     #[arg(long, env = "WEIR_SERVICE_CLUSTER_IP_RANGE", value_delimiter = ',')]
     pub service_cluster_ip_range: Vec<String>,
-    /// Addresses (CIDRs) NodePorts are served on (comma-separated). Accepted and validated;
-    /// NodePorts are served on the Node object's addresses for now.
+    /// Where NodePorts are served (comma-separated): `primary` (the default: the Node
+    /// object's addresses) or CIDRs (every local address inside one of them).
     #[arg(long, env = "WEIR_NODEPORT_ADDRESSES", value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// Masquerade all traffic sent to ClusterIPs.
@@ -109,8 +109,8 @@ pub struct Config {
     /// Service ClusterIP ranges.
     #[serde(rename = "serviceClusterIPRange")]
     pub service_cidrs: Vec<IpNetwork>,
-    /// NodePort address CIDRs.
-    pub nodeport_addresses: Vec<IpNetwork>,
+    /// Where NodePorts are served.
+    pub nodeport_addresses: crate::model::NodePortAddresses,
     /// Masquerade all ClusterIP traffic.
     pub masquerade_all: bool,
     /// Metrics server address.
@@ -204,7 +204,11 @@ impl Args {
                 .unwrap_or_else(|| hostname.trim().to_owned()),
             cluster_cidrs: cidrs("cluster-cidr", &self.cluster_cidr)?,
             service_cidrs: cidrs("service-cluster-ip-range", &self.service_cluster_ip_range)?,
-            nodeport_addresses: cidrs("nodeport-addresses", &self.nodeport_addresses)?,
+            nodeport_addresses: match self.nodeport_addresses.as_slice() {
+                [] => crate::model::NodePortAddresses::Primary,
+                [one] if one == "primary" => crate::model::NodePortAddresses::Primary,
+                list => crate::model::NodePortAddresses::Cidrs(cidrs("nodeport-addresses", list)?),
+            },
             masquerade_all: self.masquerade_all,
             metrics_bind_address: addr("metrics-bind-address", &self.metrics_bind_address)?,
             healthz_bind_address: addr("healthz-bind-address", &self.healthz_bind_address)?,

@@ -83,6 +83,8 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         RunnerConfig {
             model: ModelConfig {
                 node_name: cfg.node_name.clone(),
+                nodeport_addresses: cfg.nodeport_addresses.clone(),
+                local_addrs: Vec::new(),
             },
             render: RenderConfig {
                 cluster_cidrs: cfg.cluster_cidrs.clone(),

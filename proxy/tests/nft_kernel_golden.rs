@@ -54,6 +54,7 @@ fn render_fixture(yaml: &str) -> Table {
     );
     let cfg = ModelConfig {
         node_name: "node1".into(),
+        ..ModelConfig::default()
     };
     let (state, errors) = compute(&store, &cfg);
     assert!(errors.is_empty(), "{errors:?}");

@@ -4,6 +4,7 @@
 use super::endpoint::SliceEndpoints;
 use super::service::ServicePorts;
 use super::store::Store;
+use super::topology::{categorize, is_local};
 use super::{EndpointInfo, ObjectKey, Protocol, ServiceInfo, ServicePortName};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -13,6 +14,31 @@ use std::net::IpAddr;
 pub struct ModelConfig {
     /// This node's name (`--hostname-override`), to tell local endpoints apart.
     pub node_name: String,
+    /// Where NodePorts are served.
+    pub nodeport_addresses: NodePortAddresses,
+    /// This node's local addresses (read from the kernel), for CIDR `--nodeport-addresses`.
+    pub local_addrs: Vec<IpAddr>,
+}
+
+/// `--nodeport-addresses`: which of the node's addresses serve NodePorts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The node's primary addresses (its Node object's InternalIP/ExternalIP): kube-proxy's
+    /// default in nftables mode.
+    #[default]
+    Primary,
+    /// Every local address inside one of these CIDRs.
+    Cidrs(Vec<ipnetwork::IpNetwork>),
+}
+
+impl serde::Serialize for NodePortAddresses {
+    /// As kube-proxy's configuration spells it: `["primary"]` or a list of CIDRs.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            NodePortAddresses::Primary => ["primary"].serialize(s),
+            NodePortAddresses::Cidrs(c) => c.serialize(s),
+        }
+    }
 }
 
 /// One endpoint chosen to receive traffic for a Service port.
@@ -31,9 +57,37 @@ pub struct Endpoint {
 pub struct ServicePortState {
     /// Frontends (cluster IPs, port, NodePort).
     pub info: ServiceInfo,
-    /// Endpoints that receive new connections, without duplicates, in slot order: sorted
-    /// when the port is first seen, then stable (an endpoint keeps its slot while it stays).
+    /// Endpoints for cluster-wide traffic, without duplicates, in slot order: sorted when
+    /// the port is first seen, then stable (an endpoint keeps its slot while it stays).
+    /// Empty when no traffic to the port is cluster-wide.
     pub endpoints: Vec<Endpoint>,
+    /// Endpoints on this node for traffic under a Local policy (same order rules).
+    pub local_endpoints: Vec<Endpoint>,
+    /// Whether a usable endpoint exists anywhere: without one, traffic is rejected; with
+    /// one, traffic whose list is empty is dropped.
+    pub has_endpoints: bool,
+}
+
+impl ServicePortState {
+    /// The state of a port whose usable endpoints (all ready) are `all`: cluster traffic
+    /// uses all of them, Local traffic those on this node.
+    pub fn from_endpoints(info: ServiceInfo, all: Vec<Endpoint>) -> Self {
+        let local = if info.uses_local_endpoints() {
+            all.iter().filter(|e| e.is_local).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        ServicePortState {
+            has_endpoints: !all.is_empty(),
+            endpoints: if info.uses_cluster_endpoints() {
+                all
+            } else {
+                Vec::new()
+            },
+            local_endpoints: local,
+            info,
+        }
+    }
 }
 
 /// Everything the dataplane must implement, keyed deterministically.
@@ -116,7 +170,7 @@ pub fn recompute(store: &Store, cfg: &ModelConfig, state: &mut DesiredState) -> 
         .values()
         .filter_map(|r| r.as_ref().err().cloned().map(ModelError::from))
         .collect();
-    state.node_ips = store.node_ips(&cfg.node_name);
+    state.node_ips = nodeport_ips(store, cfg);
     let gone: BTreeSet<ObjectKey> = state
         .services
         .keys()
@@ -140,6 +194,22 @@ pub fn recompute(store: &Store, cfg: &ModelConfig, state: &mut DesiredState) -> 
     }
     state.needs_full = false;
     errors
+}
+
+/// The addresses NodePorts are served on.
+pub fn nodeport_ips(store: &Store, cfg: &ModelConfig) -> Vec<IpAddr> {
+    match &cfg.nodeport_addresses {
+        NodePortAddresses::Primary => store.node_ips(&cfg.node_name),
+        NodePortAddresses::Cidrs(cidrs) => {
+            let set: BTreeSet<IpAddr> = cfg
+                .local_addrs
+                .iter()
+                .filter(|a| cidrs.iter().any(|c| c.contains(**a)))
+                .copied()
+                .collect();
+            set.into_iter().collect()
+        }
+    }
 }
 
 /// Orders `new` endpoints so that each one also in `old` keeps its position (its slot in
@@ -183,28 +253,45 @@ pub fn compute_service(
         Some(Err(e)) => return Err(e.clone().into()),
         Some(Ok(ServicePorts::Ports(p))) => p,
     };
-    // Endpoints per (port name, protocol), merged over all of the Service's slices.
-    let mut by_port: BTreeMap<(&str, Protocol), BTreeSet<&EndpointInfo>> = BTreeMap::new();
+    // Endpoints per (port name, protocol), merged over all of the Service's slices; an
+    // address:port in several slices counts once (the first slice's conditions win).
+    let mut by_port: BTreeMap<(&str, Protocol), BTreeMap<(IpAddr, u16), &EndpointInfo>> =
+        BTreeMap::new();
     for slice in store.slices_of(key) {
         if let Ok(SliceEndpoints::Ports { ports, .. }) = slice {
             for p in ports {
-                by_port
-                    .entry((p.name.as_str(), p.protocol))
-                    .or_default()
-                    .extend(p.endpoints.iter());
+                let m = by_port.entry((p.name.as_str(), p.protocol)).or_default();
+                for e in &p.endpoints {
+                    m.entry((e.ip, e.port)).or_insert(e);
+                }
             }
         }
     }
+    let zone = store.node(&cfg.node_name).and_then(|n| n.zone.as_deref());
     Ok(infos
         .iter()
         .map(|info| {
-            let endpoints = by_port
+            let eps: Vec<EndpointInfo> = by_port
                 .get(&(info.name.port.as_str(), info.name.protocol))
-                .map(|eps| select_endpoints(eps, &cfg.node_name))
+                .map(|m| m.values().map(|e| (*e).clone()).collect())
                 .unwrap_or_default();
+            let c = categorize(&eps, info, &cfg.node_name, zone);
+            let chosen = |list: &[&EndpointInfo]| -> Vec<Endpoint> {
+                let set: BTreeSet<Endpoint> = list
+                    .iter()
+                    .map(|e| Endpoint {
+                        ip: e.ip,
+                        port: e.port,
+                        is_local: is_local(e, &cfg.node_name),
+                    })
+                    .collect();
+                set.into_iter().collect()
+            };
             ServicePortState {
                 info: info.clone(),
-                endpoints,
+                endpoints: chosen(&c.cluster),
+                local_endpoints: chosen(&c.local),
+                has_endpoints: c.has_any,
             }
         })
         .collect())
@@ -283,6 +370,10 @@ impl DesiredState {
             let mut p = p;
             if let Some(prev) = &prev {
                 p.endpoints = sticky_order(&prev.endpoints, std::mem::take(&mut p.endpoints));
+                p.local_endpoints = sticky_order(
+                    &prev.local_endpoints,
+                    std::mem::take(&mut p.local_endpoints),
+                );
             }
             if prev.as_ref() != Some(&p) {
                 deltas.push(ServiceDelta {
@@ -308,20 +399,6 @@ impl DesiredState {
     pub fn needs_full_compute(&self) -> bool {
         self.needs_full
     }
-}
-
-/// Ready endpoints, each address:port once (a duplicate across slices counts once).
-fn select_endpoints(eps: &BTreeSet<&EndpointInfo>, node_name: &str) -> Vec<Endpoint> {
-    let chosen: BTreeSet<Endpoint> = eps
-        .iter()
-        .filter(|e| e.ready)
-        .map(|e| Endpoint {
-            ip: e.ip,
-            port: e.port,
-            is_local: e.node_name.as_deref().is_none_or(|n| n == node_name),
-        })
-        .collect();
-    chosen.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -379,6 +456,7 @@ endpoints:
             &store(yaml),
             &ModelConfig {
                 node_name: "node1".into(),
+                ..ModelConfig::default()
             },
         )
     }

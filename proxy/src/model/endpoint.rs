@@ -27,6 +27,10 @@ pub struct EndpointInfo {
     pub node_name: Option<Arc<str>>,
     /// `zone`, when given.
     pub zone: Option<Arc<str>>,
+    /// `hints.forZones[].name`: zones whose nodes should use this endpoint.
+    pub zone_hints: Vec<Arc<str>>,
+    /// `hints.forNodes[].name`: nodes that should use this endpoint.
+    pub node_hints: Vec<Arc<str>>,
 }
 
 /// The endpoints one slice gives one named port of its Service.
@@ -87,6 +91,13 @@ impl SliceEndpoints {
             for e in &mut p.endpoints {
                 shared(&mut e.node_name);
                 shared(&mut e.zone);
+                for h in e.zone_hints.iter_mut().chain(e.node_hints.iter_mut()) {
+                    let mut o = Some(h.clone());
+                    shared(&mut o);
+                    if let Some(v) = o {
+                        *h = v;
+                    }
+                }
             }
         }
     }
@@ -176,6 +187,18 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<SliceEndpoints, Endpoint
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),
                     node_name: ep.node_name.as_deref().map(Arc::from),
                     zone: ep.zone.as_deref().map(Arc::from),
+                    zone_hints: ep
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_zones.iter().flatten())
+                        .map(|z| Arc::from(z.name.as_str()))
+                        .collect(),
+                    node_hints: ep
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_nodes.iter().flatten())
+                        .map(|n| Arc::from(n.name.as_str()))
+                        .collect(),
                 }
             })
             .collect();

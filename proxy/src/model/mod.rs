@@ -8,11 +8,12 @@ pub mod desired;
 pub mod endpoint;
 pub mod service;
 pub mod store;
+pub mod topology;
 
 pub use change_tracker::{ChangeTracker, ObjectKey};
 pub use desired::{
-    compute, compute_service, recompute, DesiredState, Endpoint, ModelConfig, ModelError,
-    ServiceDelta, ServicePortState,
+    compute, compute_service, nodeport_ips, recompute, DesiredState, Endpoint, ModelConfig,
+    ModelError, NodePortAddresses, ServiceDelta, ServicePortState,
 };
 pub use endpoint::EndpointInfo;
 pub use service::ServiceInfo;

@@ -1,6 +1,7 @@
 //! Service -> one [`ServiceInfo`] per port, with validation naming the offending field.
 
 use super::{ObjectKey, Protocol, ServicePortName};
+use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Service;
 use std::net::IpAddr;
 
@@ -21,7 +22,64 @@ pub struct ServiceInfo {
     /// `internalTrafficPolicy: Local`: ClusterIP traffic goes only to endpoints on this
     /// node, and is dropped when there are none here.
     pub internal_local: bool,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` of LoadBalancer Services, without the ones whose
+    /// `ipMode` is `Proxy` (the load balancer delivers those to the node itself).
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`: when set, only these sources reach the
+    /// load-balancer IPs.
+    pub source_ranges: Vec<IpNetwork>,
+    /// `externalTrafficPolicy: Local` on an externally reachable Service: external traffic
+    /// goes only to endpoints on this node, with the client's source address preserved.
+    pub external_local: bool,
+    /// `spec.healthCheckNodePort` (set with `externalTrafficPolicy: Local`).
+    pub health_check_node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its endpoint.
+    pub affinity_timeout: Option<u32>,
 }
+
+impl ServiceInfo {
+    /// A plain ClusterIP port: no NodePort, Cluster traffic policies, no affinity.
+    pub fn new(name: ServicePortName, cluster_ips: Vec<IpAddr>, port: u16) -> Self {
+        ServiceInfo {
+            name,
+            cluster_ips,
+            port,
+            node_port: None,
+            internal_local: false,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            source_ranges: Vec::new(),
+            external_local: false,
+            health_check_node_port: None,
+            affinity_timeout: None,
+        }
+    }
+
+    /// Whether traffic from outside reaches the Service (NodePort, external or
+    /// load-balancer IPs).
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+
+    /// Whether some traffic uses endpoints anywhere in the cluster.
+    pub fn uses_cluster_endpoints(&self) -> bool {
+        !self.internal_local || (self.externally_accessible() && !self.external_local)
+    }
+
+    /// Whether some traffic uses only this node's endpoints.
+    pub fn uses_local_endpoints(&self) -> bool {
+        self.internal_local || (self.externally_accessible() && self.external_local)
+    }
+}
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+/// Largest `timeoutSeconds` the API server accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86400;
 
 /// Why a Service is deliberately not programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +180,111 @@ pub fn service_ports(svc: &Service) -> Result<ServicePorts, ServiceError> {
             ))
         }
     };
+    let mut external_ips = Vec::new();
+    for (i, raw) in spec.external_ips.iter().flatten().enumerate() {
+        let ip: IpAddr = raw.parse().map_err(|_| {
+            err(
+                format!("spec.externalIPs[{i}]"),
+                format!("{raw:?} is not an IP address"),
+            )
+        })?;
+        external_ips.push(ip);
+    }
+    let mut load_balancer_ips = Vec::new();
+    if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            let Some(raw) = ing.ip.as_deref().filter(|r| !r.is_empty()) else {
+                continue; // hostname-only ingress: nothing to program
+            };
+            let ip: IpAddr = raw.parse().map_err(|_| {
+                err(
+                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    format!("{raw:?} is not an IP address"),
+                )
+            })?;
+            match ing.ip_mode.as_deref() {
+                None | Some("VIP") => load_balancer_ips.push(ip),
+                Some("Proxy") => {}
+                Some(other) => {
+                    return Err(err(
+                        format!("status.loadBalancer.ingress[{i}].ipMode"),
+                        format!("unknown ipMode {other:?} (want VIP or Proxy)"),
+                    ))
+                }
+            }
+        }
+    }
+    let mut source_ranges = Vec::new();
+    for (i, raw) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        let net: IpNetwork = raw.trim().parse().map_err(|_| {
+            err(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("{raw:?} is not a CIDR"),
+            )
+        })?;
+        // Normalise to the network address, as the API server's validation implies.
+        let net = IpNetwork::new(net.network(), net.prefix()).unwrap_or(net);
+        source_ranges.push(net);
+    }
+    let externally_accessible = svc_type != "ClusterIP" || !external_ips.is_empty();
+    let external_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => externally_accessible,
+        Some(other) => {
+            return Err(err(
+                "spec.externalTrafficPolicy".into(),
+                format!("unknown policy {other:?} (want Cluster or Local)"),
+            ))
+        }
+    };
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p) if external_local && svc_type == "LoadBalancer" => {
+            Some(valid_port(p).ok_or_else(|| {
+                err(
+                    "spec.healthCheckNodePort".into(),
+                    format!("{p} is not a port in 1..65535"),
+                )
+            })?)
+        }
+        _ => None,
+    };
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let raw = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT as i32);
+            let t = u32::try_from(raw)
+                .ok()
+                .filter(|t| (1..=MAX_AFFINITY_TIMEOUT).contains(t))
+                .ok_or_else(|| {
+                    err(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        format!("{raw} is not in 1..{MAX_AFFINITY_TIMEOUT}"),
+                    )
+                })?;
+            Some(t)
+        }
+        Some(other) => {
+            return Err(err(
+                "spec.sessionAffinity".into(),
+                format!("unknown affinity {other:?} (want None or ClientIP)"),
+            ))
+        }
+    };
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut out = Vec::with_capacity(ports.len());
     for (i, p) in ports.iter().enumerate() {
@@ -153,6 +316,15 @@ pub fn service_ports(svc: &Service) -> Result<ServicePorts, ServiceError> {
             port: p.name.clone().unwrap_or_default(),
             protocol,
         };
+        if out
+            .iter()
+            .any(|o: &ServiceInfo| o.port == port && o.name.protocol == protocol)
+        {
+            return Err(err(
+                field("port"),
+                format!("duplicate port {port}/{protocol}"),
+            ));
+        }
         if out.iter().any(|o: &ServiceInfo| o.name == name) {
             return Err(err(
                 field("name"),
@@ -165,6 +337,12 @@ pub fn service_ports(svc: &Service) -> Result<ServicePorts, ServiceError> {
             port,
             node_port,
             internal_local,
+            external_ips: external_ips.clone(),
+            load_balancer_ips: load_balancer_ips.clone(),
+            source_ranges: source_ranges.clone(),
+            external_local,
+            health_check_node_port,
+            affinity_timeout,
         });
     }
     Ok(ServicePorts::Ports(out))

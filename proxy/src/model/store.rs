@@ -16,8 +16,17 @@ use std::time::SystemTime;
 pub type ServiceRecord = Result<ServicePorts, ServiceError>;
 /// An EndpointSlice as the model keeps it.
 pub type SliceRecord = Result<SliceEndpoints, EndpointSliceError>;
-/// A Node as the model keeps it: its InternalIP and ExternalIP addresses, sorted.
-pub type NodeRecord = Vec<IpAddr>;
+/// A Node as the model keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Its InternalIP and ExternalIP addresses, sorted.
+    pub ips: Vec<IpAddr>,
+    /// Its `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+/// The Node label naming the node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// What changed since the last [`Store::take_changes`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,7 +59,15 @@ fn node_record(node: &Node) -> NodeRecord {
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
         .filter_map(|a| a.address.parse().ok())
         .collect();
-    ips.into_iter().collect()
+    NodeRecord {
+        ips: ips.into_iter().collect(),
+        zone: node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .cloned(),
+    }
 }
 
 fn unseen<T>(have: &BTreeMap<ObjectKey, T>, seen: &BTreeSet<ObjectKey>) -> Vec<ObjectKey> {
@@ -239,11 +256,14 @@ impl Store {
 
     /// Addresses of a node.
     pub fn node_ips(&self, node_name: &str) -> Vec<IpAddr> {
-        self.nodes
-            .objects()
-            .get(&ObjectKey::new("", node_name))
-            .cloned()
+        self.node(node_name)
+            .map(|n| n.ips.clone())
             .unwrap_or_default()
+    }
+
+    /// A node's record, if the source has it.
+    pub fn node(&self, node_name: &str) -> Option<&NodeRecord> {
+        self.nodes.objects().get(&ObjectKey::new("", node_name))
     }
 
     /// The oldest change not yet synced.

@@ -313,6 +313,7 @@ mod tests {
         RunnerConfig {
             model: ModelConfig {
                 node_name: "node1".into(),
+                ..ModelConfig::default()
             },
             render: RenderConfig::default(),
             min_sync_period: Duration::from_millis(min_sync),

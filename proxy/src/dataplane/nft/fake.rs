@@ -479,6 +479,7 @@ mod tests {
 
     fn frontend_decl(data: DataType) -> MapDecl {
         MapDecl {
+            flags: Default::default(),
             key: vec![FieldType::Addr, FieldType::Proto, FieldType::Port],
             data,
         }

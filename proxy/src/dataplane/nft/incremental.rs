@@ -147,16 +147,14 @@ mod tests {
             .collect();
         endpoints.sort();
         endpoints.dedup_by_key(|e| e.ip);
-        ServicePortState {
-            info: ServiceInfo {
-                name,
-                cluster_ips: vec![IpAddr::from([10, 96, 0, i + 1])],
-                port: 80,
+        ServicePortState::from_endpoints(
+            ServiceInfo {
                 node_port: nodeport.then_some(30000 + u16::from(i)),
                 internal_local: proto % 2 == 1 && i % 2 == 1,
+                ..ServiceInfo::new(name, vec![IpAddr::from([10, 96, 0, i + 1])], 80)
             },
             endpoints,
-        }
+        )
     }
 
     type Spec = Vec<Option<(u8, bool, Vec<(u8, bool)>)>>;

@@ -263,6 +263,10 @@ pub fn parse_listing(family: Family, text: &str) -> Result<DumpedTable, KernelEr
 
 /// Reads `{ k . k : d . d, ... }` with the types of the map's `type ...` declaration.
 fn fill_map(m: &mut DumpedMap, text: &str) -> Result<(), String> {
+    if m.decl.contains("flags dynamic") {
+        // Filled by the packet path (session affinity); not weir's to plan.
+        return Ok(());
+    }
     let decl = m.decl.split(';').next().unwrap_or_default();
     let types = decl
         .strip_prefix("type ")
@@ -315,6 +319,10 @@ fn parse_atoms(text: &str, types: &[&str]) -> Result<Vec<Atom>, String> {
         .map(|(p, t)| {
             let bad = || format!("{p:?} is not a valid {t}");
             match *t {
+                "ipv4_addr" | "ipv6_addr" if p.contains('/') => p
+                    .parse::<ipnetwork::IpNetwork>()
+                    .map(Atom::prefix)
+                    .map_err(|_| bad()),
                 "ipv4_addr" | "ipv6_addr" => p.parse().map(Atom::Addr).map_err(|_| bad()),
                 "inet_proto" => Protocol::from_nft_name(p)
                     .or_else(|| p.parse().ok().and_then(Protocol::from_number))

@@ -19,9 +19,9 @@
 
 use super::table::{
     Atom, BaseChain, Chain, ChainType, Data, DataType, Family, FieldType, Hook, Key, KeyExpr, Map,
-    MapDecl, Match, Rule, Stmt, Table,
+    MapDecl, MapFlags, Match, Rule, Stmt, Table,
 };
-use crate::model::{DesiredState, ServicePortState};
+use crate::model::{DesiredState, Endpoint, ServicePortState};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -31,10 +31,20 @@ pub const MASQ_MARK: u32 = 0x4000;
 
 /// Map and chain names.
 pub mod names {
-    /// Frontends: `addr . proto . port : goto pick_N / pick_ext_N`.
+    /// Frontends: `addr . proto . port : goto pick_* / external_local`.
     pub const SERVICE_IPS: &str = "service_ips";
+    /// `externalTrafficPolicy: Local` frontends, for pods and the node itself (they use
+    /// the Service's cluster-wide endpoints): `addr . proto . port : goto pick_N`.
+    pub const EXTERNAL_LOCAL_BYPASS: &str = "external_local_bypass";
+    /// `externalTrafficPolicy: Local` frontends, for external clients (this node's
+    /// endpoints, source preserved): `addr . proto . port : goto pick_local_N`.
+    pub const LOCAL_SERVICE_IPS: &str = "local_service_ips";
     /// Prefix of the per-slot backend maps: `addr . proto . port : endpoint addr . port`.
     pub const BACKENDS_PREFIX: &str = "backends_";
+    /// Prefix of the per-slot backend maps of this node's endpoints (Local policies).
+    pub const LOCAL_BACKENDS_PREFIX: &str = "local_backends_";
+    /// Prefix of the per-slot session-affinity sets (`client . frontend`, with timeouts).
+    pub const AFFINITY_PREFIX: &str = "affinity_";
     /// Frontends of services without endpoints.
     pub const NO_ENDPOINT_SERVICES: &str = "no_endpoint_services";
     /// `endpoint . endpoint` pairs for hairpin masquerade.
@@ -43,14 +53,24 @@ pub mod names {
     pub const NO_LOCAL_ENDPOINT_SERVICES: &str = "no_local_endpoint_services";
     /// Every ClusterIP: other ports on them are rejected.
     pub const CLUSTER_IPS: &str = "cluster_ips";
+    /// Load-balancer frontends with `loadBalancerSourceRanges`.
+    pub const FIREWALLED: &str = "firewalled";
+    /// `frontend . source range` pairs allowed through [`FIREWALLED`] frontends.
+    pub const FIREWALL_ALLOW: &str = "firewall_allow";
     /// Dispatch chain jumped to from the nat hooks.
     pub const SERVICES: &str = "services";
+    /// Chain for `externalTrafficPolicy: Local` frontends.
+    pub const EXTERNAL_LOCAL: &str = "external_local";
     /// Prefix of the per-endpoint-count chains for ClusterIP frontends.
     pub const PICK_PREFIX: &str = "pick_";
-    /// Prefix of the per-endpoint-count chains for NodePort frontends.
+    /// Prefix of the per-endpoint-count chains for external frontends.
     pub const PICK_EXT_PREFIX: &str = "pick_ext_";
+    /// Prefix of the per-endpoint-count chains for this node's endpoints.
+    pub const PICK_LOCAL_PREFIX: &str = "pick_local_";
     /// Prefix of the per-slot DNAT chains.
     pub const SLOT_PREFIX: &str = "slot_";
+    /// Prefix of the per-slot DNAT chains of this node's endpoints.
+    pub const LOCAL_SLOT_PREFIX: &str = "local_slot_";
 }
 
 /// Node-level settings that shape the ruleset.
@@ -68,6 +88,7 @@ fn decl(key: &[FieldType], data: DataType) -> MapDecl {
     MapDecl {
         key: key.to_vec(),
         data,
+        flags: MapFlags::None,
     }
 }
 
@@ -79,13 +100,66 @@ fn base(kind: ChainType, hook: Hook, priority: i32) -> Option<BaseChain> {
     })
 }
 
+/// Which endpoint list a pick chain chooses from, and whether it masquerades.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PickKind {
+    /// Cluster-wide endpoints; masquerade sources outside the cluster CIDR (or all, with
+    /// `--masquerade-all`).
+    Cluster,
+    /// Cluster-wide endpoints for external traffic: always masquerade.
+    External,
+    /// This node's endpoints (Local policies): never masquerade.
+    Local,
+}
+
+/// A pick chain: one per (kind, endpoint count, affinity timeout) in use, not per service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pick {
+    /// Endpoint list and masquerade behaviour.
+    pub kind: PickKind,
+    /// Number of endpoints.
+    pub n: usize,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity: Option<u32>,
+}
+
+impl Pick {
+    /// The chain's name, e.g. `pick_3`, `pick_ext_2`, `pick_local_1_aff10800`.
+    pub fn chain(&self) -> String {
+        use names::*;
+        let prefix = match self.kind {
+            PickKind::Cluster => PICK_PREFIX,
+            PickKind::External => PICK_EXT_PREFIX,
+            PickKind::Local => PICK_LOCAL_PREFIX,
+        };
+        format!("{prefix}{}{}", self.n, aff_suffix(self.affinity))
+    }
+
+    fn local(&self) -> bool {
+        self.kind == PickKind::Local
+    }
+}
+
+fn aff_suffix(affinity: Option<u32>) -> String {
+    affinity.map(|t| format!("_aff{t}")).unwrap_or_default()
+}
+
+fn slot_chain(local: bool, slot: usize, affinity: Option<u32>) -> String {
+    let prefix = if local {
+        names::LOCAL_SLOT_PREFIX
+    } else {
+        names::SLOT_PREFIX
+    };
+    format!("{prefix}{slot}{}", aff_suffix(affinity))
+}
+
 /// What one Service port puts into the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Contribution {
     /// Elements: map name, key, data.
     pub elements: Vec<(MapName, Key, Data)>,
-    /// Pick chains used, one per frontend with endpoints: (external?, endpoint count).
-    pub picks: Vec<(bool, usize)>,
+    /// Pick chains used, one per frontend path with endpoints.
+    pub picks: Vec<Pick>,
     /// Set elements several Service ports may need (hairpin pairs of local endpoints,
     /// ClusterIPs): reference-counted, present while any port needs them.
     pub shared: Vec<(MapName, Key)>,
@@ -96,6 +170,10 @@ pub struct Contribution {
 pub enum MapName {
     /// `service_ips`.
     ServiceIps,
+    /// `external_local_bypass`.
+    ExternalLocalBypass,
+    /// `local_service_ips`.
+    LocalServiceIps,
     /// `no_endpoint_services`.
     NoEndpointServices,
     /// `no_local_endpoint_services`.
@@ -104,91 +182,165 @@ pub enum MapName {
     Hairpin,
     /// `cluster_ips`.
     ClusterIps,
+    /// `firewalled`.
+    Firewalled,
+    /// `firewall_allow`.
+    FirewallAllow,
     /// `backends_I`.
     Backends(usize),
+    /// `local_backends_I`.
+    LocalBackends(usize),
 }
 
 impl std::fmt::Display for MapName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use names::*;
         match self {
-            MapName::ServiceIps => f.write_str(names::SERVICE_IPS),
-            MapName::NoEndpointServices => f.write_str(names::NO_ENDPOINT_SERVICES),
-            MapName::NoLocalEndpointServices => f.write_str(names::NO_LOCAL_ENDPOINT_SERVICES),
-            MapName::Hairpin => f.write_str(names::HAIRPIN),
-            MapName::ClusterIps => f.write_str(names::CLUSTER_IPS),
-            MapName::Backends(i) => write!(f, "{}{i}", names::BACKENDS_PREFIX),
+            MapName::ServiceIps => f.write_str(SERVICE_IPS),
+            MapName::ExternalLocalBypass => f.write_str(EXTERNAL_LOCAL_BYPASS),
+            MapName::LocalServiceIps => f.write_str(LOCAL_SERVICE_IPS),
+            MapName::NoEndpointServices => f.write_str(NO_ENDPOINT_SERVICES),
+            MapName::NoLocalEndpointServices => f.write_str(NO_LOCAL_ENDPOINT_SERVICES),
+            MapName::Hairpin => f.write_str(HAIRPIN),
+            MapName::ClusterIps => f.write_str(CLUSTER_IPS),
+            MapName::Firewalled => f.write_str(FIREWALLED),
+            MapName::FirewallAllow => f.write_str(FIREWALL_ALLOW),
+            MapName::Backends(i) => write!(f, "{BACKENDS_PREFIX}{i}"),
+            MapName::LocalBackends(i) => write!(f, "{LOCAL_BACKENDS_PREFIX}{i}"),
+        }
+    }
+}
+
+/// Which way traffic reaches a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// A ClusterIP.
+    Internal,
+    /// A NodePort on a node address, or an external IP.
+    External,
+    /// A load-balancer ingress IP (source ranges apply).
+    LoadBalancer,
+}
+
+impl Contribution {
+    /// Routes a frontend to `list` through a pick chain of `kind`: a `map` element, the
+    /// per-slot backends, and the pick chain's reference.
+    fn pick(
+        &mut self,
+        map: MapName,
+        key: &Key,
+        kind: PickKind,
+        list: &[&Endpoint],
+        affinity: Option<u32>,
+    ) {
+        let pick = Pick {
+            kind,
+            n: list.len(),
+            affinity,
+        };
+        self.elements
+            .push((map, key.clone(), Data::Goto(pick.chain())));
+        self.picks.push(pick);
+        for (slot, ep) in list.iter().enumerate() {
+            let m = if pick.local() {
+                MapName::LocalBackends(slot)
+            } else {
+                MapName::Backends(slot)
+            };
+            self.elements
+                .push((m, key.clone(), Data::AddrPort(ep.ip, ep.port)));
         }
     }
 }
 
 /// The elements and chains one Service port needs.
 pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) -> Contribution {
-    use names::*;
     let mut c = Contribution::default();
-    let proto = Atom::Proto(sp.info.name.protocol);
-    let eps: Vec<_> = sp
-        .endpoints
-        .iter()
-        .filter(|e| family.contains(&e.ip))
-        .collect();
-    let local: Vec<_> = eps.iter().copied().filter(|e| e.is_local).collect();
-    let cluster = sp
-        .info
-        .cluster_ips
-        .iter()
-        .filter(|ip| family.contains(ip))
-        .map(|ip| (*ip, sp.info.port, false));
-    let external = sp.info.node_port.into_iter().flat_map(|np| {
-        node_ips
-            .iter()
+    let info = &sp.info;
+    let proto = Atom::Proto(info.name.protocol);
+    let in_family = |e: &&Endpoint| family.contains(&e.ip);
+    let cluster: Vec<&Endpoint> = sp.endpoints.iter().filter(in_family).collect();
+    let local: Vec<&Endpoint> = sp.local_endpoints.iter().filter(in_family).collect();
+    let ips = |list: &[IpAddr], port: u16, reach: Reach| -> Vec<(IpAddr, u16, Reach)> {
+        list.iter()
             .filter(|ip| family.contains(ip))
-            .map(move |ip| (*ip, np, true))
-    });
-    for (ip, port, is_ext) in cluster.chain(external) {
+            .map(|ip| (*ip, port, reach))
+            .collect()
+    };
+    let mut frontends = ips(&info.cluster_ips, info.port, Reach::Internal);
+    if let Some(np) = info.node_port {
+        frontends.extend(ips(node_ips, np, Reach::External));
+    }
+    frontends.extend(ips(&info.external_ips, info.port, Reach::External));
+    frontends.extend(ips(&info.load_balancer_ips, info.port, Reach::LoadBalancer));
+    let aff = info.affinity_timeout;
+    for (ip, port, reach) in frontends {
         let key = Key(vec![Atom::Addr(ip), proto.clone(), Atom::Port(port)]);
-        // internalTrafficPolicy Local: ClusterIP traffic only to endpoints on this node.
-        let eps = if sp.info.internal_local && !is_ext {
-            &local
-        } else {
-            &eps
-        };
-        let n = eps.len();
-        if n == 0 {
-            // No endpoint at all: reject; none here under a Local policy: drop (as upstream).
-            let set = if sp.endpoints.is_empty() {
-                MapName::NoEndpointServices
-            } else {
-                MapName::NoLocalEndpointServices
-            };
-            c.elements.push((set, key, Data::None));
+        if reach == Reach::LoadBalancer && !info.source_ranges.is_empty() {
+            c.firewall(&key, &info.source_ranges, node_ips, family);
+        }
+        if !sp.has_endpoints {
+            // No usable endpoint anywhere: reject (ICMP port unreachable), as upstream.
+            c.elements
+                .push((MapName::NoEndpointServices, key, Data::None));
             continue;
         }
-        c.picks.push((is_ext, n));
-        let prefix = if is_ext { PICK_EXT_PREFIX } else { PICK_PREFIX };
-        c.elements.push((
-            MapName::ServiceIps,
-            key.clone(),
-            Data::Goto(format!("{prefix}{n}")),
-        ));
-        for (slot, ep) in eps.iter().enumerate() {
-            c.elements.push((
-                MapName::Backends(slot),
-                key.clone(),
-                Data::AddrPort(ep.ip, ep.port),
-            ));
+        match reach {
+            Reach::Internal => {
+                // internalTrafficPolicy Local: ClusterIP traffic only to this node's endpoints.
+                let list = if info.internal_local {
+                    &local
+                } else {
+                    &cluster
+                };
+                if list.is_empty() {
+                    c.elements
+                        .push((MapName::NoLocalEndpointServices, key, Data::None));
+                } else {
+                    c.pick(MapName::ServiceIps, &key, PickKind::Cluster, list, aff);
+                }
+            }
+            _ if !info.external_local => {
+                if cluster.is_empty() {
+                    c.elements
+                        .push((MapName::NoLocalEndpointServices, key, Data::None));
+                } else {
+                    c.pick(MapName::ServiceIps, &key, PickKind::External, &cluster, aff);
+                }
+            }
+            _ => {
+                // externalTrafficPolicy Local: pods and the node itself use the cluster-wide
+                // endpoints; external clients only this node's, with their source kept.
+                if !cluster.is_empty() {
+                    let m = MapName::ExternalLocalBypass;
+                    c.pick(m, &key, PickKind::Cluster, &cluster, aff);
+                }
+                if local.is_empty() {
+                    c.elements
+                        .push((MapName::NoLocalEndpointServices, key.clone(), Data::None));
+                } else {
+                    c.pick(MapName::LocalServiceIps, &key, PickKind::Local, &local, aff);
+                }
+                if !cluster.is_empty() || !local.is_empty() {
+                    let to = Data::Goto(names::EXTERNAL_LOCAL.into());
+                    c.elements.push((MapName::ServiceIps, key, to));
+                }
+            }
         }
     }
-    c.shared = local
+    let mut hairpin: Vec<IpAddr> = cluster
         .iter()
-        .map(|e| {
-            (
-                MapName::Hairpin,
-                Key(vec![Atom::Addr(e.ip), Atom::Addr(e.ip)]),
-            )
-        })
+        .chain(&local)
+        .filter(|e| e.is_local)
+        .map(|e| e.ip)
+        .collect();
+    hairpin.sort();
+    hairpin.dedup();
+    c.shared = hairpin
+        .into_iter()
+        .map(|ip| (MapName::Hairpin, Key(vec![Atom::Addr(ip), Atom::Addr(ip)])))
         .chain(
-            sp.info
-                .cluster_ips
+            info.cluster_ips
                 .iter()
                 .filter(|ip| family.contains(ip))
                 .map(|ip| (MapName::ClusterIps, Key(vec![Atom::Addr(*ip)]))),
@@ -197,11 +349,45 @@ pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) 
     c
 }
 
-/// Reference counts of the shared parts: pick chains per (external?, N) and shared set
-/// elements.
+impl Contribution {
+    /// `loadBalancerSourceRanges` for one load-balancer frontend: the frontend is
+    /// firewalled and each range allowed. When a range holds one of the node's addresses,
+    /// the node's addresses are allowed too (the node reaching its own load balancer).
+    fn firewall(&mut self, key: &Key, ranges: &[IpNetwork], node_ips: &[IpAddr], family: Family) {
+        self.elements
+            .push((MapName::Firewalled, key.clone(), Data::None));
+        let mut allowed: Vec<IpNetwork> = ranges
+            .iter()
+            .filter(|r| family_of(r) == family)
+            .copied()
+            .collect();
+        let node: Vec<IpNetwork> = node_ips
+            .iter()
+            .filter(|ip| family.contains(ip) && ranges.iter().any(|r| r.contains(**ip)))
+            .map(|ip| IpNetwork::from(*ip))
+            .collect();
+        allowed.extend(node);
+        // Interval sets refuse overlapping elements: keep only ranges no other covers.
+        allowed.sort_by_key(|n| (n.prefix(), n.network()));
+        let mut kept: Vec<IpNetwork> = Vec::new();
+        for n in allowed {
+            if !kept.iter().any(|k| k.contains(n.network())) {
+                kept.push(n);
+            }
+        }
+        for n in kept {
+            let mut k = key.0.clone();
+            k.push(Atom::prefix(n));
+            self.elements
+                .push((MapName::FirewallAllow, Key(k), Data::None));
+        }
+    }
+}
+
+/// Reference counts of the shared parts: pick chains and shared set elements.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
-    picks: BTreeMap<(bool, usize), usize>,
+    picks: BTreeMap<Pick, usize>,
     pub(super) shared: BTreeMap<(MapName, Key), usize>,
 }
 
@@ -245,24 +431,65 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
         elements: BTreeMap::new(),
     };
     let frontend = decl(&[Addr, Proto, Port], DataType::None);
-    t.maps.insert(
-        SERVICE_IPS.into(),
-        empty(decl(&[Addr, Proto, Port], DataType::Verdict)),
-    );
-    t.maps.insert(NO_ENDPOINT_SERVICES.into(), empty(frontend));
+    let verdicts = decl(&[Addr, Proto, Port], DataType::Verdict);
+    for name in [SERVICE_IPS, EXTERNAL_LOCAL_BYPASS, LOCAL_SERVICE_IPS] {
+        t.maps.insert(name.into(), empty(verdicts.clone()));
+    }
+    for name in [NO_ENDPOINT_SERVICES, NO_LOCAL_ENDPOINT_SERVICES, FIREWALLED] {
+        t.maps.insert(name.into(), empty(frontend.clone()));
+    }
     t.maps
         .insert(HAIRPIN.into(), empty(decl(&[Addr, Addr], DataType::None)));
     t.maps
         .insert(CLUSTER_IPS.into(), empty(decl(&[Addr], DataType::None)));
     t.maps.insert(
-        NO_LOCAL_ENDPOINT_SERVICES.into(),
-        empty(decl(&[Addr, Proto, Port], DataType::None)),
+        FIREWALL_ALLOW.into(),
+        empty(MapDecl {
+            flags: MapFlags::Interval,
+            ..decl(&[Addr, Proto, Port, Addr], DataType::None)
+        }),
     );
-    let max_slots = counts.picks.keys().map(|(_, n)| *n).max().unwrap_or(0);
-    for slot in 0..max_slots {
+    // Slots needed: per (local?, affinity) the largest endpoint count.
+    let mut slots: BTreeMap<(bool, Option<u32>), usize> = BTreeMap::new();
+    for p in counts.picks.keys() {
+        let s = slots.entry((p.local(), p.affinity)).or_default();
+        *s = (*s).max(p.n);
+    }
+    let max_of = |f: &dyn Fn(&(bool, Option<u32>)) -> bool| {
+        slots
+            .iter()
+            .filter(|(k, _)| f(k))
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0)
+    };
+    let cluster_slots = max_of(&|(l, _)| !l);
+    let local_slots = max_of(&|(l, _)| *l);
+    let affinity_slots = max_of(&|(_, a)| a.is_some());
+    let backends = decl(&[Addr, Proto, Port], DataType::AddrPort);
+    for slot in 0..cluster_slots {
+        t.maps
+            .insert(MapName::Backends(slot).to_string(), empty(backends.clone()));
+    }
+    for slot in 0..local_slots {
         t.maps.insert(
-            MapName::Backends(slot).to_string(),
-            empty(decl(&[Addr, Proto, Port], DataType::AddrPort)),
+            MapName::LocalBackends(slot).to_string(),
+            empty(backends.clone()),
+        );
+    }
+    let client_frontend = vec![
+        KeyExpr::SAddr,
+        KeyExpr::DAddr,
+        KeyExpr::L4Proto,
+        KeyExpr::DPort,
+    ];
+    for slot in 0..affinity_slots {
+        t.maps.insert(
+            format!("{AFFINITY_PREFIX}{slot}"),
+            empty(MapDecl {
+                flags: MapFlags::DynamicTimeout,
+                ..decl(&[Addr, Addr, Proto, Port], DataType::None)
+            }),
         );
     }
 
@@ -284,43 +511,108 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
             rules: jump_services,
         },
     );
-    let vmap = Stmt::Vmap {
+    let vmap = |map: &str| Stmt::Vmap {
         key: front_key.clone(),
-        map: SERVICE_IPS.into(),
+        map: map.into(),
     };
+    let mut with_source = front_key.clone();
+    with_source.push(KeyExpr::SAddr);
     chains.insert(
         SERVICES.into(),
-        regular(vec![Rule::new(vec![], vec![vmap])]),
+        regular(vec![
+            // loadBalancerSourceRanges: a firewalled frontend drops other sources.
+            Rule::new(
+                vec![
+                    Match::InSet {
+                        key: front_key.clone(),
+                        set: FIREWALLED.into(),
+                    },
+                    Match::NotInSet {
+                        key: with_source,
+                        set: FIREWALL_ALLOW.into(),
+                    },
+                ],
+                vec![Stmt::Drop],
+            ),
+            Rule::new(vec![], vec![vmap(SERVICE_IPS)]),
+        ]),
     );
-    let pick_rule = |n: usize| {
-        let chains = (0..n).map(|i| format!("{SLOT_PREFIX}{i}")).collect();
-        Rule::new(vec![], vec![Stmt::NumgenVmap { chains }])
-    };
-    for &(is_ext, n) in counts.picks.keys() {
+    // externalTrafficPolicy Local: the node itself (masqueraded) and pods use every
+    // endpoint; everyone else only this node's, unmasqueraded.
+    let mut ext_local = vec![
+        Rule::new(vec![Match::FibSaddrLocal], vec![Stmt::MarkOr(MASQ_MARK)]),
+        Rule::new(
+            vec![Match::FibSaddrLocal],
+            vec![vmap(EXTERNAL_LOCAL_BYPASS)],
+        ),
+    ];
+    for cidr in cfg.cluster_cidrs.iter().filter(|c| family_of(c) == family) {
+        ext_local.push(Rule::new(
+            vec![Match::SAddrIn(*cidr)],
+            vec![vmap(EXTERNAL_LOCAL_BYPASS)],
+        ));
+    }
+    ext_local.push(Rule::new(vec![], vec![vmap(LOCAL_SERVICE_IPS)]));
+    chains.insert(EXTERNAL_LOCAL.into(), regular(ext_local));
+    for p in counts.picks.keys() {
         let mut rules = Vec::new();
-        if is_ext || cfg.masquerade_all {
-            rules.push(Rule::new(vec![], vec![Stmt::MarkOr(MASQ_MARK)]));
-        } else {
-            for cidr in cfg.cluster_cidrs.iter().filter(|c| family_of(c) == family) {
+        match p.kind {
+            PickKind::External => rules.push(Rule::new(vec![], vec![Stmt::MarkOr(MASQ_MARK)])),
+            PickKind::Cluster if cfg.masquerade_all => {
+                rules.push(Rule::new(vec![], vec![Stmt::MarkOr(MASQ_MARK)]))
+            }
+            PickKind::Cluster => {
+                for cidr in cfg.cluster_cidrs.iter().filter(|c| family_of(c) == family) {
+                    rules.push(Rule::new(
+                        vec![Match::SAddrNotIn(*cidr)],
+                        vec![Stmt::MarkOr(MASQ_MARK)],
+                    ));
+                }
+            }
+            PickKind::Local => {}
+        }
+        if p.affinity.is_some() {
+            // A client with a live affinity entry for slot I keeps slot I's endpoint.
+            for slot in 0..p.n {
                 rules.push(Rule::new(
-                    vec![Match::SAddrNotIn(*cidr)],
-                    vec![Stmt::MarkOr(MASQ_MARK)],
+                    vec![Match::InSet {
+                        key: client_frontend.clone(),
+                        set: format!("{AFFINITY_PREFIX}{slot}"),
+                    }],
+                    vec![Stmt::Goto(slot_chain(p.local(), slot, p.affinity))],
                 ));
             }
         }
-        rules.push(pick_rule(n));
-        let prefix = if is_ext { PICK_EXT_PREFIX } else { PICK_PREFIX };
-        chains.insert(format!("{prefix}{n}"), regular(rules));
+        let arms = (0..p.n)
+            .map(|i| slot_chain(p.local(), i, p.affinity))
+            .collect();
+        rules.push(Rule::new(vec![], vec![Stmt::NumgenVmap { chains: arms }]));
+        chains.insert(p.chain(), regular(rules));
     }
-    for slot in 0..max_slots {
-        let dnat = Stmt::Dnat {
-            key: front_key.clone(),
-            map: MapName::Backends(slot).to_string(),
-        };
-        chains.insert(
-            format!("{SLOT_PREFIX}{slot}"),
-            regular(vec![Rule::new(vec![], vec![dnat])]),
-        );
+    for (&(local, affinity), &n) in &slots {
+        for slot in 0..n {
+            let map = if local {
+                MapName::LocalBackends(slot)
+            } else {
+                MapName::Backends(slot)
+            };
+            let mut stmts = Vec::new();
+            if let Some(timeout) = affinity {
+                stmts.push(Stmt::Update {
+                    key: client_frontend.clone(),
+                    set: format!("{AFFINITY_PREFIX}{slot}"),
+                    timeout,
+                });
+            }
+            stmts.push(Stmt::Dnat {
+                key: front_key.clone(),
+                map: map.to_string(),
+            });
+            chains.insert(
+                slot_chain(local, slot, affinity),
+                regular(vec![Rule::new(vec![], stmts)]),
+            );
+        }
     }
     chains.insert(
         "nat_postrouting".into(),

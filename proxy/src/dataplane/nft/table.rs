@@ -178,14 +178,25 @@ pub enum Match {
     CtStatusDnat,
     /// `fib daddr type local`: the destination is an address of this host.
     FibDaddrLocal,
+    /// `fib saddr type local`: the source is an address of this host.
+    FibSaddrLocal,
     /// `ip saddr != CIDR`.
     SAddrNotIn(IpNetwork),
+    /// `ip saddr CIDR`.
+    SAddrIn(IpNetwork),
     /// `ip daddr CIDR`.
     DAddrIn(IpNetwork),
     /// `meta mark & BIT == BIT`.
     MarkHas(u32),
     /// `KEY @set`: the key is an element of the named set.
     InSet {
+        /// Key read from the packet.
+        key: Vec<KeyExpr>,
+        /// Set name.
+        set: String,
+    },
+    /// `KEY != @set`: the key is not an element of the named set.
+    NotInSet {
         /// Key read from the packet.
         key: Vec<KeyExpr>,
         /// Set name.
@@ -208,6 +219,8 @@ pub enum Stmt {
     Drop,
     /// `jump CHAIN`.
     Jump(String),
+    /// `goto CHAIN`.
+    Goto(String),
     /// `KEY vmap @map`: jump or goto by lookup; a miss continues with the next rule.
     Vmap {
         /// Key read from the packet.
@@ -220,6 +233,16 @@ pub enum Stmt {
     NumgenVmap {
         /// Chains by slot.
         chains: Vec<String>,
+    },
+    /// `update @set { KEY timeout Ns }`: add the key to a dynamic set, or refresh its
+    /// timeout.
+    Update {
+        /// Key read from the packet.
+        key: Vec<KeyExpr>,
+        /// Set name (declared with [`MapFlags::DynamicTimeout`]).
+        set: String,
+        /// Seconds the element lives after its last update.
+        timeout: u32,
     },
     /// `dnat ip to KEY map @map`: destination NAT to the looked-up address and port;
     /// a miss continues with the next rule.
@@ -254,11 +277,13 @@ impl Rule {
     /// Names of the sets and maps the rule reads.
     pub fn referenced_maps(&self) -> impl Iterator<Item = &str> {
         let m = self.matches.iter().filter_map(|m| match m {
-            Match::InSet { set, .. } => Some(set.as_str()),
+            Match::InSet { set, .. } | Match::NotInSet { set, .. } => Some(set.as_str()),
             _ => None,
         });
         let s = self.stmts.iter().filter_map(|s| match s {
-            Stmt::Vmap { map, .. } | Stmt::Dnat { map, .. } => Some(map.as_str()),
+            Stmt::Vmap { map, .. } | Stmt::Dnat { map, .. } | Stmt::Update { set: map, .. } => {
+                Some(map.as_str())
+            }
             _ => None,
         });
         m.chain(s)
@@ -267,7 +292,7 @@ impl Rule {
     /// Names of the chains the rule jumps or goes to.
     pub fn referenced_chains(&self) -> impl Iterator<Item = &str> {
         self.stmts.iter().flat_map(|s| match s {
-            Stmt::Jump(c) => std::slice::from_ref(c).iter().map(String::as_str),
+            Stmt::Jump(c) | Stmt::Goto(c) => std::slice::from_ref(c).iter().map(String::as_str),
             Stmt::NumgenVmap { chains } => chains.iter().map(String::as_str),
             _ => [].iter().map(String::as_str),
         })
@@ -285,10 +310,13 @@ impl fmt::Display for RuleDisplay<'_> {
                 Match::CtStateNew => "ct state new".to_owned(),
                 Match::CtStatusDnat => "ct status dnat".to_owned(),
                 Match::FibDaddrLocal => "fib daddr type local".to_owned(),
+                Match::FibSaddrLocal => "fib saddr type local".to_owned(),
                 Match::SAddrNotIn(net) => format!("{fam} saddr != {net}"),
+                Match::SAddrIn(net) => format!("{fam} saddr {net}"),
                 Match::DAddrIn(net) => format!("{fam} daddr {net}"),
                 Match::MarkHas(bit) => format!("meta mark & {bit:#010x} == {bit:#010x}"),
                 Match::InSet { key, set } => format!("{} @{set}", KeyDisplay(fam, key)),
+                Match::NotInSet { key, set } => format!("{} != @{set}", KeyDisplay(fam, key)),
             });
         }
         for s in &self.1.stmts {
@@ -299,6 +327,7 @@ impl fmt::Display for RuleDisplay<'_> {
                 Stmt::Reject => "reject".to_owned(),
                 Stmt::Drop => "drop".to_owned(),
                 Stmt::Jump(c) => format!("jump {c}"),
+                Stmt::Goto(c) => format!("goto {c}"),
                 Stmt::Vmap { key, map } => format!("{} vmap @{map}", KeyDisplay(fam, key)),
                 Stmt::NumgenVmap { chains } => {
                     let arms: Vec<String> = chains
@@ -315,10 +344,31 @@ impl fmt::Display for RuleDisplay<'_> {
                 Stmt::Dnat { key, map } => {
                     format!("dnat {fam} to {} map @{map}", KeyDisplay(fam, key))
                 }
+                Stmt::Update { key, set, timeout } => format!(
+                    "update @{set} {{ {} timeout {} }}",
+                    KeyDisplay(fam, key),
+                    nft_duration(*timeout)
+                ),
             });
         }
         f.write_str(&parts.join(" "))
     }
+}
+
+/// A duration as nft prints it: `3h`, `1m40s`, `1d2h`.
+pub fn nft_duration(secs: u32) -> String {
+    let mut out = String::new();
+    let mut rest = secs;
+    for (unit, len) in [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if rest >= len {
+            out.push_str(&format!("{}{unit}", rest / len));
+            rest %= len;
+        }
+    }
+    if out.is_empty() {
+        out.push_str("0s");
+    }
+    out
 }
 
 /// A chain: optionally attached to a hook, with its rules in order.
@@ -352,6 +402,22 @@ pub enum DataType {
     AddrPort,
 }
 
+/// Flags of a named set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapFlags {
+    /// Plain elements.
+    #[default]
+    None,
+    /// `flags interval`: address fields of elements may be prefixes.
+    Interval,
+    /// `size N; flags dynamic,timeout`: filled from the packet path with per-element
+    /// timeouts; its elements are the kernel's, never planned.
+    DynamicTimeout,
+}
+
+/// Size of dynamic sets (session affinity entries).
+pub const DYNAMIC_SET_SIZE: u32 = 262_144;
+
 /// Declaration of a named set or map.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MapDecl {
@@ -359,6 +425,8 @@ pub struct MapDecl {
     pub key: Vec<FieldType>,
     /// Data type.
     pub data: DataType,
+    /// Flags.
+    pub flags: MapFlags,
 }
 
 impl MapDecl {
@@ -387,7 +455,14 @@ impl MapDecl {
             DataType::Verdict => " : verdict".to_owned(),
             DataType::AddrPort => format!(" : {} . inet_service", family.addr_type()),
         };
-        format!("type {}{data}", key.join(" . "))
+        let flags = match self.flags {
+            MapFlags::None => String::new(),
+            MapFlags::Interval => "; flags interval".to_owned(),
+            MapFlags::DynamicTimeout => {
+                format!("; size {DYNAMIC_SET_SIZE}; flags dynamic,timeout")
+            }
+        };
+        format!("type {}{data}{flags}", key.join(" . "))
     }
 }
 
@@ -400,13 +475,26 @@ pub enum Atom {
     Proto(Protocol),
     /// A port.
     Port(u16),
+    /// An address prefix (in `flags interval` sets; a full-length prefix is an
+    /// [`Atom::Addr`], as nft prints it).
+    Net(IpNetwork),
 }
 
 impl Atom {
+    /// An address prefix as nft keeps it: a bare address when it covers one address.
+    pub fn prefix(net: IpNetwork) -> Atom {
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        if net.prefix() == max {
+            Atom::Addr(net.ip())
+        } else {
+            Atom::Net(net)
+        }
+    }
+
     /// The field type this value has.
     pub fn field_type(&self) -> FieldType {
         match self {
-            Atom::Addr(_) => FieldType::Addr,
+            Atom::Addr(_) | Atom::Net(_) => FieldType::Addr,
             Atom::Proto(_) => FieldType::Proto,
             Atom::Port(_) => FieldType::Port,
         }
@@ -419,6 +507,7 @@ impl fmt::Display for Atom {
             Atom::Addr(a) => write!(f, "{a}"),
             Atom::Proto(p) => f.write_str(p.nft_name()),
             Atom::Port(p) => write!(f, "{p}"),
+            Atom::Net(n) => write!(f, "{}/{}", n.network(), n.prefix()),
         }
     }
 }

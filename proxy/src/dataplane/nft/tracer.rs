@@ -2,7 +2,7 @@
 //! connection, every way it can end (random choices are enumerated, so the answer is a set).
 //! Unit tests state traffic expectations with it the way upstream's packet-flow tests do.
 
-use super::table::{Atom, ChainType, Data, Hook, Key, KeyExpr, Match, Rule, Stmt, Table};
+use super::table::{Atom, ChainType, Data, Hook, Key, KeyExpr, MapFlags, Match, Rule, Stmt, Table};
 use crate::model::Protocol;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -58,6 +58,18 @@ pub struct Outcome {
     pub dnat: Option<(IpAddr, u16)>,
     /// Whether it is masqueraded.
     pub masquerade: bool,
+    /// Elements the packet added to dynamic sets (`update @set`), with their timeouts:
+    /// apply them with [`apply_updates`] to trace a later packet of the same client.
+    pub updates: Vec<(String, Key, u32)>,
+}
+
+/// Adds what a traced packet put into dynamic sets to the table (as the kernel would).
+pub fn apply_updates(table: &mut Table, outcome: &Outcome) {
+    for (set, key, _) in &outcome.updates {
+        if let Some(m) = table.maps.get_mut(set) {
+            m.elements.insert(key.clone(), Data::None);
+        }
+    }
 }
 
 /// The table cannot be traced.
@@ -80,6 +92,7 @@ struct State {
     mark: u32,
     dnat: Option<(IpAddr, u16)>,
     masquerade: bool,
+    updates: Vec<(String, Key, u32)>,
 }
 
 /// How evaluating a chain ended.
@@ -101,6 +114,7 @@ pub fn trace(table: &Table, host: &Host, packet: &Packet) -> Result<BTreeSet<Out
         mark: 0,
         dnat: None,
         masquerade: false,
+        updates: Vec::new(),
     };
     let first = match packet.origin {
         Origin::Forwarded => Hook::Prerouting,
@@ -142,6 +156,7 @@ fn outcome(st: &State, verdict: Verdict) -> Outcome {
         verdict,
         dnat: st.dnat,
         masquerade: st.masquerade,
+        updates: st.updates.clone(),
     }
 }
 
@@ -241,7 +256,18 @@ fn key_of(p: &Packet, st: &State, key: &[KeyExpr]) -> Key {
 }
 
 fn lookup<'t>(table: &'t Table, map: &str, key: &Key) -> Option<&'t Data> {
-    table.maps.get(map).and_then(|m| m.elements.get(key))
+    let m = table.maps.get(map)?;
+    if m.decl.flags != MapFlags::Interval {
+        return m.elements.get(key);
+    }
+    let covers = |el: &Key| {
+        el.0.len() == key.0.len()
+            && el.0.iter().zip(&key.0).all(|(e, k)| match (e, k) {
+                (Atom::Net(n), Atom::Addr(a)) => n.contains(*a),
+                (e, k) => e == k,
+            })
+    };
+    m.elements.iter().find(|(el, _)| covers(el)).map(|(_, d)| d)
 }
 
 fn matches(table: &Table, host: &Host, p: &Packet, st: &State, m: &Match) -> bool {
@@ -249,7 +275,10 @@ fn matches(table: &Table, host: &Host, p: &Packet, st: &State, m: &Match) -> boo
         Match::CtStateNew => true,
         Match::CtStatusDnat => st.dnat.is_some(),
         Match::FibDaddrLocal => host.local_addrs.contains(&st.dst),
+        Match::FibSaddrLocal => host.local_addrs.contains(&p.src),
         Match::SAddrNotIn(net) => !net.contains(p.src),
+        Match::SAddrIn(net) => net.contains(p.src),
+        Match::NotInSet { key, set } => lookup(table, set, &key_of(p, st, key)).is_none(),
         Match::DAddrIn(net) => net.contains(st.dst),
         Match::MarkHas(bit) => st.mark & bit == *bit,
         Match::InSet { key, set } => lookup(table, set, &key_of(p, st, key)).is_some(),
@@ -280,6 +309,10 @@ fn run_stmts(
     match s {
         Stmt::MarkOr(bit) => st.mark |= bit,
         Stmt::MarkXor(bit) => st.mark ^= bit,
+        Stmt::Update { key, set, timeout } => {
+            let k = key_of(p, &st, key);
+            st.updates.push((set.clone(), k, *timeout));
+        }
         Stmt::Masquerade => {
             st.masquerade = true;
             return Ok(vec![Flow::Done(st, Verdict::Accept)]);
@@ -296,6 +329,7 @@ fn run_stmts(
             }
             return Ok(out);
         }
+        Stmt::Goto(target) => return goto(st, target),
         Stmt::Vmap { key, map } => {
             return match lookup(table, map, &key_of(p, &st, key)) {
                 Some(Data::Goto(target)) => goto(st, target),
@@ -362,16 +396,14 @@ mod tests {
             .collect();
         (
             n.clone(),
-            ServicePortState {
-                info: ServiceInfo {
-                    name: n,
-                    cluster_ips: vec![ip(cip)],
-                    port,
+            ServicePortState::from_endpoints(
+                ServiceInfo {
                     node_port: np,
                     internal_local: name.starts_with("local"),
+                    ..ServiceInfo::new(n, vec![ip(cip)], port)
                 },
                 endpoints,
-            },
+            ),
         )
     }
 
