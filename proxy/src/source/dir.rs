@@ -1,5 +1,23 @@
 //! `--source dir:PATH`: Services, EndpointSlices and Nodes read from YAML files in a
 //! directory (multi-document files and `kind: List`), re-read whenever the directory changes.
+//!
+//! # An object defined more than once
+//!
+//! When several documents define the same object (same kind and `namespace/name`), in one
+//! file or in several, the first *valid* definition in path order wins: files sorted by name
+//! (byte-wise), then documents in file order. Later definitions are reported as duplicates
+//! and ignored while it stays. An invalid definition never displaces a valid one, wherever
+//! it is; when no definition is valid, the last good version stays programmed. Removing or
+//! changing one definition hands the object to the next one; the object is deleted only when
+//! no file defines it any more.
+//!
+//! # A file that does not parse
+//!
+//! A file that cannot be read or parsed to its end (say, half written) is reported (a
+//! warning naming the file and document, and its objects as `RelistInvalid` in a relist)
+//! and keeps the objects last read from it, at their programmed versions, until it parses
+//! again or is removed; as a definition it still counts as valid. A file that never parsed
+//! contributes the documents before the error.
 
 use super::{Kind, Object, ObjectRef, SourceUpdate};
 use crate::model::ObjectKey;
@@ -93,7 +111,8 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, DirSourceError> {
 }
 
 /// Reads every manifest file in `dir`, handing each usable object and each error to the
-/// callbacks as it goes (no list of all objects is built).
+/// callbacks as it goes (no list of all objects is built). An object defined more than once
+/// is handed over once, as its first valid definition (see the module documentation).
 pub fn scan_dir(
     dir: &Path,
     mut on_object: impl FnMut(Object),
@@ -101,7 +120,11 @@ pub fn scan_dir(
 ) -> Result<(), DirSourceError> {
     let mut seen = BTreeSet::new();
     for file in manifest_files(dir)? {
-        scan_file(&file, &mut seen, &mut on_object, &mut on_error);
+        let (_, text) = read_manifest(&file);
+        scan_text(&file, &text, &mut seen, &mut |found| match found {
+            Found::Object(o) => on_object(o),
+            Found::Error(e) => on_error(e),
+        });
     }
     Ok(())
 }
@@ -109,29 +132,74 @@ pub fn scan_dir(
 /// What identifies an object across files.
 type Id = (Kind, ObjectKey);
 
-/// Reads one manifest file. `seen` holds the objects already read (from this file or
-/// others): a second definition is reported as a duplicate. Returns the digest of the file's
-/// contents (0 when it could not be read) and the objects it holds, valid or not.
-fn scan_file(
+/// What [`scan_text`] hands over as it reads.
+// Each is handed over once, right away; boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Found {
+    /// A usable object.
+    Object(Object),
+    /// A document that could not be used.
+    Error(DocumentError),
+}
+
+/// What one file defines.
+#[derive(Debug, Default)]
+struct FileScan {
+    /// Every object the file names, and whether one of its definitions of it is valid.
+    defs: BTreeMap<Id, bool>,
+    /// The file could not be read or parsed to its end.
+    broken: bool,
+}
+
+/// A file's digest (0 when it cannot be read) and its text (or why it cannot be read).
+fn read_manifest(file: &Path) -> (u64, Result<String, String>) {
+    match std::fs::read(file) {
+        Ok(bytes) => (
+            content_digest(&bytes),
+            String::from_utf8(bytes).map_err(|e| e.to_string()),
+        ),
+        Err(e) => (0, Err(e.to_string())),
+    }
+}
+
+/// Reads one manifest file's text. `seen` holds the objects already used (from this file or
+/// files before it): a later valid definition is reported as a duplicate and not handed
+/// over. When the text does not parse to its end, the documents before the error are still
+/// handed over and the result is marked broken.
+fn scan_text(
     file: &Path,
+    text: &Result<String, String>,
     seen: &mut BTreeSet<Id>,
-    on_object: &mut impl FnMut(Object),
-    on_error: &mut impl FnMut(DocumentError),
-) -> (u64, BTreeSet<Id>) {
-    let mut ids = BTreeSet::new();
-    let text = match std::fs::read_to_string(file) {
+    on: &mut impl FnMut(Found),
+) -> FileScan {
+    let mut scan = FileScan::default();
+    let text = match text {
         Ok(t) => t,
         Err(e) => {
-            on_error(doc_error(file, "0".into(), None, None, e.to_string()));
-            return (0, ids);
+            on(Found::Error(doc_error(
+                file,
+                "0".into(),
+                None,
+                None,
+                e.clone(),
+            )));
+            scan.broken = true;
+            return scan;
         }
     };
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = match Value::deserialize(doc) {
             Ok(v) => v,
             Err(e) => {
                 // The rest of the file cannot be parsed either.
-                on_error(doc_error(file, i.to_string(), None, None, e.to_string()));
+                on(Found::Error(doc_error(
+                    file,
+                    i.to_string(),
+                    None,
+                    None,
+                    e.to_string(),
+                )));
+                scan.broken = true;
                 break;
             }
         };
@@ -155,32 +223,33 @@ fn scan_file(
             match parse_object(v) {
                 Ok(None) => {}
                 Ok(Some(obj)) => {
-                    if seen.insert((obj.kind(), obj.key())) {
-                        ids.insert((obj.kind(), obj.key()));
-                        on_object(obj);
+                    let id = (obj.kind(), obj.key());
+                    scan.defs.insert(id.clone(), true);
+                    if seen.insert(id) {
+                        on(Found::Object(obj));
                     } else {
-                        on_error(doc_error(
+                        on(Found::Error(doc_error(
                             file,
                             index,
                             Some(describe(&obj)),
                             None,
                             "duplicate object; the first one is used".into(),
-                        ));
+                        )));
                     }
                 }
                 Err(err) => {
                     let (object, field, message, target) = *err;
                     if let Some(r) = &target {
-                        ids.insert((r.kind, r.key.clone()));
+                        scan.defs.entry((r.kind, r.key.clone())).or_insert(false);
                     }
                     let mut e = doc_error(file, index, object, field, message);
                     e.invalid_object = target;
-                    on_error(e)
+                    on(Found::Error(e))
                 }
             }
         }
     }
-    (content_digest(text.as_bytes()), ids)
+    scan
 }
 
 fn content_digest(bytes: &[u8]) -> u64 {
@@ -199,10 +268,62 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, DirSourceError> {
     Ok(out)
 }
 
-/// What the watcher knows of the files it sent: their digests and the objects each held.
+/// What the watcher last made of one file.
+#[derive(Debug)]
+struct FileState {
+    /// Digest of the contents last read.
+    digest: u64,
+    /// The objects in effect from this file (for a broken file, those of its last read
+    /// that parsed), and whether a definition of each is valid.
+    defs: BTreeMap<Id, bool>,
+    /// The contents last read do not parse.
+    broken: bool,
+}
+
+/// What the watcher knows of the files it sent.
 #[derive(Debug, Default)]
 struct Sent {
-    files: BTreeMap<PathBuf, (u64, BTreeSet<Id>)>,
+    files: BTreeMap<PathBuf, FileState>,
+    /// How many files define each object (validly or not).
+    owners: BTreeMap<Id, usize>,
+}
+
+impl Sent {
+    /// Records a file's state; returns the objects it defined before.
+    fn insert(&mut self, file: PathBuf, state: FileState) -> BTreeMap<Id, bool> {
+        for id in state.defs.keys() {
+            *self.owners.entry(id.clone()).or_default() += 1;
+        }
+        let old = self
+            .files
+            .insert(file, state)
+            .map(|s| s.defs)
+            .unwrap_or_default();
+        self.disown(&old);
+        old
+    }
+
+    /// Forgets a file; returns the objects it defined.
+    fn remove(&mut self, file: &Path) -> BTreeMap<Id, bool> {
+        let old = self.files.remove(file).map(|s| s.defs).unwrap_or_default();
+        self.disown(&old);
+        old
+    }
+
+    fn disown(&mut self, defs: &BTreeMap<Id, bool>) {
+        for id in defs.keys() {
+            if let Some(n) = self.owners.get_mut(id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.owners.remove(id);
+                }
+            }
+        }
+    }
+
+    fn owners(&self, id: &Id) -> usize {
+        self.owners.get(id).copied().unwrap_or(0)
+    }
 }
 
 /// Logs a document error with structured fields.
@@ -217,123 +338,251 @@ fn report(e: &DocumentError) {
     );
 }
 
-/// Sends what changed in the directory since `sent`: the first time (or when objects are
-/// defined twice) a full relist; afterwards, only the objects of changed files as upserts,
-/// and deletions for objects gone from changed or removed files. Returns false when the
-/// receiver is gone.
+fn log_kept(file: &Path, kept: usize) {
+    tracing::warn!(
+        file = %file.display(),
+        kept,
+        "manifest file does not parse; keeping the objects last read from it"
+    );
+}
+
+fn object_ref((kind, key): &Id) -> ObjectRef {
+    ObjectRef {
+        kind: *kind,
+        key: key.clone(),
+    }
+}
+
+/// Sends a complete listing of `files`. A broken file that `prev` knows keeps the objects
+/// it had there: they are listed as `RelistInvalid`, so their programmed versions stay.
+fn relist(
+    path: &Path,
+    files: &[PathBuf],
+    prev: Option<&Sent>,
+    send: &mut impl FnMut(SourceUpdate),
+    report: &mut impl FnMut(&DocumentError),
+) -> Sent {
+    send(SourceUpdate::RelistStart);
+    let mut seen = BTreeSet::new();
+    let mut state = Sent::default();
+    let (mut objects, mut errors) = (0usize, 0usize);
+    for file in files {
+        let (digest, text) = read_manifest(file);
+        let last = prev.and_then(|p| p.files.get(file));
+        let keep = last.filter(|last| {
+            if last.digest == digest {
+                last.broken
+            } else {
+                // Items sent from it would replace the kept versions: find out whether
+                // the file parses before sending any.
+                let check = scan_text(file, &text, &mut BTreeSet::new(), &mut |_| {});
+                check.broken
+            }
+        });
+        let (defs, broken) = match keep {
+            Some(last) => {
+                scan_text(file, &text, &mut BTreeSet::new(), &mut |found| {
+                    if let Found::Error(e) = found {
+                        errors += 1;
+                        report(&e);
+                    }
+                });
+                log_kept(file, last.defs.len());
+                for (id, valid) in &last.defs {
+                    if *valid {
+                        // Kept objects take precedence like the valid definitions they were.
+                        seen.insert(id.clone());
+                    }
+                    send(SourceUpdate::RelistInvalid(object_ref(id)));
+                }
+                (last.defs.clone(), true)
+            }
+            None => {
+                let scan = scan_text(file, &text, &mut seen, &mut |found| match found {
+                    Found::Object(o) => {
+                        objects += 1;
+                        send(SourceUpdate::RelistItem(o));
+                    }
+                    Found::Error(e) => {
+                        errors += 1;
+                        report(&e);
+                        if let Some(r) = e.invalid_object {
+                            send(SourceUpdate::RelistInvalid(r));
+                        }
+                    }
+                });
+                (scan.defs, scan.broken)
+            }
+        };
+        state.insert(
+            file.clone(),
+            FileState {
+                digest,
+                defs,
+                broken,
+            },
+        );
+    }
+    send(SourceUpdate::RelistDone);
+    tracing::info!(path = %path.display(), objects, errors, "manifests loaded");
+    state
+}
+
+/// One changed file, read once.
+struct Changed {
+    file: PathBuf,
+    digest: u64,
+    text: Result<String, String>,
+    /// What it defines now (what it defined before when it is broken and was known).
+    scan: FileScan,
+    /// It does not parse and keeps the objects last read from it.
+    kept: bool,
+    /// Its errors, reported when no relist follows (a relist reports them itself).
+    errors: Vec<DocumentError>,
+}
+
+/// Sends what changed in the directory since `sent` (None: nothing sent yet).
+///
+/// The first time, a full relist. Afterwards the cheap path: the objects of changed files
+/// as upserts and deletions of objects no file defines any more; except when a change
+/// touches an object that more than one file defines (before or after the change), where
+/// the precedence between the definitions matters: then a full relist.
+fn apply_changes(
+    path: &Path,
+    sent: &mut Option<Sent>,
+    send: &mut impl FnMut(SourceUpdate),
+    report: &mut impl FnMut(&DocumentError),
+) -> Result<(), DirSourceError> {
+    let files = manifest_files(path)?;
+    let Some(mut prev) = sent.take() else {
+        *sent = Some(relist(path, &files, None, send, report));
+        return Ok(());
+    };
+    let mut changed = Vec::new();
+    for file in &files {
+        let (digest, text) = read_manifest(file);
+        let last = prev.files.get(file);
+        if last.map(|s| s.digest) == Some(digest) {
+            continue;
+        }
+        let mut errors = Vec::new();
+        let mut scan = scan_text(file, &text, &mut BTreeSet::new(), &mut |found| {
+            if let Found::Error(e) = found {
+                errors.push(e);
+            }
+        });
+        let kept = match last {
+            Some(last) if scan.broken => {
+                scan.defs = last.defs.clone();
+                true
+            }
+            _ => false,
+        };
+        changed.push(Changed {
+            file: file.clone(),
+            digest,
+            text,
+            scan,
+            kept,
+            errors,
+        });
+    }
+    let removed: Vec<PathBuf> = prev
+        .files
+        .keys()
+        .filter(|f| files.binary_search(f).is_err())
+        .cloned()
+        .collect();
+    if changed.is_empty() && removed.is_empty() {
+        *sent = Some(prev);
+        return Ok(());
+    }
+    // How many more (or fewer) files define each touched object after the change.
+    let mut delta: BTreeMap<Id, isize> = BTreeMap::new();
+    for c in changed.iter().filter(|c| !c.kept) {
+        let old = prev.files.get(&c.file).map(|s| &s.defs);
+        for id in old.into_iter().flat_map(BTreeMap::keys) {
+            *delta.entry(id.clone()).or_default() -= 1;
+        }
+        for id in c.scan.defs.keys() {
+            *delta.entry(id.clone()).or_default() += 1;
+        }
+    }
+    for file in &removed {
+        for id in prev.files.get(file).into_iter().flat_map(|s| s.defs.keys()) {
+            *delta.entry(id.clone()).or_default() -= 1;
+        }
+    }
+    let shared = delta.iter().find(|(id, d)| {
+        let before = prev.owners(id);
+        before > 1 || before.saturating_add_signed(**d) > 1
+    });
+    if let Some(((kind, key), _)) = shared {
+        tracing::info!(kind = ?kind, object = %key, "change touches an object defined in several files; relisting");
+        *sent = Some(relist(path, &files, Some(&prev), send, report));
+        return Ok(());
+    }
+    // Every touched object is defined in at most one file, before and after.
+    let mut gone = BTreeSet::new();
+    for c in changed {
+        for e in &c.errors {
+            report(e);
+        }
+        if c.kept {
+            log_kept(&c.file, c.scan.defs.len());
+            if let Some(s) = prev.files.get_mut(&c.file) {
+                s.digest = c.digest;
+                s.broken = true;
+            }
+            continue;
+        }
+        let mut upserts = 0usize;
+        scan_text(&c.file, &c.text, &mut BTreeSet::new(), &mut |found| {
+            if let Found::Object(o) = found {
+                upserts += 1;
+                send(SourceUpdate::Upsert(o));
+            }
+        });
+        let state = FileState {
+            digest: c.digest,
+            broken: c.scan.broken,
+            defs: c.scan.defs,
+        };
+        let new_ids: BTreeSet<Id> = state.defs.keys().cloned().collect();
+        let old = prev.insert(c.file.clone(), state);
+        gone.extend(old.into_keys().filter(|id| !new_ids.contains(id)));
+        tracing::info!(file = %c.file.display(), objects = upserts, "manifest file changed");
+    }
+    for file in removed {
+        gone.extend(prev.remove(&file).into_keys());
+        tracing::info!(file = %file.display(), "manifest file removed");
+    }
+    // An object that moved to another file is still defined: not deleted.
+    for id in gone.iter().filter(|id| prev.owners(id) == 0) {
+        send(SourceUpdate::Delete(object_ref(id)));
+    }
+    *sent = Some(prev);
+    Ok(())
+}
+
+/// [`apply_changes`] into a channel, logging errors. Returns false when the receiver is gone.
 fn send_changes(
     path: &Path,
     tx: &Sender<SourceUpdate>,
     sent: &mut Option<Sent>,
 ) -> Result<bool, DirSourceError> {
-    let files = manifest_files(path)?;
-    let digests: BTreeMap<PathBuf, u64> = files
-        .iter()
-        .map(|f| {
-            (
-                f.clone(),
-                content_digest(&std::fs::read(f).unwrap_or_default()),
-            )
-        })
-        .collect();
-    let closed = std::cell::Cell::new(false);
-    let send = |u: SourceUpdate| {
-        if tx.blocking_send(u).is_err() {
-            closed.set(true);
-        }
-    };
-    let Some(prev) = sent.as_mut() else {
-        // First view: a complete relist.
-        send(SourceUpdate::RelistStart);
-        let mut seen = BTreeSet::new();
-        let mut state = Sent::default();
-        let (mut objects, mut errors) = (0usize, 0usize);
-        for file in &files {
-            let scanned = scan_file(
-                file,
-                &mut seen,
-                &mut |o| {
-                    objects += 1;
-                    send(SourceUpdate::RelistItem(o));
-                },
-                &mut |e| {
-                    errors += 1;
-                    report(&e);
-                    if let Some(r) = e.invalid_object {
-                        send(SourceUpdate::RelistInvalid(r));
-                    }
-                },
-            );
-            state.files.insert(file.clone(), scanned);
-        }
-        send(SourceUpdate::RelistDone);
-        tracing::info!(path = %path.display(), objects, errors, "manifests loaded");
-        *sent = Some(state);
-        return Ok(!closed.get());
-    };
-    let changed: Vec<&PathBuf> = files
-        .iter()
-        .filter(|f| prev.files.get(*f).map(|(d, _)| d) != digests.get(*f))
-        .collect();
-    let removed: Vec<PathBuf> = prev
-        .files
-        .keys()
-        .filter(|f| !digests.contains_key(*f))
-        .cloned()
-        .collect();
-    if changed.is_empty() && removed.is_empty() {
-        return Ok(true);
-    }
-    // Objects other files hold, so a changed file's objects can be checked for duplicates.
-    let mut duplicate = false;
-    for file in changed {
-        let mut seen: BTreeSet<Id> = prev
-            .files
-            .iter()
-            .filter(|(f, _)| *f != file)
-            .flat_map(|(_, (_, ids))| ids.iter().cloned())
-            .collect();
-        let mut upserts = 0usize;
-        // Objects that are invalid now are in `ids` too: their last good version stays.
-        let (digest, ids) = scan_file(
-            file,
-            &mut seen,
-            &mut |o| {
-                upserts += 1;
-                send(SourceUpdate::Upsert(o));
-            },
-            &mut |e| {
-                duplicate |= e.message.starts_with("duplicate object");
-                report(&e);
-            },
-        );
-        let old = prev
-            .files
-            .insert(file.clone(), (digest, ids.clone()))
-            .map(|(_, ids)| ids)
-            .unwrap_or_default();
-        for (kind, key) in old.difference(&ids) {
-            send(SourceUpdate::Delete(ObjectRef {
-                kind: *kind,
-                key: key.clone(),
-            }));
-        }
-        tracing::info!(file = %file.display(), objects = upserts, "manifest file changed");
-    }
-    for file in removed {
-        if let Some((_, ids)) = prev.files.remove(&file) {
-            for (kind, key) in ids {
-                send(SourceUpdate::Delete(ObjectRef { kind, key }));
+    let mut closed = false;
+    apply_changes(
+        path,
+        sent,
+        &mut |u| {
+            if tx.blocking_send(u).is_err() {
+                closed = true;
             }
-        }
-        tracing::info!(file = %file.display(), "manifest file removed");
-    }
-    if duplicate {
-        // An object defined in two files: only a full relist resolves which one wins.
-        *sent = None;
-        return send_changes(path, tx, sent);
-    }
-    Ok(!closed.get())
+        },
+        &mut report,
+    )?;
+    Ok(!closed)
 }
 
 fn doc_error(
@@ -453,8 +702,8 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
 
 /// Sends the directory's objects as a relist (`RelistStart`, one `RelistItem` per object,
 /// `RelistDone`), then, after every change of the files (debounced), the objects of the
-/// changed files and deletions of what they no longer hold. Returns when the receiver is
-/// gone.
+/// changed files and deletions of what no file holds any more, or a relist when the change
+/// touches an object several files define. Returns when the receiver is gone.
 pub async fn run(path: PathBuf, tx: Sender<SourceUpdate>) -> Result<(), DirSourceError> {
     use notify::Watcher;
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -594,6 +843,201 @@ metadata: {name: ignored}
                 .flatten();
         }
         out
+    }
+
+    fn svc(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+        )
+    }
+
+    const INVALID_WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {clusterIP: 10.96.0.9, ports: [{port: eighty}]}\n";
+
+    fn short(u: &SourceUpdate) -> String {
+        match u {
+            SourceUpdate::RelistStart => "start".to_owned(),
+            SourceUpdate::RelistDone => "done".to_owned(),
+            SourceUpdate::RelistItem(o) => format!("item {}", o.key()),
+            SourceUpdate::RelistInvalid(r) => format!("invalid {}", r.key),
+            SourceUpdate::Upsert(o) => format!("upsert {}", o.key()),
+            SourceUpdate::Delete(r) => format!("delete {}", r.key),
+            SourceUpdate::Replace(_) => "replace".to_owned(),
+        }
+    }
+
+    /// A directory, the source's state and a store fed with what the source sends.
+    struct Harness {
+        dir: tempfile::TempDir,
+        sent: Option<Sent>,
+        store: crate::model::Store,
+        /// The errors the last step reported.
+        errors: Vec<String>,
+    }
+
+    impl Harness {
+        fn new(files: &[(&str, &str)]) -> Self {
+            let h = Harness {
+                dir: tempfile::tempdir().unwrap(),
+                sent: None,
+                store: crate::model::Store::default(),
+                errors: Vec::new(),
+            };
+            for (name, text) in files {
+                h.write(name, text);
+            }
+            h
+        }
+
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.dir.path().join(name), text).unwrap();
+        }
+
+        fn remove(&self, name: &str) {
+            std::fs::remove_file(self.dir.path().join(name)).unwrap();
+        }
+
+        /// One pass of the source, as after a change event; the updates it sent, in short.
+        fn step(&mut self) -> Vec<String> {
+            let mut updates = Vec::new();
+            self.errors.clear();
+            apply_changes(
+                self.dir.path(),
+                &mut self.sent,
+                &mut |u| updates.push(u),
+                &mut |e| self.errors.push(e.to_string()),
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            for u in updates {
+                out.push(short(&u));
+                self.store.record(u, std::time::SystemTime::now());
+            }
+            out
+        }
+
+        /// The Service `demo/NAME` as the store holds it, debug-printed; None when absent.
+        fn service(&self, name: &str) -> Option<String> {
+            self.store
+                .services()
+                .get(&ObjectKey::new("demo", name))
+                .map(|r| format!("{r:?}"))
+        }
+    }
+
+    #[test]
+    fn object_defined_in_two_files_stays_while_one_file_still_defines_it() {
+        let mut h = Harness::new(&[
+            ("a.yaml", &svc("web", "10.96.0.1")),
+            ("b.yaml", &svc("web", "10.96.0.2")),
+        ]);
+        assert_eq!(h.step(), ["start", "item demo/web", "done"]);
+        assert!(h.service("web").unwrap().contains("10.96.0.1"));
+        h.remove("a.yaml");
+        let out = h.step();
+        assert!(!out.contains(&"delete demo/web".to_owned()), "{out:?}");
+        // The remaining definition is in effect.
+        assert!(h.service("web").unwrap().contains("10.96.0.2"), "{out:?}");
+        h.remove("b.yaml");
+        h.step();
+        assert_eq!(h.service("web"), None);
+    }
+
+    #[test]
+    fn removing_a_file_with_an_invalid_duplicate_keeps_the_valid_object() {
+        // The invalid definition after the valid one, then before it.
+        for (invalid, valid) in [("b.yaml", "a.yaml"), ("a.yaml", "b.yaml")] {
+            let mut h = Harness::new(&[(valid, &svc("web", "10.96.0.1")), (invalid, INVALID_WEB)]);
+            h.step();
+            assert!(h.service("web").unwrap().contains("10.96.0.1"));
+            h.remove(invalid);
+            let out = h.step();
+            assert!(!out.contains(&"delete demo/web".to_owned()), "{out:?}");
+            assert!(h.service("web").unwrap().contains("10.96.0.1"), "{out:?}");
+        }
+    }
+
+    #[test]
+    fn unparseable_file_keeps_its_last_objects_until_it_parses_or_is_removed() {
+        let both = format!(
+            "{}---\n{}",
+            svc("web", "10.96.0.1"),
+            svc("api", "10.96.0.2")
+        );
+        let mut h = Harness::new(&[("a.yaml", &both)]);
+        h.step();
+        // Half-written: the second document is cut off inside a flow mapping.
+        let half = format!(
+            "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: api, namesp",
+            svc("web", "10.96.0.3")
+        );
+        h.write("a.yaml", &half);
+        assert_eq!(h.step(), Vec::<String>::new());
+        assert_eq!(h.errors.len(), 1, "{:?}", h.errors);
+        assert!(h.errors[0].contains("a.yaml document 1"), "{:?}", h.errors);
+        assert!(h.service("api").unwrap().contains("10.96.0.2"));
+        assert!(h.service("web").unwrap().contains("10.96.0.1"));
+        // A relist (here caused by a duplicate elsewhere) keeps them too.
+        h.write("b.yaml", &svc("api", "10.96.0.4"));
+        let out = h.step();
+        assert!(out.contains(&"start".to_owned()), "{out:?}");
+        assert!(out.contains(&"invalid demo/api".to_owned()), "{out:?}");
+        assert!(h.errors.iter().any(|e| e.contains("a.yaml document 1")));
+        assert!(h.service("api").unwrap().contains("10.96.0.2"), "{out:?}");
+        assert!(h.service("web").unwrap().contains("10.96.0.1"), "{out:?}");
+        h.remove("b.yaml");
+        h.step();
+        // Parses again: its current objects are in effect.
+        h.write("a.yaml", &svc("web", "10.96.0.5"));
+        let mut out = h.step();
+        out.sort();
+        assert_eq!(out, ["delete demo/api", "upsert demo/web"]);
+        assert!(h.service("web").unwrap().contains("10.96.0.5"));
+        // Removed while unparseable: its objects go.
+        h.write("a.yaml", &half);
+        assert_eq!(h.step(), Vec::<String>::new());
+        h.remove("a.yaml");
+        assert_eq!(h.step(), ["delete demo/web"]);
+    }
+
+    #[test]
+    fn first_valid_definition_in_path_order_wins() {
+        let mut h = Harness::new(&[
+            ("b.yaml", &svc("web", "10.96.0.2")),
+            ("a.yaml", &svc("web", "10.96.0.1")),
+        ]);
+        assert_eq!(h.step(), ["start", "item demo/web", "done"]);
+        assert!(h.service("web").unwrap().contains("10.96.0.1"));
+        assert!(h
+            .errors
+            .iter()
+            .any(|e| e.contains("b.yaml document 0") && e.contains("duplicate")));
+        // Changing the losing definition changes nothing.
+        h.write("b.yaml", &svc("web", "10.96.0.3"));
+        h.step();
+        assert!(h.service("web").unwrap().contains("10.96.0.1"));
+        // Changing the winning one takes effect.
+        h.write("a.yaml", &svc("web", "10.96.0.4"));
+        h.step();
+        assert!(h.service("web").unwrap().contains("10.96.0.4"));
+        // An invalid definition never displaces a valid one, wherever it is.
+        h.write("a.yaml", INVALID_WEB);
+        h.step();
+        assert!(h.service("web").unwrap().contains("10.96.0.3"));
+        // With no valid definition left, the last good version stays.
+        h.write("b.yaml", INVALID_WEB);
+        let out = h.step();
+        assert!(!out.contains(&"delete demo/web".to_owned()), "{out:?}");
+        assert!(h.service("web").unwrap().contains("10.96.0.3"));
+    }
+
+    #[test]
+    fn object_moved_between_files_in_one_change_is_never_deleted() {
+        let mut h = Harness::new(&[("a.yaml", ""), ("b.yaml", &svc("web", "10.96.0.1"))]);
+        h.step();
+        h.write("a.yaml", &svc("web", "10.96.0.2"));
+        h.write("b.yaml", "");
+        assert_eq!(h.step(), ["upsert demo/web"]);
+        assert!(h.service("web").unwrap().contains("10.96.0.2"));
     }
 
     #[tokio::test]

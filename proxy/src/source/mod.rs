@@ -73,7 +73,8 @@ pub enum SourceUpdate {
     /// One object of the listing.
     RelistItem(Object),
     /// An object of the listing that exists but could not be read (reported with its file,
-    /// document and field): the version already known is kept, nothing programmed is lost.
+    /// document and field), or whose file does not parse for now: the version already known
+    /// is kept, nothing programmed is lost.
     RelistInvalid(ObjectRef),
     /// The listing is complete: objects it did not contain are gone. The first one a
     /// source sends marks it as synced.
