@@ -1,7 +1,9 @@
 //! HTTP endpoints: the metrics server (`/proxyMode`, `/metrics`, `/healthz`, `/configz`) and
-//! the health server (`/healthz`, `/livez`), as kube-proxy serves them.
+//! the health server (`/healthz`, `/livez`), as kube-proxy serves them, and the per-Service
+//! health-check listeners ([`healthcheck`]).
 
 pub mod health;
+pub mod healthcheck;
 pub mod metrics;
 
 use axum::extract::State;
