@@ -1,4 +1,5 @@
 //! Dataplane backends: each renders a [`crate::model::DesiredState`] into a plan (pure)
-//! and applies plans to the kernel (side effects).
+//! and applies plans to the kernel (side effects); [`conntrack`] deletes stale flows.
 
+pub mod conntrack;
 pub mod nft;

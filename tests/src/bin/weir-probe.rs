@@ -1,16 +1,20 @@
 //! Test client, run inside a network namespace:
 //! - `weir-probe tcp ADDR:PORT COUNT`: COUNT HTTP GETs, one connection each;
-//! - `weir-probe udp ADDR:PORT COUNT`: COUNT datagrams from one socket;
+//! - `weir-probe udp ADDR:PORT COUNT [--source-port N]`: COUNT datagrams from one socket
+//!   (bound to local port N, with SO_REUSEADDR, so successive probes are one UDP flow);
 //! - `weir-probe hold ADDR:PORT MILLIS`: one TCP connection, a line every 100 ms;
 //! - `weir-probe get ADDR:PORT PATH`: one HTTP GET, prints the body;
-//! - `weir-probe peer ADDR:PORT`: the source address the backend sees.
+//! - `weir-probe peer ADDR:PORT`: the source address the backend sees;
+//! - `weir-probe conntrack-delete --proto udp [--orig-dst IP] [--orig-dport P]
+//!   [--reply-src IP]` (test-only): deletes the matching conntrack entries of this network
+//!   namespace through weir's ctnetlink code and prints `{"deleted": N}`.
 //!
 //! Prints one JSON object: answers per backend name, errors per kind, latency percentiles.
 
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,9 +44,75 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
         .unwrap_or_default())
 }
 
+/// Removes `--NAME VALUE` from `args` and returns VALUE.
+fn take_option(args: &mut Vec<String>, name: &str) -> anyhow::Result<Option<String>> {
+    let Some(i) = args.iter().position(|a| a == name) else {
+        return Ok(None);
+    };
+    if i + 1 >= args.len() {
+        anyhow::bail!("{name} needs a value");
+    }
+    let value = args.remove(i + 1);
+    args.remove(i);
+    Ok(Some(value))
+}
+
+/// A UDP socket connected to `addr`, bound to `source_port` (any when `None`).
+fn udp_socket(addr: SocketAddr, source_port: Option<u16>) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let any: IpAddr = if addr.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // The previous probe's socket with this port may still be closing.
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::new(any, source_port.unwrap_or(0)).into())?;
+    let s: UdpSocket = s.into();
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.connect(addr)?;
+    Ok(s)
+}
+
+/// `conntrack-delete`: one filter from the flags, deleted in this network namespace.
+fn conntrack_delete(mut args: Vec<String>) -> anyhow::Result<()> {
+    use weir_proxy::dataplane::conntrack::{Conntrack, FlowFilter};
+    use weir_proxy::model::Protocol;
+    let proto = take_option(&mut args, "--proto")?.unwrap_or_else(|| "udp".into());
+    let filter = FlowFilter {
+        protocol: Protocol::from_nft_name(&proto)
+            .ok_or_else(|| anyhow::anyhow!("unknown protocol {proto:?}"))?,
+        orig_dst: take_option(&mut args, "--orig-dst")?
+            .map(|v| v.parse())
+            .transpose()?,
+        orig_dport: take_option(&mut args, "--orig-dport")?
+            .map(|v| v.parse())
+            .transpose()?,
+        reply_src: take_option(&mut args, "--reply-src")?
+            .map(|v| v.parse())
+            .transpose()?,
+    };
+    if args.len() > 2 {
+        anyhow::bail!("unexpected arguments {:?}", &args[2..]);
+    }
+    let deleted = Conntrack::open()?.delete_matching(&[filter])?;
+    println!("{}", json!({ "deleted": deleted }));
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("conntrack-delete") {
+        return conntrack_delete(args);
+    }
+    let source_port: Option<u16> = take_option(&mut args, "--source-port")?
+        .map(|p| p.parse())
+        .transpose()?;
     let mode = args.get(1).map(String::as_str).unwrap_or("");
+    if source_port.is_some() && mode != "udp" {
+        anyhow::bail!("--source-port is for udp");
+    }
     let addr: SocketAddr = args
         .get(2)
         .map(|a| a.parse())
@@ -71,10 +141,7 @@ fn main() -> anyhow::Result<()> {
         "tcp" | "udp" => {
             let count: u32 = args.get(3).map(|c| c.parse()).transpose()?.unwrap_or(1);
             let udp = if mode == "udp" {
-                let s = UdpSocket::bind("0.0.0.0:0")?;
-                s.set_read_timeout(Some(TIMEOUT))?;
-                s.connect(addr)?;
-                Some(s)
+                Some(udp_socket(addr, source_port)?)
             } else {
                 None
             };
