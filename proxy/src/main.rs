@@ -5,15 +5,18 @@ use anyhow::Context;
 use clap::Parser;
 use std::sync::Arc;
 use weir_proxy::config::{Args, SourceConfig};
+use weir_proxy::dataplane::conntrack::Conntrack;
 use weir_proxy::dataplane::nft::diff::cleanup_plan;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
 use weir_proxy::dataplane::nft::render::RenderConfig;
 use weir_proxy::dataplane::nft::Family;
+use weir_proxy::http::healthcheck::HealthCheckServer;
 use weir_proxy::http::{
     health::ProxyHealth, metrics::Metrics, serve_health, serve_metrics, HttpState,
 };
 use weir_proxy::model::ModelConfig;
 use weir_proxy::source::dir;
+use weir_proxy::sync::effects::SideEffects;
 use weir_proxy::sync::runner::{Runner, RunnerConfig};
 
 /// Source updates in flight between a source and the sync runner (backpressure: a relist
@@ -96,8 +99,18 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         },
         kernel,
         metrics,
-        health,
+        health.clone(),
     );
+    // healthCheckNodePort servers listen on every address, as kube-proxy's do by default.
+    let healthcheck = Arc::new(HealthCheckServer::new(Vec::new(), health.clone()));
+    let conntrack = match Conntrack::open() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "conntrack unavailable: stale UDP flows will not be deleted");
+            None
+        }
+    };
+    let runner = runner.with_effects(SideEffects::new(Some(healthcheck), conntrack));
     tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %path.display(), "weir-proxy starting");
     let mut source = tokio::spawn(dir::run(path, tx));
     let mut runner = tokio::spawn(runner.run(rx));

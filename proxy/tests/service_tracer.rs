@@ -135,7 +135,13 @@ fn load_balancer_source_ranges_drop_other_sources() {
         1
     );
     assert_eq!(
-        ends(&send(&t, "203.0.113.8", "192.0.2.80", 443, Origin::Forwarded)),
+        ends(&send(
+            &t,
+            "203.0.113.8",
+            "192.0.2.80",
+            443,
+            Origin::Forwarded
+        )),
         ["Drop  masq=false"]
     );
     // Source ranges apply to the load-balancer IP only, not to the NodePort.
@@ -164,11 +170,7 @@ fn etp_local_external_traffic_reaches_only_local_endpoints_with_source_kept() {
 #[test]
 fn etp_local_pods_and_the_node_reach_every_endpoint() {
     let t = fixture();
-    let all = [
-        "10.244.1.40:8443",
-        "10.244.2.40:8443",
-        "10.244.2.41:8443",
-    ];
+    let all = ["10.244.1.40:8443", "10.244.2.40:8443", "10.244.2.41:8443"];
     let from_pod = send(&t, POD, NODE_IP, 30443, Origin::Forwarded);
     assert_eq!(
         ends(&from_pod),

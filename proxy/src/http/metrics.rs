@@ -2,6 +2,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -39,6 +40,24 @@ pub struct Metrics {
     pub plan_element_changes: Counter,
     /// `weir_source_invalid_objects`: objects skipped as invalid in the last sync.
     pub invalid_objects: Gauge,
+    /// `weir_source_invalid_updates_total{kind}`: invalid object versions received.
+    pub invalid_updates: Family<Vec<(String, String)>, Counter>,
+    /// `kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy}`: Service
+    /// ports with a Local policy and no endpoint on this node (a gauge, as upstream).
+    pub no_local_endpoints: Family<Vec<(String, String)>, Gauge>,
+    /// `weir_service_ports`: Service ports programmed.
+    pub service_ports: Gauge,
+    /// `weir_endpoints`: endpoints programmed, summed over Service ports.
+    pub endpoints: Gauge,
+    /// `weir_healthcheck_listeners`: healthCheckNodePort servers listening.
+    pub healthcheck_listeners: Gauge,
+    /// `weir_conntrack_flows_deleted_total`: stale UDP flows deleted.
+    pub conntrack_deleted: Counter,
+}
+
+/// One label pair.
+pub fn label(name: &str, value: &str) -> Vec<(String, String)> {
+    vec![(name.to_owned(), value.to_owned())]
 }
 
 fn seconds(t: SystemTime) -> f64 {
@@ -77,6 +96,12 @@ impl Metrics {
             nftables_objects: Gauge::default(),
             plan_element_changes: Counter::default(),
             invalid_objects: Gauge::default(),
+            invalid_updates: Family::default(),
+            no_local_endpoints: Family::default(),
+            service_ports: Gauge::default(),
+            endpoints: Gauge::default(),
+            healthcheck_listeners: Gauge::default(),
+            conntrack_deleted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -149,6 +174,41 @@ impl Metrics {
             "Objects skipped as invalid in the last sync",
             m.invalid_objects.clone(),
         );
+        registry.register(
+            "weir_source_invalid_updates",
+            "Invalid Service and EndpointSlice versions received (skipped, last good kept)",
+            m.invalid_updates.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints.clone(),
+        );
+        registry.register(
+            "weir_service_ports",
+            "Service ports programmed",
+            m.service_ports.clone(),
+        );
+        registry.register(
+            "weir_endpoints",
+            "Endpoints programmed, summed over Service ports",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "weir_healthcheck_listeners",
+            "healthCheckNodePort servers listening",
+            m.healthcheck_listeners.clone(),
+        );
+        registry.register(
+            "weir_conntrack_flows_deleted",
+            "Stale UDP conntrack flows deleted",
+            m.conntrack_deleted.clone(),
+        );
+        for policy in ["internal", "external"] {
+            m.no_local_endpoints
+                .get_or_create(&label("traffic_policy", policy))
+                .set(0);
+        }
         Metrics { registry, ..m }
     }
 
@@ -195,6 +255,7 @@ mod tests {
             "kubeproxy_sync_proxy_rules_service_changes_total 0",
             "kubeproxy_sync_proxy_rules_nftables_sync_failures_total 0",
             "weir_nftables_objects ",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

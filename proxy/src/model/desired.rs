@@ -165,6 +165,16 @@ pub fn compute(store: &Store, cfg: &ModelConfig) -> (DesiredState, Vec<ModelErro
 /// Recomputes every Service onto an existing state, so each port keeps the slot order of
 /// its endpoints (see [`DesiredState::replace_service`]) across full syncs.
 pub fn recompute(store: &Store, cfg: &ModelConfig, state: &mut DesiredState) -> Vec<ModelError> {
+    recompute_with(store, cfg, state, &mut |_| {})
+}
+
+/// [`recompute`], handing each Service port whose state changed to `on_delta`.
+pub fn recompute_with(
+    store: &Store,
+    cfg: &ModelConfig,
+    state: &mut DesiredState,
+    on_delta: &mut dyn FnMut(ServiceDelta),
+) -> Vec<ModelError> {
     let mut errors: Vec<ModelError> = store
         .slices()
         .values()
@@ -178,16 +188,22 @@ pub fn recompute(store: &Store, cfg: &ModelConfig, state: &mut DesiredState) -> 
         .filter(|k| !store.services().contains_key(k))
         .collect();
     for key in &gone {
-        state.replace_service(key, Vec::new());
+        state
+            .replace_service(key, Vec::new())
+            .0
+            .into_iter()
+            .for_each(&mut *on_delta);
     }
     for key in store.services().keys() {
         match compute_service(store, key, cfg) {
             Ok(ports) => {
-                let (_, conflicts) = state.replace_service(key, ports);
+                let (deltas, conflicts) = state.replace_service(key, ports);
+                deltas.into_iter().for_each(&mut *on_delta);
                 errors.extend(conflicts);
             }
             Err(e) => {
-                state.replace_service(key, Vec::new());
+                let (deltas, _) = state.replace_service(key, Vec::new());
+                deltas.into_iter().for_each(&mut *on_delta);
                 errors.push(e)
             }
         }
@@ -255,8 +271,8 @@ pub fn compute_service(
     };
     // Endpoints per (port name, protocol), merged over all of the Service's slices; an
     // address:port in several slices counts once (the first slice's conditions win).
-    let mut by_port: BTreeMap<(&str, Protocol), BTreeMap<(IpAddr, u16), &EndpointInfo>> =
-        BTreeMap::new();
+    type ByAddr<'a> = BTreeMap<(IpAddr, u16), &'a EndpointInfo>;
+    let mut by_port: BTreeMap<(&str, Protocol), ByAddr> = BTreeMap::new();
     for slice in store.slices_of(key) {
         if let Ok(SliceEndpoints::Ports { ports, .. }) = slice {
             for p in ports {

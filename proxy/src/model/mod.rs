@@ -12,8 +12,8 @@ pub mod topology;
 
 pub use change_tracker::{ChangeTracker, ObjectKey};
 pub use desired::{
-    compute, compute_service, nodeport_ips, recompute, DesiredState, Endpoint, ModelConfig,
-    ModelError, NodePortAddresses, ServiceDelta, ServicePortState,
+    compute, compute_service, nodeport_ips, recompute, recompute_with, DesiredState, Endpoint,
+    ModelConfig, ModelError, NodePortAddresses, ServiceDelta, ServicePortState,
 };
 pub use endpoint::EndpointInfo;
 pub use service::ServiceInfo;

@@ -49,6 +49,8 @@ pub struct Store {
     relist: Option<[BTreeSet<ObjectKey>; 3]>,
     /// Node and zone names, shared by every endpoint that names them.
     names: BTreeSet<std::sync::Arc<str>>,
+    /// Invalid versions received: (Services, EndpointSlices).
+    invalid_received: (u64, u64),
 }
 
 fn node_record(node: &Node) -> NodeRecord {
@@ -155,6 +157,8 @@ impl Store {
 
     fn upsert_service(&mut self, key: ObjectKey, r: ServiceRecord, now: SystemTime) -> bool {
         if let Err(e) = &r {
+            self.invalid_received.0 += 1;
+            tracing::warn!(error = %e, object = %key, field = %e.field, "invalid Service");
             if matches!(self.services.objects().get(&key), Some(Ok(_))) {
                 tracing::warn!(error = %e, "invalid update; keeping the last good version");
                 return false;
@@ -198,6 +202,8 @@ impl Store {
             eps.intern(&mut self.names);
         }
         if let Err(e) = &r {
+            self.invalid_received.1 += 1;
+            tracing::warn!(error = %e, object = %key, field = %e.field, "invalid EndpointSlice");
             if matches!(self.slices.objects().get(&key), Some(Ok(_))) {
                 tracing::warn!(error = %e, "invalid update; keeping the last good version");
                 return false;
@@ -276,6 +282,11 @@ impl Store {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Invalid versions received since start: (Services, EndpointSlices).
+    pub fn invalid_received(&self) -> (u64, u64) {
+        self.invalid_received
     }
 
     /// Changes recorded since start: (services, endpoint slices).

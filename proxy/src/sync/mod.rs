@@ -1,4 +1,5 @@
 //! The sync runner: records source updates in change trackers and runs one rate-limited
 //! sync at a time (compute -> render -> plan -> apply).
 
+pub mod effects;
 pub mod runner;

@@ -3,17 +3,20 @@
 //! state, so drift is repaired) every `sync_period` and after any failure. No kernel write
 //! happens before the source has delivered its first complete view.
 
+use crate::dataplane::conntrack::FlowFilter;
 use crate::dataplane::nft::diff::plan_state;
 use crate::dataplane::nft::incremental::Incremental;
 use crate::dataplane::nft::kernel::KernelError;
 use crate::dataplane::nft::render::RenderConfig;
 use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::health::ProxyHealth;
-use crate::http::metrics::Metrics;
+use crate::http::metrics::{label, Metrics};
 use crate::model::{
-    compute_service, recompute, DesiredState, ModelConfig, ServiceDelta, ServicePortState, Store,
+    compute_service, recompute_with, DesiredState, ModelConfig, NodePortAddresses, ServiceDelta,
+    ServicePortState, Store,
 };
 use crate::source::SourceUpdate;
+use crate::sync::effects::{flow_filters, SideEffects};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::Receiver;
@@ -47,6 +50,10 @@ pub struct Runner<K: NftBackend> {
     /// Incremental render state matching what the kernel holds; `None` forces a full sync
     /// (re-reading the kernel's table) next time.
     incremental: Option<Incremental>,
+    /// Health-check servers and conntrack cleanup.
+    effects: SideEffects,
+    /// Stale-flow filters of changes not yet followed by a successful sync.
+    pending_flows: Vec<FlowFilter>,
 }
 
 impl<K: NftBackend> Runner<K> {
@@ -65,7 +72,15 @@ impl<K: NftBackend> Runner<K> {
             health,
             desired: DesiredState::default(),
             incremental: None,
+            effects: SideEffects::default(),
+            pending_flows: Vec::new(),
         }
+    }
+
+    /// Adds health-check servers and conntrack cleanup.
+    pub fn with_effects(mut self, effects: SideEffects) -> Self {
+        self.effects = effects;
+        self
     }
 
     /// Runs until the source channel closes.
@@ -111,12 +126,23 @@ impl<K: NftBackend> Runner<K> {
             *synced_once = true;
         }
         let (svc_before, eps_before) = self.store.total_changes();
+        let invalid_before = self.store.invalid_received();
         if self.store.record(u, now) > 0 {
             *dirty = true;
             self.health.queued_update(now);
             self.metrics.observe_queued(now);
         }
         let (svc, eps) = self.store.total_changes();
+        let (bad_svc_before, bad_eps_before) = invalid_before;
+        let (bad_svc, bad_eps) = self.store.invalid_received();
+        self.metrics
+            .invalid_updates
+            .get_or_create(&label("kind", "Service"))
+            .inc_by(bad_svc - bad_svc_before);
+        self.metrics
+            .invalid_updates
+            .get_or_create(&label("kind", "EndpointSlice"))
+            .inc_by(bad_eps - bad_eps_before);
         self.metrics.service_changes_total.inc_by(svc - svc_before);
         self.metrics.endpoint_changes_total.inc_by(eps - eps_before);
         let (svc_pending, eps_pending) = self.store.pending_changes();
@@ -150,6 +176,9 @@ impl<K: NftBackend> Runner<K> {
                 for e in conflicts {
                     warn!(error = %e, "skipping invalid object");
                 }
+                for delta in &d {
+                    self.pending_flows.extend(flow_filters(delta));
+                }
                 deltas.extend(d);
             }
             // A released frontend another Service wanted: only a full compute hands it over.
@@ -161,7 +190,22 @@ impl<K: NftBackend> Runner<K> {
         let (plans, next) = match planned {
             Some(done) => done,
             None => {
-                for e in recompute(&self.store, &self.cfg.model, &mut self.desired) {
+                if let NodePortAddresses::Cidrs(_) = self.cfg.model.nodeport_addresses {
+                    match crate::sys::local_addrs::local_addrs().await {
+                        Ok(a) => self.cfg.model.local_addrs = a,
+                        Err(e) => {
+                            warn!(error = %e, "reading local addresses for --nodeport-addresses failed; keeping the last ones")
+                        }
+                    }
+                }
+                let flows = &mut self.pending_flows;
+                let mut on_delta = |d: ServiceDelta| flows.extend(flow_filters(&d));
+                for e in recompute_with(
+                    &self.store,
+                    &self.cfg.model,
+                    &mut self.desired,
+                    &mut on_delta,
+                ) {
                     warn!(error = %e, "skipping invalid object");
                 }
                 if self.desired.node_ips.is_empty()
@@ -236,6 +280,11 @@ impl<K: NftBackend> Runner<K> {
                 .observe(latency.as_secs_f64());
         }
         self.health.updated(now);
+        let mut flows = std::mem::take(&mut self.pending_flows);
+        flows.sort();
+        flows.dedup();
+        self.effects
+            .after_sync(&self.desired, &flows, &self.metrics);
         info!(
             full = was_full,
             services = self.desired.services.len(),

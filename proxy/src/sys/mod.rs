@@ -1,4 +1,6 @@
-//! The one place with `unsafe`: foreign functions of system libraries.
+//! System interfaces: foreign functions of system libraries (the one place with `unsafe`)
+//! and kernel queries.
 
 pub mod libnftables;
+pub mod local_addrs;
 pub mod malloc;

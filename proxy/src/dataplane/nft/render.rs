@@ -455,17 +455,17 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
         let s = slots.entry((p.local(), p.affinity)).or_default();
         *s = (*s).max(p.n);
     }
-    let max_of = |f: &dyn Fn(&(bool, Option<u32>)) -> bool| {
+    let max_of = |local: Option<bool>, affinity: bool| {
         slots
             .iter()
-            .filter(|(k, _)| f(k))
+            .filter(|((l, a), _)| local.is_none_or(|want| *l == want) && (!affinity || a.is_some()))
             .map(|(_, n)| *n)
             .max()
             .unwrap_or(0)
     };
-    let cluster_slots = max_of(&|(l, _)| !l);
-    let local_slots = max_of(&|(l, _)| *l);
-    let affinity_slots = max_of(&|(_, a)| a.is_some());
+    let cluster_slots = max_of(Some(false), false);
+    let local_slots = max_of(Some(true), false);
+    let affinity_slots = max_of(None, true);
     let backends = decl(&[Addr, Proto, Port], DataType::AddrPort);
     for slot in 0..cluster_slots {
         t.maps

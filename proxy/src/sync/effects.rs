@@ -1,0 +1,285 @@
+//! What a sync does besides programming nftables: healthCheckNodePort servers, stale UDP
+//! conntrack cleanup and the per-Service gauges. The pure parts (which flows, which
+//! health-check ports, which counts) are functions of the desired state.
+
+use crate::dataplane::conntrack::{filters_for_change, Conntrack, FlowFilter};
+use crate::http::healthcheck::{HealthCheckServer, HealthCheckService};
+use crate::http::metrics::{label, Metrics};
+use crate::model::{DesiredState, ObjectKey, Protocol, ServiceDelta, ServicePortState};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// Side effects the runner performs after each successful sync.
+#[derive(Default)]
+pub struct SideEffects {
+    /// The healthCheckNodePort servers (`externalTrafficPolicy: Local` Services).
+    pub healthcheck: Option<Arc<HealthCheckServer>>,
+    /// The conntrack table, for deleting stale UDP flows.
+    pub conntrack: Option<Conntrack>,
+    /// What the health-check servers were last given.
+    last_health: BTreeMap<ObjectKey, HealthCheckService>,
+}
+
+impl SideEffects {
+    /// Effects with health-check servers and conntrack cleanup (either may be absent).
+    pub fn new(healthcheck: Option<Arc<HealthCheckServer>>, conntrack: Option<Conntrack>) -> Self {
+        SideEffects {
+            healthcheck,
+            conntrack,
+            last_health: BTreeMap::new(),
+        }
+    }
+
+    /// Runs after the rules for `state` are in place: deletes the flows `filters` select
+    /// and brings the health-check servers and gauges up to date.
+    pub fn after_sync(&mut self, state: &DesiredState, filters: &[FlowFilter], metrics: &Metrics) {
+        if let (Some(ct), false) = (&mut self.conntrack, filters.is_empty()) {
+            match ct.delete_matching(filters) {
+                Ok(n) => {
+                    metrics.conntrack_deleted.inc_by(n as u64);
+                    if n > 0 {
+                        info!(
+                            deleted = n,
+                            filters = filters.len(),
+                            "deleted stale UDP flows"
+                        );
+                    }
+                }
+                Err(e) => warn!(error = %e, "deleting stale UDP conntrack flows failed"),
+            }
+        }
+        if let Some(hc) = &self.healthcheck {
+            let want = health_check_services(state);
+            if want != self.last_health {
+                for e in hc.sync(want.clone()) {
+                    warn!(error = %e, "healthCheckNodePort server");
+                }
+                self.last_health = want;
+            }
+            metrics
+                .healthcheck_listeners
+                .set(hc.listening_ports().len() as i64);
+        }
+        let g = gauges(state);
+        metrics.service_ports.set(g.service_ports as i64);
+        metrics.endpoints.set(g.endpoints as i64);
+        metrics
+            .no_local_endpoints
+            .get_or_create(&label("traffic_policy", "internal"))
+            .set(g.no_local_internal as i64);
+        metrics
+            .no_local_endpoints
+            .get_or_create(&label("traffic_policy", "external"))
+            .set(g.no_local_external as i64);
+    }
+}
+
+/// Every address a port's traffic can be DNATed to.
+fn endpoint_ips(sp: &ServicePortState) -> Vec<IpAddr> {
+    let set: BTreeSet<IpAddr> = sp
+        .endpoints
+        .iter()
+        .chain(&sp.local_endpoints)
+        .map(|e| e.ip)
+        .collect();
+    set.into_iter().collect()
+}
+
+/// Frontends of a port as conntrack sees them: `(Some(ip), port)` for ClusterIPs,
+/// external and load-balancer IPs, `(None, nodePort)` for the NodePort.
+fn frontends(sp: &ServicePortState) -> Vec<(Option<IpAddr>, u16)> {
+    let i = &sp.info;
+    let mut f: Vec<(Option<IpAddr>, u16)> = i
+        .cluster_ips
+        .iter()
+        .chain(&i.external_ips)
+        .chain(&i.load_balancer_ips)
+        .map(|ip| (Some(*ip), i.port))
+        .collect();
+    if let Some(np) = i.node_port {
+        f.push((None, np));
+    }
+    f
+}
+
+/// The stale-flow filters one changed Service port calls for (UDP only): flows to
+/// endpoints that went away, and flows tracked before the port had any endpoint.
+pub fn flow_filters(d: &ServiceDelta) -> Vec<FlowFilter> {
+    let sp = d.new.as_ref().or(d.old.as_ref());
+    let Some(sp) = sp.filter(|sp| sp.info.name.protocol == Protocol::Udp) else {
+        return Vec::new();
+    };
+    let old = d.old.as_ref().map(endpoint_ips).unwrap_or_default();
+    let new = d.new.as_ref().map(endpoint_ips).unwrap_or_default();
+    // Frontends of both versions: a removed port's flows go too.
+    let mut fronts: Vec<(Option<IpAddr>, u16)> = d
+        .old
+        .iter()
+        .chain(d.new.iter())
+        .flat_map(frontends)
+        .collect();
+    fronts.sort();
+    fronts.dedup();
+    filters_for_change(&old, &new, &fronts, sp.info.name.protocol)
+}
+
+/// The health-check server each Service with a `healthCheckNodePort` needs, with its
+/// number of local endpoints (distinct addresses over its ports).
+pub fn health_check_services(state: &DesiredState) -> BTreeMap<ObjectKey, HealthCheckService> {
+    let mut local: BTreeMap<ObjectKey, (u16, BTreeSet<IpAddr>)> = BTreeMap::new();
+    for sp in state.services.values() {
+        let Some(port) = sp.info.health_check_node_port else {
+            continue;
+        };
+        let key = ObjectKey::new(sp.info.name.namespace.clone(), sp.info.name.name.clone());
+        let entry = local.entry(key).or_insert_with(|| (port, BTreeSet::new()));
+        entry.1.extend(sp.local_endpoints.iter().map(|e| e.ip));
+    }
+    local
+        .into_iter()
+        .map(|(k, (port, ips))| {
+            let svc = HealthCheckService {
+                port,
+                local_endpoints: ips.len(),
+            };
+            (k, svc)
+        })
+        .collect()
+}
+
+/// Per-sync counts for the gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Service ports programmed.
+    pub service_ports: usize,
+    /// Endpoints over all ports (cluster-wide and local lists, each address once).
+    pub endpoints: usize,
+    /// Ports with `internalTrafficPolicy: Local` and no local endpoint.
+    pub no_local_internal: usize,
+    /// Ports with `externalTrafficPolicy: Local` and no local endpoint.
+    pub no_local_external: usize,
+}
+
+/// Counts for the gauges, as upstream counts them.
+pub fn gauges(state: &DesiredState) -> Gauges {
+    let mut g = Gauges::default();
+    for sp in state.services.values() {
+        g.service_ports += 1;
+        g.endpoints += endpoint_ips(sp).len();
+        if sp.local_endpoints.is_empty() {
+            g.no_local_internal += usize::from(sp.info.internal_local);
+            g.no_local_external += usize::from(sp.info.external_local);
+        }
+    }
+    g
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, ServiceInfo, ServicePortName};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn port(proto: Protocol, eps: &[&str], local: bool) -> ServicePortState {
+        let name = ServicePortName {
+            namespace: "ns".into(),
+            name: "dns".into(),
+            port: String::new(),
+            protocol: proto,
+        };
+        let info = ServiceInfo {
+            node_port: Some(30053),
+            external_local: local,
+            health_check_node_port: local.then_some(32000),
+            ..ServiceInfo::new(name, vec![ip("10.96.0.53")], 53)
+        };
+        let all = eps
+            .iter()
+            .map(|e| Endpoint {
+                ip: ip(e),
+                port: 5353,
+                is_local: e.starts_with("10.244.1."),
+            })
+            .collect();
+        ServicePortState::from_endpoints(info, all)
+    }
+
+    fn delta(old: Option<ServicePortState>, new: Option<ServicePortState>) -> ServiceDelta {
+        ServiceDelta {
+            name: old.as_ref().or(new.as_ref()).unwrap().info.name.clone(),
+            old,
+            new,
+        }
+    }
+
+    #[test]
+    fn a_removed_udp_endpoint_clears_its_flows_on_every_frontend() {
+        let d = delta(
+            Some(port(Protocol::Udp, &["10.244.1.5", "10.244.2.5"], false)),
+            Some(port(Protocol::Udp, &["10.244.1.5"], false)),
+        );
+        let f = flow_filters(&d);
+        let got: Vec<String> = f
+            .iter()
+            .map(|f| format!("{:?} {:?} {:?}", f.orig_dst, f.orig_dport, f.reply_src))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "None Some(30053) Some(10.244.2.5)",
+                "Some(10.96.0.53) Some(53) Some(10.244.2.5)"
+            ]
+        );
+    }
+
+    #[test]
+    fn first_endpoints_clear_flows_to_the_frontends_and_tcp_needs_nothing() {
+        let d = delta(
+            Some(port(Protocol::Udp, &[], false)),
+            Some(port(Protocol::Udp, &["10.244.1.5"], false)),
+        );
+        assert_eq!(flow_filters(&d).len(), 2);
+        assert!(flow_filters(&d).iter().all(|f| f.reply_src.is_none()));
+        let tcp = delta(
+            Some(port(Protocol::Tcp, &["10.244.1.5"], false)),
+            Some(port(Protocol::Tcp, &[], false)),
+        );
+        assert!(flow_filters(&tcp).is_empty());
+    }
+
+    #[test]
+    fn health_checks_count_local_endpoints_per_service() {
+        let mut state = DesiredState::default();
+        let sp = port(
+            Protocol::Udp,
+            &["10.244.1.5", "10.244.1.6", "10.244.2.5"],
+            true,
+        );
+        state.services.insert(sp.info.name.clone(), sp);
+        let hc = health_check_services(&state);
+        let (k, v) = hc.iter().next().unwrap();
+        assert_eq!(k.to_string(), "ns/dns");
+        assert_eq!((v.port, v.local_endpoints), (32000, 2));
+        let g = gauges(&state);
+        assert_eq!(
+            (g.service_ports, g.endpoints, g.no_local_external),
+            (1, 3, 0)
+        );
+        let none = port(Protocol::Udp, &["10.244.2.5"], true);
+        state.services.insert(none.info.name.clone(), none);
+        assert_eq!(gauges(&state).no_local_external, 1);
+        assert_eq!(
+            health_check_services(&state)
+                .values()
+                .next()
+                .unwrap()
+                .local_endpoints,
+            0
+        );
+    }
+}
