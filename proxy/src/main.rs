@@ -9,7 +9,6 @@ use weir_proxy::dataplane::conntrack::Conntrack;
 use weir_proxy::dataplane::nft::diff::cleanup_plan;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
 use weir_proxy::dataplane::nft::render::RenderConfig;
-use weir_proxy::dataplane::nft::Family;
 use weir_proxy::http::healthcheck::HealthCheckServer;
 use weir_proxy::http::{
     health::ProxyHealth, metrics::Metrics, serve_health, serve_metrics, HttpState,
@@ -17,7 +16,7 @@ use weir_proxy::http::{
 use weir_proxy::model::ModelConfig;
 use weir_proxy::source::dir;
 use weir_proxy::sync::effects::SideEffects;
-use weir_proxy::sync::runner::{Runner, RunnerConfig};
+use weir_proxy::sync::runner::{Runner, RunnerConfig, FAMILIES};
 
 /// Source updates in flight between a source and the sync runner (backpressure: a relist
 /// never holds all objects at once).
@@ -40,9 +39,11 @@ fn main() -> anyhow::Result<()> {
     let cfg = args.validate(&hostname)?;
     let kernel = KernelNft::with_library();
     if args.cleanup {
-        let existing = kernel.dump(Family::Ip)?;
-        kernel.apply(&cleanup_plan(existing.as_ref(), Family::Ip))?;
-        tracing::info!("removed weir's nftables table");
+        for family in FAMILIES {
+            let existing = kernel.dump(family)?;
+            kernel.apply(&cleanup_plan(existing.as_ref(), family))?;
+        }
+        tracing::info!("removed weir's nftables tables");
         return Ok(());
     }
     tokio::runtime::Builder::new_multi_thread()

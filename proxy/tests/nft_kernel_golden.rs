@@ -43,6 +43,10 @@ impl Drop for Netns {
 }
 
 fn render_fixture(yaml: &str) -> Table {
+    render_family(yaml, Family::Ip)
+}
+
+fn render_family(yaml: &str, family: Family) -> Table {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("fixture.yaml"), yaml).unwrap();
     let loaded = load_dir(dir.path()).unwrap();
@@ -59,11 +63,17 @@ fn render_fixture(yaml: &str) -> Table {
     let (state, errors) = compute(&store, &cfg);
     assert!(errors.is_empty(), "{errors:?}");
     let cfg = RenderConfig {
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+        cluster_cidrs: vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "fd00:10:244::/56".parse().unwrap(),
+        ],
+        service_cidrs: vec![
+            "10.96.0.0/16".parse().unwrap(),
+            "fd00:10:96::/112".parse().unwrap(),
+        ],
         masquerade_all: false,
     };
-    desired_table(&state, &cfg, Family::Ip)
+    desired_table(&state, &cfg, family)
 }
 
 fn fixture() -> String {
@@ -116,4 +126,25 @@ fn kernel_dump_equals_fake_dump_and_replanning_is_empty() {
     assert_eq!(got2.to_text(), fake.dump(Family::Ip).unwrap().to_text());
     assert_eq!(got2.to_text(), want2.to_dump().to_text());
     assert!(plan(&want2, &got2).is_empty());
+}
+
+#[test]
+fn ipv6_half_renders_to_its_golden_table_and_the_kernel_agrees() {
+    let want = render_family(&fixture(), Family::Ip6);
+    let p = plan(&want, &DumpedTable::empty(Family::Ip6));
+    let mut fake = FakeNft::default();
+    fake.apply(&p).unwrap();
+    let text = fake.dump(Family::Ip6).unwrap().to_text();
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/basic6.nft");
+    if std::env::var("UPDATE_GOLDEN").is_ok() {
+        std::fs::write(&golden, &text).unwrap();
+    }
+    assert_eq!(text, std::fs::read_to_string(&golden).unwrap());
+    let Some(ns) = Netns::new("v6") else { return };
+    let nft = KernelNft::in_netns(&ns.0);
+    nft.apply(&p)
+        .unwrap_or_else(|e| panic!("{e}\nscript:\n{}", p.to_script()));
+    let got = nft.dump(Family::Ip6).unwrap().unwrap();
+    assert_eq!(got.to_text(), text);
+    assert!(plan(&want, &got).is_empty(), "{:?}", plan(&want, &got));
 }

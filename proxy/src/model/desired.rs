@@ -63,12 +63,21 @@ pub struct ServicePortState {
     pub endpoints: Vec<Endpoint>,
     /// Endpoints on this node for traffic under a Local policy (same order rules).
     pub local_endpoints: Vec<Endpoint>,
-    /// Whether a usable endpoint exists anywhere: without one, traffic is rejected; with
-    /// one, traffic whose list is empty is dropped.
-    pub has_endpoints: bool,
+    /// Whether a usable endpoint exists anywhere, per family (IPv4, IPv6): without one,
+    /// traffic of that family is rejected; with one, traffic whose list is empty is dropped.
+    pub has_endpoints: (bool, bool),
 }
 
 impl ServicePortState {
+    /// Whether a usable endpoint of `ip`'s family exists anywhere.
+    pub fn has_endpoints_for(&self, ip: &IpAddr) -> bool {
+        if ip.is_ipv4() {
+            self.has_endpoints.0
+        } else {
+            self.has_endpoints.1
+        }
+    }
+
     /// The state of a port whose usable endpoints (all ready) are `all`: cluster traffic
     /// uses all of them, Local traffic those on this node.
     pub fn from_endpoints(info: ServiceInfo, all: Vec<Endpoint>) -> Self {
@@ -78,7 +87,10 @@ impl ServicePortState {
             Vec::new()
         };
         ServicePortState {
-            has_endpoints: !all.is_empty(),
+            has_endpoints: (
+                all.iter().any(|e| e.ip.is_ipv4()),
+                all.iter().any(|e| e.ip.is_ipv6()),
+            ),
             endpoints: if info.uses_cluster_endpoints() {
                 all
             } else {
@@ -291,24 +303,44 @@ pub fn compute_service(
                 .get(&(info.name.port.as_str(), info.name.protocol))
                 .map(|m| m.values().map(|e| (*e).clone()).collect())
                 .unwrap_or_default();
-            let c = categorize(&eps, info, &cfg.node_name, zone);
-            let chosen = |list: &[&EndpointInfo]| -> Vec<Endpoint> {
-                let set: BTreeSet<Endpoint> = list
-                    .iter()
-                    .map(|e| Endpoint {
-                        ip: e.ip,
-                        port: e.port,
-                        is_local: is_local(e, &cfg.node_name),
-                    })
-                    .collect();
-                set.into_iter().collect()
-            };
-            ServicePortState {
+            // Each family on its own, as upstream runs one proxier per family: topology
+            // and fallbacks are decided among the endpoints of that family.
+            let mut state = ServicePortState {
                 info: info.clone(),
-                endpoints: chosen(&c.cluster),
-                local_endpoints: chosen(&c.local),
-                has_endpoints: c.has_any,
+                endpoints: Vec::new(),
+                local_endpoints: Vec::new(),
+                has_endpoints: (false, false),
+            };
+            for v4 in [true, false] {
+                let fam: Vec<EndpointInfo> = eps
+                    .iter()
+                    .filter(|e| e.ip.is_ipv4() == v4)
+                    .cloned()
+                    .collect();
+                let c = categorize(&fam, info, &cfg.node_name, zone);
+                let node = cfg.node_name.as_str();
+                let chosen = |list: &[&EndpointInfo]| -> Vec<Endpoint> {
+                    list.iter()
+                        .map(|e| Endpoint {
+                            ip: e.ip,
+                            port: e.port,
+                            is_local: is_local(e, node),
+                        })
+                        .collect()
+                };
+                state.endpoints.extend(chosen(&c.cluster));
+                state.local_endpoints.extend(chosen(&c.local));
+                if v4 {
+                    state.has_endpoints.0 = c.has_any;
+                } else {
+                    state.has_endpoints.1 = c.has_any;
+                }
             }
+            for list in [&mut state.endpoints, &mut state.local_endpoints] {
+                list.sort();
+                list.dedup();
+            }
+            state
         })
         .collect())
 }

@@ -22,6 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::Receiver;
 use tracing::{info, instrument, warn};
 
+/// The families weir programs: one `weir` table each.
+pub const FAMILIES: [Family; 2] = [Family::Ip, Family::Ip6];
+
 /// Service ports per transaction when filling a table that did not exist.
 const FRESH_BATCH: usize = 500;
 
@@ -49,7 +52,7 @@ pub struct Runner<K: NftBackend> {
     desired: DesiredState,
     /// Incremental render state matching what the kernel holds; `None` forces a full sync
     /// (re-reading the kernel's table) next time.
-    incremental: Option<Incremental>,
+    incremental: Option<Vec<Incremental>>,
     /// Health-check servers and conntrack cleanup.
     effects: SideEffects,
     /// Stale-flow filters of changes not yet followed by a successful sync.
@@ -162,9 +165,8 @@ impl<K: NftBackend> Runner<K> {
             Some(inc) if !full && !changes.nodes && !self.desired.needs_full_compute() => Some(inc),
             _ => None,
         };
-        let family = Family::Ip;
         let mut planned = None;
-        if let Some(mut inc) = incremental {
+        if let Some(mut incs) = incremental {
             let mut deltas = Vec::new();
             for key in &changes.services {
                 let ports =
@@ -183,7 +185,11 @@ impl<K: NftBackend> Runner<K> {
             }
             // A released frontend another Service wanted: only a full compute hands it over.
             if !self.desired.needs_full_compute() {
-                planned = Some((vec![inc.update(&deltas, &self.desired.node_ips)], inc));
+                let plans = incs
+                    .iter_mut()
+                    .map(|inc| inc.update(&deltas, &self.desired.node_ips))
+                    .collect();
+                planned = Some((plans, incs));
             }
         }
         let was_full = planned.is_none();
@@ -221,31 +227,41 @@ impl<K: NftBackend> Runner<K> {
                          status.addresses, or --hostname-override wrong): NodePorts are not served"
                     );
                 }
-                let realized = match self.read_kernel(family).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        warn!(error = %e, "reading the kernel's nftables state failed; retrying");
-                        self.metrics.nftables_sync_failures.inc();
-                        return false;
-                    }
-                };
-                match realized {
-                    Some(realized) => {
-                        let (p, objects) =
-                            plan_state(&self.desired, &self.cfg.render, family, realized);
-                        self.metrics.nftables_objects.set(objects as i64);
-                        let inc = Incremental::new(&self.desired, &self.cfg.render, family);
-                        (vec![p], inc)
-                    }
-                    None => match self.fill_new_table(family).await {
-                        Ok(inc) => (Vec::new(), inc),
+                let mut plans = Vec::new();
+                let mut incs = Vec::new();
+                let mut objects = 0;
+                for family in FAMILIES {
+                    let realized = match self.read_kernel(family).await {
+                        Ok(r) => r,
                         Err(e) => {
-                            warn!(error = %e, "programming the new table failed; the next sync is a full one");
+                            warn!(error = %e, %family, "reading the kernel's nftables state failed; retrying");
                             self.metrics.nftables_sync_failures.inc();
                             return false;
                         }
-                    },
+                    };
+                    match realized {
+                        Some(realized) => {
+                            let (p, n) =
+                                plan_state(&self.desired, &self.cfg.render, family, realized);
+                            objects += n;
+                            plans.push(p);
+                            incs.push(Incremental::new(&self.desired, &self.cfg.render, family));
+                        }
+                        None => match self.fill_new_table(family).await {
+                            Ok((inc, n)) => {
+                                objects += n;
+                                incs.push(inc);
+                            }
+                            Err(e) => {
+                                warn!(error = %e, %family, "programming the new table failed; the next sync is a full one");
+                                self.metrics.nftables_sync_failures.inc();
+                                return false;
+                            }
+                        },
+                    }
                 }
+                self.metrics.nftables_objects.set(objects as i64);
+                (plans, incs)
             }
         };
         self.metrics
@@ -255,7 +271,7 @@ impl<K: NftBackend> Runner<K> {
         let element_delta: i64 = plans.iter().map(Plan::element_delta).sum();
         let ops: usize = plans.iter().map(|p| p.ops.len()).sum();
         let planned = started.elapsed();
-        for p in plans {
+        for p in plans.into_iter().filter(|p| !p.ops.is_empty()) {
             if let Err(e) = self.apply(p).await {
                 warn!(error = %e, "applying the nftables plan failed; the next sync is a full one");
                 self.metrics.nftables_sync_failures.inc();
@@ -301,7 +317,7 @@ impl<K: NftBackend> Runner<K> {
     /// Programs a table that did not exist: first its skeleton, then the Service ports a
     /// batch at a time through incremental plans, so neither side holds every element at
     /// once (nothing was there before, so the steps in between break nothing).
-    async fn fill_new_table(&self, family: Family) -> Result<Incremental, KernelError> {
+    async fn fill_new_table(&self, family: Family) -> Result<(Incremental, usize), KernelError> {
         let empty = DesiredState {
             node_ips: self.desired.node_ips.clone(),
             ..DesiredState::default()
@@ -324,10 +340,8 @@ impl<K: NftBackend> Runner<K> {
             objects = objects.saturating_add_signed(p.element_delta() as isize);
             self.apply(p).await?;
         }
-        self.metrics
-            .nftables_objects
-            .set((objects + inc.structure_objects()) as i64);
-        Ok(inc)
+        let objects = objects + inc.structure_objects();
+        Ok((inc, objects))
     }
 
     async fn read_kernel(&self, family: Family) -> Result<Option<DumpedTable>, KernelError> {

@@ -267,6 +267,11 @@ pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) 
             .map(|ip| (*ip, port, reach))
             .collect()
     };
+    // A Service serves a family only if it has a ClusterIP of it (single-stack Services
+    // get no NodePorts or external IPs of the other family).
+    if !info.cluster_ips.iter().any(|ip| family.contains(ip)) {
+        return c;
+    }
     let mut frontends = ips(&info.cluster_ips, info.port, Reach::Internal);
     if let Some(np) = info.node_port {
         frontends.extend(ips(node_ips, np, Reach::External));
@@ -279,7 +284,7 @@ pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) 
         if reach == Reach::LoadBalancer && !info.source_ranges.is_empty() {
             c.firewall(&key, &info.source_ranges, node_ips, family);
         }
-        if !sp.has_endpoints {
+        if !sp.has_endpoints_for(&ip) {
             // No usable endpoint anywhere: reject (ICMP port unreachable), as upstream.
             c.elements
                 .push((MapName::NoEndpointServices, key, Data::None));
