@@ -398,16 +398,28 @@ mod tests {
     }
 
     fn start(min_sync: u64) -> (SharedFake, tokio::sync::mpsc::Sender<SourceUpdate>) {
+        let (fake, tx, _) = start_with_metrics(min_sync);
+        (fake, tx)
+    }
+
+    fn start_with_metrics(
+        min_sync: u64,
+    ) -> (
+        SharedFake,
+        tokio::sync::mpsc::Sender<SourceUpdate>,
+        Arc<Metrics>,
+    ) {
         let fake = SharedFake::default();
+        let metrics = Arc::new(Metrics::new());
         let runner = Runner::new(
             cfg(min_sync),
             fake.clone(),
-            Arc::new(Metrics::new()),
+            metrics.clone(),
             Arc::new(ProxyHealth::new(Duration::from_secs(60))),
         );
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(runner.run(rx));
-        (fake, tx)
+        (fake, tx, metrics)
     }
 
     fn backends(fake: &SharedFake) -> usize {
@@ -510,5 +522,59 @@ mod tests {
         .unwrap();
         settle().await;
         assert_eq!(backends(&fake), 2, "b took over the frontend");
+    }
+
+    #[tokio::test]
+    async fn a_bad_object_added_to_a_working_set_changes_nothing_else() {
+        let (fake, tx, metrics) = start_with_metrics(10);
+        let mut objects = svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]);
+        objects.extend(svc("b", "10.96.0.2", &["10.244.1.3"]));
+        tx.try_send(SourceUpdate::Replace(objects)).unwrap();
+        settle().await;
+        let before = fake.table(Family::Ip).unwrap();
+        let applies = fake.applies();
+        let bad = [
+            // A Service with an invalid ClusterIP, one with a duplicate port, one with an
+            // unknown protocol; a slice with an invalid address and one with an unknown
+            // address type.
+            "{apiVersion: v1, kind: Service, metadata: {name: c, namespace: d}, spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}}",
+            "{apiVersion: v1, kind: Service, metadata: {name: e, namespace: d}, spec: {clusterIP: 10.96.0.5, ports: [{name: x, port: 80}, {name: y, port: 80}]}}",
+            "{apiVersion: v1, kind: Service, metadata: {name: f, namespace: d}, spec: {clusterIP: 10.96.0.6, ports: [{port: 80, protocol: ICMP}]}}",
+        ];
+        for y in bad {
+            let o = Object::Service(serde_yaml_ng::from_str(y).unwrap());
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        let bad_slices = [
+            "{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {name: a-2, namespace: d, labels: {kubernetes.io/service-name: a}}, addressType: IPv4, ports: [{port: 8080}], endpoints: [{addresses: [10.244.1.999]}]}",
+            "{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {name: a-3, namespace: d, labels: {kubernetes.io/service-name: a}}, addressType: IPX, ports: [{port: 8080}], endpoints: [{addresses: [10.244.1.9]}]}",
+        ];
+        for y in bad_slices {
+            let o = Object::EndpointSlice(serde_yaml_ng::from_str(y).unwrap());
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        settle().await;
+        assert_eq!(
+            fake.table(Family::Ip).unwrap(),
+            before,
+            "the working services are untouched"
+        );
+        assert!(fake.applies() <= applies + 1);
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains("weir_source_invalid_updates_total{kind=\"Service\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_source_invalid_updates_total{kind=\"EndpointSlice\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("weir_source_invalid_objects 5"), "{text}");
+        // A good change to a working service still goes through.
+        for o in svc("b", "10.96.0.2", &["10.244.1.3", "10.244.1.4"]) {
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        settle().await;
+        assert_eq!(backends(&fake), 4);
     }
 }
