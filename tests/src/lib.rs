@@ -141,6 +141,8 @@ impl Drop for Netns {
 
 /// The node's address on the client-facing link.
 pub const NODE_IP: &str = "192.168.77.10";
+/// The node's address on the client's subnet (the client's next hop to the node).
+pub const NODE_CLIENT_SIDE_IP: &str = "198.51.100.1";
 /// The external client's address.
 pub const CLIENT_IP: &str = "198.51.100.2";
 
@@ -271,9 +273,22 @@ impl Topology {
 
     /// Starts `weir-echo NAME 8080 5353` in pod i and waits until it listens.
     pub fn start_echo(&mut self, i: usize, echo_bin: &Path, name: &str) -> Result<()> {
+        self.start_echo_on(i, echo_bin, name, 8080, 5353)
+    }
+
+    /// Starts `weir-echo NAME TCP_PORT UDP_PORT` in pod i and waits until it listens.
+    pub fn start_echo_on(
+        &mut self,
+        i: usize,
+        echo_bin: &Path,
+        name: &str,
+        tcp_port: u16,
+        udp_port: u16,
+    ) -> Result<()> {
         use std::io::BufRead;
         let bin = echo_bin.to_string_lossy().into_owned();
-        let child = self.pods[i].spawn(&[&bin, name, "8080", "5353"], Stdio::piped())?;
+        let (tcp, udp) = (tcp_port.to_string(), udp_port.to_string());
+        let child = self.pods[i].spawn(&[&bin, name, &tcp, &udp], Stdio::piped())?;
         let out = child
             .stdout
             .take()
@@ -286,6 +301,14 @@ impl Topology {
             return Err(HarnessError::Timeout(format!("weir-echo said {line:?}")));
         }
         Ok(())
+    }
+
+    /// Makes the external client route `dst` (an address or prefix, e.g. an external or
+    /// load-balancer IP) through the node.
+    pub fn client_route_via_node(&self, dst: &str) -> Result<()> {
+        self.client
+            .exec(&["ip", "route", "add", dst, "via", NODE_CLIENT_SIDE_IP])
+            .map(|_| ())
     }
 }
 
@@ -302,18 +325,45 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     target.join("debug").join(name)
 }
 
+/// The node name weir-proxy is given (`--hostname-override`) and its Node object has.
+pub const NODE_NAME: &str = "node1";
+
 /// Writes manifests for the node and one Service into `dir`.
 pub fn write_manifests(dir: &Path, services: &str) -> std::io::Result<()> {
-    std::fs::write(
-        dir.join("node.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE_IP}}}]\n"
+    write_manifests_with_node_labels(dir, &[], services)
+}
+
+/// [`write_manifests`] with labels on the Node object (e.g. its topology zone).
+pub fn write_manifests_with_node_labels(
+    dir: &Path,
+    node_labels: &[(&str, &str)],
+    services: &str,
+) -> std::io::Result<()> {
+    let labels = if node_labels.is_empty() {
+        String::new()
+    } else {
+        let l: Vec<String> = node_labels
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        format!(", labels: {{{}}}", l.join(", "))
+    };
+    write_file_atomically(
+        dir,
+        "node.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE_NAME}{labels}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE_IP}}}]\n"
         ),
     )?;
-    // Write-then-rename so the watcher never sees half a file.
-    let tmp = dir.join(".services.yaml.tmp");
-    std::fs::write(&tmp, services)?;
-    std::fs::rename(tmp, dir.join("services.yaml"))
+    write_file_atomically(dir, "services.yaml", services)
+}
+
+/// Writes `dir/name` through a hidden temporary file and a rename, so the watcher never
+/// sees half a file.
+pub fn write_file_atomically(dir: &Path, name: &str, content: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(tmp, dir.join(name))
 }
 
 /// A Service with one port and an EndpointSlice whose endpoints are `pods` (indices).
@@ -337,7 +387,7 @@ pub fn service_yaml(
     let mut eps = String::new();
     for i in pods {
         eps.push_str(&format!(
-            "- {{addresses: [\"{}\"], nodeName: node1, conditions: {{ready: true}}}}\n",
+            "- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
             pod_ip(*i)
         ));
     }
@@ -382,7 +432,7 @@ pub fn start_proxy_with(
         "--source",
         &source,
         "--hostname-override",
-        "node1",
+        NODE_NAME,
         "--cluster-cidr",
         "10.244.0.0/16",
         "--service-cluster-ip-range",
@@ -437,6 +487,29 @@ pub fn wait_synced(node: &Netns, metrics_port: u16, after: f64) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     Err(HarnessError::Timeout("weir-proxy's first sync".into()))
+}
+
+/// Polls `check` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(HarnessError::Timeout(what.to_owned()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `nft list ARGS` inside a namespace, as text (empty when the command fails).
+pub fn nft_list(ns: &Netns, args: &[&str]) -> String {
+    let mut cmd = vec!["nft", "list"];
+    cmd.extend_from_slice(args);
+    ns.exec(&cmd)
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// Runs weir-probe in a namespace and returns its JSON report.
