@@ -299,9 +299,9 @@ pub fn compute_service(
     Ok(infos
         .iter()
         .map(|info| {
-            let eps: Vec<EndpointInfo> = by_port
+            let eps: Vec<&EndpointInfo> = by_port
                 .get(&(info.name.port.as_str(), info.name.protocol))
-                .map(|m| m.values().map(|e| (*e).clone()).collect())
+                .map(|m| m.values().copied().collect())
                 .unwrap_or_default();
             // Each family on its own, as upstream runs one proxier per family: topology
             // and fallbacks are decided among the endpoints of that family.
@@ -312,10 +312,10 @@ pub fn compute_service(
                 has_endpoints: (false, false),
             };
             for v4 in [true, false] {
-                let fam: Vec<EndpointInfo> = eps
+                let fam: Vec<&EndpointInfo> = eps
                     .iter()
+                    .copied()
                     .filter(|e| e.ip.is_ipv4() == v4)
-                    .cloned()
                     .collect();
                 let c = categorize(&fam, info, &cfg.node_name, zone);
                 let node = cfg.node_name.as_str();

@@ -36,8 +36,8 @@ enum Topology {
     None,
 }
 
-fn topology_mode(eps: &[EndpointInfo], node: &str, zone: Option<&str>) -> Topology {
-    let ready = || eps.iter().filter(|e| e.ready);
+fn topology_mode(eps: &[&EndpointInfo], node: &str, zone: Option<&str>) -> Topology {
+    let ready = || eps.iter().copied().filter(|e| e.ready);
     if ready().next().is_none() {
         return Topology::None;
     }
@@ -62,7 +62,7 @@ pub fn is_local(e: &EndpointInfo, node: &str) -> bool {
 
 /// Splits the endpoints of one Service port by the traffic that uses them.
 pub fn categorize<'a>(
-    eps: &'a [EndpointInfo],
+    eps: &[&'a EndpointInfo],
     info: &ServiceInfo,
     node: &str,
     zone: Option<&str>,
@@ -76,17 +76,21 @@ pub fn categorize<'a>(
             Topology::SameZone => zone.is_some_and(|z| e.zone_hints.iter().any(|h| &**h == z)),
             Topology::None => true,
         };
-        out.cluster = eps.iter().filter(|e| e.ready && for_us(e)).collect();
+        out.cluster = eps
+            .iter()
+            .copied()
+            .filter(|e| e.ready && for_us(e))
+            .collect();
         if out.cluster.is_empty() {
-            out.cluster = eps.iter().filter(serving_terminating).collect();
+            out.cluster = eps.iter().copied().filter(serving_terminating).collect();
         }
         out.has_any = !out.cluster.is_empty();
     }
     if !info.uses_local_endpoints() {
         return out;
     }
-    out.has_any |= eps.iter().any(|e| e.ready || serving_terminating(&e));
-    let here: Vec<&EndpointInfo> = eps.iter().filter(|e| is_local(e, node)).collect();
+    out.has_any |= eps.iter().any(|e| e.ready || serving_terminating(e));
+    let here: Vec<&EndpointInfo> = eps.iter().copied().filter(|e| is_local(e, node)).collect();
     out.local = here.iter().copied().filter(|e| e.ready).collect();
     if out.local.is_empty() {
         out.local = here.into_iter().filter(serving_terminating).collect();
@@ -152,6 +156,16 @@ mod tests {
             health_check_node_port: None,
             affinity_timeout: None,
         }
+    }
+
+    fn categorize<'a>(
+        eps: &'a [EndpointInfo],
+        info: &ServiceInfo,
+        node: &str,
+        zone: Option<&str>,
+    ) -> Categorized<'a> {
+        let refs: Vec<&EndpointInfo> = eps.iter().collect();
+        super::categorize(&refs, info, node, zone)
     }
 
     fn ips(list: &[&EndpointInfo]) -> Vec<String> {

@@ -326,7 +326,13 @@ impl<K: NftBackend> Runner<K> {
             plan_state(&empty, &self.cfg.render, family, DumpedTable::empty(family));
         self.apply(skeleton).await?;
         let mut inc = Incremental::new(&empty, &self.cfg.render, family);
-        let ports: Vec<&ServicePortState> = self.desired.services.values().collect();
+        // Only ports with a ClusterIP of this family contribute to its table.
+        let ports: Vec<&ServicePortState> = self
+            .desired
+            .services
+            .values()
+            .filter(|sp| sp.info.cluster_ips.iter().any(|ip| family.contains(ip)))
+            .collect();
         for batch in ports.chunks(FRESH_BATCH) {
             let deltas: Vec<ServiceDelta> = batch
                 .iter()
