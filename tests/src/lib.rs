@@ -151,6 +151,16 @@ pub fn pod_ip(i: usize) -> String {
     format!("10.244.1.{}", 10 + i)
 }
 
+/// The node's IPv6 address on the client-facing link (see [`Topology::add_ipv6`]).
+pub const NODE_IP6: &str = "fd00:77::10";
+/// The external client's IPv6 address, on the node's link.
+pub const CLIENT_IP6: &str = "fd00:77::2";
+
+/// Pod i's IPv6 address (node 1 owns fd00:10:244:1::/64).
+pub fn pod_ip6(i: usize) -> String {
+    format!("fd00:10:244:1::{}", 10 + i)
+}
+
 /// A node namespace with routed-veth pods and an external client.
 pub struct Topology {
     /// Pods (dropped first).
@@ -271,6 +281,49 @@ impl Topology {
         })
     }
 
+    /// Adds IPv6 beside the IPv4 plan: the node forwards IPv6, its `eth0` gets
+    /// [`NODE_IP6`]/64 and the client [`CLIENT_IP6`]/64 on that link, with a route to the
+    /// IPv6 Service range `fd00:10:96::/112` through the node; pod i gets [`pod_ip6`]`(i)`/128
+    /// behind its routed veth, whose node end has the link-local `fe80::1` (the pods'
+    /// default route). Every address is added `nodad`, so it is usable at once.
+    pub fn add_ipv6(&self) -> Result<()> {
+        self.node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        let add6 = |ns: &Netns, addr: &str, dev: &str| {
+            ns.exec(&["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"])
+                .map(|_| ())
+        };
+        add6(&self.node, &format!("{NODE_IP6}/64"), "eth0")?;
+        add6(&self.client, &format!("{CLIENT_IP6}/64"), "eth0")?;
+        self.client.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "fd00:10:96::/112",
+            "via",
+            NODE_IP6,
+        ])?;
+        for (i, pod) in self.pods.iter().enumerate() {
+            let host_if = format!("veth{i}");
+            add6(&self.node, "fe80::1/64", &host_if)?;
+            self.node.exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                &format!("{}/128", pod_ip6(i)),
+                "dev",
+                &host_if,
+            ])?;
+            add6(pod, &format!("{}/128", pod_ip6(i)), "eth0")?;
+            add6(pod, "fe80::2/64", "eth0")?;
+            pod.exec(&[
+                "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Starts `weir-echo NAME 8080 5353` in pod i and waits until it listens.
     pub fn start_echo(&mut self, i: usize, echo_bin: &Path, name: &str) -> Result<()> {
         self.start_echo_on(i, echo_bin, name, 8080, 5353)
@@ -339,6 +392,22 @@ pub fn write_manifests_with_node_labels(
     node_labels: &[(&str, &str)],
     services: &str,
 ) -> std::io::Result<()> {
+    write_manifests_with_node(dir, node_labels, &[NODE_IP], services)
+}
+
+/// [`write_manifests`] with labels on the Node object and its InternalIP `addresses`
+/// (e.g. [`NODE_IP`] and [`NODE_IP6`] for a dual-stack node).
+pub fn write_manifests_with_node(
+    dir: &Path,
+    node_labels: &[(&str, &str)],
+    addresses: &[&str],
+    services: &str,
+) -> std::io::Result<()> {
+    let addresses: Vec<String> = addresses
+        .iter()
+        .map(|a| format!("{{type: InternalIP, address: \"{a}\"}}"))
+        .collect();
+    let addresses = addresses.join(", ");
     let labels = if node_labels.is_empty() {
         String::new()
     } else {
@@ -352,7 +421,7 @@ pub fn write_manifests_with_node_labels(
         dir,
         "node.yaml",
         &format!(
-            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE_NAME}{labels}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE_IP}}}]\n"
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE_NAME}{labels}}}\nstatus:\n  addresses: [{addresses}]\n"
         ),
     )?;
     write_file_atomically(dir, "services.yaml", services)
@@ -459,19 +528,24 @@ pub fn last_sync(node: &Netns, metrics_port: u16) -> Option<f64> {
     )
 }
 
-/// The value of a metric (without labels) from weir-proxy's `/metrics`.
-pub fn metric(node: &Netns, metrics_port: u16, name: &str) -> Option<f64> {
+/// weir-proxy's `/metrics` page (empty when it cannot be read).
+pub fn metrics_text(node: &Netns, metrics_port: u16) -> String {
     let probe = workspace_bin("weir-probe");
-    let out = node
-        .exec(&[
-            &probe.to_string_lossy(),
-            "get",
-            &format!("127.0.0.1:{metrics_port}"),
-            "/metrics",
-        ])
-        .ok()?;
+    node.exec(&[
+        &probe.to_string_lossy(),
+        "get",
+        &format!("127.0.0.1:{metrics_port}"),
+        "/metrics",
+    ])
+    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    .unwrap_or_default()
+}
+
+/// The value of a metric from weir-proxy's `/metrics`: `name` is the metric's name, with
+/// its labels when it has any (`name{label="value"}`, as the page prints them).
+pub fn metric(node: &Netns, metrics_port: u16, name: &str) -> Option<f64> {
     let prefix = format!("{name} ");
-    String::from_utf8_lossy(&out.stdout)
+    metrics_text(node, metrics_port)
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())

@@ -1,27 +1,68 @@
 //! Test backend: answers HTTP GETs and TCP lines with its name (the line `peer` with the
 //! caller's address as this backend sees it), and UDP datagrams too.
-//! `weir-echo NAME TCP_PORT [UDP_PORT]`; prints `ready` once listening.
+//! `weir-echo NAME TCP_PORT [UDP_PORT]`; prints `ready` once listening, on 0.0.0.0 and,
+//! where the namespace has IPv6, on [::] (IPv6 only, so IPv4 callers keep plain addresses).
 
+use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+
+/// A socket bound to `addr`; an IPv6 one takes IPv6 only.
+fn bound(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    if ty == Type::STREAM {
+        s.set_reuse_address(true)?;
+    }
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+fn serve_udp(sock: UdpSocket, name: String) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(name.as_bytes(), from);
+        }
+    });
+}
+
+fn serve_tcp(listener: TcpListener, name: String) {
+    std::thread::spawn(move || accept(listener, name));
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let name = args.get(1).cloned().unwrap_or_else(|| "echo".into());
     let tcp: u16 = args.get(2).map(|p| p.parse()).transpose()?.unwrap_or(8080);
     let udp: Option<u16> = args.get(3).map(|p| p.parse()).transpose()?;
-    let listener = TcpListener::bind(("0.0.0.0", tcp))?;
+    let any4 = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let any6 = |port| SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let tcp4 = bound(any4(tcp), Type::STREAM, Protocol::TCP)?;
+    tcp4.listen(128)?;
+    // IPv6 is optional: a namespace without it serves IPv4 alone.
+    match bound(any6(tcp), Type::STREAM, Protocol::TCP).and_then(|s| s.listen(128).map(|_| s)) {
+        Ok(s) => serve_tcp(s.into(), name.clone()),
+        Err(e) => eprintln!("weir-echo: no IPv6 TCP listener: {e}"),
+    }
     if let Some(port) = udp {
-        let sock = UdpSocket::bind(("0.0.0.0", port))?;
-        let n = name.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while let Ok((_, from)) = sock.recv_from(&mut buf) {
-                let _ = sock.send_to(n.as_bytes(), from);
-            }
-        });
+        serve_udp(
+            bound(any4(port), Type::DGRAM, Protocol::UDP)?.into(),
+            name.clone(),
+        );
+        match bound(any6(port), Type::DGRAM, Protocol::UDP) {
+            Ok(s) => serve_udp(s.into(), name.clone()),
+            Err(e) => eprintln!("weir-echo: no IPv6 UDP socket: {e}"),
+        }
     }
     println!("ready");
+    accept(tcp4.into(), name);
+    Ok(())
+}
+
+fn accept(listener: TcpListener, name: String) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         let n = name.clone();
@@ -55,5 +96,4 @@ fn main() -> anyhow::Result<()> {
             }
         });
     }
-    Ok(())
 }

@@ -4,6 +4,9 @@
 //!   (bound to local port N, with SO_REUSEADDR, so successive probes are one UDP flow);
 //! - `weir-probe hold ADDR:PORT MILLIS`: one TCP connection, a line every 100 ms;
 //! - `weir-probe get ADDR:PORT PATH`: one HTTP GET, prints the body;
+//! - `weir-probe http ADDR:PORT PATH`: one HTTP GET, prints
+//!   `{"status": N, "headers": {lowercase name: value}, "body": "..."}`, or
+//!   `{"error": KIND}` (refused, timeout, ...) when there is no answer;
 //! - `weir-probe peer ADDR:PORT`: the source address the backend sees;
 //! - `weir-probe conntrack-delete --proto udp [--orig-dst IP] [--orig-dport P]
 //!   [--reply-src IP]` (test-only): deletes the matching conntrack entries of this network
@@ -42,6 +45,36 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default())
+}
+
+/// One HTTP GET: the status, the headers (names lowercased) and the body.
+fn http_exchange(
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, BTreeMap<String, String>, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let bad = |what: &str| std::io::Error::new(ErrorKind::InvalidData, format!("{what}: {out:?}"));
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok((status, headers, body.to_owned()))
 }
 
 /// Removes `--NAME VALUE` from `args` and returns VALUE.
@@ -113,11 +146,9 @@ fn main() -> anyhow::Result<()> {
     if source_port.is_some() && mode != "udp" {
         anyhow::bail!("--source-port is for udp");
     }
-    let addr: SocketAddr = args
-        .get(2)
-        .map(|a| a.parse())
-        .transpose()?
-        .ok_or_else(|| anyhow::anyhow!("usage: weir-probe tcp|udp|hold|get ADDR:PORT N"))?;
+    let addr: SocketAddr = args.get(2).map(|a| a.parse()).transpose()?.ok_or_else(|| {
+        anyhow::anyhow!("usage: weir-probe tcp|udp|hold|get|http|peer ADDR:PORT N")
+    })?;
     let mut answers: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors: BTreeMap<&str, u64> = BTreeMap::new();
     let mut lat: Vec<u128> = Vec::new();
@@ -136,6 +167,17 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 http_get(addr, args.get(3).map(String::as_str).unwrap_or("/"))?
             );
+            return Ok(());
+        }
+        "http" => {
+            let path = args.get(3).map(String::as_str).unwrap_or("/");
+            let report = match http_exchange(addr, path) {
+                Ok((status, headers, body)) => {
+                    json!({"status": status, "headers": headers, "body": body})
+                }
+                Err(e) => json!({"error": kind(&e)}),
+            };
+            println!("{report}");
             return Ok(());
         }
         "tcp" | "udp" => {
