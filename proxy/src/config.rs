@@ -84,6 +84,15 @@ pub struct Args {
     /// Remove everything weir programmed and exit.
     #[arg(long, env = "WEIR_CLEANUP")]
     pub cleanup: bool,
+    /// Path to a kubeconfig file for the API server (implies `--source kube`).
+    #[arg(long, env = "WEIR_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server's address, overriding the kubeconfig's (implies `--source kube`).
+    #[arg(long, env = "WEIR_MASTER")]
+    pub master: Option<String>,
+    /// How often the API watches restart with a full listing (e.g. `15m`).
+    #[arg(long, env = "WEIR_CONFIG_SYNC_PERIOD", default_value = "15m")]
+    pub config_sync_period: String,
 }
 
 /// Where objects come from.
@@ -91,6 +100,8 @@ pub struct Args {
 pub enum SourceConfig {
     /// A directory of YAML manifests.
     Dir(PathBuf),
+    /// The Kubernetes API.
+    Kube(crate::source::kube::KubeSourceConfig),
 }
 
 /// The validated configuration (served by `/configz` in kube-proxy's camelCase).
@@ -141,7 +152,8 @@ pub enum ConfigError {
     ModeNotBuilt(&'static str),
     /// No source given.
     #[error(
-        "--source is required: use --source dir:PATH (the Kubernetes API source is not built yet)"
+        "no source: give --kubeconfig or --master (or run in a cluster) for the Kubernetes API, \
+         or --source dir:PATH for a directory of manifests"
     )]
     NoSource,
 }
@@ -173,16 +185,46 @@ fn addr(flag: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
 impl Args {
     /// Validates the flags. `hostname` is used when `--hostname-override` is not given.
     pub fn validate(&self, hostname: &str) -> Result<Config, ConfigError> {
+        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        self.validate_with(hostname, in_cluster)
+    }
+
+    /// [`Self::validate`], told whether the in-cluster service account is present.
+    pub fn validate_with(&self, hostname: &str, in_cluster: bool) -> Result<Config, ConfigError> {
         match self.proxy_mode {
             ProxyMode::Nftables => {}
             other => return Err(ConfigError::ModeNotBuilt(other.as_str())),
         }
+        let node_name = self
+            .hostname_override
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| hostname.trim().to_owned());
+        let config_sync_period = duration("config-sync-period", &self.config_sync_period)?;
+        if config_sync_period.is_zero() {
+            return Err(invalid(
+                "config-sync-period",
+                &self.config_sync_period,
+                "must be greater than 0",
+            ));
+        }
+        let kube = || {
+            SourceConfig::Kube(crate::source::kube::KubeSourceConfig {
+                kubeconfig: self.kubeconfig.clone(),
+                master: self.master.clone(),
+                node_name: node_name.clone(),
+                resync: config_sync_period,
+            })
+        };
+        let api_given = self.kubeconfig.is_some() || self.master.is_some() || in_cluster;
         let source = match self.source.as_deref() {
             None if self.cleanup => SourceConfig::Dir(PathBuf::new()),
+            None if api_given => kube(),
             None => return Err(ConfigError::NoSource),
+            Some("kube") => kube(),
             Some(s) => match s.strip_prefix("dir:") {
                 Some(path) if !path.is_empty() => SourceConfig::Dir(PathBuf::from(path)),
-                _ => return Err(invalid("source", s, "want dir:PATH")),
+                _ => return Err(invalid("source", s, "want kube or dir:PATH")),
             },
         };
         let min_sync_period = duration("min-sync-period", &self.min_sync_period)?;
@@ -197,11 +239,7 @@ impl Args {
         Ok(Config {
             mode: self.proxy_mode,
             source,
-            node_name: self
-                .hostname_override
-                .clone()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| hostname.trim().to_owned()),
+            node_name,
             cluster_cidrs: cidrs("cluster-cidr", &self.cluster_cidr)?,
             service_cidrs: cidrs("service-cluster-ip-range", &self.service_cluster_ip_range)?,
             nodeport_addresses: match self.nodeport_addresses.as_slice() {
@@ -226,7 +264,9 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         let mut all = vec!["weir-proxy"];
         all.extend_from_slice(args);
-        Args::try_parse_from(all).unwrap().validate("host1")
+        Args::try_parse_from(all)
+            .unwrap()
+            .validate_with("host1", false)
     }
 
     #[test]
@@ -258,8 +298,33 @@ mod tests {
         );
         let e = parse(&["--source", "dir:/x", "--min-sync-period", "soon"]).unwrap_err();
         assert!(e.to_string().starts_with("--min-sync-period"), "{e}");
-        let e = parse(&["--source", "kube"]).unwrap_err();
-        assert!(e.to_string().starts_with("--source"), "{e}");
+        let e = parse(&["--source", "api"]).unwrap_err();
+        assert!(e.to_string().starts_with("--source \"api\""), "{e}");
+        let e = parse(&["--source", "kube", "--config-sync-period", "0s"]).unwrap_err();
+        assert!(e.to_string().starts_with("--config-sync-period"), "{e}");
+    }
+
+    #[test]
+    fn the_api_source_is_chosen_by_kubeconfig_master_or_in_cluster() {
+        let c = parse(&["--kubeconfig", "/etc/kc"]).unwrap();
+        let SourceConfig::Kube(k) = c.source else {
+            panic!("not kube")
+        };
+        assert_eq!(
+            k.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/etc/kc"))
+        );
+        assert_eq!(k.node_name, "host1");
+        assert_eq!(k.resync, Duration::from_secs(900));
+        let c = parse(&["--master", "https://127.0.0.1:6443"]).unwrap();
+        assert!(matches!(c.source, SourceConfig::Kube(_)));
+        let args = Args::try_parse_from(["weir-proxy"]).unwrap();
+        assert!(matches!(
+            args.validate_with("h", true).unwrap().source,
+            SourceConfig::Kube(_)
+        ));
+        let e = args.validate_with("h", false).unwrap_err();
+        assert!(e.to_string().starts_with("no source"), "{e}");
     }
 
     #[test]

@@ -14,7 +14,10 @@ use weir_proxy::http::{
     health::ProxyHealth, metrics::Metrics, serve_health, serve_metrics, HttpState,
 };
 use weir_proxy::model::ModelConfig;
-use weir_proxy::source::dir;
+use weir_proxy::source::{dir, kube};
+
+/// A source task's future.
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 use weir_proxy::sync::effects::SideEffects;
 use weir_proxy::sync::runner::{Runner, RunnerConfig, FAMILIES};
 
@@ -79,10 +82,29 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
             )
         })?;
     let (tx, rx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
-    let SourceConfig::Dir(path) = cfg.source.clone();
-    if !path.is_dir() {
-        anyhow::bail!("--source dir:{}: not a directory", path.display());
-    }
+    // The source: checked before anything starts, so a bad flag fails fast.
+    let (source_fut, source_desc): (BoxFuture, String) = match cfg.source.clone() {
+        SourceConfig::Dir(path) => {
+            if !path.is_dir() {
+                anyhow::bail!("--source dir:{}: not a directory", path.display());
+            }
+            let desc = format!("dir:{}", path.display());
+            (Box::pin(async move { Ok(dir::run(path, tx).await?) }), desc)
+        }
+        SourceConfig::Kube(kc) => {
+            let client = kube::client(&kc).await?;
+            let desc = match (&kc.master, &kc.kubeconfig) {
+                (Some(m), _) => format!("kube:{m}"),
+                (None, Some(k)) => format!("kube:{}", k.display()),
+                (None, None) => "kube:in-cluster".to_owned(),
+            };
+            let h = health.clone();
+            (
+                Box::pin(async move { Ok(kube::run(client, kc, tx, h).await?) }),
+                desc,
+            )
+        }
+    };
     let runner = Runner::new(
         RunnerConfig {
             model: ModelConfig {
@@ -112,8 +134,8 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         }
     };
     let runner = runner.with_effects(SideEffects::new(Some(healthcheck), conntrack));
-    tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %path.display(), "weir-proxy starting");
-    let mut source = tokio::spawn(dir::run(path, tx));
+    tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, "weir-proxy starting");
+    let mut source = tokio::spawn(source_fut);
     let mut runner = tokio::spawn(runner.run(rx));
     let mut ms = tokio::spawn(serve_metrics(ml, state.clone()));
     let mut hs = tokio::spawn(serve_health(hl, state));

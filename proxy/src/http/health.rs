@@ -14,6 +14,8 @@ pub struct ProxyHealth {
 struct State {
     last_updated: Option<SystemTime>,
     oldest_pending: Option<SystemTime>,
+    /// Since when the source (API watches) has been failing without a success since.
+    source_failing_since: Option<SystemTime>,
 }
 
 /// A health verdict with the times the JSON body reports.
@@ -25,6 +27,9 @@ pub struct HealthStatus {
     pub last_updated: Option<SystemTime>,
     /// The time of the check.
     pub current_time: SystemTime,
+    /// Whether the source has delivered within the timeout (false after the API server
+    /// has been unreachable for longer: the programmed rules may be stale).
+    pub source_healthy: bool,
 }
 
 impl ProxyHealth {
@@ -58,17 +63,33 @@ impl ProxyHealth {
         });
     }
 
+    /// The source failed (an API watch error); it stays failing until [`Self::source_ok`].
+    pub fn source_failed(&self, now: SystemTime) {
+        self.with(|s| {
+            if s.source_failing_since.is_none() {
+                s.source_failing_since = Some(now);
+            }
+        });
+    }
+
+    /// The source delivered an event.
+    pub fn source_ok(&self) {
+        self.with(|s| s.source_failing_since = None);
+    }
+
     /// The current verdict.
     pub fn status(&self, now: SystemTime) -> HealthStatus {
         let s = self.with(|s| *s);
-        let healthy = match s.oldest_pending {
+        let within = |t: Option<SystemTime>| match t {
             None => true,
-            Some(q) => now.duration_since(q).unwrap_or_default() <= self.timeout,
+            Some(t) => now.duration_since(t).unwrap_or_default() <= self.timeout,
         };
+        let source_healthy = within(s.source_failing_since);
         HealthStatus {
-            healthy,
+            healthy: within(s.oldest_pending) && source_healthy,
             last_updated: s.last_updated,
             current_time: now,
+            source_healthy,
         }
     }
 }
@@ -92,5 +113,17 @@ mod tests {
         let s = h.status(t(73));
         assert!(s.healthy);
         assert_eq!(s.last_updated, Some(t(72)));
+    }
+
+    #[test]
+    fn a_source_failing_longer_than_timeout_is_unhealthy_until_it_delivers() {
+        let h = ProxyHealth::new(Duration::from_secs(60));
+        h.source_failed(t(10));
+        h.source_failed(t(30));
+        assert!(h.status(t(70)).healthy);
+        let s = h.status(t(71));
+        assert!(!s.healthy && !s.source_healthy);
+        h.source_ok();
+        assert!(h.status(t(72)).healthy);
     }
 }

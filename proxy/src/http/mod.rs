@@ -101,6 +101,9 @@ fn health_body(s: &HttpState, with_node: bool) -> Response {
     if with_node {
         body["nodeEligible"] = serde_json::Value::Bool(true);
     }
+    if !st.source_healthy {
+        body["sourceHealthy"] = serde_json::Value::Bool(false);
+    }
     let code = if st.healthy {
         StatusCode::OK
     } else {

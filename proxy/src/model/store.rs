@@ -6,7 +6,7 @@
 use super::endpoint::{slice_endpoints, EndpointSliceError, SliceEndpoints};
 use super::service::{service_ports, ServiceError, ServicePorts};
 use super::{ChangeTracker, ObjectKey};
-use crate::source::{Kind, Object, SourceUpdate};
+use crate::source::{Kind, Object, ObjectRef, SourceUpdate};
 use k8s_openapi::api::core::v1::Node;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -47,6 +47,8 @@ pub struct Store {
     changed_services: BTreeSet<ObjectKey>,
     /// Keys seen since `RelistStart`, per kind (Service, EndpointSlice, Node).
     relist: Option<[BTreeSet<ObjectKey>; 3]>,
+    /// Keys seen since `KindRelistStart` of each kind.
+    kind_relist: [Option<BTreeSet<ObjectKey>>; 3],
     /// Node and zone names, shared by every endpoint that names them.
     names: BTreeSet<std::sync::Arc<str>>,
     /// Invalid versions received: (Services, EndpointSlices).
@@ -102,27 +104,31 @@ impl Store {
                 0
             }
             SourceUpdate::RelistItem(o) => {
-                if let Some(seen) = &mut self.relist {
-                    let i = match o.kind() {
-                        Kind::Service => 0,
-                        Kind::EndpointSlice => 1,
-                        Kind::Node => 2,
-                    };
-                    seen[i].insert(o.key());
-                }
+                self.seen(o.kind(), o.key());
                 self.record(SourceUpdate::Upsert(o), now)
             }
             SourceUpdate::RelistInvalid(r) => {
-                if let Some(seen) = &mut self.relist {
-                    let i = match r.kind {
-                        Kind::Service => 0,
-                        Kind::EndpointSlice => 1,
-                        Kind::Node => 2,
-                    };
-                    seen[i].insert(r.key);
-                }
+                self.seen(r.kind, r.key);
                 0
             }
+            SourceUpdate::KindRelistStart(kind) => {
+                self.kind_relist[kind.index()] = Some(BTreeSet::new());
+                0
+            }
+            SourceUpdate::KindRelistDone(kind) => {
+                let Some(seen) = self.kind_relist[kind.index()].take() else {
+                    return 0;
+                };
+                let gone = match kind {
+                    Kind::Service => unseen(self.services.objects(), &seen),
+                    Kind::EndpointSlice => unseen(self.slices.objects(), &seen),
+                    Kind::Node => unseen(self.nodes.objects(), &seen),
+                };
+                gone.into_iter()
+                    .map(|key| self.record(SourceUpdate::Delete(ObjectRef { kind, key }), now))
+                    .sum()
+            }
+            SourceUpdate::Synced => 0,
             SourceUpdate::RelistDone => {
                 let Some([services, slices, nodes]) = self.relist.take() else {
                     return 0;
@@ -152,6 +158,17 @@ impl Store {
                 Kind::EndpointSlice => self.delete_slice(&r.key, now),
                 Kind::Node => self.nodes.delete(&r.key, now),
             }),
+        }
+    }
+
+    /// Notes a key as listed in the relists under way.
+    fn seen(&mut self, kind: Kind, key: ObjectKey) {
+        let i = kind.index();
+        if let Some(seen) = &mut self.relist {
+            seen[i].insert(key.clone());
+        }
+        if let Some(seen) = &mut self.kind_relist[i] {
+            seen.insert(key);
         }
     }
 

@@ -828,15 +828,7 @@ metadata: {name: ignored}
             .unwrap();
         let mut next = Some(first);
         while let Some(u) = next {
-            out.push(match u {
-                SourceUpdate::RelistStart => "start".to_owned(),
-                SourceUpdate::RelistDone => "done".to_owned(),
-                SourceUpdate::RelistItem(o) => format!("item {}", o.key()),
-                SourceUpdate::RelistInvalid(r) => format!("invalid {}", r.key),
-                SourceUpdate::Upsert(o) => format!("upsert {}", o.key()),
-                SourceUpdate::Delete(r) => format!("delete {}", r.key),
-                SourceUpdate::Replace(_) => "replace".to_owned(),
-            });
+            out.push(short(&u));
             next = tokio::time::timeout(Duration::from_millis(400), rx.recv())
                 .await
                 .ok()
@@ -862,6 +854,7 @@ metadata: {name: ignored}
             SourceUpdate::Upsert(o) => format!("upsert {}", o.key()),
             SourceUpdate::Delete(r) => format!("delete {}", r.key),
             SourceUpdate::Replace(_) => "replace".to_owned(),
+            other => format!("{other:?}"),
         }
     }
 

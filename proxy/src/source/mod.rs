@@ -1,8 +1,9 @@
 //! Sources of Kubernetes objects: a directory of YAML manifests (`--source dir:PATH`)
-//! and, later, the Kubernetes API. Sources only report what they see; the sync runner
+//! and the Kubernetes API (`--source kube`). Sources only report what they see; the sync runner
 //! records it in change trackers.
 
 pub mod dir;
+pub mod kube;
 
 use crate::model::ObjectKey;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -30,6 +31,27 @@ pub enum Kind {
     EndpointSlice,
     /// Node.
     Node,
+}
+
+impl Kind {
+    /// Index of the kind in per-kind arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Kind::Service => 0,
+            Kind::EndpointSlice => 1,
+            Kind::Node => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        })
+    }
 }
 
 impl Object {
@@ -79,6 +101,13 @@ pub enum SourceUpdate {
     /// The listing is complete: objects it did not contain are gone. The first one a
     /// source sends marks it as synced.
     RelistDone,
+    /// A complete listing of one kind follows (a watch of that kind restarted), object by
+    /// object as `RelistItem`s; listings of other kinds may interleave.
+    KindRelistStart(Kind),
+    /// The listing of one kind is complete: objects of that kind it did not contain are gone.
+    KindRelistDone(Kind),
+    /// Every kind has been listed once: the source's view is complete and may be programmed.
+    Synced,
     /// An object was added or changed.
     Upsert(Object),
     /// An object was deleted.

@@ -125,7 +125,10 @@ impl<K: NftBackend> Runner<K> {
 
     fn record(&mut self, u: SourceUpdate, synced_once: &mut bool, dirty: &mut bool) {
         let now = SystemTime::now();
-        if matches!(u, SourceUpdate::Replace(_) | SourceUpdate::RelistDone) {
+        if matches!(
+            u,
+            SourceUpdate::Replace(_) | SourceUpdate::RelistDone | SourceUpdate::Synced
+        ) {
             *synced_once = true;
         }
         let (svc_before, eps_before) = self.store.total_changes();
