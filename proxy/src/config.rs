@@ -90,6 +90,9 @@ pub struct Args {
     /// The API server's address, overriding the kubeconfig's (implies `--source kube`).
     #[arg(long, env = "WEIR_MASTER")]
     pub master: Option<String>,
+    /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); flags override it.
+    #[arg(long, env = "WEIR_CONFIG")]
+    pub config: Option<PathBuf>,
     /// How often the API watches restart with a full listing (e.g. `15m`).
     #[arg(long, env = "WEIR_CONFIG_SYNC_PERIOD", default_value = "15m")]
     pub config_sync_period: String,
@@ -150,6 +153,9 @@ pub enum ConfigError {
     /// The proxy mode exists in the CLI but is not built yet.
     #[error("--proxy-mode {0}: this mode is not implemented yet; use --proxy-mode nftables")]
     ModeNotBuilt(&'static str),
+    /// The `--config` file cannot be used.
+    #[error(transparent)]
+    File(crate::kubeproxy_config::ConfigFileError),
     /// No source given.
     #[error(
         "no source: give --kubeconfig or --master (or run in a cluster) for the Kubernetes API, \
@@ -183,6 +189,35 @@ fn addr(flag: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 impl Args {
+    /// Parses the command line and environment, then fills flags not given there from
+    /// `--config`. Returns the arguments and the file's warnings (ignored or unknown fields).
+    pub fn parse_with_file() -> Result<(Args, Vec<String>), ConfigError> {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Args::command().get_matches();
+        let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let Some(path) = args.config.clone() else {
+            return Ok((args, Vec::new()));
+        };
+        let file = crate::kubeproxy_config::read(&path).map_err(ConfigError::File)?;
+        let explicit = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        };
+        let warnings =
+            crate::kubeproxy_config::apply(&file, &mut args, &explicit).map_err(|m| {
+                ConfigError::Invalid {
+                    flag: "config",
+                    value: path.display().to_string(),
+                    message: m,
+                }
+            })?;
+        Ok((args, warnings))
+    }
+
     /// Validates the flags. `hostname` is used when `--hostname-override` is not given.
     pub fn validate(&self, hostname: &str) -> Result<Config, ConfigError> {
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
@@ -286,6 +321,13 @@ mod tests {
         assert_eq!(v["mode"], "nftables");
         assert_eq!(v["clusterCIDRs"][0], "10.244.0.0/16");
         assert_eq!(v["metricsBindAddress"], "127.0.0.1:10249");
+    }
+
+    #[test]
+    fn go_style_durations_from_kube_proxy_configs_parse() {
+        assert_eq!(duration("x", "15m0s").unwrap(), Duration::from_secs(900));
+        assert_eq!(duration("x", "1h0m0s").unwrap(), Duration::from_secs(3600));
+        assert_eq!(duration("x", "500ms").unwrap(), Duration::from_millis(500));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod http;
+pub mod kubeproxy_config;
 pub mod model;
 pub mod source;
 pub mod sync;

@@ -2,7 +2,6 @@
 //! servers; or, with `--cleanup`, remove what weir programmed.
 
 use anyhow::Context;
-use clap::Parser;
 use std::sync::Arc;
 use weir_proxy::config::{Args, SourceConfig};
 use weir_proxy::dataplane::conntrack::Conntrack;
@@ -37,7 +36,10 @@ fn main() -> anyhow::Result<()> {
     if !one_arena {
         tracing::warn!("could not limit malloc to one arena; memory use may be higher");
     }
-    let args = Args::parse();
+    let (args, file_warnings) = Args::parse_with_file()?;
+    for w in &file_warnings {
+        tracing::warn!(config = ?args.config, "{w}");
+    }
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let cfg = args.validate(&hostname)?;
     let kernel = KernelNft::with_library();
