@@ -264,7 +264,7 @@ pub fn apply(
             ));
         }
     }
-    for (k, _) in &c.rest {
+    for k in c.rest.keys() {
         if IGNORED.contains(&k.as_str()) {
             warnings.push(format!("field {k}: ignored (does not apply to weir)"));
         } else {
