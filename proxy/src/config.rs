@@ -90,6 +90,10 @@ pub struct Args {
     /// The API server's address, overriding the kubeconfig's (implies `--source kube`).
     #[arg(long, env = "WEIR_MASTER")]
     pub master: Option<String>,
+    /// Install routes to every other node's pod CIDRs via its address (host-gw), from the
+    /// Node objects' `spec.podCIDRs`.
+    #[arg(long, env = "WEIR_ROUTE_POD_CIDRS")]
+    pub route_pod_cidrs: bool,
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); flags override it.
     #[arg(long, env = "WEIR_CONFIG")]
     pub config: Option<PathBuf>,
@@ -125,6 +129,8 @@ pub struct Config {
     pub service_cidrs: Vec<IpNetwork>,
     /// Where NodePorts are served.
     pub nodeport_addresses: crate::model::NodePortAddresses,
+    /// Install host-gw routes to other nodes' pod CIDRs.
+    pub route_pod_cidrs: bool,
     /// Masquerade all ClusterIP traffic.
     pub masquerade_all: bool,
     /// Metrics server address.
@@ -248,6 +254,7 @@ impl Args {
                 kubeconfig: self.kubeconfig.clone(),
                 master: self.master.clone(),
                 node_name: node_name.clone(),
+                all_nodes: self.route_pod_cidrs,
                 resync: config_sync_period,
             })
         };
@@ -283,6 +290,7 @@ impl Args {
                 list => crate::model::NodePortAddresses::Cidrs(cidrs("nodeport-addresses", list)?),
             },
             masquerade_all: self.masquerade_all,
+            route_pod_cidrs: self.route_pod_cidrs,
             metrics_bind_address: addr("metrics-bind-address", &self.metrics_bind_address)?,
             healthz_bind_address: addr("healthz-bind-address", &self.healthz_bind_address)?,
             min_sync_period,

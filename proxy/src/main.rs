@@ -135,7 +135,11 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
             None
         }
     };
-    let runner = runner.with_effects(SideEffects::new(Some(healthcheck), conntrack));
+    let mut effects = SideEffects::new(Some(healthcheck), conntrack);
+    if cfg.route_pod_cidrs {
+        effects = effects.with_routes(weir_proxy::routes::RouteController::new()?);
+    }
+    let runner = runner.with_effects(effects);
     tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, "weir-proxy starting");
     let mut source = tokio::spawn(source_fut);
     let mut runner = tokio::spawn(runner.run(rx));

@@ -23,6 +23,8 @@ pub struct NodeRecord {
     pub ips: Vec<IpAddr>,
     /// Its `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// Its `spec.podCIDRs` (or `spec.podCIDR`); unparseable entries are left out.
+    pub pod_cidrs: Vec<ipnetwork::IpNetwork>,
 }
 
 /// The Node label naming the node's zone.
@@ -71,6 +73,19 @@ fn node_record(node: &Node) -> NodeRecord {
             .as_ref()
             .and_then(|l| l.get(ZONE_LABEL))
             .cloned(),
+        pod_cidrs: node
+            .spec
+            .iter()
+            .flat_map(|s| {
+                let list = s.pod_cidrs.clone().unwrap_or_default();
+                if list.is_empty() {
+                    s.pod_cidr.clone().into_iter().collect()
+                } else {
+                    list
+                }
+            })
+            .filter_map(|c| c.parse().ok())
+            .collect(),
     }
 }
 
@@ -282,6 +297,14 @@ impl Store {
         self.node(node_name)
             .map(|n| n.ips.clone())
             .unwrap_or_default()
+    }
+
+    /// Every node's record, by name.
+    pub fn nodes(&self) -> impl Iterator<Item = (&str, &NodeRecord)> {
+        self.nodes
+            .objects()
+            .iter()
+            .map(|(k, n)| (k.name.as_str(), n))
     }
 
     /// A node's record, if the source has it.

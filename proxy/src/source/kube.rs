@@ -39,6 +39,8 @@ pub struct KubeSourceConfig {
     pub master: Option<String>,
     /// This node's name, whose Node object is watched.
     pub node_name: String,
+    /// Watch every Node (for host-gw pod routes), not only this one.
+    pub all_nodes: bool,
     /// `--config-sync-period`: every watch restarts (a full listing) this often.
     pub resync: Duration,
 }
@@ -147,7 +149,11 @@ pub async fn run(
     let mut synced = false;
     loop {
         let selected = watcher::Config::default().labels(LABEL_SELECTOR);
-        let node = watcher::Config::default().fields(&format!("metadata.name={}", cfg.node_name));
+        let node = if cfg.all_nodes {
+            watcher::Config::default()
+        } else {
+            watcher::Config::default().fields(&format!("metadata.name={}", cfg.node_name))
+        };
         let streams = vec![
             watch(
                 Api::<Service>::all(client.clone()),

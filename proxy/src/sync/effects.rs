@@ -5,7 +5,8 @@
 use crate::dataplane::conntrack::{filters_for_change, Conntrack, FlowFilter};
 use crate::http::healthcheck::{HealthCheckServer, HealthCheckService};
 use crate::http::metrics::{label, Metrics};
-use crate::model::{DesiredState, ObjectKey, Protocol, ServiceDelta, ServicePortState};
+use crate::model::{DesiredState, ObjectKey, Protocol, ServiceDelta, ServicePortState, Store};
+use crate::routes::{desired_routes, PodRoute, RouteController};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,8 +19,12 @@ pub struct SideEffects {
     pub healthcheck: Option<Arc<HealthCheckServer>>,
     /// The conntrack table, for deleting stale UDP flows.
     pub conntrack: Option<Conntrack>,
+    /// Host-gw routes to other nodes' pod CIDRs.
+    pub routes: Option<RouteController>,
     /// What the health-check servers were last given.
     last_health: BTreeMap<ObjectKey, HealthCheckService>,
+    /// The pod routes last installed.
+    last_routes: Option<BTreeSet<PodRoute>>,
 }
 
 impl SideEffects {
@@ -28,7 +33,37 @@ impl SideEffects {
         SideEffects {
             healthcheck,
             conntrack,
+            routes: None,
             last_health: BTreeMap::new(),
+            last_routes: None,
+        }
+    }
+
+    /// Also installs host-gw pod routes.
+    pub fn with_routes(mut self, routes: RouteController) -> Self {
+        self.routes = Some(routes);
+        self
+    }
+
+    /// Brings the pod routes in line with the Node objects: when they changed, and on every
+    /// full sync (which repairs routes removed behind weir's back).
+    pub async fn sync_routes(&mut self, store: &Store, me: &str, full: bool) {
+        let Some(rc) = &self.routes else { return };
+        let want = desired_routes(store.nodes(), me);
+        if !full && self.last_routes.as_ref() == Some(&want) {
+            return;
+        }
+        match rc.sync(&want).await {
+            Ok((added, removed)) => {
+                if added + removed > 0 {
+                    info!(added, removed, routes = want.len(), "pod routes synced");
+                }
+                self.last_routes = Some(want);
+            }
+            Err(e) => {
+                warn!(error = %e, "syncing pod routes failed; retrying next sync");
+                self.last_routes = None;
+            }
         }
     }
 

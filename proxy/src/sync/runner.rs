@@ -304,6 +304,9 @@ impl<K: NftBackend> Runner<K> {
         flows.dedup();
         self.effects
             .after_sync(&self.desired, &flows, &self.metrics);
+        self.effects
+            .sync_routes(&self.store, &self.cfg.model.node_name, was_full)
+            .await;
         info!(
             full = was_full,
             services = self.desired.services.len(),
