@@ -47,7 +47,8 @@ pub struct Metrics {
     pub no_local_endpoints: Family<Vec<(String, String)>, Gauge>,
     /// `weir_service_ports`: Service ports programmed.
     pub service_ports: Gauge,
-    /// `weir_endpoints`: endpoints programmed, summed over Service ports.
+    /// `weir_endpoints`: endpoint entries programmed (cluster-wide plus local lists),
+    /// summed over Service ports.
     pub endpoints: Gauge,
     /// `weir_healthcheck_listeners`: healthCheckNodePort servers listening.
     pub healthcheck_listeners: Gauge,
@@ -191,7 +192,7 @@ impl Metrics {
         );
         registry.register(
             "weir_endpoints",
-            "Endpoints programmed, summed over Service ports",
+            "Endpoint entries programmed (cluster-wide plus local lists), summed over Service ports",
             m.endpoints.clone(),
         );
         registry.register(

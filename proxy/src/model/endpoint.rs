@@ -27,10 +27,35 @@ pub struct EndpointInfo {
     pub node_name: Option<Arc<str>>,
     /// `zone`, when given.
     pub zone: Option<Arc<str>>,
+    /// Topology hints, when the slice gives any (boxed: most endpoints have none).
+    pub hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Hints {
     /// `hints.forZones[].name`: zones whose nodes should use this endpoint.
-    pub zone_hints: Vec<Arc<str>>,
+    pub zones: Vec<Arc<str>>,
     /// `hints.forNodes[].name`: nodes that should use this endpoint.
-    pub node_hints: Vec<Arc<str>>,
+    pub nodes: Vec<Arc<str>>,
+}
+
+impl EndpointInfo {
+    /// `hints.forZones[].name`.
+    pub fn zone_hints(&self) -> &[Arc<str>] {
+        self.hints
+            .as_deref()
+            .map(|h| h.zones.as_slice())
+            .unwrap_or_default()
+    }
+
+    /// `hints.forNodes[].name`.
+    pub fn node_hints(&self) -> &[Arc<str>] {
+        self.hints
+            .as_deref()
+            .map(|h| h.nodes.as_slice())
+            .unwrap_or_default()
+    }
 }
 
 /// The endpoints one slice gives one named port of its Service.
@@ -91,7 +116,8 @@ impl SliceEndpoints {
             for e in &mut p.endpoints {
                 shared(&mut e.node_name);
                 shared(&mut e.zone);
-                for h in e.zone_hints.iter_mut().chain(e.node_hints.iter_mut()) {
+                let hints = e.hints.as_deref_mut().into_iter();
+                for h in hints.flat_map(|h| h.zones.iter_mut().chain(h.nodes.iter_mut())) {
                     let mut o = Some(h.clone());
                     shared(&mut o);
                     if let Some(v) = o {
@@ -187,18 +213,22 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<SliceEndpoints, Endpoint
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),
                     node_name: ep.node_name.as_deref().map(Arc::from),
                     zone: ep.zone.as_deref().map(Arc::from),
-                    zone_hints: ep
-                        .hints
-                        .iter()
-                        .flat_map(|h| h.for_zones.iter().flatten())
-                        .map(|z| Arc::from(z.name.as_str()))
-                        .collect(),
-                    node_hints: ep
-                        .hints
-                        .iter()
-                        .flat_map(|h| h.for_nodes.iter().flatten())
-                        .map(|n| Arc::from(n.name.as_str()))
-                        .collect(),
+                    hints: ep.hints.as_ref().and_then(|h| {
+                        let zones: Vec<Arc<str>> = h
+                            .for_zones
+                            .iter()
+                            .flatten()
+                            .map(|z| Arc::from(z.name.as_str()))
+                            .collect();
+                        let nodes: Vec<Arc<str>> = h
+                            .for_nodes
+                            .iter()
+                            .flatten()
+                            .map(|n| Arc::from(n.name.as_str()))
+                            .collect();
+                        (!zones.is_empty() || !nodes.is_empty())
+                            .then(|| Box::new(Hints { zones, nodes }))
+                    }),
                 }
             })
             .collect();

@@ -41,13 +41,13 @@ fn topology_mode(eps: &[&EndpointInfo], node: &str, zone: Option<&str>) -> Topol
     if ready().next().is_none() {
         return Topology::None;
     }
-    let all_node_hints = ready().all(|e| !e.node_hints.is_empty());
-    if all_node_hints && ready().any(|e| e.node_hints.iter().any(|h| &**h == node)) {
+    let all_node_hints = ready().all(|e| !e.node_hints().is_empty());
+    if all_node_hints && ready().any(|e| e.node_hints().iter().any(|h| &**h == node)) {
         return Topology::SameNode;
     }
-    let all_zone_hints = ready().all(|e| !e.zone_hints.is_empty());
+    let all_zone_hints = ready().all(|e| !e.zone_hints().is_empty());
     if let Some(zone) = zone {
-        if all_zone_hints && ready().any(|e| e.zone_hints.iter().any(|h| &**h == zone)) {
+        if all_zone_hints && ready().any(|e| e.zone_hints().iter().any(|h| &**h == zone)) {
             return Topology::SameZone;
         }
     }
@@ -72,8 +72,8 @@ pub fn categorize<'a>(
     if info.uses_cluster_endpoints() {
         let topo = topology_mode(eps, node, zone);
         let for_us = |e: &EndpointInfo| match topo {
-            Topology::SameNode => e.node_hints.iter().any(|h| &**h == node),
-            Topology::SameZone => zone.is_some_and(|z| e.zone_hints.iter().any(|h| &**h == z)),
+            Topology::SameNode => e.node_hints().iter().any(|h| &**h == node),
+            Topology::SameZone => zone.is_some_and(|z| e.zone_hints().iter().any(|h| &**h == z)),
             Topology::None => true,
         };
         out.cluster = eps
@@ -118,8 +118,7 @@ mod tests {
             terminating: false,
             node_name: Some(Arc::from(node)),
             zone: None,
-            zone_hints: Vec::new(),
-            node_hints: Vec::new(),
+            hints: None,
         };
         for w in it {
             match w {
@@ -129,8 +128,16 @@ mod tests {
                 }
                 "serving" => e.serving = true,
                 "terminating" => e.terminating = true,
-                z if z.starts_with("z:") => e.zone_hints.push(Arc::from(&z[2..])),
-                n if n.starts_with("n:") => e.node_hints.push(Arc::from(&n[2..])),
+                z if z.starts_with("z:") => e
+                    .hints
+                    .get_or_insert_default()
+                    .zones
+                    .push(Arc::from(&z[2..])),
+                n if n.starts_with("n:") => e
+                    .hints
+                    .get_or_insert_default()
+                    .nodes
+                    .push(Arc::from(&n[2..])),
                 other => panic!("bad word {other}"),
             }
         }

@@ -189,7 +189,7 @@ pub fn health_check_services(state: &DesiredState) -> BTreeMap<ObjectKey, Health
 pub struct Gauges {
     /// Service ports programmed.
     pub service_ports: usize,
-    /// Endpoints over all ports (cluster-wide and local lists, each address once).
+    /// Endpoint entries over all ports (the cluster-wide plus the local list).
     pub endpoints: usize,
     /// Ports with `internalTrafficPolicy: Local` and no local endpoint.
     pub no_local_internal: usize,
@@ -202,7 +202,7 @@ pub fn gauges(state: &DesiredState) -> Gauges {
     let mut g = Gauges::default();
     for sp in state.services.values() {
         g.service_ports += 1;
-        g.endpoints += endpoint_ips(sp).len();
+        g.endpoints += sp.endpoints.len() + sp.local_endpoints.len();
         if sp.local_endpoints.is_empty() {
             g.no_local_internal += usize::from(sp.info.internal_local);
             g.no_local_external += usize::from(sp.info.external_local);
@@ -301,9 +301,10 @@ mod tests {
         assert_eq!(k.to_string(), "ns/dns");
         assert_eq!((v.port, v.local_endpoints), (32000, 2));
         let g = gauges(&state);
+        // 3 cluster-wide entries and 2 local ones.
         assert_eq!(
             (g.service_ports, g.endpoints, g.no_local_external),
-            (1, 3, 0)
+            (1, 5, 0)
         );
         let none = port(Protocol::Udp, &["10.244.2.5"], true);
         state.services.insert(none.info.name.clone(), none);
