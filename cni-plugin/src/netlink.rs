@@ -1,4 +1,4 @@
-//! Links, addresses, routes and neighbours over rtnetlink, in the network namespace of the
+//! Links, addresses and routes over rtnetlink, in the network namespace of the
 //! thread that calls [`with_netlink`] (the node's, or a pod's inside
 //! [`crate::netns::Netns::run`]).
 
@@ -8,7 +8,6 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHe
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
@@ -366,19 +365,6 @@ impl Netlink {
             }
         }
         Ok(out)
-    }
-
-    /// Adds (or replaces) a permanent neighbour entry `ip → mac` on link `index`.
-    pub async fn add_neighbour(&self, index: u32, ip: IpAddr, mac: &[u8]) -> Result<()> {
-        self.handle
-            .neighbours()
-            .add(index, ip)
-            .link_layer_address(mac)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(op(format!("adding neighbour {ip} on link {index}")))
     }
 }
 

@@ -1,6 +1,6 @@
 //! ADD: addresses from IPAM, a veth pair with its pod end created directly in the pod,
-//! addresses, neighbour and default routes in the pod, host routes to the pod addresses,
-//! and the attachment record. Any failure after the allocation rolls everything back.
+//! the gateway addresses on the host end, the pod's addresses and default routes, host
+//! routes to the pod addresses, and the attachment record. Any failure after the allocation rolls everything back.
 //!
 //! Order, chosen so a plugin killed at any instant leaves nothing DEL or GC cannot find:
 //! the allocation is committed before the veth exists (GC and DEL find the veth by the
@@ -32,6 +32,22 @@ pub(super) fn default_dst(ip: IpAddr) -> IpNetwork {
         IpAddr::V6(Ipv6Addr::UNSPECIFIED)
     };
     IpNetwork::new(any, 0).unwrap_or(IpNetwork::V4(Ipv4Addr::UNSPECIFIED.into()))
+}
+
+/// The gateway addresses the host end carries: one per family among `ips`.
+pub(super) fn gateways(ips: &[IpAddr]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = ips.iter().map(|ip| gateway_for(*ip)).collect();
+    out.dedup();
+    out
+}
+
+/// The prefix length of a gateway address on the host end: 169.254.1.1/32, fe80::1/64.
+pub(super) fn gateway_prefix(gw: IpAddr) -> u8 {
+    if gw.is_ipv4() {
+        32
+    } else {
+        64
+    }
 }
 
 pub(super) fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, CniError> {
@@ -100,6 +116,12 @@ fn attach(
             .await?
             .ok_or_else(|| NetlinkError::Missing(format!("new link {host}")))?;
         nl.set_up(link.index, Some(&alias)).await?;
+        // The host end owns the pods' gateway addresses, so the pod resolves them with
+        // plain ARP and NDP, even after its own hardware address changes (which flushes
+        // its neighbour table).
+        for gw in gateways(ips) {
+            nl.add_address(link.index, gw, gateway_prefix(gw)).await?;
+        }
         for ip in ips {
             nl.add_route(&NewRoute {
                 dst: host_prefix(*ip),
@@ -111,7 +133,6 @@ fn attach(
         }
         Ok(link)
     })?;
-    let host_mac = host_link.mac.clone();
     let pod_link: Link = in_pod(netns, async |nl| {
         let link = nl
             .link(ifname)
@@ -123,11 +144,9 @@ fn attach(
         }
         nl.set_up(link.index, None).await?;
         for ip in ips {
-            let gw = gateway_for(*ip);
-            nl.add_neighbour(link.index, gw, &host_mac).await?;
             nl.add_route(&NewRoute {
                 dst: default_dst(*ip),
-                gw: Some(gw),
+                gw: Some(gateway_for(*ip)),
                 oif: link.index,
                 onlink: ip.is_ipv4(),
             })
@@ -203,7 +222,8 @@ fn roll_back(conf: &NetConf, owner: &Owner, host: &str) {
         eprintln!("weir-cni: rollback: {e}");
     }
     let deleted = on_host(async |nl| {
-        if let Some(l) = nl.link(host).await? {
+        // Only a veth: a name clash with another kind of link is what may have failed.
+        if let Some(l) = nl.link(host).await?.filter(is_veth) {
             nl.delete_link(l.index).await?;
         }
         Ok(())

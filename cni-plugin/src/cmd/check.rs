@@ -4,7 +4,7 @@
 //! address through it), the IPAM reservation and the attachment record. Routes added by
 //! later plugins are ignored.
 
-use super::add::host_prefix;
+use super::add::{gateway_prefix, gateways, host_prefix};
 use super::{gateway_for, host_ifname, in_pod, on_host, required};
 use crate::attachments::AttachmentStore;
 use crate::ipam::store::IpamStore;
@@ -82,19 +82,34 @@ pub(super) fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     }
 
     let host = host_ifname(id, ifname);
-    let (host_link, host_routes) = on_host(async |nl| {
-        let link = nl.link(&host).await?;
+    let (host_link, host_addrs, host_routes) = on_host(async |nl| {
+        let Some(link) = nl.link(&host).await?.filter(is_veth) else {
+            return Ok((None, Vec::new(), Vec::new()));
+        };
+        let addrs = nl.addresses(link.index).await?;
         let mut routes = nl.routes(false).await?;
         routes.extend(nl.routes(true).await?);
-        Ok((link, routes))
+        Ok((Some(link), addrs, routes))
     })?;
-    let host_link = host_link.filter(is_veth).ok_or_else(|| {
+    let host_link = host_link.ok_or_else(|| {
         failed(
             format!("host interface {host} is missing"),
             "the veth pair is gone",
         )
     })?;
     check_link(&host_link, conf.mtu, None)?;
+    let wanted: Vec<IpAddr> = expected.iter().copied().collect();
+    for gw in gateways(&wanted) {
+        if !host_addrs
+            .iter()
+            .any(|a| a.ip() == gw && a.prefix() == gateway_prefix(gw))
+        {
+            return Err(failed(
+                format!("gateway address {gw} is missing on {host}"),
+                format!("{host} has {host_addrs:?}"),
+            ));
+        }
+    }
     for ip in &expected {
         let dst = host_prefix(*ip);
         if !host_routes

@@ -20,10 +20,11 @@ use crate::statedir::StateDirError;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// The pods' IPv4 default gateway: nobody owns it; the pod reaches the host end of its veth
-/// through a permanent neighbour entry for it.
+/// The pods' IPv4 default gateway: a link-local address every host veth end carries
+/// (as a /32), so the pod resolves it on its own link with ARP.
 pub const POD_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-/// The pods' IPv6 default gateway (link-local, same scheme as IPv4).
+/// The pods' IPv6 default gateway: a link-local address every host veth end carries
+/// (without duplicate address detection), resolved with NDP.
 pub const POD_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// What the plugin prints on stdout and its exit status.
