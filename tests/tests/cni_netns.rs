@@ -415,6 +415,48 @@ fn each_cni_version_gets_its_own_result_format() {
     }
 }
 
+#[test]
+fn a_previous_plugins_result_is_kept_and_extended() {
+    let Some(env) = Env::new(1) else { return };
+    let rt = env.dual_stack();
+    let a = env.attachment(0);
+    let prev = json!({
+        "cniVersion": "1.1.0",
+        "interfaces": [{"name": "lo", "sandbox": env.netns_path(0)}],
+        "ips": [{"address": "127.0.0.1/8", "interface": 0}],
+        "routes": [{"dst": "192.0.2.0/24"}],
+        "dns": {"nameservers": ["10.96.0.10"]},
+    });
+    let conf = rt.request_config(&rt.plugins()[0], Some(&a), Some(&prev));
+    let r = rt
+        .exec_plugin("weir-cni", "ADD", Some(&a), &conf)
+        .unwrap()
+        .unwrap();
+    let names: Vec<&str> = r["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "{r}");
+    assert_eq!((names[0], names[2]), ("lo", "eth0"));
+    assert_eq!(
+        r["ips"][0],
+        json!({"address": "127.0.0.1/8", "interface": 0})
+    );
+    assert_eq!(r["ips"][1]["interface"], 2);
+    assert_eq!(r["ips"][2]["interface"], 2);
+    assert_eq!(r["routes"][0], json!({"dst": "192.0.2.0/24"}));
+    assert_eq!(r["routes"].as_array().unwrap().len(), 3);
+    assert_eq!(r["dns"], json!({"nameservers": ["10.96.0.10"]}));
+
+    let conf = rt.request_config(&rt.plugins()[0], Some(&a), Some(&r));
+    rt.exec_plugin("weir-cni", "CHECK", Some(&a), &conf)
+        .unwrap();
+    rt.exec_plugin("weir-cni", "DEL", Some(&a), &conf).unwrap();
+    assert_eq!(env.footprint(), Footprint::default());
+}
+
 fn expect_code(r: Result<Option<Value>, CniRunError>, code: u64, needle: &str) -> Value {
     match r {
         Err(CniRunError::Plugin(f)) => {
@@ -573,6 +615,7 @@ fn gc_removes_what_is_not_in_valid_attachments() {
         b"{",
     )
     .unwrap();
+    std::fs::write(env.network_dir().join(".ipam.json.4243.tmp"), b"{").unwrap();
     assert_eq!(env.allocations().len(), 6);
 
     let valid = vec![
@@ -580,6 +623,7 @@ fn gc_removes_what_is_not_in_valid_attachments() {
         ("ctr1".to_owned(), "eth0".to_owned()),
     ];
     rt.gc(&valid).unwrap();
+    assert!(!env.network_dir().join(".ipam.json.4243.tmp").exists());
     assert_eq!(env.allocations().len(), 4);
     assert!(env.allocations().iter().all(|(_, id, _)| id != "ctr2"));
     assert_eq!(

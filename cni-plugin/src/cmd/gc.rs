@@ -2,7 +2,8 @@
 //! `cni.dev/valid-attachments` goes, in DEL's order: records (and temporaries of killed
 //! writers), host veth ends (found by the alias weir-cni sets, and by the name of every
 //! stale allocation, which also covers a plugin killed between creating a veth and naming
-//! it), then allocations. GC keeps going after a failure and reports all of them.
+//! it), then allocations and temporaries of killed IPAM writers. GC keeps going after a
+//! failure and reports all of them.
 
 use super::{host_ifname, on_host, parse_host_alias};
 use crate::attachments::AttachmentStore;
@@ -14,7 +15,7 @@ use crate::statedir;
 use std::collections::BTreeSet;
 
 pub(super) fn gc(conf: &NetConf) -> Result<(), CniError> {
-    // libcni leaves the key out when no attachment is valid.
+    // Absent or null (libcni sends null for an empty list): no attachment is valid.
     let valid: BTreeSet<Owner> = conf
         .valid_attachments
         .iter()
@@ -51,6 +52,16 @@ pub(super) fn gc(conf: &NetConf) -> Result<(), CniError> {
     }
 
     let mut session = IpamStore::new(&dir).lock()?;
+    // Under the lock no other writer of ipam.json is running: its temporaries are stale.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            if statedir::is_temporary(&e.file_name().to_string_lossy()) {
+                if let Err(e) = statedir::remove_durably(&e.path()) {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+    }
     let stale_owners: BTreeSet<Owner> = session
         .allocations
         .iter()

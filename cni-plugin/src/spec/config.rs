@@ -412,6 +412,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_conflist_parses() {
+        let list: Value =
+            serde_json::from_str(include_str!("../../examples/10-weir.conflist")).unwrap();
+        let mut plugin = list["plugins"][0].clone();
+        plugin["cniVersion"] = list["cniVersion"].clone();
+        plugin["name"] = list["name"].clone();
+        let c = parse(plugin).unwrap();
+        assert_eq!(c.network_dir(), PathBuf::from("/var/lib/weir-cni/weir"));
+        assert!(c.pod_cidrs.v4.is_some() && c.pod_cidrs.v6.is_some());
+    }
+
+    #[test]
     fn the_version_hint_ignores_unusable_input() {
         assert_eq!(
             version_hint(base().to_string().as_bytes()),
