@@ -535,8 +535,8 @@ mod tests {
     use super::*;
 
     fn runtime(conflist: Value) -> CniRuntime {
-        let dir = std::env::temp_dir().join(format!("weir-cnitool-{}", std::process::id()));
-        CniRuntime::new(conflist, &[], &dir).unwrap()
+        let dir = tempfile::tempdir().unwrap();
+        CniRuntime::new(conflist, &[], dir.path()).unwrap()
     }
 
     #[test]

@@ -457,6 +457,38 @@ fn a_previous_plugins_result_is_kept_and_extended() {
     assert_eq!(env.footprint(), Footprint::default());
 }
 
+#[test]
+fn a_second_network_on_the_same_pod_keeps_the_first_ones_default_routes() {
+    let Some(env) = Env::new(1) else { return };
+    let rt = env.dual_stack();
+    let second = env.runtime(json!({"cniVersion": "1.1.0", "name": "weir2", "plugins": [
+        {"type": "weir-cni", "podCIDRs": ["10.244.2.0/24"], "mtu": MTU, "stateDir": env.state.path()}
+    ]}));
+    let a = env.attachment(0);
+    let a2 = Attachment::new("ctr0", &env.netns_path(0), "net1");
+    rt.add(&a).unwrap();
+    let r2 = second.add(&a2).unwrap();
+    assert_eq!(r2["interfaces"][1]["name"], "net1");
+    assert!(result_ip(&r2, 0).starts_with("10.244.2."), "{r2}");
+    assert_eq!(r2["routes"], json!([]), "the default route belongs to eth0");
+    let routes = env.pods[0]
+        .exec(&["ip", "route", "show", "default"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&routes.stdout).contains("dev eth0"));
+    rt.check(&a).unwrap();
+    second.check(&a2).unwrap();
+
+    // GC of one network leaves the other network's attachment alone.
+    rt.gc(&[]).unwrap();
+    assert!(env.pod_has(0, "net1"));
+    second.check(&a2).unwrap();
+    second.del(&a2).unwrap();
+    let db = std::fs::read_to_string(env.state.path().join("weir2/ipam.json")).unwrap();
+    let db: Value = serde_json::from_str(&db).unwrap();
+    assert_eq!(db["allocations"], json!([]));
+    assert_eq!(env.footprint(), Footprint::default());
+}
+
 fn expect_code(r: Result<Option<Value>, CniRunError>, code: u64, needle: &str) -> Value {
     match r {
         Err(CniRunError::Plugin(f)) => {

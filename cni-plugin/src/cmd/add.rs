@@ -6,11 +6,11 @@
 //! the allocation is committed before the veth exists (GC and DEL find the veth by the
 //! attachment's name), and the record is written last.
 
-use super::{gateway_for, host_alias, host_ifname, in_pod, on_host, required};
+use super::{gateway_for, host_alias, host_ifname, in_pod, is_host_end_of, on_host, required};
 use crate::attachments::{AttachmentRecord, AttachmentStore, RECORD_VERSION};
 use crate::ipam::store::IpamStore;
 use crate::ipam::Owner;
-use crate::netlink::{is_veth, Link, NetlinkError, NewRoute};
+use crate::netlink::{Link, NetlinkError, NewRoute};
 use crate::netns::Netns;
 use crate::spec::result::{Interface, IpConfig, Route};
 use crate::spec::{CniEnv, CniError, CniResult, ErrorCode, NetConf};
@@ -71,9 +71,10 @@ pub(super) fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, CniError> {
         ));
     }
     // A host end of this very attachment can only be left by a killed ADD: remove it.
+    let alias = host_alias(&conf.name, id, ifname);
     on_host(async |nl| {
         if let Some(l) = nl.link(&host).await? {
-            if is_veth(&l) {
+            if is_host_end_of(&l, &alias) {
                 nl.delete_link(l.index).await?;
             }
         }
@@ -92,7 +93,7 @@ pub(super) fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, CniError> {
             None => r,
         }),
         Err(e) => {
-            roll_back(conf, &owner, &host);
+            roll_back(conf, &owner, &host, &alias);
             Err(e)
         }
     }
@@ -133,7 +134,7 @@ fn attach(
         }
         Ok(link)
     })?;
-    let pod_link: Link = in_pod(netns, async |nl| {
+    let (pod_link, defaults): (Link, Vec<IpAddr>) = in_pod(netns, async |nl| {
         let link = nl
             .link(ifname)
             .await?
@@ -143,16 +144,22 @@ fn attach(
                 .await?;
         }
         nl.set_up(link.index, None).await?;
+        let mut defaults = Vec::new();
         for ip in ips {
-            nl.add_route(&NewRoute {
+            let route = NewRoute {
                 dst: default_dst(*ip),
                 gw: Some(gateway_for(*ip)),
                 oif: link.index,
                 onlink: ip.is_ipv4(),
-            })
-            .await?;
+            };
+            match nl.add_route(&route).await {
+                Ok(()) => defaults.push(*ip),
+                // Another network's interface has the default route: leave it.
+                Err(e) if e.errno() == Some(nix::errno::Errno::EEXIST as i32) => {}
+                Err(e) => return Err(e),
+            }
         }
-        Ok(link)
+        Ok((link, defaults))
     })?;
 
     let netns_str = netns.path().display().to_string();
@@ -198,7 +205,7 @@ fn attach(
                 interface: Some(1),
             })
             .collect(),
-        routes: ips
+        routes: defaults
             .iter()
             .map(|ip| Route {
                 dst: default_dst(*ip),
@@ -216,14 +223,14 @@ fn attach(
 
 /// Undoes a failed ADD: the record, the veth pair (both ends), the allocation. Failures
 /// here are reported on stderr; the ADD's own error is what the runtime gets.
-fn roll_back(conf: &NetConf, owner: &Owner, host: &str) {
+fn roll_back(conf: &NetConf, owner: &Owner, host: &str, alias: &str) {
     let dir = conf.network_dir();
     if let Err(e) = AttachmentStore::new(&dir).remove(&owner.container_id, &owner.ifname) {
         eprintln!("weir-cni: rollback: {e}");
     }
     let deleted = on_host(async |nl| {
-        // Only a veth: a name clash with another kind of link is what may have failed.
-        if let Some(l) = nl.link(host).await?.filter(is_veth) {
+        // Only ours: a name clash with another link is what may have failed.
+        if let Some(l) = nl.link(host).await?.filter(|l| is_host_end_of(l, alias)) {
             nl.delete_link(l.index).await?;
         }
         Ok(())

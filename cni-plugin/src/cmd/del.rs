@@ -2,11 +2,10 @@
 //! route through either), then the allocation. Each step tolerates its object being gone,
 //! so DEL succeeds for unknown containers, a vanished netns and repeated calls.
 
-use super::{host_ifname, on_host, required};
+use super::{host_alias, host_ifname, is_host_end_of, on_host, required};
 use crate::attachments::AttachmentStore;
 use crate::ipam::store::IpamStore;
 use crate::ipam::Owner;
-use crate::netlink::is_veth;
 use crate::spec::{CniEnv, CniError, NetConf};
 
 pub(super) fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
@@ -15,9 +14,10 @@ pub(super) fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let dir = conf.network_dir();
     AttachmentStore::new(&dir).remove(id, ifname)?;
     let host = host_ifname(id, ifname);
+    let alias = host_alias(&conf.name, id, ifname);
     on_host(async |nl| {
         if let Some(l) = nl.link(&host).await? {
-            if is_veth(&l) {
+            if is_host_end_of(&l, &alias) {
                 nl.delete_link(l.index).await?;
             }
         }

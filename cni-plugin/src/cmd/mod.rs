@@ -120,6 +120,13 @@ pub fn parse_host_alias(alias: &str) -> Option<(&str, &str, &str)> {
     (tag == "weir-cni" && parts.next().is_none()).then_some((net, id, ifname))
 }
 
+/// Whether `link` is the host end of the attachment whose alias is `alias`: a veth with
+/// that alias, or with none (a plugin killed between creating and naming it). Anything
+/// else with the same name is left alone.
+fn is_host_end_of(link: &netlink::Link, alias: &str) -> bool {
+    netlink::is_veth(link) && link.alias.as_deref().is_none_or(|a| a == alias)
+}
+
 /// The pod's gateway in the family of `ip`.
 pub fn gateway_for(ip: IpAddr) -> IpAddr {
     match ip {
