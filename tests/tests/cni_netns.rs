@@ -989,6 +989,12 @@ fn parallel_add_del_with_kill_9_then_gc_leaves_no_leaks_or_duplicates() {
     assert_eq!(env.host_veths(), want_veths, "stray or missing veths");
     assert_eq!(env.pod_routes(), want_routes, "stray or missing routes");
     assert_eq!(env.records(), want_records, "stray or missing records");
+    for dir in [env.network_dir(), env.network_dir().join("attachments")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!name.ends_with(".tmp"), "{name} left in {}", dir.display());
+        }
+    }
     for i in 0..CONTAINERS {
         assert_eq!(
             env.pod_has(i, "eth0"),
