@@ -1,5 +1,8 @@
 //! weir's test harness: network namespaces removed by guards (also on panic), the standard
-//! node/pod/client topology from the design's IP plan, and the weir-proxy process.
+//! node/pod/client topology from the design's IP plan, the weir-proxy process, and a
+//! cnitool-like CNI runtime ([`cnitool`]).
+
+pub mod cnitool;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -376,6 +379,16 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     target.join("debug").join(name)
+}
+
+/// Where a CNI runtime finds plugins in tests: the workspace's binaries (weir-cni) first,
+/// then Debian's containernetworking-plugins.
+pub fn cni_path() -> Vec<PathBuf> {
+    let own = workspace_bin("weir-cni")
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default();
+    vec![own, PathBuf::from("/usr/lib/cni")]
 }
 
 /// The node name weir-proxy is given (`--hostname-override`) and its Node object has.
