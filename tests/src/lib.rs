@@ -1,6 +1,8 @@
 //! weir's test harness: network namespaces removed by guards (also on panic), the standard
 //! node/pod/client topology from the design's IP plan, and the weir-proxy process.
 
+pub mod apiserver;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
