@@ -260,10 +260,13 @@ impl PrivateApt {
             fs::create_dir_all(apt_dir.join(d))?;
         }
         let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+        // bullseye is past its support: should the mirror drop it, point
+        // WEIR_BULLSEYE_MIRROR at Debian's archive of old releases.
+        let bullseye = std::env::var("WEIR_BULLSEYE_MIRROR").unwrap_or_else(|_| mirror.to_owned());
         let sources = format!(
             "deb [signed-by={keyring}] {mirror} bookworm main\n\
              deb-src [signed-by={keyring}] {mirror} bookworm main\n\
-             deb [signed-by={keyring}] {mirror} bullseye main\n"
+             deb [signed-by={keyring}] {bullseye} bullseye main\n"
         );
         fs::write(apt_dir.join("etc/sources.list"), sources)?;
         fs::write(apt_dir.join("state/status"), "")?;
