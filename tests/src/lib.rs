@@ -4,6 +4,8 @@
 
 pub mod cnitool;
 
+pub mod apiserver;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -3,7 +3,9 @@
 //! - `cargo xtask test`: every test tier (fmt, clippy, unit, fake dataplane, netns).
 //! - `cargo xtask demo`: weir-proxy on a namespace topology with real traffic.
 //! - `cargo xtask bench sync`: control-plane numbers at scale.
+//! - `cargo xtask apiserver`: a real kube-apiserver + etcd on loopback (built and cached).
 
+mod apiserver;
 mod bench;
 mod demo;
 
@@ -28,6 +30,9 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// A real kube-apiserver 1.20 + etcd on loopback until Ctrl-C, built from Debian's
+    /// packages on first use and cached under /var/cache/weir/apiserver.
+    Apiserver(apiserver::ApiserverArgs),
 }
 
 #[derive(Subcommand)]
@@ -78,6 +83,10 @@ fn test() -> Result<()> {
         &[],
     )?;
     step("build", "cargo", &["build", "--workspace", "--bins"], &[])?;
+    // The API server tier's binaries: built once from Debian's packages (minutes), then
+    // cached; built here so the tests do not each wait for it.
+    eprintln!("\n==> kube-apiserver for the API server tier (cached after the first build)");
+    weir_e2e::apiserver::ensure_built()?;
     step(
         "tests (unit, fake dataplane, real kernel in network namespaces)",
         "cargo",
@@ -93,5 +102,6 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Demo => demo::demo(&workspace_root()),
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
+        Cmd::Apiserver(a) => apiserver::apiserver(a),
     }
 }
