@@ -5,6 +5,7 @@
 pub mod cnitool;
 
 pub mod apiserver;
+pub mod forward;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -56,7 +56,8 @@ pub struct Endpoint {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ServicePortState {
     /// Frontends (cluster IPs, port, NodePort).
-    pub info: ServiceInfo,
+    /// Shared with the store's record of the Service (one copy per port in memory).
+    pub info: std::sync::Arc<ServiceInfo>,
     /// Endpoints for cluster-wide traffic, without duplicates, in slot order: sorted when
     /// the port is first seen, then stable (an endpoint keeps its slot while it stays).
     /// Empty when no traffic to the port is cluster-wide.
@@ -81,6 +82,7 @@ impl ServicePortState {
     /// The state of a port whose usable endpoints (all ready) are `all`: cluster traffic
     /// uses all of them, Local traffic those on this node.
     pub fn from_endpoints(info: ServiceInfo, all: Vec<Endpoint>) -> Self {
+        let info = std::sync::Arc::new(info);
         let local = if info.uses_local_endpoints() {
             all.iter().filter(|e| e.is_local).cloned().collect()
         } else {

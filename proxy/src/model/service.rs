@@ -98,7 +98,7 @@ pub enum ServicePorts {
     /// Skipped as upstream kube-proxy skips it.
     Skipped(SkipReason),
     /// The ports to program.
-    Ports(Vec<ServiceInfo>),
+    Ports(Vec<std::sync::Arc<ServiceInfo>>),
 }
 
 /// A Service that cannot be programmed, naming the field at fault.
@@ -286,7 +286,7 @@ pub fn service_ports(svc: &Service) -> Result<ServicePorts, ServiceError> {
         }
     };
     let ports = spec.ports.as_deref().unwrap_or_default();
-    let mut out = Vec::with_capacity(ports.len());
+    let mut out: Vec<std::sync::Arc<ServiceInfo>> = Vec::with_capacity(ports.len());
     for (i, p) in ports.iter().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
         let protocol = Protocol::from_k8s(p.protocol.as_deref()).ok_or_else(|| {
@@ -318,20 +318,20 @@ pub fn service_ports(svc: &Service) -> Result<ServicePorts, ServiceError> {
         };
         if out
             .iter()
-            .any(|o: &ServiceInfo| o.port == port && o.name.protocol == protocol)
+            .any(|o| o.port == port && o.name.protocol == protocol)
         {
             return Err(err(
                 field("port"),
                 format!("duplicate port {port}/{protocol}"),
             ));
         }
-        if out.iter().any(|o: &ServiceInfo| o.name == name) {
+        if out.iter().any(|o| o.name == name) {
             return Err(err(
                 field("name"),
                 format!("duplicate port {:?}", name.port),
             ));
         }
-        out.push(ServiceInfo {
+        out.push(std::sync::Arc::new(ServiceInfo {
             name,
             cluster_ips: cluster_ips.clone(),
             port,
@@ -343,7 +343,7 @@ pub fn service_ports(svc: &Service) -> Result<ServicePorts, ServiceError> {
             external_local,
             health_check_node_port,
             affinity_timeout,
-        });
+        }));
     }
     Ok(ServicePorts::Ports(out))
 }

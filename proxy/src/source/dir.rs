@@ -284,45 +284,30 @@ struct FileState {
 #[derive(Debug, Default)]
 struct Sent {
     files: BTreeMap<PathBuf, FileState>,
-    /// How many files define each object (validly or not).
-    owners: BTreeMap<Id, usize>,
 }
 
 impl Sent {
     /// Records a file's state; returns the objects it defined before.
     fn insert(&mut self, file: PathBuf, state: FileState) -> BTreeMap<Id, bool> {
-        for id in state.defs.keys() {
-            *self.owners.entry(id.clone()).or_default() += 1;
-        }
-        let old = self
-            .files
+        self.files
             .insert(file, state)
             .map(|s| s.defs)
-            .unwrap_or_default();
-        self.disown(&old);
-        old
+            .unwrap_or_default()
     }
 
     /// Forgets a file; returns the objects it defined.
     fn remove(&mut self, file: &Path) -> BTreeMap<Id, bool> {
-        let old = self.files.remove(file).map(|s| s.defs).unwrap_or_default();
-        self.disown(&old);
-        old
+        self.files.remove(file).map(|s| s.defs).unwrap_or_default()
     }
 
-    fn disown(&mut self, defs: &BTreeMap<Id, bool>) {
-        for id in defs.keys() {
-            if let Some(n) = self.owners.get_mut(id) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.owners.remove(id);
-                }
-            }
-        }
-    }
-
+    /// How many files define an object (validly or not). Counted on demand rather than
+    /// kept in an index: a directory has few files, and an index of every object would
+    /// cost as much memory as the per-file sets themselves.
     fn owners(&self, id: &Id) -> usize {
-        self.owners.get(id).copied().unwrap_or(0)
+        self.files
+            .values()
+            .filter(|f| f.defs.contains_key(id))
+            .count()
     }
 }
 

@@ -103,6 +103,42 @@ pub async fn client(cfg: &KubeSourceConfig) -> Result<Client, KubeSourceError> {
     Ok(Client::try_from(config)?)
 }
 
+/// Retry delays of a failed watch: 200 ms doubling to at most 5 s, back to 200 ms after
+/// any success. Short on purpose: a relist after an expired watch or an API server restart
+/// should follow at once (client-go's reflector relists immediately on 410), and while the
+/// API server is down a retry every 5 s is cheap.
+#[derive(Clone, Copy, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+/// First retry delay.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest retry delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        Some(d)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
 /// One watch event, made kind-independent.
 type Item = (Kind, Result<Event<Object>, watcher::Error>);
 
@@ -112,7 +148,7 @@ where
     F: Fn(K) -> Object + Send + Sync + Copy + 'static,
 {
     watcher(api, cfg)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .map(move |r| (kind, r.map(|e| map_event(e, wrap))))
         .boxed()
 }
@@ -290,6 +326,16 @@ mod tests {
             vec![Event::Init, Event::InitDone],
         );
         assert_eq!(store.services().len(), 1);
+    }
+
+    #[test]
+    fn backoff_doubles_to_five_seconds_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let mut b = WatchBackoff::default();
+        let first: Vec<u128> = b.by_ref().take(7).map(|d| d.as_millis()).collect();
+        assert_eq!(first, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), Some(Duration::from_millis(200)));
     }
 
     #[test]
