@@ -589,4 +589,33 @@ mod tests {
         settle().await;
         assert_eq!(backends(&fake), 4);
     }
+
+    #[tokio::test]
+    async fn the_api_source_programs_nothing_until_every_kind_has_listed() {
+        use crate::source::Kind;
+        let (fake, tx) = start(10);
+        let objects = svc("a", "10.96.0.1", &["10.244.1.1"]);
+        tx.try_send(SourceUpdate::KindRelistStart(Kind::Service))
+            .unwrap();
+        tx.try_send(SourceUpdate::RelistItem(objects[0].clone()))
+            .unwrap();
+        tx.try_send(SourceUpdate::KindRelistDone(Kind::Service))
+            .unwrap();
+        tx.try_send(SourceUpdate::KindRelistStart(Kind::EndpointSlice))
+            .unwrap();
+        tx.try_send(SourceUpdate::RelistItem(objects[1].clone()))
+            .unwrap();
+        tx.try_send(SourceUpdate::KindRelistDone(Kind::EndpointSlice))
+            .unwrap();
+        settle().await;
+        assert_eq!(fake.applies(), 0, "Nodes have not listed yet");
+        tx.try_send(SourceUpdate::KindRelistStart(Kind::Node))
+            .unwrap();
+        tx.try_send(SourceUpdate::KindRelistDone(Kind::Node))
+            .unwrap();
+        tx.try_send(SourceUpdate::Synced).unwrap();
+        settle().await;
+        assert!(fake.applies() > 0);
+        assert_eq!(backends(&fake), 1);
+    }
 }
