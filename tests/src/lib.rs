@@ -6,6 +6,7 @@ pub mod cnitool;
 
 pub mod apiserver;
 pub mod forward;
+pub mod multinode;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -344,22 +345,7 @@ impl Topology {
         tcp_port: u16,
         udp_port: u16,
     ) -> Result<()> {
-        use std::io::BufRead;
-        let bin = echo_bin.to_string_lossy().into_owned();
-        let (tcp, udp) = (tcp_port.to_string(), udp_port.to_string());
-        let child = self.pods[i].spawn(&[&bin, name, &tcp, &udp], Stdio::piped())?;
-        let out = child
-            .stdout
-            .take()
-            .ok_or_else(|| HarnessError::Timeout("echo stdout".into()))?;
-        let mut line = String::new();
-        std::io::BufReader::new(out)
-            .read_line(&mut line)
-            .map_err(|e| HarnessError::Timeout(format!("weir-echo ready: {e}")))?;
-        if line.trim() != "ready" {
-            return Err(HarnessError::Timeout(format!("weir-echo said {line:?}")));
-        }
-        Ok(())
+        start_echo_in(&mut self.pods[i], echo_bin, name, tcp_port, udp_port)
     }
 
     /// Makes the external client route `dst` (an address or prefix, e.g. an external or
@@ -369,6 +355,32 @@ impl Topology {
             .exec(&["ip", "route", "add", dst, "via", NODE_CLIENT_SIDE_IP])
             .map(|_| ())
     }
+}
+
+/// Starts `weir-echo NAME TCP_PORT UDP_PORT` in `ns` and waits until it listens.
+pub fn start_echo_in(
+    ns: &mut Netns,
+    echo_bin: &Path,
+    name: &str,
+    tcp_port: u16,
+    udp_port: u16,
+) -> Result<()> {
+    use std::io::BufRead;
+    let bin = echo_bin.to_string_lossy().into_owned();
+    let (tcp, udp) = (tcp_port.to_string(), udp_port.to_string());
+    let child = ns.spawn(&[&bin, name, &tcp, &udp], Stdio::piped())?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| HarnessError::Timeout("echo stdout".into()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(|e| HarnessError::Timeout(format!("weir-echo ready: {e}")))?;
+    if line.trim() != "ready" {
+        return Err(HarnessError::Timeout(format!("weir-echo said {line:?}")));
+    }
+    Ok(())
 }
 
 /// Path of a workspace binary: `$WEIR_PROXY_BIN` for weir-proxy, else `target/debug/NAME`.
@@ -499,6 +511,17 @@ pub fn start_proxy_with(
     metrics_port: u16,
     extra: &[&str],
 ) -> Result<u32> {
+    start_proxy_as(node, dir, metrics_port, NODE_NAME, extra)
+}
+
+/// [`start_proxy_with`] for the node named `hostname` (`--hostname-override`).
+pub fn start_proxy_as(
+    node: &mut Netns,
+    dir: &Path,
+    metrics_port: u16,
+    hostname: &str,
+    extra: &[&str],
+) -> Result<u32> {
     let bin = workspace_bin("weir-proxy");
     if !bin.exists() {
         return Err(HarnessError::Command {
@@ -517,7 +540,7 @@ pub fn start_proxy_with(
         "--source",
         &source,
         "--hostname-override",
-        NODE_NAME,
+        hostname,
         "--cluster-cidr",
         "10.244.0.0/16",
         "--service-cluster-ip-range",

@@ -1,4 +1,6 @@
 //! `cargo xtask demo`: the main job on an embedded default, no cluster needed.
+//! `cargo xtask demo --nodes N`: N nodes on one machine with weir-cni pods, host-gw routes,
+//! a ClusterIP, a NodePort and an `externalTrafficPolicy: Local` NodePort across them.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -12,7 +14,7 @@ use weir_e2e::{
 const METRICS: u16 = 10249;
 const PODS: [&str; 3] = ["pod-a", "pod-b", "pod-c"];
 
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     eprintln!("\x1b[1m==> {msg}\x1b[0m");
 }
 
@@ -47,14 +49,27 @@ fn ensure_packages() -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask demo` options.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Run N nodes on one machine (node namespaces on a bridge, each with weir-proxy
+    /// and weir-cni pods) instead of the single-node demo.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=20))]
+    nodes: Option<u16>,
+}
+
 fn share_table(title: &str, report: &Value) {
+    share_table_for(title, report, &PODS);
+}
+
+pub(crate) fn share_table_for(title: &str, report: &Value, names: &[&str]) {
     let total: u64 = report["answers"]
         .as_object()
         .map(|m| m.values().filter_map(Value::as_u64).sum())
         .unwrap_or(0);
     println!("\n  {title}");
     println!("  {:<8} {:>8} {:>8}", "backend", "answers", "share");
-    for name in PODS {
+    for &name in names {
         let n = report["answers"][name].as_u64().unwrap_or(0);
         let share = if total > 0 {
             100.0 * n as f64 / total as f64
@@ -82,7 +97,7 @@ fn http_get(topo: &Topology, path: &str) -> Result<String> {
 }
 
 /// Runs the demo.
-pub fn demo(root: &Path) -> Result<()> {
+pub fn demo(root: &Path, args: DemoArgs) -> Result<()> {
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: removing the demo's network namespaces");
         remove_own_namespaces();
@@ -93,15 +108,39 @@ pub fn demo(root: &Path) -> Result<()> {
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "warn");
     }
-    say("building weir-proxy and the test tools");
-    let st = Command::new("cargo")
-        .current_dir(root)
-        .args(["build", "-p", "weir-proxy", "-p", "weir-e2e", "--bins"])
-        .status()?;
-    if !st.success() {
-        bail!("cargo build failed");
-    }
-    let result = run_demo();
+    let result = match args.nodes {
+        None => {
+            say("building weir-proxy and the test tools");
+            let st = Command::new("cargo")
+                .current_dir(root)
+                .args(["build", "-p", "weir-proxy", "-p", "weir-e2e", "--bins"])
+                .status()?;
+            if !st.success() {
+                bail!("cargo build failed");
+            }
+            run_demo()
+        }
+        Some(nodes) => {
+            say("building weir-proxy, weir-cni and the test tools");
+            let st = Command::new("cargo")
+                .current_dir(root)
+                .args([
+                    "build",
+                    "-p",
+                    "weir-proxy",
+                    "-p",
+                    "weir-cni",
+                    "-p",
+                    "weir-e2e",
+                    "--bins",
+                ])
+                .status()?;
+            if !st.success() {
+                bail!("cargo build failed");
+            }
+            crate::multinode::run(usize::from(nodes))
+        }
+    };
     // Guards have removed namespaces and processes by now, also after an error.
     remove_own_namespaces();
     result

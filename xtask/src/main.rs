@@ -2,12 +2,14 @@
 //!
 //! - `cargo xtask test`: every test tier (fmt, clippy, unit, fake dataplane, netns).
 //! - `cargo xtask demo`: weir-proxy on a namespace topology with real traffic.
+//! - `cargo xtask demo --nodes 3`: three nodes on one machine, weir-cni pods, host-gw routes.
 //! - `cargo xtask bench sync`: control-plane numbers at scale.
 //! - `cargo xtask apiserver`: a real kube-apiserver + etcd on loopback (built and cached).
 
 mod apiserver;
 mod bench;
 mod demo;
+mod multinode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -26,7 +28,9 @@ enum Cmd {
     Test,
     /// The main job on an embedded default: a namespace topology, a Service from YAML,
     /// real traffic through its ClusterIP and NodePort, an endpoint removed, cleanup.
-    Demo,
+    /// With --nodes N: N nodes on one machine, pods attached by weir-cni, host-gw routes,
+    /// traffic across nodes.
+    Demo(demo::DemoArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -100,7 +104,7 @@ fn test() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test(),
-        Cmd::Demo => demo::demo(&workspace_root()),
+        Cmd::Demo(a) => demo::demo(&workspace_root(), a),
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
         Cmd::Apiserver(a) => apiserver::apiserver(a),
     }
