@@ -522,6 +522,20 @@ pub fn start_proxy_as(
     hostname: &str,
     extra: &[&str],
 ) -> Result<u32> {
+    let source = format!("dir:{}", dir.display());
+    start_proxy_from(node, &["--source", &source], metrics_port, hostname, extra)
+}
+
+/// Starts weir-proxy in `node` with the test plan's flags, the source flags given
+/// (`--source dir:...`, or `--kubeconfig PATH` for the API) and `extra` (which may override
+/// `--min-sync-period`), and waits for its first sync.
+pub fn start_proxy_from(
+    node: &mut Netns,
+    source_args: &[&str],
+    metrics_port: u16,
+    hostname: &str,
+    extra: &[&str],
+) -> Result<u32> {
     let bin = workspace_bin("weir-proxy");
     if !bin.exists() {
         return Err(HarnessError::Command {
@@ -529,16 +543,12 @@ pub fn start_proxy_as(
             msg: "missing: build it with cargo build -p weir-proxy (cargo xtask test does)".into(),
         });
     }
-    let source = format!("dir:{}", dir.display());
     let metrics = format!("127.0.0.1:{metrics_port}");
     let health = format!("127.0.0.1:{}", metrics_port + 7);
     let bin = bin.to_string_lossy();
-    let mut args: Vec<&str> = vec![
-        &bin,
-        "--proxy-mode",
-        "nftables",
-        "--source",
-        &source,
+    let mut args: Vec<&str> = vec![&bin, "--proxy-mode", "nftables"];
+    args.extend_from_slice(source_args);
+    args.extend_from_slice(&[
         "--hostname-override",
         hostname,
         "--cluster-cidr",
@@ -549,9 +559,10 @@ pub fn start_proxy_as(
         &metrics,
         "--healthz-bind-address",
         &health,
-        "--min-sync-period",
-        "100ms",
-    ];
+    ]);
+    if !extra.contains(&"--min-sync-period") {
+        args.extend_from_slice(&["--min-sync-period", "100ms"]);
+    }
     args.extend_from_slice(extra);
     let pid = node.spawn(&args, Stdio::null())?.id();
     wait_synced(node, metrics_port, 0.0)?;
@@ -638,4 +649,35 @@ pub fn probe(ns: &Netns, args: &[&str]) -> Result<serde_json::Value> {
         cmd: cmd.join(" "),
         msg: format!("bad report {last:?}: {e}"),
     })
+}
+
+/// `(pod name, answers)` of a weir-probe report.
+pub fn answers(report: &serde_json::Value) -> Vec<(String, u64)> {
+    report["answers"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pod names that answered a weir-probe run.
+pub fn names(report: &serde_json::Value) -> Vec<String> {
+    answers(report)
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// How many requests of a weir-probe run were answered.
+pub fn total(report: &serde_json::Value) -> u64 {
+    answers(report).iter().map(|(_, n)| n).sum()
+}
+
+/// How many requests of a weir-probe run failed with error `kind`.
+pub fn errors(report: &serde_json::Value, kind: &str) -> u64 {
+    report["errors"][kind].as_u64().unwrap_or(0)
 }

@@ -100,29 +100,15 @@ fn event_to_rule_live_latency_over_1000_endpoint_updates() {
         }
     });
 
-    let bin = workspace_bin("weir-proxy");
     let kc = api.kubeconfig_path().display().to_string();
-    let metrics = format!("127.0.0.1:{METRICS}");
-    let health = format!("127.0.0.1:{}", METRICS + 7);
-    topo.node
-        .spawn(
-            &[
-                &bin.to_string_lossy(),
-                "--kubeconfig",
-                &kc,
-                "--hostname-override",
-                NODE_NAME,
-                "--metrics-bind-address",
-                &metrics,
-                "--healthz-bind-address",
-                &health,
-                "--min-sync-period",
-                "0s",
-            ],
-            Stdio::null(),
-        )
-        .unwrap();
-    wait_synced(&topo.node, METRICS, 0.0).unwrap();
+    start_proxy_from(
+        &mut topo.node,
+        &["--kubeconfig", &kc],
+        METRICS,
+        NODE_NAME,
+        &["--min-sync-period", "0s"],
+    )
+    .unwrap();
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -20,21 +20,8 @@ use weir_e2e::forward::Forwarder;
 use weir_e2e::*;
 
 const METRICS: u16 = 10349;
-const HEALTH: u16 = 10356;
-
-fn answers(report: &Value) -> Vec<String> {
-    let mut names: Vec<String> = report["answers"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
-                .map(|(k, _)| k.clone())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
+/// The health port [`start_proxy_from`] gives weir-proxy.
+const HEALTH: u16 = METRICS + 7;
 
 fn web(pods: &[usize]) -> String {
     service_yaml("web", "10.96.0.50", "TCP", 80, None, 8080, pods)
@@ -42,7 +29,9 @@ fn web(pods: &[usize]) -> String {
 
 /// The answering pods of 60 connections from pod-3 to the ClusterIP.
 fn reached(topo: &Topology) -> Vec<String> {
-    answers(&probe(&topo.pods[3], &["tcp", "10.96.0.50:80", "60"]).unwrap())
+    let mut n = names(&probe(&topo.pods[3], &["tcp", "10.96.0.50:80", "60"]).unwrap());
+    n.sort();
+    n
 }
 
 fn wait_reached(topo: &Topology, want: &[&str], what: &str) {
@@ -51,40 +40,16 @@ fn wait_reached(topo: &Topology, want: &[&str], what: &str) {
 }
 
 /// Starts weir-proxy in the node namespace against the API server.
-fn start_weir(topo: &mut Topology, api: &ApiServer, kubeconfig: &Path) -> u32 {
-    let bin = workspace_bin("weir-proxy");
+fn start_weir(topo: &mut Topology, kubeconfig: &Path) -> u32 {
     let kc = kubeconfig.display().to_string();
-    let metrics = format!("127.0.0.1:{METRICS}");
-    let health = format!("127.0.0.1:{HEALTH}");
-    let pid = topo
-        .node
-        .spawn(
-            &[
-                &bin.to_string_lossy(),
-                "--kubeconfig",
-                &kc,
-                "--hostname-override",
-                NODE_NAME,
-                "--cluster-cidr",
-                "10.244.0.0/16",
-                "--service-cluster-ip-range",
-                "10.96.0.0/16",
-                "--metrics-bind-address",
-                &metrics,
-                "--healthz-bind-address",
-                &health,
-                "--min-sync-period",
-                "100ms",
-                "--sync-period",
-                "5s",
-            ],
-            Stdio::null(),
-        )
-        .unwrap()
-        .id();
-    let _ = api;
-    wait_synced(&topo.node, METRICS, 0.0).unwrap();
-    pid
+    start_proxy_from(
+        &mut topo.node,
+        &["--kubeconfig", &kc],
+        METRICS,
+        NODE_NAME,
+        &["--sync-period", "5s"],
+    )
+    .unwrap()
 }
 
 fn healthz(topo: &Topology) -> Value {
@@ -126,7 +91,7 @@ fn api_changes_drive_rules_and_traffic_through_restart_and_outage() {
     };
     let (mut topo, _fwd) = setup(&api);
     api.apply_yaml(&web(&[0, 1])).unwrap();
-    start_weir(&mut topo, &api, &api.kubeconfig_path());
+    start_weir(&mut topo, &api.kubeconfig_path());
     wait_reached(&topo, &["pod-0", "pod-1"], "the Service from the API");
 
     // An endpoint added through the API.
@@ -268,7 +233,7 @@ fn deploy_manifests_pass_api_validation_and_the_cluster_role_is_enough_and_minim
     let (mut topo, _fwd) = setup(&api);
     api.apply_yaml(&web(&[0, 1])).unwrap();
     let kc = api.user_kubeconfig(user).unwrap().to_owned();
-    start_weir(&mut topo, &api, &kc);
+    start_weir(&mut topo, &kc);
     wait_reached(
         &topo,
         &["pod-0", "pod-1"],

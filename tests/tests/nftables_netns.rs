@@ -30,17 +30,6 @@ fn setup(pods: usize, services: &str) -> Option<Env> {
     Some(Env { topo, dir, proxy })
 }
 
-fn answers(report: &Value) -> Vec<(String, u64)> {
-    report["answers"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn web(pods: &[usize]) -> String {
     service_yaml("web", "10.96.0.10", "TCP", 80, Some(30080), 8080, pods)
 }

@@ -107,29 +107,6 @@ impl Env {
     }
 }
 
-fn answers(report: &Value) -> Vec<(String, u64)> {
-    report["answers"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn names(report: &Value) -> Vec<String> {
-    answers(report).into_iter().map(|(n, _)| n).collect()
-}
-
-fn total(report: &Value) -> u64 {
-    answers(report).iter().map(|(_, n)| n).sum()
-}
-
-fn errors(report: &Value, kind: &str) -> u64 {
-    report["errors"][kind].as_u64().unwrap_or(0)
-}
-
 fn tcp(ns: &Netns, dst: &str, count: u32) -> Value {
     probe(ns, &["tcp", dst, &count.to_string()]).unwrap()
 }
