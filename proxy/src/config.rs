@@ -94,6 +94,10 @@ pub struct Args {
     /// Node objects' `spec.podCIDRs`.
     #[arg(long, env = "WEIR_ROUTE_POD_CIDRS")]
     pub route_pod_cidrs: bool,
+    /// Write this node's `spec.podCIDRs` here (JSON) for weir-cni, whose conflist then
+    /// needs no `podCIDRs` (e.g. /var/lib/weir-cni/pod-cidrs.json).
+    #[arg(long, env = "WEIR_CNI_POD_CIDRS_FILE")]
+    pub cni_pod_cidrs_file: Option<PathBuf>,
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); flags override it.
     #[arg(long, env = "WEIR_CONFIG")]
     pub config: Option<PathBuf>,
@@ -131,6 +135,8 @@ pub struct Config {
     pub nodeport_addresses: crate::model::NodePortAddresses,
     /// Install host-gw routes to other nodes' pod CIDRs.
     pub route_pod_cidrs: bool,
+    /// Where this node's pod CIDRs are written for weir-cni.
+    pub cni_pod_cidrs_file: Option<PathBuf>,
     /// Masquerade all ClusterIP traffic.
     pub masquerade_all: bool,
     /// Metrics server address.
@@ -291,6 +297,7 @@ impl Args {
             },
             masquerade_all: self.masquerade_all,
             route_pod_cidrs: self.route_pod_cidrs,
+            cni_pod_cidrs_file: self.cni_pod_cidrs_file.clone(),
             metrics_bind_address: addr("metrics-bind-address", &self.metrics_bind_address)?,
             healthz_bind_address: addr("healthz-bind-address", &self.healthz_bind_address)?,
             min_sync_period,

@@ -139,6 +139,9 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
     if cfg.route_pod_cidrs {
         effects = effects.with_routes(weir_proxy::routes::RouteController::new()?);
     }
+    if let Some(path) = &cfg.cni_pod_cidrs_file {
+        effects = effects.with_cni_cidrs_file(path.clone());
+    }
     let runner = runner.with_effects(effects);
     tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, "weir-proxy starting");
     let mut source = tokio::spawn(source_fut);

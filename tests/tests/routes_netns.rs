@@ -1,6 +1,7 @@
 //! Host-gw pod routes (`--route-pod-cidrs`) installed by weir-proxy in a node namespace
 //! from Node objects: added, changed, removed with the Nodes, and repaired when deleted
-//! behind weir's back.
+//! behind weir's back; this node's own pod CIDRs written for weir-cni
+//! (`--cni-pod-cidrs-file`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -34,13 +35,35 @@ fn pod_routes_follow_the_node_objects_and_are_repaired() {
     let mut topo = Topology::new(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     write_manifests(dir.path(), "").unwrap();
+    // This node's own Node object, with its pod CIDR (written for weir-cni too).
+    write_file_atomically(
+        dir.path(),
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec: {podCIDRs: [10.244.1.0/24, 'fd00:10:244:1::/64']}\nstatus: {addresses: [{type: InternalIP, address: 192.168.77.10}]}\n",
+    )
+    .unwrap();
     write_file_atomically(dir.path(), "nodes.yaml", &other_nodes("10.244.3.0/24")).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let cidrs_file = state.path().join("pod-cidrs.json");
+    let cidrs_arg = cidrs_file.display().to_string();
     start_proxy_with(
         &mut topo.node,
         dir.path(),
         19310,
-        &["--route-pod-cidrs", "--sync-period", "2s"],
+        &[
+            "--route-pod-cidrs",
+            "--sync-period",
+            "2s",
+            "--cni-pod-cidrs-file",
+            &cidrs_arg,
+        ],
     )
+    .unwrap();
+    wait_until("pod CIDRs written for weir-cni", Duration::from_secs(10), || {
+        std::fs::read_to_string(&cidrs_file).is_ok_and(|t| {
+            t == r#"{"podCIDRs":["10.244.1.0/24","fd00:10:244:1::/64"]}"#
+        })
+    })
     .unwrap();
     let want = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let node = &topo.node;

@@ -182,6 +182,10 @@ impl From<ConfigError> for CniError {
                 ErrorCode::InvalidConfig,
                 "weir-cni's configuration keys are described in cni-plugin/README.md".to_owned(),
             ),
+            ConfigError::NodeCidrsUnavailable { .. } => (
+                ErrorCode::TryAgainLater,
+                "weir-proxy writes the Node's spec.podCIDRs there; retry once it runs".to_owned(),
+            ),
             ConfigError::Unsupported { .. } => (
                 ErrorCode::UnsupportedField,
                 "weir-cni's configuration keys are described in cni-plugin/README.md".to_owned(),
@@ -313,8 +317,12 @@ mod tests {
             .unwrap()
             .contains("CNI_CONTAINERID,CNI_NETNS,CNI_IFNAME"));
 
-        let (v, _) = invoke(ADD, r#"{"cniVersion": "1.1.0", "name": "weir"}"#);
-        assert_eq!(v["code"], 7);
+        // No podCIDRs and weir-proxy has not written the node's: try again later.
+        let (v, _) = invoke(
+            ADD,
+            r#"{"cniVersion": "1.1.0", "name": "weir", "stateDir": "/nonexistent/weir"}"#,
+        );
+        assert_eq!(v["code"], 11);
         assert!(v["msg"].as_str().unwrap().contains("podCIDRs"));
 
         let mut c: Value = serde_json::from_str(&conf("1.1.0")).unwrap();

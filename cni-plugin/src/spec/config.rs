@@ -39,6 +39,15 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: String,
     },
+    /// `podCIDRs` is not in the configuration and weir-proxy has not written this node's
+    /// pod CIDRs (from its Node object) to the state directory yet.
+    #[error("podCIDRs not configured and {path} not readable ({why}): is weir-proxy running with --cni-pod-cidrs-file?")]
+    NodeCidrsUnavailable {
+        /// The file weir-proxy writes.
+        path: String,
+        /// Why it could not be used.
+        why: String,
+    },
     /// A key asks for something weir-cni does not do.
     #[error("unsupported field {field}: {value} ({why})")]
     Unsupported {
@@ -154,16 +163,6 @@ impl NetConf {
                 why: "weir-cni allocates addresses itself from podCIDRs",
             });
         }
-        let pod_cidrs = parse_pod_cidrs(raw.pod_cidrs.ok_or(ConfigError::Missing("podCIDRs"))?)?;
-        let mtu = raw.mtu.unwrap_or(DEFAULT_MTU);
-        let min_mtu = if pod_cidrs.v6.is_some() { 1280 } else { 68 };
-        if !(min_mtu..=65535).contains(&mtu) {
-            return Err(ConfigError::Invalid {
-                field: "mtu".into(),
-                value: mtu.to_string(),
-                why: format!("must be between {min_mtu} and 65535"),
-            });
-        }
         let state_dir = raw
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
@@ -172,6 +171,19 @@ impl NetConf {
                 field: "stateDir".into(),
                 value: format!("{:?}", state_dir.display().to_string()),
                 why: "must be an absolute path".into(),
+            });
+        }
+        let pod_cidrs = match raw.pod_cidrs {
+            Some(list) => parse_pod_cidrs(list)?,
+            None => parse_pod_cidrs(node_pod_cidrs(&state_dir)?)?,
+        };
+        let mtu = raw.mtu.unwrap_or(DEFAULT_MTU);
+        let min_mtu = if pod_cidrs.v6.is_some() { 1280 } else { 68 };
+        if !(min_mtu..=65535).contains(&mtu) {
+            return Err(ConfigError::Invalid {
+                field: "mtu".into(),
+                value: mtu.to_string(),
+                why: format!("must be between {min_mtu} and 65535"),
             });
         }
         let prev_result = match raw.prev_result {
@@ -213,6 +225,27 @@ fn validate_network_name(name: &str) -> Result<(), ConfigError> {
             why: "must start with an alphanumeric character, followed by alphanumerics, '_', '.' or '-'".into(),
         })
     }
+}
+
+/// The file, in the state directory, where weir-proxy writes this node's pod CIDRs.
+pub const NODE_POD_CIDRS_FILE: &str = "pod-cidrs.json";
+
+/// This node's pod CIDRs as weir-proxy wrote them (`{"podCIDRs": [...]}`) from the Node
+/// object, for configurations without `podCIDRs`.
+fn node_pod_cidrs(state_dir: &std::path::Path) -> Result<Vec<String>, ConfigError> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(rename = "podCIDRs")]
+        pod_cidrs: Vec<String>,
+    }
+    let path = state_dir.join(NODE_POD_CIDRS_FILE);
+    let unavailable = |why: String| ConfigError::NodeCidrsUnavailable {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = std::fs::read(&path).map_err(|e| unavailable(e.to_string()))?;
+    let f: File = serde_json::from_slice(&text).map_err(|e| unavailable(e.to_string()))?;
+    Ok(f.pod_cidrs)
 }
 
 fn parse_pod_cidrs(list: Vec<String>) -> Result<PodCidrs, ConfigError> {
@@ -333,11 +366,33 @@ mod tests {
 
     #[test]
     fn missing_fields_are_named() {
-        for key in ["cniVersion", "name", "podCIDRs"] {
+        for key in ["cniVersion", "name"] {
             let mut v = base();
             v.as_object_mut().unwrap().remove(key);
             assert_eq!(parse(v), Err(ConfigError::Missing(key)), "{key}");
         }
+    }
+
+    #[test]
+    fn without_pod_cidrs_the_nodes_cidrs_written_by_weir_proxy_are_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("podCIDRs");
+        v["stateDir"] = json!(dir.path());
+        // Not written yet: try again later, naming the file.
+        let e = parse(v.clone()).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::NodeCidrsUnavailable { path, .. } if path.ends_with("pod-cidrs.json")),
+            "{e}"
+        );
+        std::fs::write(
+            dir.path().join(NODE_POD_CIDRS_FILE),
+            r#"{"podCIDRs": ["10.244.7.0/24", "fd00:10:244:7::/64"]}"#,
+        )
+        .unwrap();
+        let c = parse(v).unwrap();
+        assert_eq!(c.pod_cidrs.v4, Some("10.244.7.0/24".parse().unwrap()));
+        assert_eq!(c.pod_cidrs.v6, Some("fd00:10:244:7::/64".parse().unwrap()));
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub struct SideEffects {
     last_health: BTreeMap<ObjectKey, HealthCheckService>,
     /// The pod routes last installed.
     last_routes: Option<BTreeSet<PodRoute>>,
+    /// Where this node's pod CIDRs are written for weir-cni (`--cni-pod-cidrs-file`).
+    pub cni_cidrs_file: Option<std::path::PathBuf>,
+    /// The pod CIDRs last written there.
+    last_cni_cidrs: Option<Vec<ipnetwork::IpNetwork>>,
 }
 
 impl SideEffects {
@@ -36,6 +40,39 @@ impl SideEffects {
             routes: None,
             last_health: BTreeMap::new(),
             last_routes: None,
+            cni_cidrs_file: None,
+            last_cni_cidrs: None,
+        }
+    }
+
+    /// Also writes this node's pod CIDRs for weir-cni to `path`.
+    pub fn with_cni_cidrs_file(mut self, path: std::path::PathBuf) -> Self {
+        self.cni_cidrs_file = Some(path);
+        self
+    }
+
+    /// Writes this node's `spec.podCIDRs` as `{"podCIDRs": [...]}` where weir-cni reads
+    /// them when its configuration has none; only when they changed, atomically.
+    pub fn write_cni_cidrs(&mut self, store: &Store, me: &str) {
+        let Some(path) = &self.cni_cidrs_file else {
+            return;
+        };
+        let cidrs = store
+            .node(me)
+            .map(|n| n.pod_cidrs.clone())
+            .unwrap_or_default();
+        if cidrs.is_empty() || self.last_cni_cidrs.as_ref() == Some(&cidrs) {
+            return;
+        }
+        let body = serde_json::json!({ "podCIDRs": cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>() });
+        match write_atomically(path, body.to_string().as_bytes()) {
+            Ok(()) => {
+                info!(file = %path.display(), pod_cidrs = ?cidrs, "wrote this node's pod CIDRs for weir-cni");
+                self.last_cni_cidrs = Some(cidrs);
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "writing the pod CIDRs for weir-cni failed")
+            }
         }
     }
 
@@ -109,6 +146,23 @@ impl SideEffects {
             .get_or_create(&label("traffic_policy", "external"))
             .set(g.no_local_external as i64);
     }
+}
+
+/// Writes `path` through a temporary file in the same directory, fsynced, then renamed.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("pod-cidrs")
+    ));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Every address a port's traffic can be DNATed to.

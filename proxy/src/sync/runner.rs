@@ -307,6 +307,8 @@ impl<K: NftBackend> Runner<K> {
         self.effects
             .sync_routes(&self.store, &self.cfg.model.node_name, was_full)
             .await;
+        self.effects
+            .write_cni_cidrs(&self.store, &self.cfg.model.node_name);
         info!(
             full = was_full,
             services = self.desired.services.len(),
