@@ -59,11 +59,14 @@ fn pod_routes_follow_the_node_objects_and_are_repaired() {
         ],
     )
     .unwrap();
-    wait_until("pod CIDRs written for weir-cni", Duration::from_secs(10), || {
-        std::fs::read_to_string(&cidrs_file).is_ok_and(|t| {
-            t == r#"{"podCIDRs":["10.244.1.0/24","fd00:10:244:1::/64"]}"#
-        })
-    })
+    wait_until(
+        "pod CIDRs written for weir-cni",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&cidrs_file)
+                .is_ok_and(|t| t == r#"{"podCIDRs":["10.244.1.0/24","fd00:10:244:1::/64"]}"#)
+        },
+    )
     .unwrap();
     let want = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let node = &topo.node;

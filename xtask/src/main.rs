@@ -9,6 +9,7 @@
 mod apiserver;
 mod bench;
 mod demo;
+mod image;
 mod multinode;
 
 use anyhow::{bail, Context, Result};
@@ -37,6 +38,9 @@ enum Cmd {
     /// A real kube-apiserver 1.20 + etcd on loopback until Ctrl-C, built from Debian's
     /// packages on first use and cached under /var/cache/weir/apiserver.
     Apiserver(apiserver::ApiserverArgs),
+    /// Build weir's container image (deploy/Containerfile) with podman and smoke-test it,
+    /// with a locally made Debian base (no registry).
+    Image(image::ImageArgs),
 }
 
 #[derive(Subcommand)]
@@ -107,5 +111,6 @@ fn main() -> Result<()> {
         Cmd::Demo(a) => demo::demo(&workspace_root(), a),
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
         Cmd::Apiserver(a) => apiserver::apiserver(a),
+        Cmd::Image(a) => image::image(a, &workspace_root()),
     }
 }
