@@ -681,3 +681,26 @@ pub fn total(report: &serde_json::Value) -> u64 {
 pub fn errors(report: &serde_json::Value, kind: &str) -> u64 {
     report["errors"][kind].as_u64().unwrap_or(0)
 }
+
+/// The namespace's UDP conntrack entries (`conntrack -L` lines) with this original
+/// destination port and source port. Panics when `conntrack` cannot run (an empty answer
+/// must mean "no entries").
+pub fn udp_conntrack_entries(ns: &Netns, dport: u16, sport: u16) -> Vec<String> {
+    let out = ns.exec(&[
+        "conntrack",
+        "-L",
+        "-p",
+        "udp",
+        "--dport",
+        &dport.to_string(),
+        "--sport",
+        &sport.to_string(),
+    ]);
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+        Err(e) => panic!("conntrack -L: {e}"),
+    }
+}

@@ -58,27 +58,6 @@ fn answered(report: &Value, name: &str) -> u64 {
     report["answers"][name].as_u64().unwrap_or(0)
 }
 
-/// The node's UDP conntrack entries (`conntrack -L` lines) with this original destination
-/// port and source port.
-fn entries(node: &Netns, dport: u16, sport: u16) -> Vec<String> {
-    let out = node
-        .exec(&[
-            "conntrack",
-            "-L",
-            "-p",
-            "udp",
-            "--dport",
-            &dport.to_string(),
-            "--sport",
-            &sport.to_string(),
-        ])
-        .expect("conntrack -L");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Runs `weir-probe conntrack-delete ARGS` in `ns`; returns how many entries it deleted.
 fn conntrack_delete(ns: &Netns, args: &[&str]) -> u64 {
     let bin = env!("CARGO_BIN_EXE_weir-probe");
@@ -105,7 +84,7 @@ fn stale_udp_flow_to_a_removed_endpoint_is_deleted_and_other_flows_kept() {
     assert_eq!(answered(&r, "pod-0"), 3, "{r}");
     let r = udp(client, "10.96.0.54:53", 40054, 1);
     assert_eq!(answered(&r, "pod-0"), 1, "unrelated flow: {r}");
-    let stale = entries(node, 53, 40053);
+    let stale = udp_conntrack_entries(node, 53, 40053);
     assert_eq!(stale.len(), 1, "{stale:?}");
     assert!(
         stale[0].contains("dst=10.96.0.53") && stale[0].contains("src=10.244.1.10 "),
@@ -143,17 +122,17 @@ fn stale_udp_flow_to_a_removed_endpoint_is_deleted_and_other_flows_kept() {
         ],
     );
     assert_eq!(deleted, 1);
-    assert!(entries(node, 53, 40053).is_empty());
+    assert!(udp_conntrack_entries(node, 53, 40053).is_empty());
 
     let r = udp(client, "10.96.0.53:53", 40053, 2);
     assert_eq!(answered(&r, "pod-1"), 2, "same source port, now pod-1: {r}");
-    let kept = entries(node, 53, 40054);
+    let kept = udp_conntrack_entries(node, 53, 40054);
     assert_eq!(kept.len(), 1, "the other frontend's flow stays: {kept:?}");
     assert!(
         kept[0].contains("dst=10.96.0.54") && kept[0].contains("src=10.244.1.10 "),
         "{kept:?}"
     );
-    let kept = entries(node, 53, 40055);
+    let kept = udp_conntrack_entries(node, 53, 40055);
     assert_eq!(kept.len(), 1, "the flow to pod-1 stays: {kept:?}");
     let r = udp(client, "10.96.0.54:53", 40054, 1);
     assert_eq!(answered(&r, "pod-0"), 1, "{r}");
@@ -173,7 +152,7 @@ fn first_endpoint_clears_nodeport_flows_tracked_before_the_dnat() {
     assert_eq!(r["errors"]["refused"].as_u64(), Some(2), "{r}");
     let r = udp(client, "192.168.77.10:30054", 40054, 1);
     assert_eq!(answered(&r, "pod-1"), 1, "{r}");
-    let stale = entries(node, 30053, 40053);
+    let stale = udp_conntrack_entries(node, 30053, 40053);
     assert_eq!(stale.len(), 1, "tracked without DNAT: {stale:?}");
     assert!(stale[0].contains("src=192.168.77.10 "), "{stale:?}");
 
@@ -198,6 +177,6 @@ fn first_endpoint_clears_nodeport_flows_tracked_before_the_dnat() {
 
     let r = udp(client, "192.168.77.10:30053", 40053, 2);
     assert_eq!(answered(&r, "pod-0"), 2, "same source port, now pod-0: {r}");
-    let kept = entries(node, 30054, 40054);
+    let kept = udp_conntrack_entries(node, 30054, 40054);
     assert_eq!(kept.len(), 1, "the other NodePort's flow stays: {kept:?}");
 }

@@ -347,27 +347,6 @@ fn dns(pods: &[usize]) -> String {
     ) + &slice("dns", "dns-1", "IPv4", "UDP", 5353, &eps)
 }
 
-/// The node's UDP conntrack entries (`conntrack -L` lines) with this original destination
-/// port and source port.
-fn conntrack_entries(node: &Netns, dport: u16, sport: u16) -> Vec<String> {
-    let out = node
-        .exec(&[
-            "conntrack",
-            "-L",
-            "-p",
-            "udp",
-            "--dport",
-            &dport.to_string(),
-            "--sport",
-            &sport.to_string(),
-        ])
-        .expect("conntrack -L");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 /// The single endpoint a UDP report got every answer from.
 fn only_answer(report: &Value, count: u64) -> String {
     let a = answers(report);
@@ -397,7 +376,7 @@ fn udp_client_moves_off_a_removed_endpoint_keeping_its_source_port() {
     );
     let pod: usize = stuck.trim_start_matches("pod-").parse().unwrap();
     let (gone_ip, kept) = (pod_ip(pod), 1 - pod);
-    let entries = conntrack_entries(node, 53, CIP_SPORT);
+    let entries = udp_conntrack_entries(node, 53, CIP_SPORT);
     assert!(
         entries.len() == 1 && entries[0].contains(&format!("src={gone_ip} ")),
         "{entries:?}"
@@ -423,15 +402,15 @@ fn udp_client_moves_off_a_removed_endpoint_keeping_its_source_port() {
         panic!(
             "{e}: {}; conntrack: {:?}",
             metrics_text(node, METRICS),
-            conntrack_entries(node, 53, CIP_SPORT)
+            udp_conntrack_entries(node, 53, CIP_SPORT)
         )
     });
     assert!(
-        conntrack_entries(node, 53, CIP_SPORT).is_empty(),
+        udp_conntrack_entries(node, 53, CIP_SPORT).is_empty(),
         "the ClusterIP flow's entry is gone"
     );
     assert!(
-        conntrack_entries(node, 30053, np_sport).is_empty(),
+        udp_conntrack_entries(node, 30053, np_sport).is_empty(),
         "the NodePort flow's entry is gone"
     );
 
@@ -446,7 +425,7 @@ fn udp_client_moves_off_a_removed_endpoint_keeping_its_source_port() {
         now,
         "NodePort flow, same source port, the remaining endpoint"
     );
-    let entries = conntrack_entries(node, 53, CIP_SPORT);
+    let entries = udp_conntrack_entries(node, 53, CIP_SPORT);
     assert!(
         entries.len() == 1 && entries[0].contains(&format!("src={} ", pod_ip(kept))),
         "{entries:?}"
