@@ -137,13 +137,19 @@ impl Ctx<'_> {
     }
 
     fn cidr(&mut self, text: &str, field: String) -> Option<IpNetwork> {
+        if !text.contains('/') {
+            self.bad_cidr(field, text, "missing prefix length");
+            return None;
+        }
         match text.parse::<IpNetwork>() {
-            // The API requires a network address: host bits must be zero.
-            Ok(net) if net.network() == net.ip() => Some(net),
-            Ok(_) => {
-                self.bad_cidr(field, text, "host bits set");
-                None
-            }
+            // Like the API server, accept host bits ("192.168.1.1/24") and use the network.
+            Ok(net) => match IpNetwork::new(net.network(), net.prefix()) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.bad_cidr(field, text, &e.to_string());
+                    None
+                }
+            },
             Err(e) => {
                 self.bad_cidr(field, text, &e.to_string());
                 None

@@ -11,7 +11,10 @@
 //! and then only the union of the rules of all policies selecting it lets traffic through;
 //! pod-to-pod traffic needs the source's egress AND the destination's ingress. Named ports
 //! resolve against the destination pod's container ports (name and protocol). An ipBlock
-//! matches the other end's IP, cluster pods included. Statefulness (replies) is the
+//! matches the other end's IP, cluster pods included (for a pod end given by name, any of
+//! its IPs; an [`Endpoint::Ip`] that is a known pod's IP means that pod). A pod's traffic
+//! to itself is always allowed. Host-network pods are not pods here: policies neither
+//! select nor match them, their IP is an outside address. Statefulness (replies) is the
 //! dataplane's job (conntrack), not modelled here.
 //!
 //! Intended nftables mapping (not written yet), one set of objects per [`ResolvedPolicy`]:

@@ -488,7 +488,7 @@ fn namespace_selector_by_name_label_without_namespace_object() {
 fn validation_errors_name_the_field() {
     let cases = [
         (
-            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.1/8"}}]}]}),
+            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0"}}]}]}),
             "spec.ingress[0].from[0].ipBlock.cidr",
         ),
         (
@@ -576,4 +576,29 @@ fn matrix_print_format() {
         Protocol::Tcp,
     );
     assert_eq!(m, "TCP/80\n-\tx/a\ty/a\nx/a\t.\t.\ny/a\tX\t.\n");
+}
+
+#[test]
+fn ip_block_host_bits_are_masked_like_the_api_server() {
+    let (set, errors) = one(json!({"podSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"from": [{"ipBlock": {"cidr": "192.0.2.77/24", "except": ["192.0.2.1/32"]}}]}]}));
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(set.allows(&Endpoint::Ip(ip("192.0.2.5")), &pa(), 80, Protocol::Tcp));
+    assert!(!set.allows(&Endpoint::Ip(ip("192.0.2.1")), &pa(), 80, Protocol::Tcp));
+}
+
+#[test]
+fn host_network_pods_are_outside() {
+    let (mut pods, nss) = two_pods();
+    let mut host: Pod = pod("x", "h", json!({"app": "web"}), "172.16.0.1", json!([]));
+    if let Some(spec) = host.spec.as_mut() {
+        spec.host_network = Some(true);
+    }
+    pods.push(host);
+    let np = policy("x", "p", json!({"podSelector": {}}));
+    let (set, _) = PolicySet::build(&[np], &pods, &nss);
+    let h = Endpoint::Ip(ip("172.16.0.1"));
+    // Not selected by the policy: its own traffic is unaffected; its IP is an outside IP.
+    assert!(set.allows(&pa(), &h, 80, Protocol::Tcp));
+    assert!(!set.allows(&h, &pa(), 80, Protocol::Tcp));
 }

@@ -101,9 +101,18 @@ pub struct PodInfo {
 
 impl PodInfo {
     /// Reduces a Pod. Unparsable IPs and unnamed or out-of-range ports are dropped
-    /// (they cannot match anything); a pod without a name is ignored (`None`).
+    /// (they cannot match anything). A pod without a name, or on the host network (its IP
+    /// is the node's; policies do not apply to it, as with common CNIs), is ignored (`None`).
     pub fn from_pod(pod: &Pod) -> Option<PodInfo> {
         let name = pod.metadata.name.clone()?;
+        if pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+        {
+            return None;
+        }
         let namespace = pod
             .metadata
             .namespace
