@@ -17,7 +17,8 @@
 //! select nor match them, their IP is an outside address. Statefulness (replies) is the
 //! dataplane's job (conntrack), not modelled here.
 //!
-//! Intended nftables mapping (not written yet), one set of objects per [`ResolvedPolicy`]:
+//! Intended nftables mapping (not written yet), one set of objects per
+//! [`compile::ResolvedPolicy`]:
 //! - `selected` -> a named set of the selected pods' IPs (`ipv4_addr`/`ipv6_addr`), used to
 //!   jump from the per-direction dispatch chain into the policy's chain; a pod in any
 //!   such set of a direction gets a final drop in that direction (isolation).
