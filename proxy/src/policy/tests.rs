@@ -602,3 +602,27 @@ fn host_network_pods_are_outside() {
     assert!(set.allows(&pa(), &h, 80, Protocol::Tcp));
     assert!(!set.allows(&h, &pa(), 80, Protocol::Tcp));
 }
+
+#[test]
+fn tt_pod_selector_in_all_namespaces() {
+    let set = build(&[policy(
+        "x",
+        "b-anywhere",
+        json!({"podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {},
+                                   "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+    )]);
+    check(&set, |s, d, _, _| d.namespace != "x" || s.name == "b");
+}
+
+#[test]
+fn explicit_policy_types_ignore_other_direction_rules() {
+    // policyTypes [Ingress] with egress rules: egress is not isolated.
+    let (set, errors) = one(json!({"podSelector": {}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "db"}}}]}],
+        "egress": [{"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}]}]}));
+    assert!(errors.is_empty());
+    assert!(set.allows(&pa(), &Endpoint::Ip(ip("198.51.100.1")), 80, Protocol::Tcp));
+    assert!(set.allows(&pb(), &pa(), 80, Protocol::Tcp));
+    assert!(!set.allows(&pa(), &pb(), 80, Protocol::Tcp));
+}
