@@ -653,8 +653,12 @@ pub fn probe(ns: &Netns, args: &[&str]) -> Result<serde_json::Value> {
 
 /// `(pod name, answers)` of a weir-probe report.
 pub fn answers(report: &serde_json::Value) -> Vec<(String, u64)> {
-    report["answers"]
-        .as_object()
+    counts(&report["answers"])
+}
+
+/// The `name: count` pairs of a JSON object (a weir-probe report's `answers` or `errors`).
+pub fn counts(map: &serde_json::Value) -> Vec<(String, u64)> {
+    map.as_object()
         .map(|m| {
             m.iter()
                 .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))

@@ -433,16 +433,11 @@ pub fn requests(
     count: u32,
 ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
     let report: Value = probe(ns, &["tcp", addr, &count.to_string()])?;
-    let map = |v: &Value| -> BTreeMap<String, u64> {
-        v.as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    Ok((map(&report["answers"]), map(&report["errors"])))
+    let answers = crate::counts(&report["answers"]).into_iter().collect();
+    Ok((
+        answers,
+        crate::counts(&report["errors"]).into_iter().collect(),
+    ))
 }
 
 /// The source address a backend behind `addr` sees for a connection from `ns`.

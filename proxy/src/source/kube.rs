@@ -163,14 +163,14 @@ fn map_event<K>(e: Event<K>, wrap: impl Fn(K) -> Object) -> Event<Object> {
     }
 }
 
-/// The updates one watch event means.
-pub fn updates_for(kind: Kind, e: Event<Object>) -> Vec<SourceUpdate> {
+/// The update one watch event means.
+pub fn update_for(kind: Kind, e: Event<Object>) -> SourceUpdate {
     match e {
-        Event::Init => vec![SourceUpdate::KindRelistStart(kind)],
-        Event::InitApply(o) => vec![SourceUpdate::RelistItem(o)],
-        Event::InitDone => vec![SourceUpdate::KindRelistDone(kind)],
-        Event::Apply(o) => vec![SourceUpdate::Upsert(o)],
-        Event::Delete(o) => vec![SourceUpdate::Delete(ObjectRef { kind, key: o.key() })],
+        Event::Init => SourceUpdate::KindRelistStart(kind),
+        Event::InitApply(o) => SourceUpdate::RelistItem(o),
+        Event::InitDone => SourceUpdate::KindRelistDone(kind),
+        Event::Apply(o) => SourceUpdate::Upsert(o),
+        Event::Delete(o) => SourceUpdate::Delete(ObjectRef { kind, key: o.key() }),
     }
 }
 
@@ -231,9 +231,9 @@ pub async fn run(
                     if let Event::Apply(o) | Event::Delete(o) = &e {
                         tracing::debug!(%kind, object = %o.key(), "watch event");
                     }
-                    for u in updates_for(kind, e) {
-                        tx.send(u).await.map_err(|_| KubeSourceError::Closed)?;
-                    }
+                    tx.send(update_for(kind, e))
+                        .await
+                        .map_err(|_| KubeSourceError::Closed)?;
                     if done {
                         listed[kind.index()] = true;
                         info!(%kind, "listed");
@@ -271,9 +271,7 @@ mod tests {
 
     fn feed(store: &mut Store, kind: Kind, events: Vec<Event<Object>>) {
         for e in events {
-            for u in updates_for(kind, e) {
-                store.record(u, SystemTime::UNIX_EPOCH);
-            }
+            store.record(update_for(kind, e), SystemTime::UNIX_EPOCH);
         }
     }
 
@@ -340,16 +338,16 @@ mod tests {
 
     #[test]
     fn deletes_and_applies_map_to_updates() {
-        let u = updates_for(Kind::Service, Event::Delete(svc("a")));
+        let u = update_for(Kind::Service, Event::Delete(svc("a")));
         assert_eq!(
             u,
-            [SourceUpdate::Delete(ObjectRef {
+            SourceUpdate::Delete(ObjectRef {
                 kind: Kind::Service,
                 key: ObjectKey::new("d", "a")
-            })]
+            })
         );
         assert!(matches!(
-            updates_for(Kind::Service, Event::Apply(svc("a")))[0],
+            update_for(Kind::Service, Event::Apply(svc("a"))),
             SourceUpdate::Upsert(_)
         ));
     }

@@ -251,6 +251,39 @@ impl Contribution {
                 .push((m, key.clone(), Data::AddrPort(ep.ip, ep.port)));
         }
     }
+
+    /// `loadBalancerSourceRanges` for one load-balancer frontend: the frontend is
+    /// firewalled and each range allowed. When a range holds one of the node's addresses,
+    /// the node's addresses are allowed too (the node reaching its own load balancer).
+    fn firewall(&mut self, key: &Key, ranges: &[IpNetwork], node_ips: &[IpAddr], family: Family) {
+        self.elements
+            .push((MapName::Firewalled, key.clone(), Data::None));
+        let mut allowed: Vec<IpNetwork> = ranges
+            .iter()
+            .filter(|r| family_of(r) == family)
+            .copied()
+            .collect();
+        let node: Vec<IpNetwork> = node_ips
+            .iter()
+            .filter(|ip| family.contains(ip) && ranges.iter().any(|r| r.contains(**ip)))
+            .map(|ip| IpNetwork::from(*ip))
+            .collect();
+        allowed.extend(node);
+        // Interval sets refuse overlapping elements: keep only ranges no other covers.
+        allowed.sort_by_key(|n| (n.prefix(), n.network()));
+        let mut kept: Vec<IpNetwork> = Vec::new();
+        for n in allowed {
+            if !kept.iter().any(|k| k.contains(n.network())) {
+                kept.push(n);
+            }
+        }
+        for n in kept {
+            let mut k = key.0.clone();
+            k.push(Atom::prefix(n));
+            self.elements
+                .push((MapName::FirewallAllow, Key(k), Data::None));
+        }
+    }
 }
 
 /// The elements and chains one Service port needs.
@@ -352,41 +385,6 @@ pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) 
         )
         .collect();
     c
-}
-
-impl Contribution {
-    /// `loadBalancerSourceRanges` for one load-balancer frontend: the frontend is
-    /// firewalled and each range allowed. When a range holds one of the node's addresses,
-    /// the node's addresses are allowed too (the node reaching its own load balancer).
-    fn firewall(&mut self, key: &Key, ranges: &[IpNetwork], node_ips: &[IpAddr], family: Family) {
-        self.elements
-            .push((MapName::Firewalled, key.clone(), Data::None));
-        let mut allowed: Vec<IpNetwork> = ranges
-            .iter()
-            .filter(|r| family_of(r) == family)
-            .copied()
-            .collect();
-        let node: Vec<IpNetwork> = node_ips
-            .iter()
-            .filter(|ip| family.contains(ip) && ranges.iter().any(|r| r.contains(**ip)))
-            .map(|ip| IpNetwork::from(*ip))
-            .collect();
-        allowed.extend(node);
-        // Interval sets refuse overlapping elements: keep only ranges no other covers.
-        allowed.sort_by_key(|n| (n.prefix(), n.network()));
-        let mut kept: Vec<IpNetwork> = Vec::new();
-        for n in allowed {
-            if !kept.iter().any(|k| k.contains(n.network())) {
-                kept.push(n);
-            }
-        }
-        for n in kept {
-            let mut k = key.0.clone();
-            k.push(Atom::prefix(n));
-            self.elements
-                .push((MapName::FirewallAllow, Key(k), Data::None));
-        }
-    }
 }
 
 /// Reference counts of the shared parts: pick chains and shared set elements.
