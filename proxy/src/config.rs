@@ -104,6 +104,20 @@ pub struct Args {
     /// How often the API watches restart with a full listing (e.g. `15m`).
     #[arg(long, env = "WEIR_CONFIG_SYNC_PERIOD", default_value = "15m")]
     pub config_sync_period: String,
+    /// Enforce NetworkPolicy for this node's pods (reads Pods, Namespaces and
+    /// NetworkPolicies; programs the `weir_policy` tables).
+    #[arg(
+        long,
+        env = "WEIR_NETWORK_POLICY",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub network_policy: bool,
+    /// weir-cni's state directory: pods whose addresses its attachment records hold are
+    /// this node's (else pods whose `spec.nodeName` is this node).
+    #[arg(long, env = "WEIR_CNI_STATE_DIR")]
+    pub cni_state_dir: Option<PathBuf>,
 }
 
 /// Where objects come from.
@@ -139,6 +153,10 @@ pub struct Config {
     pub cni_pod_cidrs_file: Option<PathBuf>,
     /// Masquerade all ClusterIP traffic.
     pub masquerade_all: bool,
+    /// Enforce NetworkPolicy.
+    pub network_policy: bool,
+    /// weir-cni's state directory (which pods are local).
+    pub cni_state_dir: Option<PathBuf>,
     /// Metrics server address.
     pub metrics_bind_address: SocketAddr,
     /// Health server address.
@@ -262,6 +280,7 @@ impl Args {
                 node_name: node_name.clone(),
                 all_nodes: self.route_pod_cidrs,
                 resync: config_sync_period,
+                network_policy: self.network_policy,
             })
         };
         let api_given = self.kubeconfig.is_some() || self.master.is_some() || in_cluster;
@@ -298,6 +317,8 @@ impl Args {
             masquerade_all: self.masquerade_all,
             route_pod_cidrs: self.route_pod_cidrs,
             cni_pod_cidrs_file: self.cni_pod_cidrs_file.clone(),
+            network_policy: self.network_policy,
+            cni_state_dir: self.cni_state_dir.clone(),
             metrics_bind_address: addr("metrics-bind-address", &self.metrics_bind_address)?,
             healthz_bind_address: addr("healthz-bind-address", &self.healthz_bind_address)?,
             min_sync_period,

@@ -18,6 +18,8 @@ use weir_proxy::source::{dir, kube};
 /// A source task's future.
 type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 use weir_proxy::sync::effects::SideEffects;
+use weir_proxy::policy::render::POLICY_TABLE;
+use weir_proxy::sync::policy::{PolicyConfig, PolicyController};
 use weir_proxy::sync::runner::{Runner, RunnerConfig, FAMILIES};
 
 /// Source updates in flight between a source and the sync runner (backpressure: a relist
@@ -44,9 +46,12 @@ fn main() -> anyhow::Result<()> {
     let cfg = args.validate(&hostname)?;
     let kernel = KernelNft::with_library();
     if args.cleanup {
-        for family in FAMILIES {
-            let existing = kernel.dump(family)?;
-            kernel.apply(&cleanup_plan(existing.as_ref(), family))?;
+        let policy = kernel.clone().for_table(POLICY_TABLE);
+        for k in [&kernel, &policy] {
+            for family in FAMILIES {
+                let existing = k.dump(family)?;
+                k.apply(&cleanup_plan(existing.as_ref(), family))?;
+            }
         }
         tracing::info!("removed weir's nftables tables");
         return Ok(());
@@ -83,7 +88,8 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
                 cfg.healthz_bind_address
             )
         })?;
-    let (tx, rx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
+    let (tx, source_rx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
+    let (proxy_tx, rx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
     // The source: checked before anything starts, so a bad flag fails fast.
     let (source_fut, source_desc): (BoxFuture, String) = match cfg.source.clone() {
         SourceConfig::Dir(path) => {
@@ -122,8 +128,8 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
             min_sync_period: cfg.min_sync_period,
             sync_period: cfg.sync_period,
         },
-        kernel,
-        metrics,
+        kernel.clone(),
+        metrics.clone(),
         health.clone(),
     );
     // healthCheckNodePort servers listen on every address, as kube-proxy's do by default.
@@ -143,7 +149,25 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         effects = effects.with_cni_cidrs_file(path.clone());
     }
     let runner = runner.with_effects(effects);
-    tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, "weir-proxy starting");
+    // NetworkPolicy: a second consumer of the same source, with its own table.
+    let (policy_tx, policy) = if cfg.network_policy {
+        let (ptx, prx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
+        let controller = PolicyController::new(
+            PolicyConfig {
+                node_name: cfg.node_name.clone(),
+                cni_state_dir: cfg.cni_state_dir.clone(),
+                min_sync_period: cfg.min_sync_period,
+                sync_period: cfg.sync_period,
+            },
+            kernel.clone().for_table(POLICY_TABLE),
+            metrics.clone(),
+        );
+        (Some(ptx), Some(tokio::spawn(controller.run(prx))))
+    } else {
+        (None, None)
+    };
+    let _splitter = tokio::spawn(weir_proxy::source::split::run(source_rx, proxy_tx, policy_tx));
+    tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, network_policy = cfg.network_policy, "weir-proxy starting");
     let mut source = tokio::spawn(source_fut);
     let mut runner = tokio::spawn(runner.run(rx));
     let mut ms = tokio::spawn(serve_metrics(ml, state.clone()));
@@ -152,6 +176,9 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
     tokio::select! {
         r = &mut source => { r??; anyhow::bail!("the source stopped") }
         _ = &mut runner => anyhow::bail!("the sync runner stopped"),
+        _ = async { match policy { Some(p) => { let _ = p.await; } None => std::future::pending().await } } => {
+            anyhow::bail!("the policy controller stopped")
+        }
         r = &mut ms => { r??; anyhow::bail!("the metrics server stopped") }
         r = &mut hs => { r??; anyhow::bail!("the health server stopped") }
         _ = tokio::signal::ctrl_c() => {}

@@ -207,6 +207,9 @@ fn deploy_manifests_pass_api_validation_and_the_cluster_role_is_enough_and_minim
         ["auth", "can-i", "delete", "endpointslices.discovery.k8s.io"],
         ["auth", "can-i", "get", "secrets"],
         ["auth", "can-i", "update", "nodes"],
+        ["auth", "can-i", "get", "configmaps"],
+        ["auth", "can-i", "create", "networkpolicies.networking.k8s.io"],
+        ["auth", "can-i", "delete", "pods"],
     ] {
         // `kubectl auth can-i` prints "no" and exits 1 when denied.
         let denied = match api.kubectl_as(user, &args) {
@@ -222,6 +225,9 @@ fn deploy_manifests_pass_api_validation_and_the_cluster_role_is_enough_and_minim
         ["auth", "can-i", "watch", "services"],
         ["auth", "can-i", "list", "endpointslices.discovery.k8s.io"],
         ["auth", "can-i", "watch", "nodes"],
+        ["auth", "can-i", "watch", "pods"],
+        ["auth", "can-i", "list", "namespaces"],
+        ["auth", "can-i", "watch", "networkpolicies.networking.k8s.io"],
     ] {
         assert_eq!(
             api.kubectl_as(user, &args).unwrap().trim(),
@@ -239,4 +245,82 @@ fn deploy_manifests_pass_api_validation_and_the_cluster_role_is_enough_and_minim
         &["pod-0", "pod-1"],
         "the Service through the weir identity",
     );
+}
+
+/// A Pod object for topology pod `i` (namespace demo, label app=pod-i, on this node).
+fn pod_object(i: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: demo, labels: {{app: pod-{i}}}}}\nspec: {{nodeName: {NODE_NAME}, automountServiceAccountToken: false, containers: [{{name: c, image: none, ports: [{{name: http, containerPort: 8080}}]}}]}}\n"
+    )
+}
+
+/// Sets pod `i`'s status (its address) through the status subresource, as the kubelet does.
+fn set_pod_ip(api: &ApiServer, i: usize) {
+    let mut pod = api.get("pod", Some("demo"), &format!("pod-{i}")).unwrap();
+    pod["status"] = serde_json::json!({
+        "phase": "Running",
+        "podIP": pod_ip(i),
+        "podIPs": [{"ip": pod_ip(i)}],
+    });
+    api.kubectl_stdin(
+        &[
+            "replace",
+            "--raw",
+            &format!("/api/v1/namespaces/demo/pods/pod-{i}/status"),
+            "-f",
+            "-",
+        ],
+        &pod.to_string(),
+    )
+    .unwrap();
+}
+
+/// Whether one TCP request from topology pod `from` to pod `to`'s own address is answered.
+fn pod_reaches(topo: &Topology, from: usize, to: usize) -> bool {
+    let addr = format!("{}:8080", pod_ip(to));
+    total(&probe(&topo.pods[from], &["tcp", &addr, "1"]).unwrap()) == 1
+}
+
+#[test]
+fn network_policies_from_the_api_isolate_this_nodes_pods() {
+    if !require_privileges() {
+        return;
+    }
+    let Some(api) = ApiServer::start_or_skip(ApiServerOptions::default()) else {
+        return;
+    };
+    let (mut topo, _fwd) = setup(&api);
+    for i in 0..4 {
+        api.apply_yaml(&pod_object(i)).unwrap();
+        set_pod_ip(&api, i);
+    }
+    start_weir(&mut topo, &api.kubeconfig_path());
+    wait_until("policy table programmed", Duration::from_secs(20), || {
+        metric(&topo.node, METRICS, "weir_policy_sync_last_timestamp_seconds").unwrap_or(0.0) > 0.0
+    })
+    .unwrap();
+    assert!(pod_reaches(&topo, 3, 0), "no policy: everything is allowed");
+    // Only pod-1 may reach pod-0.
+    api.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: only-1, namespace: demo}\nspec:\n  podSelector: {matchLabels: {app: pod-0}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: pod-1}}}], ports: [{port: http}]}]\n",
+    )
+    .unwrap();
+    wait_until("pod-3 blocked from pod-0", Duration::from_secs(20), || {
+        !pod_reaches(&topo, 3, 0)
+    })
+    .unwrap();
+    assert!(pod_reaches(&topo, 1, 0), "pod-1 is allowed by the policy");
+    assert!(pod_reaches(&topo, 3, 2), "pod-2 is not selected");
+    // A label change through the API moves pod-3 into the allowed peers.
+    api.kubectl(&["label", "pod", "pod-3", "-n", "demo", "--overwrite", "app=pod-1"])
+        .unwrap();
+    wait_until("relabelled pod-3 allowed", Duration::from_secs(20), || {
+        pod_reaches(&topo, 3, 0)
+    })
+    .unwrap();
+    api.delete("networkpolicy", Some("demo"), "only-1").unwrap();
+    wait_until("policy deleted", Duration::from_secs(20), || {
+        pod_reaches(&topo, 2, 0)
+    })
+    .unwrap();
 }

@@ -134,9 +134,12 @@ fn the_cluster_role_grants_list_and_watch_only() {
     assert_eq!(
         grants,
         [
+            "/namespaces: list,watch",
             "/nodes: list,watch",
+            "/pods: list,watch",
             "/services: list,watch",
-            "discovery.k8s.io/endpointslices: list,watch"
+            "discovery.k8s.io/endpointslices: list,watch",
+            "networking.k8s.io/networkpolicies: list,watch"
         ]
     );
 }

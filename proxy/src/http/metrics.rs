@@ -54,6 +54,18 @@ pub struct Metrics {
     pub healthcheck_listeners: Gauge,
     /// `weir_conntrack_flows_deleted_total`: stale UDP flows deleted.
     pub conntrack_deleted: Counter,
+    /// `weir_policy_sync_duration_seconds`: NetworkPolicy syncs (resolve, render, apply).
+    pub policy_sync_duration: Histogram,
+    /// `weir_policy_sync_last_timestamp_seconds`: when the last policy sync succeeded.
+    pub policy_last_sync_timestamp: Gauge<f64, AtomicU64>,
+    /// `weir_policy_sync_failures_total`: policy syncs the kernel refused or that failed.
+    pub policy_sync_failures: Counter,
+    /// `weir_policy_nftables_objects`: chains, rules, sets and elements of `weir_policy`.
+    pub policy_nftables_objects: Gauge,
+    /// `weir_policy_objects{kind}`: Pods, Namespaces and NetworkPolicies known.
+    pub policy_objects: Family<Vec<(String, String)>, Gauge>,
+    /// `weir_policy_local_pods`: pods on this node whose traffic weir enforces.
+    pub policy_local_pods: Gauge,
 }
 
 /// One label pair.
@@ -103,6 +115,12 @@ impl Metrics {
             endpoints: Gauge::default(),
             healthcheck_listeners: Gauge::default(),
             conntrack_deleted: Counter::default(),
+            policy_sync_duration: sync_buckets(),
+            policy_last_sync_timestamp: Gauge::default(),
+            policy_sync_failures: Counter::default(),
+            policy_nftables_objects: Gauge::default(),
+            policy_objects: Family::default(),
+            policy_local_pods: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -204,6 +222,36 @@ impl Metrics {
             "weir_conntrack_flows_deleted",
             "Stale UDP conntrack flows deleted",
             m.conntrack_deleted.clone(),
+        );
+        registry.register(
+            "weir_policy_sync_duration_seconds",
+            "NetworkPolicy sync latency in seconds",
+            m.policy_sync_duration.clone(),
+        );
+        registry.register(
+            "weir_policy_sync_last_timestamp_seconds",
+            "When the last NetworkPolicy sync succeeded",
+            m.policy_last_sync_timestamp.clone(),
+        );
+        registry.register(
+            "weir_policy_sync_failures",
+            "NetworkPolicy syncs that failed",
+            m.policy_sync_failures.clone(),
+        );
+        registry.register(
+            "weir_policy_nftables_objects",
+            "Chains, rules, sets and elements in the weir_policy tables",
+            m.policy_nftables_objects.clone(),
+        );
+        registry.register(
+            "weir_policy_objects",
+            "Pods, Namespaces and NetworkPolicies known to the policy controller",
+            m.policy_objects.clone(),
+        );
+        registry.register(
+            "weir_policy_local_pods",
+            "Pods on this node whose NetworkPolicy weir enforces",
+            m.policy_local_pods.clone(),
         );
         for policy in ["internal", "external"] {
             m.no_local_endpoints

@@ -126,11 +126,12 @@ impl Store {
                 self.seen(r.kind, r.key);
                 0
             }
-            SourceUpdate::KindRelistStart(kind) => {
+            SourceUpdate::KindRelistStart(kind) if !kind.is_policy() => {
                 self.kind_relist[kind.index()] = Some(BTreeSet::new());
                 0
             }
-            SourceUpdate::KindRelistDone(kind) => {
+            SourceUpdate::KindRelistStart(_) => 0,
+            SourceUpdate::KindRelistDone(kind) if !kind.is_policy() => {
                 let Some(seen) = self.kind_relist[kind.index()].take() else {
                     return 0;
                 };
@@ -138,12 +139,14 @@ impl Store {
                     Kind::Service => unseen(self.services.objects(), &seen),
                     Kind::EndpointSlice => unseen(self.slices.objects(), &seen),
                     Kind::Node => unseen(self.nodes.objects(), &seen),
+                    // The policy controller's kinds never reach this store.
+                    _ => Vec::new(),
                 };
                 gone.into_iter()
                     .map(|key| self.record(SourceUpdate::Delete(ObjectRef { kind, key }), now))
                     .sum()
             }
-            SourceUpdate::Synced => 0,
+            SourceUpdate::KindRelistDone(_) | SourceUpdate::Synced => 0,
             SourceUpdate::RelistDone => {
                 let Some([services, slices, nodes]) = self.relist.take() else {
                     return 0;
@@ -166,18 +169,23 @@ impl Store {
                     Object::Service(s) => self.upsert_service(key, service_ports(&s), now),
                     Object::EndpointSlice(s) => self.upsert_slice(key, slice_endpoints(&s), now),
                     Object::Node(n) => self.nodes.upsert(key, node_record(&n), now),
+                    Object::Pod(_) | Object::Namespace(_) | Object::NetworkPolicy(_) => false,
                 })
             }
             SourceUpdate::Delete(r) => usize::from(match r.kind {
                 Kind::Service => self.delete_service(&r.key, now),
                 Kind::EndpointSlice => self.delete_slice(&r.key, now),
                 Kind::Node => self.nodes.delete(&r.key, now),
+                _ => false,
             }),
         }
     }
 
     /// Notes a key as listed in the relists under way.
     fn seen(&mut self, kind: Kind, key: ObjectKey) {
+        if kind.is_policy() {
+            return;
+        }
         let i = kind.index();
         if let Some(seen) = &mut self.relist {
             seen[i].insert(key.clone());

@@ -32,6 +32,7 @@
 //! - a failed-closed policy renders only its `selected` set (isolation without accepts).
 
 pub mod compile;
+pub mod store;
 pub mod types;
 pub mod verdict;
 

@@ -97,6 +97,8 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     /// Named container ports, used to resolve named policy ports.
     pub named_ports: Vec<NamedPort>,
+    /// `spec.nodeName`: the node the pod runs on, once scheduled.
+    pub node_name: Option<String>,
 }
 
 impl PodInfo {
@@ -120,7 +122,13 @@ impl PodInfo {
             .unwrap_or_else(|| "default".to_string());
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let mut ips = Vec::new();
-        if let Some(status) = &pod.status {
+        // A finished pod's addresses may already belong to a new pod: it has none here.
+        let finished = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed");
+        if let Some(status) = pod.status.as_ref().filter(|_| !finished) {
             let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
             for ip in listed.chain(status.pod_ip.as_deref()) {
                 if let Ok(ip) = ip.parse::<IpAddr>() {
@@ -156,6 +164,7 @@ impl PodInfo {
             labels,
             ips,
             named_ports,
+            node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         })
     }
 

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use super::compile::{compile, resolve, ResolvedPolicy, ResolvedRule};
+use super::compile::{compile, resolve, CompiledPolicy, ResolvedPolicy, ResolvedRule};
 use super::types::{
     namespace_labels, Labels, PodInfo, PodKey, PolicyError, Protocol, NAMESPACE_NAME_LABEL,
 };
@@ -72,30 +72,50 @@ impl PolicySet {
             .filter_map(PodInfo::from_pod)
             .map(|p| (p.key.clone(), p))
             .collect();
-        let mut ns: BTreeMap<String, Labels> =
-            namespaces.iter().filter_map(namespace_labels).collect();
-        for p in pods.values() {
-            ns.entry(p.key.namespace.clone()).or_insert_with(|| {
-                Labels::from([(NAMESPACE_NAME_LABEL.to_string(), p.key.namespace.clone())])
-            });
-        }
+        let ns: BTreeMap<String, Labels> = namespaces.iter().filter_map(namespace_labels).collect();
         let mut errors = Vec::new();
-        let mut resolved = Vec::new();
+        let mut compiled = Vec::new();
         for np in policies {
             let (c, errs) = compile(np);
             errors.extend(errs);
-            resolved.push(resolve(c, &pods, &ns));
+            compiled.push(c);
         }
+        (PolicySet::from_compiled(&compiled, pods, ns), errors)
+    }
+
+    /// Resolves already compiled policies against reduced pods and namespace labels (what
+    /// the policy controller's store keeps). A pod namespace without labels gets its name
+    /// label only.
+    pub fn from_compiled(
+        policies: &[CompiledPolicy],
+        pods: BTreeMap<PodKey, PodInfo>,
+        mut namespaces: BTreeMap<String, Labels>,
+    ) -> PolicySet {
+        for p in pods.values() {
+            namespaces
+                .entry(p.key.namespace.clone())
+                .or_insert_with(|| {
+                    Labels::from([(NAMESPACE_NAME_LABEL.to_string(), p.key.namespace.clone())])
+                });
+        }
+        let resolved = policies
+            .iter()
+            .map(|c| resolve(c.clone(), &pods, &namespaces))
+            .collect();
         let by_ip = pods
             .values()
             .flat_map(|p| p.ips.iter().map(|ip| (*ip, p.key.clone())))
             .collect();
-        let set = PolicySet {
+        PolicySet {
             policies: resolved,
             pods,
             by_ip,
-        };
-        (set, errors)
+        }
+    }
+
+    /// The pods the set was resolved against.
+    pub fn pods(&self) -> &BTreeMap<PodKey, PodInfo> {
+        &self.pods
     }
 
     /// The resolved policies, in input order (the input of a dataplane rendering).

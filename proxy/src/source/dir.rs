@@ -636,8 +636,9 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
         )));
     }
     let want_api = match kind.as_str() {
-        "Service" | "Node" => "v1",
+        "Service" | "Node" | "Pod" | "Namespace" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
+        "NetworkPolicy" => "networking.k8s.io/v1",
         other => {
             tracing::debug!(kind = other, "skipping object of a kind weir does not read");
             return Ok(None);
@@ -666,12 +667,15 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
         })
     }
     let key = match kind.as_str() {
-        "Node" => ObjectKey::new("", name),
+        "Node" | "Namespace" => ObjectKey::new("", name),
         _ => ObjectKey::new(ns.unwrap_or("default"), name),
     };
     let (res, target) = match kind.as_str() {
         "Service" => (typed(v).map(Object::Service), Kind::Service),
         "EndpointSlice" => (typed(v).map(Object::EndpointSlice), Kind::EndpointSlice),
+        "Pod" => (typed(v).map(Object::Pod), Kind::Pod),
+        "Namespace" => (typed(v).map(Object::Namespace), Kind::Namespace),
+        "NetworkPolicy" => (typed(v).map(Object::NetworkPolicy), Kind::NetworkPolicy),
         _ => (typed(v).map(Object::Node), Kind::Node),
     };
     res.map(Some).map_err(|(field, message)| {
@@ -773,6 +777,33 @@ metadata: {name: ignored}
             e.to_string()
                 .contains("a.yaml document 1: Service demo/broken: field spec.ports[0].port"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn pods_namespaces_and_network_policies_are_read_with_their_api_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {ns: x}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}\nstatus: {podIP: 10.244.0.5}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n---\napiVersion: extensions/v1beta1\nkind: NetworkPolicy\nmetadata: {name: old, namespace: x}\nspec: {podSelector: {}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: typo, namespace: x}\nspec: {podSelector: {matchLabels: 7}}\n",
+        )
+        .unwrap();
+        let loaded = load_dir(dir.path()).unwrap();
+        let kinds: Vec<String> = loaded
+            .objects
+            .iter()
+            .map(|o| format!("{} {}", o.kind(), o.key()))
+            .collect();
+        assert_eq!(kinds, ["Namespace x", "Pod x/a", "NetworkPolicy x/deny"]);
+        let msgs: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:#?}");
+        assert!(
+            msgs[0].contains("NetworkPolicy x/old: field apiVersion"),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs[1].contains("NetworkPolicy x/typo: field spec.podSelector.matchLabels"),
+            "{msgs:#?}"
         );
     }
 

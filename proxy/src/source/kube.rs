@@ -4,7 +4,9 @@
 //! - Services and EndpointSlices are selected as kube-proxy selects them: without the
 //!   `service.kubernetes.io/service-proxy-name` and `service.kubernetes.io/headless` labels.
 //! - Each watch starts with a listing (`KindRelistStart`, `RelistItem`s, `KindRelistDone`);
-//!   once all three have listed, `Synced` tells the runner it may program the kernel.
+//!   once all have listed, `Synced` tells the runner it may program the kernel.
+//! - With NetworkPolicy enforcement on, Pods, Namespaces and NetworkPolicies of every
+//!   namespace are watched too (for the policy controller).
 //! - An expired watch (HTTP 410) or a reconnect relists that kind; objects the new listing
 //!   lacks are deleted, nothing else is touched, so programmed rules are never flushed.
 //! - While the API server is unreachable the watches retry with backoff; rules stay as they
@@ -15,8 +17,9 @@
 use super::{Kind, Object, ObjectRef, SourceUpdate};
 use crate::http::health::ProxyHealth;
 use futures_util::stream::{BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -43,6 +46,8 @@ pub struct KubeSourceConfig {
     pub all_nodes: bool,
     /// `--config-sync-period`: every watch restarts (a full listing) this often.
     pub resync: Duration,
+    /// Also watch Pods, Namespaces and NetworkPolicies (NetworkPolicy enforcement).
+    pub network_policy: bool,
 }
 
 /// The API source could not start.
@@ -181,8 +186,20 @@ pub async fn run(
     tx: Sender<SourceUpdate>,
     health: Arc<ProxyHealth>,
 ) -> Result<(), KubeSourceError> {
-    let mut listed = [false; 3];
+    let mut listed = [false; 6];
     let mut synced = false;
+    let kinds: &[Kind] = if cfg.network_policy {
+        &[
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Node,
+            Kind::Pod,
+            Kind::Namespace,
+            Kind::NetworkPolicy,
+        ]
+    } else {
+        &Kind::PROXY
+    };
     loop {
         let selected = watcher::Config::default().labels(LABEL_SELECTOR);
         let node = if cfg.all_nodes {
@@ -190,7 +207,7 @@ pub async fn run(
         } else {
             watcher::Config::default().fields(&format!("metadata.name={}", cfg.node_name))
         };
-        let streams = vec![
+        let mut streams = vec![
             watch(
                 Api::<Service>::all(client.clone()),
                 selected.clone(),
@@ -210,6 +227,27 @@ pub async fn run(
                 Object::Node,
             ),
         ];
+        if cfg.network_policy {
+            let all = watcher::Config::default;
+            streams.push(watch(
+                Api::<Pod>::all(client.clone()),
+                all(),
+                Kind::Pod,
+                Object::Pod,
+            ));
+            streams.push(watch(
+                Api::<Namespace>::all(client.clone()),
+                all(),
+                Kind::Namespace,
+                Object::Namespace,
+            ));
+            streams.push(watch(
+                Api::<NetworkPolicy>::all(client.clone()),
+                all(),
+                Kind::NetworkPolicy,
+                Object::NetworkPolicy,
+            ));
+        }
         let mut events = futures_util::stream::select_all(streams);
         let resync = tokio::time::sleep(cfg.resync);
         tokio::pin!(resync);
@@ -237,7 +275,7 @@ pub async fn run(
                     if done {
                         listed[kind.index()] = true;
                         info!(%kind, "listed");
-                        if !synced && listed.iter().all(|l| *l) {
+                        if !synced && kinds.iter().all(|k| listed[k.index()]) {
                             synced = true;
                             info!("every kind listed: the source is synced");
                             tx.send(SourceUpdate::Synced)

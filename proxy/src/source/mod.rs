@@ -4,10 +4,12 @@
 
 pub mod dir;
 pub mod kube;
+pub mod split;
 
 use crate::model::ObjectKey;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 /// One Kubernetes object of a kind weir reads.
 // Objects are moved once from a source to a tracker; boxing buys nothing.
@@ -20,6 +22,12 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     /// A core/v1 Node.
     Node(Node),
+    /// A core/v1 Pod (read by the policy controller).
+    Pod(Pod),
+    /// A core/v1 Namespace (read by the policy controller).
+    Namespace(Namespace),
+    /// A networking.k8s.io/v1 NetworkPolicy.
+    NetworkPolicy(NetworkPolicy),
 }
 
 /// Which kind an [`Object`] or an [`ObjectRef`] is.
@@ -31,6 +39,12 @@ pub enum Kind {
     EndpointSlice,
     /// Node.
     Node,
+    /// Pod.
+    Pod,
+    /// Namespace.
+    Namespace,
+    /// NetworkPolicy.
+    NetworkPolicy,
 }
 
 impl Kind {
@@ -40,7 +54,20 @@ impl Kind {
             Kind::Service => 0,
             Kind::EndpointSlice => 1,
             Kind::Node => 2,
+            Kind::Pod => 3,
+            Kind::Namespace => 4,
+            Kind::NetworkPolicy => 5,
         }
+    }
+
+    /// The kinds the service proxy reads.
+    pub const PROXY: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    /// The kinds the policy controller reads.
+    pub const POLICY: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
+
+    /// Whether the policy controller (not the service proxy) reads this kind.
+    pub fn is_policy(self) -> bool {
+        Kind::POLICY.contains(&self)
     }
 }
 
@@ -50,6 +77,9 @@ impl std::fmt::Display for Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::NetworkPolicy => "NetworkPolicy",
         })
     }
 }
@@ -61,15 +91,21 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Node(_) => Kind::Node,
+            Object::Pod(_) => Kind::Pod,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
-    /// The object's `namespace/name` (Nodes have no namespace; others default to `default`).
+    /// The object's `namespace/name` (Nodes and Namespaces have no namespace; others default to `default`).
     pub fn key(&self) -> ObjectKey {
         match self {
             Object::Service(s) => ObjectKey::of_meta(&s.metadata, true),
             Object::EndpointSlice(s) => ObjectKey::of_meta(&s.metadata, true),
             Object::Node(n) => ObjectKey::of_meta(&n.metadata, false),
+            Object::Pod(p) => ObjectKey::of_meta(&p.metadata, true),
+            Object::Namespace(n) => ObjectKey::of_meta(&n.metadata, false),
+            Object::NetworkPolicy(p) => ObjectKey::of_meta(&p.metadata, true),
         }
     }
 }

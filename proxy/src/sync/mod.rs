@@ -2,4 +2,5 @@
 //! sync at a time (compute -> render -> plan -> apply).
 
 pub mod effects;
+pub mod policy;
 pub mod runner;

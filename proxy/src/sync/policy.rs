@@ -1,0 +1,260 @@
+//! The NetworkPolicy controller: one loop owns the [`PolicyStore`] and the `weir_policy`
+//! tables. Source updates only record changes; syncs run at most once per
+//! `min_sync_period`: resolve every policy against the current pods and namespaces,
+//! render each family's table for this node's pods, and apply the difference to what the
+//! kernel holds (set elements only when only labels or pods changed). The kernel's tables
+//! are re-read every `sync_period` and after any failure. Nothing is written before the
+//! source's first complete listing, so a restart never opens or closes anything early.
+//!
+//! Which pods are this node's: with `--cni-state-dir`, those whose addresses weir-cni's
+//! attachment records hold (re-read every second, so a pod attached or deleted is picked
+//! up even before its Pod object changes); otherwise the pods whose `spec.nodeName` is
+//! this node.
+
+use crate::dataplane::nft::diff::plan;
+use crate::dataplane::nft::kernel::KernelError;
+use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
+use crate::http::metrics::{label, Metrics};
+use crate::policy::render::render;
+use crate::policy::store::PolicyStore;
+use crate::source::{Kind, SourceUpdate};
+use crate::sync::runner::FAMILIES;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc::Receiver;
+use tracing::{info, warn};
+
+/// How often weir-cni's attachment records are re-read.
+const ATTACHMENTS_POLL: Duration = Duration::from_secs(1);
+
+/// Settings of the policy controller.
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    /// This node's name (`spec.nodeName` of local pods without `cni_state_dir`).
+    pub node_name: String,
+    /// weir-cni's state directory.
+    pub cni_state_dir: Option<PathBuf>,
+    /// Minimum time between syncs.
+    pub min_sync_period: Duration,
+    /// Time between syncs that re-read the kernel's tables.
+    pub sync_period: Duration,
+}
+
+/// The policy controller's state.
+pub struct PolicyController<K: NftBackend> {
+    cfg: PolicyConfig,
+    store: PolicyStore,
+    kernel: K,
+    metrics: Arc<Metrics>,
+    /// What the kernel holds as of the last successful sync, per family in [`FAMILIES`]
+    /// order; `None` re-reads the kernel next time.
+    realized: Option<Vec<DumpedTable>>,
+    /// Addresses in weir-cni's attachment records at the last read.
+    attached: BTreeSet<IpAddr>,
+}
+
+impl<K: NftBackend> PolicyController<K> {
+    /// A controller programming `kernel` (a backend for the `weir_policy` table).
+    pub fn new(cfg: PolicyConfig, kernel: K, metrics: Arc<Metrics>) -> Self {
+        PolicyController {
+            cfg,
+            store: PolicyStore::default(),
+            kernel,
+            metrics,
+            realized: None,
+            attached: BTreeSet::new(),
+        }
+    }
+
+    /// Runs until the update channel closes.
+    pub async fn run(mut self, mut updates: Receiver<SourceUpdate>) {
+        let mut dirty = true;
+        let mut last_sync = Instant::now() - self.cfg.min_sync_period;
+        let mut last_full = Instant::now();
+        let mut poll = tokio::time::interval(ATTACHMENTS_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_full = last_full + self.cfg.sync_period;
+            let wake = if dirty && self.store.synced() {
+                (last_sync + self.cfg.min_sync_period).max(Instant::now())
+            } else {
+                next_full
+            };
+            tokio::select! {
+                u = updates.recv() => {
+                    let Some(u) = u else { return };
+                    let bad_before = self.store.invalid_received();
+                    dirty |= self.store.record(u);
+                    self.metrics
+                        .invalid_updates
+                        .get_or_create(&label("kind", "NetworkPolicy"))
+                        .inc_by(self.store.invalid_received() - bad_before);
+                }
+                _ = poll.tick(), if self.cfg.cni_state_dir.is_some() => {
+                    if self.read_attachments().await {
+                        dirty = true;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    if !self.store.synced() {
+                        last_full = Instant::now();
+                        continue;
+                    }
+                    if Instant::now() >= next_full {
+                        last_full = Instant::now();
+                        self.realized = None;
+                    }
+                    last_sync = Instant::now();
+                    dirty = !self.sync().await;
+                }
+            }
+        }
+    }
+
+    /// Re-reads the attachment records; returns whether they changed.
+    async fn read_attachments(&mut self) -> bool {
+        let Some(dir) = self.cfg.cni_state_dir.clone() else {
+            return false;
+        };
+        let read =
+            tokio::task::spawn_blocking(move || crate::sys::attachments::attached_ips(&dir)).await;
+        match read {
+            Ok(Ok(ips)) if ips != self.attached => {
+                self.attached = ips;
+                true
+            }
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => {
+                warn!(error = %e, "reading weir-cni attachments failed; keeping the last ones");
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "reading weir-cni attachments failed");
+                false
+            }
+        }
+    }
+
+    /// Addresses of this node's pods.
+    fn local_ips(&self) -> BTreeSet<IpAddr> {
+        if self.cfg.cni_state_dir.is_some() {
+            return self.attached.clone();
+        }
+        self.store
+            .pods()
+            .values()
+            .filter(|p| p.node_name.as_deref() == Some(self.cfg.node_name.as_str()))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect()
+    }
+
+    /// One sync; returns whether it succeeded.
+    pub async fn sync(&mut self) -> bool {
+        let started = Instant::now();
+        if self.cfg.cni_state_dir.is_some() && self.realized.is_none() {
+            self.read_attachments().await;
+        }
+        let local = self.local_ips();
+        let set = self.store.policy_set();
+        let (pods, namespaces, policies) = self.store.counts();
+        for (kind, n) in [
+            (Kind::Pod, pods),
+            (Kind::Namespace, namespaces),
+            (Kind::NetworkPolicy, policies),
+        ] {
+            self.metrics
+                .policy_objects
+                .get_or_create(&label("kind", &kind.to_string()))
+                .set(n as i64);
+        }
+        self.metrics.policy_local_pods.set(
+            set.pods()
+                .values()
+                .filter(|p| p.ips.iter().any(|ip| local.contains(ip)))
+                .count() as i64,
+        );
+        let realized = match self.realized.take() {
+            Some(r) => r,
+            None => {
+                let mut all = Vec::new();
+                for family in FAMILIES {
+                    match self.dump(family).await {
+                        Ok(t) => all.push(t.unwrap_or_else(|| DumpedTable::empty(family))),
+                        Err(e) => {
+                            warn!(error = %e, %family, "reading the policy table failed; retrying");
+                            self.metrics.policy_sync_failures.inc();
+                            return false;
+                        }
+                    }
+                }
+                all
+            }
+        };
+        let mut next = Vec::new();
+        let mut objects = 0;
+        let mut element_changes = 0;
+        for (family, have) in FAMILIES.into_iter().zip(realized) {
+            let desired = render(&set, Some(&local), family);
+            objects += desired.object_count();
+            let p = plan(&desired, &have);
+            element_changes += p.element_changes();
+            if !p.is_empty() {
+                if let Err(e) = self.apply(p).await {
+                    warn!(error = %e, %family, "applying the policy plan failed; the next sync re-reads the kernel");
+                    self.metrics.policy_sync_failures.inc();
+                    return false;
+                }
+            }
+            next.push(desired.to_dump());
+        }
+        self.realized = Some(next);
+        let now = SystemTime::now();
+        self.metrics
+            .policy_sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.policy_last_sync_timestamp.set(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        self.metrics.policy_nftables_objects.set(objects as i64);
+        info!(
+            policies,
+            pods,
+            local_pods = local.len(),
+            objects,
+            element_changes,
+            took_us = started.elapsed().as_micros() as u64,
+            "policy synced"
+        );
+        true
+    }
+
+    async fn dump(&self, family: Family) -> Result<Option<DumpedTable>, KernelError> {
+        let kernel = self.kernel.clone();
+        tokio::task::spawn_blocking(move || kernel.dump(family))
+            .await
+            .unwrap_or_else(|e| {
+                Err(KernelError::List {
+                    family,
+                    message: format!("worker task failed: {e}"),
+                })
+            })
+    }
+
+    async fn apply(&self, p: Plan) -> Result<(), KernelError> {
+        let kernel = self.kernel.clone();
+        let family = p.family;
+        tokio::task::spawn_blocking(move || kernel.apply(&p))
+            .await
+            .unwrap_or_else(|e| {
+                Err(KernelError::List {
+                    family,
+                    message: format!("worker task failed: {e}"),
+                })
+            })
+    }
+}
