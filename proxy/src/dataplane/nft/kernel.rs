@@ -410,7 +410,7 @@ mod tests {
         assert_eq!(keys, ["tcp . 83", "tcp . 80-81", "udp . 0-65535"]);
         assert_eq!(t.maps["p"].decl, "type inet_proto . inet_service; flags interval");
         let keys: Vec<String> = t.maps["c"].elements.keys().map(|k| k.to_string()).collect();
-        assert_eq!(keys, ["10.0.0.0/24", "10.9.9.9"]);
+        assert_eq!(keys, ["10.9.9.9", "10.0.0.0/24"]);
         let e = parse_listing_in(Family::Ip, "weir_policy", &text.replace("80-81", "81-80"))
             .unwrap_err();
         assert!(e.to_string().contains("ip weir_policy"), "{e}");
