@@ -103,6 +103,11 @@ impl PolicySet {
         &self.policies
     }
 
+    /// The pods the policies were resolved against, by key.
+    pub fn pods(&self) -> &BTreeMap<PodKey, PodInfo> {
+        &self.pods
+    }
+
     fn lookup(&self, e: &Endpoint) -> Resolved<'_> {
         let pod = match e {
             Endpoint::Pod(k) => self.pods.get(k),

@@ -459,9 +459,10 @@ fn add_elements(
             .get_mut(map)
             .ok_or_else(|| not_found(op, format!("map {map}")))?;
         if decl.flags == MapFlags::Interval {
-            let conflict = m.elements.keys().find(|have| {
-                *have != k && have.0.iter().zip(&k.0).all(|(a, b)| a.overlaps(b))
-            });
+            let conflict = m
+                .elements
+                .keys()
+                .find(|have| *have != k && have.0.iter().zip(&k.0).all(|(a, b)| a.overlaps(b)));
             if let Some(have) = conflict {
                 return Err(FakeNftError::Exists {
                     op: op.to_owned(),
@@ -582,8 +583,11 @@ mod tests {
             decl: ports,
         }]))
         .unwrap();
-        f.apply(&plan(vec![add("ports", pk(80, 81)), add("ports", pk(82, 82))]))
-            .unwrap();
+        f.apply(&plan(vec![
+            add("ports", pk(80, 81)),
+            add("ports", pk(82, 82)),
+        ]))
+        .unwrap();
         f.apply(&plan(vec![add("ports", pk(80, 81))])).unwrap();
         let e = f.apply(&plan(vec![add("ports", pk(81, 90))])).unwrap_err();
         assert!(e.to_string().contains("conflicting intervals"), "{e}");

@@ -20,7 +20,9 @@ pub enum KernelError {
         source: std::io::Error,
     },
     /// The kernel rejected a transaction; nothing of it was applied.
-    #[error("nft -f rejected the transaction of {ops} operations on table {family} {table}: {stderr}")]
+    #[error(
+        "nft -f rejected the transaction of {ops} operations on table {family} {table}: {stderr}"
+    )]
     Apply {
         /// Family of the table.
         family: Family,
@@ -408,7 +410,10 @@ mod tests {
         let t = parse_listing_in(Family::Ip, "weir_policy", text).unwrap();
         let keys: Vec<String> = t.maps["p"].elements.keys().map(|k| k.to_string()).collect();
         assert_eq!(keys, ["tcp . 83", "tcp . 80-81", "udp . 0-65535"]);
-        assert_eq!(t.maps["p"].decl, "type inet_proto . inet_service; flags interval");
+        assert_eq!(
+            t.maps["p"].decl,
+            "type inet_proto . inet_service; flags interval"
+        );
         let keys: Vec<String> = t.maps["c"].elements.keys().map(|k| k.to_string()).collect();
         assert_eq!(keys, ["10.9.9.9", "10.0.0.0/24"]);
         let e = parse_listing_in(Family::Ip, "weir_policy", &text.replace("80-81", "81-80"))

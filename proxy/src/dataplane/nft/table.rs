@@ -548,7 +548,11 @@ impl Atom {
                     let bits: u32 = if n.is_ipv4() { 32 } else { 128 };
                     let host = bits - u32::from(n.prefix());
                     let lo = addr(&n.network());
-                    let size = if host >= 128 { u128::MAX } else { (1u128 << host) - 1 };
+                    let size = if host >= 128 {
+                        u128::MAX
+                    } else {
+                        (1u128 << host) - 1
+                    };
                     (lo, lo.saturating_add(size))
                 }
                 Atom::Port(p) => (u128::from(*p), u128::from(*p)),
@@ -565,8 +569,7 @@ impl Atom {
     }
 
     fn is_v6(&self) -> bool {
-        matches!(self, Atom::Addr(IpAddr::V6(_)))
-            || matches!(self, Atom::Net(n) if n.is_ipv6())
+        matches!(self, Atom::Addr(IpAddr::V6(_))) || matches!(self, Atom::Net(n) if n.is_ipv6())
     }
 }
 
