@@ -22,6 +22,7 @@
 
 pub mod compile;
 pub mod render;
+pub mod synth;
 pub mod types;
 pub mod verdict;
 
