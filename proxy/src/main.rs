@@ -17,8 +17,8 @@ use weir_proxy::source::{dir, kube};
 
 /// A source task's future.
 type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
-use weir_proxy::sync::effects::SideEffects;
 use weir_proxy::policy::render::POLICY_TABLE;
+use weir_proxy::sync::effects::SideEffects;
 use weir_proxy::sync::policy::{PolicyConfig, PolicyController};
 use weir_proxy::sync::runner::{Runner, RunnerConfig, FAMILIES};
 
@@ -166,7 +166,9 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
     } else {
         (None, None)
     };
-    let _splitter = tokio::spawn(weir_proxy::source::split::run(source_rx, proxy_tx, policy_tx));
+    let _splitter = tokio::spawn(weir_proxy::source::split::run(
+        source_rx, proxy_tx, policy_tx,
+    ));
     tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, network_policy = cfg.network_policy, "weir-proxy starting");
     let mut source = tokio::spawn(source_fut);
     let mut runner = tokio::spawn(runner.run(rx));

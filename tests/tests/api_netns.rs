@@ -208,7 +208,12 @@ fn deploy_manifests_pass_api_validation_and_the_cluster_role_is_enough_and_minim
         ["auth", "can-i", "get", "secrets"],
         ["auth", "can-i", "update", "nodes"],
         ["auth", "can-i", "get", "configmaps"],
-        ["auth", "can-i", "create", "networkpolicies.networking.k8s.io"],
+        [
+            "auth",
+            "can-i",
+            "create",
+            "networkpolicies.networking.k8s.io",
+        ],
         ["auth", "can-i", "delete", "pods"],
     ] {
         // `kubectl auth can-i` prints "no" and exits 1 when denied.
@@ -227,7 +232,12 @@ fn deploy_manifests_pass_api_validation_and_the_cluster_role_is_enough_and_minim
         ["auth", "can-i", "watch", "nodes"],
         ["auth", "can-i", "watch", "pods"],
         ["auth", "can-i", "list", "namespaces"],
-        ["auth", "can-i", "watch", "networkpolicies.networking.k8s.io"],
+        [
+            "auth",
+            "can-i",
+            "watch",
+            "networkpolicies.networking.k8s.io",
+        ],
     ] {
         assert_eq!(
             api.kubectl_as(user, &args).unwrap().trim(),
@@ -296,7 +306,13 @@ fn network_policies_from_the_api_isolate_this_nodes_pods() {
     }
     start_weir(&mut topo, &api.kubeconfig_path());
     wait_until("policy table programmed", Duration::from_secs(20), || {
-        metric(&topo.node, METRICS, "weir_policy_sync_last_timestamp_seconds").unwrap_or(0.0) > 0.0
+        metric(
+            &topo.node,
+            METRICS,
+            "weir_policy_sync_last_timestamp_seconds",
+        )
+        .unwrap_or(0.0)
+            > 0.0
     })
     .unwrap();
     assert!(pod_reaches(&topo, 3, 0), "no policy: everything is allowed");
@@ -312,8 +328,16 @@ fn network_policies_from_the_api_isolate_this_nodes_pods() {
     assert!(pod_reaches(&topo, 1, 0), "pod-1 is allowed by the policy");
     assert!(pod_reaches(&topo, 3, 2), "pod-2 is not selected");
     // A label change through the API moves pod-3 into the allowed peers.
-    api.kubectl(&["label", "pod", "pod-3", "-n", "demo", "--overwrite", "app=pod-1"])
-        .unwrap();
+    api.kubectl(&[
+        "label",
+        "pod",
+        "pod-3",
+        "-n",
+        "demo",
+        "--overwrite",
+        "app=pod-1",
+    ])
+    .unwrap();
     wait_until("relabelled pod-3 allowed", Duration::from_secs(20), || {
         pod_reaches(&topo, 3, 0)
     })

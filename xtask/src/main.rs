@@ -4,10 +4,12 @@
 //! - `cargo xtask demo`: weir-proxy on a namespace topology with real traffic.
 //! - `cargo xtask demo --nodes 3`: three nodes on one machine, weir-cni pods, host-gw routes.
 //! - `cargo xtask bench sync`: control-plane numbers at scale.
+//! - `cargo xtask bench policy`: the NetworkPolicy table at scale (build, render, apply).
 //! - `cargo xtask apiserver`: a real kube-apiserver + etcd on loopback (built and cached).
 
 mod apiserver;
 mod bench;
+mod bench_policy;
 mod demo;
 mod image;
 mod multinode;
@@ -47,6 +49,8 @@ enum Cmd {
 enum BenchCmd {
     /// Full sync, one endpoint change, nft objects and peak RSS at N services × E endpoints.
     Sync(bench::SyncArgs),
+    /// NetworkPolicy: PolicySet::build, render, nft objects, kernel apply, one label change.
+    Policy(bench_policy::PolicyArgs),
 }
 
 fn step(title: &str, program: &str, args: &[&str], envs: &[(&str, String)]) -> Result<()> {
@@ -110,6 +114,7 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Demo(a) => demo::demo(&workspace_root(), a),
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Policy(a)) => bench_policy::policy(a),
         Cmd::Apiserver(a) => apiserver::apiserver(a),
         Cmd::Image(a) => image::image(a, &workspace_root()),
     }

@@ -17,27 +17,20 @@
 //! select nor match them, their IP is an outside address. Statefulness (replies) is the
 //! dataplane's job (conntrack), not modelled here.
 //!
-//! Intended nftables mapping (not written yet), one set of objects per
-//! [`compile::ResolvedPolicy`]:
-//! - `selected` -> a named set of the selected pods' IPs (`ipv4_addr`/`ipv6_addr`), used to
-//!   jump from the per-direction dispatch chain into the policy's chain; a pod in any
-//!   such set of a direction gets a final drop in that direction (isolation).
-//! - per rule, `peer_pods` -> a named set of peer pod IPs, `ip_blocks` -> an interval set
-//!   of `cidr` minus `except` (or a cidr set plus an except set checked first);
-//!   `any_peer` -> no address match.
-//! - per rule, `ports` -> a `inet_proto . inet_service` interval set for numeric ports
-//!   and ranges; named ports -> a concatenated map `ipv4_addr . inet_proto . inet_service`
-//!   keyed by the destination pod's IP (its own container port per pod), so a pod label
-//!   change only adds/removes set elements, never rules.
-//! - a failed-closed policy renders only its `selected` set (isolation without accepts).
+//! nftables: [`render::render`] turns a [`PolicySet`] into its own table
+//! ([`render::POLICY_TABLE`]); its module documentation describes the layout.
 
 pub mod compile;
+pub mod render;
 pub mod store;
+pub mod synth;
 pub mod types;
 pub mod verdict;
 
 pub use types::{PodKey, PolicyError, Protocol};
 pub use verdict::{format_matrix, Endpoint, PolicySet, Probe};
 
+#[cfg(test)]
+mod render_tests;
 #[cfg(test)]
 mod tests;

@@ -8,22 +8,22 @@ use serde_json::{json, Value};
 
 use super::*;
 
-const NAMESPACES: [&str; 3] = ["x", "y", "z"];
-const PODS: [&str; 3] = ["a", "b", "c"];
-const PORTS: [u16; 2] = [80, 81];
+pub(super) const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+pub(super) const PODS: [&str; 3] = ["a", "b", "c"];
+pub(super) const PORTS: [u16; 2] = [80, 81];
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
 /// Pod IP in the model: 10.0.<ns index + 1>.<pod index + 1>.
-fn model_ip(ns: &str, pod: &str) -> String {
+pub(super) fn model_ip(ns: &str, pod: &str) -> String {
     let n = NAMESPACES.iter().position(|x| *x == ns).unwrap() + 1;
     let p = PODS.iter().position(|x| *x == pod).unwrap() + 1;
     format!("10.0.{n}.{p}")
 }
 
-fn pod(ns: &str, name: &str, labels: Value, ip: &str, ports: Value) -> Pod {
+pub(super) fn pod(ns: &str, name: &str, labels: Value, ip: &str, ports: Value) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"namespace": ns, "name": name, "labels": labels},
         "spec": {"containers": [{"name": "c", "ports": ports}]},
@@ -32,18 +32,18 @@ fn pod(ns: &str, name: &str, labels: Value, ip: &str, ports: Value) -> Pod {
     .unwrap()
 }
 
-fn namespace(name: &str) -> Namespace {
+pub(super) fn namespace(name: &str) -> Namespace {
     serde_json::from_value(json!({"metadata": {"name": name, "labels": {"ns": name}}})).unwrap()
 }
 
-fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
+pub(super) fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
     serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}))
         .unwrap()
 }
 
 /// Upstream's model: namespaces x, y, z (label ns=<name>), pods a, b, c (label
 /// pod=<name>) serving TCP, UDP and SCTP on 80 and 81 via ports named serve-<port>-<proto>.
-fn model() -> (Vec<Pod>, Vec<Namespace>) {
+pub(super) fn model() -> (Vec<Pod>, Vec<Namespace>) {
     let mut ports = Vec::new();
     for port in PORTS {
         for proto in Protocol::ALL {
@@ -67,7 +67,7 @@ fn model() -> (Vec<Pod>, Vec<Namespace>) {
     (pods, NAMESPACES.iter().map(|n| namespace(n)).collect())
 }
 
-fn model_keys() -> Vec<PodKey> {
+pub(super) fn model_keys() -> Vec<PodKey> {
     NAMESPACES
         .iter()
         .flat_map(|n| PODS.iter().map(move |p| PodKey::new(*n, *p)))
@@ -110,6 +110,56 @@ fn check(set: &PolicySet, expect: impl Fn(&PodKey, &PodKey, u16, Protocol) -> bo
     }
 }
 
+/// Every truth-table scenario's policies, by name (the model of [`model`]); the nftables
+/// rendering is proven against them in `render_tests`.
+pub(super) fn truth_table_scenarios() -> Vec<(&'static str, Vec<NetworkPolicy>)> {
+    vec![
+        ("no_policy_allows_all", Vec::new()),
+        ("default_deny_ingress", sc_default_deny_ingress()),
+        ("default_deny_egress", sc_default_deny_egress()),
+        ("allow_from_same_namespace", sc_allow_from_same_namespace()),
+        (
+            "allow_from_namespace_by_label",
+            sc_allow_from_namespace_by_label(),
+        ),
+        (
+            "pod_and_namespace_selector_in_one_peer_is_and",
+            sc_pod_and_namespace_selector_in_one_peer_is_and(),
+        ),
+        (
+            "pod_and_namespace_selector_as_two_peers_is_or",
+            sc_pod_and_namespace_selector_as_two_peers_is_or(),
+        ),
+        (
+            "egress_ip_block_with_except",
+            sc_egress_ip_block_with_except(),
+        ),
+        (
+            "ingress_ip_block_matches_cluster_pods",
+            sc_ingress_ip_block_matches_cluster_pods(),
+        ),
+        ("named_port", sc_named_port()),
+        (
+            "named_port_egress_resolves_per_destination",
+            sc_named_port_egress_resolves_per_destination(),
+        ),
+        ("end_port_range", sc_end_port_range()),
+        ("policies_add_up", sc_policies_add_up()),
+        (
+            "ingress_and_egress_both_required",
+            sc_ingress_and_egress_both_required(),
+        ),
+        (
+            "invalid_policy_fails_closed",
+            sc_invalid_policy_fails_closed(),
+        ),
+        (
+            "pod_selector_in_all_namespaces",
+            sc_pod_selector_in_all_namespaces(),
+        ),
+    ]
+}
+
 fn is(k: &PodKey, ns: &str, pod: &str) -> bool {
     k.namespace == ns && k.name == pod
 }
@@ -121,105 +171,141 @@ fn tt_no_policy_allows_all() {
     check(&build(&[]), |_, _, _, _| true);
 }
 
+fn sc_default_deny_ingress() -> Vec<NetworkPolicy> {
+    vec![policy("x", "deny", json!({"podSelector": {}}))]
+}
+
 #[test]
 fn tt_default_deny_ingress() {
-    let set = build(&[policy("x", "deny", json!({"podSelector": {}}))]);
+    let set = build(&sc_default_deny_ingress());
     check(&set, |_, d, _, _| d.namespace != "x");
+}
+
+fn sc_default_deny_egress() -> Vec<NetworkPolicy> {
+    vec![policy(
+        "x",
+        "deny",
+        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+    )]
 }
 
 #[test]
 fn tt_default_deny_egress() {
-    let set = build(&[policy(
-        "x",
-        "deny",
-        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
-    )]);
+    let set = build(&sc_default_deny_egress());
     check(&set, |s, _, _, _| s.namespace != "x");
+}
+
+fn sc_allow_from_same_namespace() -> Vec<NetworkPolicy> {
+    vec![policy(
+        "x",
+        "same-ns",
+        json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+    )]
 }
 
 #[test]
 fn tt_allow_from_same_namespace() {
-    let set = build(&[policy(
-        "x",
-        "same-ns",
-        json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
-    )]);
+    let set = build(&sc_allow_from_same_namespace());
     check(&set, |s, d, _, _| d.namespace != "x" || s.namespace == "x");
 }
 
-#[test]
-fn tt_allow_from_namespace_by_label() {
-    let set = build(&[policy(
+fn sc_allow_from_namespace_by_label() -> Vec<NetworkPolicy> {
+    vec![policy(
         "x",
         "from-y",
         json!({"podSelector": {"matchLabels": {"pod": "a"}},
             "ingress": [{"from": [{"namespaceSelector": {"matchExpressions":
                 [{"key": "ns", "operator": "In", "values": ["y"]}]}}]}]}),
-    )]);
-    check(&set, |s, d, _, _| !is(d, "x", "a") || s.namespace == "y");
+    )]
 }
 
 #[test]
-fn tt_pod_and_namespace_selector_in_one_peer_is_and() {
-    let set = build(&[policy(
+fn tt_allow_from_namespace_by_label() {
+    let set = build(&sc_allow_from_namespace_by_label());
+    check(&set, |s, d, _, _| !is(d, "x", "a") || s.namespace == "y");
+}
+
+fn sc_pod_and_namespace_selector_in_one_peer_is_and() -> Vec<NetworkPolicy> {
+    vec![policy(
         "x",
         "and",
         json!({"podSelector": {"matchLabels": {"pod": "a"}},
             "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
                                    "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
-    )]);
-    check(&set, |s, d, _, _| !is(d, "x", "a") || is(s, "y", "b"));
+    )]
 }
 
 #[test]
-fn tt_pod_and_namespace_selector_as_two_peers_is_or() {
-    let set = build(&[policy(
+fn tt_pod_and_namespace_selector_in_one_peer_is_and() {
+    let set = build(&sc_pod_and_namespace_selector_in_one_peer_is_and());
+    check(&set, |s, d, _, _| !is(d, "x", "a") || is(s, "y", "b"));
+}
+
+fn sc_pod_and_namespace_selector_as_two_peers_is_or() -> Vec<NetworkPolicy> {
+    vec![policy(
         "x",
         "or",
         json!({"podSelector": {"matchLabels": {"pod": "a"}},
             "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}},
                                   {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
-    )]);
+    )]
+}
+
+#[test]
+fn tt_pod_and_namespace_selector_as_two_peers_is_or() {
+    let set = build(&sc_pod_and_namespace_selector_as_two_peers_is_or());
     check(&set, |s, d, _, _| {
         !is(d, "x", "a") || s.namespace == "y" || is(s, "x", "b")
     });
 }
 
-#[test]
-fn tt_egress_ip_block_with_except() {
-    // x/a may reach the whole pod range except namespace y's /24.
-    let set = build(&[policy(
+// x/a may reach the whole pod range except namespace y's /24.
+fn sc_egress_ip_block_with_except() -> Vec<NetworkPolicy> {
+    vec![policy(
         "x",
         "cidr",
         json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
             "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.2.0/24"]}}]}]}),
-    )]);
-    check(&set, |s, d, _, _| !is(s, "x", "a") || d.namespace != "y");
+    )]
 }
 
 #[test]
-fn tt_ingress_ip_block_matches_cluster_pods() {
-    let set = build(&[policy(
+fn tt_egress_ip_block_with_except() {
+    let set = build(&sc_egress_ip_block_with_except());
+    check(&set, |s, d, _, _| !is(s, "x", "a") || d.namespace != "y");
+}
+
+fn sc_ingress_ip_block_matches_cluster_pods() -> Vec<NetworkPolicy> {
+    vec![policy(
         "x",
         "cidr",
         json!({"podSelector": {"matchLabels": {"pod": "a"}},
             "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.3.0/24", "except": ["10.0.3.2/32"]}}]}]}),
-    )]);
+    )]
+}
+
+#[test]
+fn tt_ingress_ip_block_matches_cluster_pods() {
+    let set = build(&sc_ingress_ip_block_matches_cluster_pods());
     check(&set, |s, d, _, _| {
         !is(d, "x", "a") || (s.namespace == "z" && s.name != "b")
     });
 }
 
-#[test]
-fn tt_named_port() {
-    let set = build(&[policy(
+fn sc_named_port() -> Vec<NetworkPolicy> {
+    vec![policy(
         "x",
         "named",
         json!({"podSelector": {"matchLabels": {"pod": "a"}},
             "ingress": [{"ports": [{"port": "serve-80-tcp"},
                                    {"port": "serve-81-udp", "protocol": "UDP"},
                                    {"port": "serve-81-udp", "protocol": "TCP"}]}]}),
-    )]);
+    )]
+}
+
+#[test]
+fn tt_named_port() {
+    let set = build(&sc_named_port());
     // The third entry names a UDP port with protocol TCP: it matches nothing.
     check(&set, |_, d, port, proto| {
         !is(d, "x", "a")
@@ -228,28 +314,36 @@ fn tt_named_port() {
     });
 }
 
-#[test]
-fn tt_named_port_egress_resolves_per_destination() {
-    let set = build(&[policy(
+fn sc_named_port_egress_resolves_per_destination() -> Vec<NetworkPolicy> {
+    vec![policy(
         "x",
         "named-egress",
         json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
             "egress": [{"ports": [{"port": "serve-81-sctp", "protocol": "SCTP"}]}]}),
-    )]);
+    )]
+}
+
+#[test]
+fn tt_named_port_egress_resolves_per_destination() {
+    let set = build(&sc_named_port_egress_resolves_per_destination());
     check(&set, |s, _, port, proto| {
         !is(s, "x", "a") || (port == 81 && proto == Protocol::Sctp)
     });
 }
 
-#[test]
-fn tt_end_port_range() {
-    let set = build(&[policy(
+fn sc_end_port_range() -> Vec<NetworkPolicy> {
+    vec![policy(
         "x",
         "range",
         json!({"podSelector": {},
             "ingress": [{"ports": [{"port": 81, "endPort": 90, "protocol": "TCP"},
                                    {"port": 70, "endPort": 80, "protocol": "UDP"}]}]}),
-    )]);
+    )]
+}
+
+#[test]
+fn tt_end_port_range() {
+    let set = build(&sc_end_port_range());
     check(&set, |_, d, port, proto| {
         d.namespace != "x"
             || (port == 81 && proto == Protocol::Tcp)
@@ -257,9 +351,8 @@ fn tt_end_port_range() {
     });
 }
 
-#[test]
-fn tt_policies_add_up() {
-    let set = build(&[
+fn sc_policies_add_up() -> Vec<NetworkPolicy> {
+    vec![
         policy(
             "x",
             "from-y",
@@ -273,7 +366,12 @@ fn tt_policies_add_up() {
                 "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}},
                                        "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
         ),
-    ]);
+    ]
+}
+
+#[test]
+fn tt_policies_add_up() {
+    let set = build(&sc_policies_add_up());
     check(&set, |s, d, _, _| {
         if is(d, "x", "a") {
             s.namespace == "y" || is(s, "z", "b")
@@ -285,11 +383,10 @@ fn tt_policies_add_up() {
     });
 }
 
-#[test]
-fn tt_ingress_and_egress_both_required() {
-    // x/a may only send to y; y/b only accepts from x. So x/a -> y/b passes, x/b -> y/b passes,
-    // x/a -> x/* fails, z/* -> y/b fails.
-    let set = build(&[
+// x/a may only send to y; y/b only accepts from x. So x/a -> y/b passes, x/b -> y/b passes,
+// x/a -> x/* fails, z/* -> y/b fails.
+fn sc_ingress_and_egress_both_required() -> Vec<NetworkPolicy> {
+    vec![
         policy(
             "x",
             "egress-to-y",
@@ -302,15 +399,18 @@ fn tt_ingress_and_egress_both_required() {
             json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
                 "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}]}]}),
         ),
-    ]);
+    ]
+}
+
+#[test]
+fn tt_ingress_and_egress_both_required() {
+    let set = build(&sc_ingress_and_egress_both_required());
     check(&set, |s, d, _, _| {
         (!is(s, "x", "a") || d.namespace == "y") && (!is(d, "y", "b") || s.namespace == "x")
     });
 }
 
-#[test]
-fn tt_invalid_policy_fails_closed() {
-    let (pods, nss) = model();
+fn sc_invalid_policy_fails_closed() -> Vec<NetworkPolicy> {
     let bad_cidr = policy(
         "x",
         "bad-cidr",
@@ -330,7 +430,13 @@ fn tt_invalid_policy_fails_closed() {
             "ingress": [{"from": [{"podSelector": {"matchExpressions":
                 [{"key": "pod", "operator": "Equals", "values": ["a"]}]}}]}, {}]}),
     );
-    let (set, errors) = PolicySet::build(&[bad_cidr, bad_proto, bad_op], &pods, &nss);
+    vec![bad_cidr, bad_proto, bad_op]
+}
+
+#[test]
+fn tt_invalid_policy_fails_closed() {
+    let (pods, nss) = model();
+    let (set, errors) = PolicySet::build(&sc_invalid_policy_fails_closed(), &pods, &nss);
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(
         matches!(&errors[0], PolicyError::InvalidCidr { policy, field, .. }
@@ -353,7 +459,7 @@ fn tt_invalid_policy_fails_closed() {
 
 // ---- unit tests per rule kind ----
 
-fn two_pods() -> (Vec<Pod>, Vec<Namespace>) {
+pub(super) fn two_pods() -> (Vec<Pod>, Vec<Namespace>) {
     let ports = json!([{"name": "http", "containerPort": 8080},
                        {"name": "dns", "containerPort": 53, "protocol": "UDP"}]);
     let other = json!([{"name": "http", "containerPort": 9090}]);
@@ -603,15 +709,19 @@ fn host_network_pods_are_outside() {
     assert!(!set.allows(&h, &pa(), 80, Protocol::Tcp));
 }
 
-#[test]
-fn tt_pod_selector_in_all_namespaces() {
-    let set = build(&[policy(
+fn sc_pod_selector_in_all_namespaces() -> Vec<NetworkPolicy> {
+    vec![policy(
         "x",
         "b-anywhere",
         json!({"podSelector": {},
             "ingress": [{"from": [{"namespaceSelector": {},
                                    "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
-    )]);
+    )]
+}
+
+#[test]
+fn tt_pod_selector_in_all_namespaces() {
+    let set = build(&sc_pod_selector_in_all_namespaces());
     check(&set, |s, d, _, _| d.namespace != "x" || s.name == "b");
 }
 

@@ -113,14 +113,14 @@ impl PolicySet {
         }
     }
 
-    /// The pods the set was resolved against.
-    pub fn pods(&self) -> &BTreeMap<PodKey, PodInfo> {
-        &self.pods
-    }
-
     /// The resolved policies, in input order (the input of a dataplane rendering).
     pub fn policies(&self) -> &[ResolvedPolicy] {
         &self.policies
+    }
+
+    /// The pods the policies were resolved against, by key.
+    pub fn pods(&self) -> &BTreeMap<PodKey, PodInfo> {
+        &self.pods
     }
 
     fn lookup(&self, e: &Endpoint) -> Resolved<'_> {

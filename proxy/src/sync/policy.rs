@@ -15,7 +15,7 @@ use crate::dataplane::nft::diff::plan;
 use crate::dataplane::nft::kernel::KernelError;
 use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::metrics::{label, Metrics};
-use crate::policy::render::render;
+use crate::policy::render::{render, POLICY_TABLE};
 use crate::policy::store::PolicyStore;
 use crate::source::{Kind, SourceUpdate};
 use crate::sync::runner::FAMILIES;
@@ -240,6 +240,7 @@ impl<K: NftBackend> PolicyController<K> {
             .unwrap_or_else(|e| {
                 Err(KernelError::List {
                     family,
+                    table: POLICY_TABLE.to_owned(),
                     message: format!("worker task failed: {e}"),
                 })
             })
@@ -253,8 +254,157 @@ impl<K: NftBackend> PolicyController<K> {
             .unwrap_or_else(|e| {
                 Err(KernelError::List {
                     family,
+                    table: POLICY_TABLE.to_owned(),
                     message: format!("worker task failed: {e}"),
                 })
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::nft::fake::SharedFake;
+    use crate::dataplane::nft::table::Key;
+    use crate::source::Object;
+    use serde_json::json;
+
+    fn pod(name: &str, app: &str, ip: &str, node: &str) -> Object {
+        Object::Pod(
+            serde_json::from_value(json!({
+                "metadata": {"namespace": "x", "name": name, "labels": {"app": app}},
+                "spec": {"containers": [], "nodeName": node},
+                "status": {"podIP": ip},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn allow_from(app: &str) -> Object {
+        Object::NetworkPolicy(
+            serde_json::from_value(json!({
+                "metadata": {"namespace": "x", "name": "web"},
+                "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                         "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": app}}}]}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn start(
+        fake: &SharedFake,
+        state_dir: Option<PathBuf>,
+    ) -> (tokio::sync::mpsc::Sender<SourceUpdate>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let c = PolicyController::new(
+            PolicyConfig {
+                node_name: "n1".into(),
+                cni_state_dir: state_dir,
+                min_sync_period: Duration::from_millis(10),
+                sync_period: Duration::from_secs(3600),
+            },
+            fake.clone(),
+            metrics.clone(),
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(c.run(rx));
+        (tx, metrics)
+    }
+
+    fn elements(fake: &SharedFake, set: &str) -> Vec<String> {
+        fake.table(Family::Ip)
+            .and_then(|t| t.maps.get(set).cloned())
+            .map(|m| m.elements.keys().map(|k: &Key| k.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_before_the_listing_and_only_local_pods_are_isolated() {
+        let fake = SharedFake::default();
+        let (tx, metrics) = start(&fake, None);
+        tx.send(SourceUpdate::RelistStart).await.unwrap();
+        for o in [
+            pod("web", "web", "10.244.1.5", "n1"),
+            pod("web-far", "web", "10.244.2.5", "n2"),
+            pod("client", "client", "10.244.2.6", "n2"),
+            allow_from("client"),
+        ] {
+            tx.send(SourceUpdate::RelistItem(o)).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(
+            fake.applies(),
+            0,
+            "no kernel write before the listing is complete"
+        );
+        tx.send(SourceUpdate::RelistDone).await.unwrap();
+        settle().await;
+        assert_eq!(elements(&fake, "ingress_isolated"), ["10.244.1.5"]);
+        assert_eq!(elements(&fake, "x_web_in0_pods"), ["10.244.2.6"]);
+        assert!(
+            fake.table(Family::Ip6).is_some(),
+            "both families programmed"
+        );
+        assert!(metrics.policy_last_sync_timestamp.get() > 0.0);
+        assert_eq!(metrics.policy_local_pods.get(), 1);
+        // A label change: the client leaves the peers, set elements only, no re-read.
+        let dumps = fake.dumps();
+        tx.send(SourceUpdate::Upsert(pod(
+            "client",
+            "other",
+            "10.244.2.6",
+            "n2",
+        )))
+        .await
+        .unwrap();
+        settle().await;
+        assert!(elements(&fake, "x_web_in0_pods").is_empty());
+        assert_eq!(
+            fake.dumps(),
+            dumps,
+            "incremental syncs trust the last apply"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_apply_is_retried_from_a_fresh_read_of_the_kernel() {
+        let fake = SharedFake::default();
+        let (tx, metrics) = start(&fake, None);
+        fake.fail_next_apply();
+        tx.send(SourceUpdate::Replace(vec![
+            pod("web", "web", "10.244.1.5", "n1"),
+            allow_from("client"),
+        ]))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metrics.policy_sync_failures.get(), 1);
+        assert_eq!(elements(&fake, "ingress_isolated"), ["10.244.1.5"]);
+        assert!(fake.dumps() >= 4, "both families re-read after the failure");
+    }
+
+    #[tokio::test]
+    async fn attachment_records_decide_which_pods_are_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = SharedFake::default();
+        let (tx, _) = start(&fake, Some(dir.path().to_owned()));
+        // nodeName says n2, the attachment record says here: the record wins.
+        tx.send(SourceUpdate::Replace(vec![
+            pod("web", "web", "10.244.1.5", "n2"),
+            allow_from("client"),
+        ]))
+        .await
+        .unwrap();
+        settle().await;
+        assert!(elements(&fake, "ingress_isolated").is_empty());
+        let rec = dir.path().join("weir/attachments");
+        std::fs::create_dir_all(&rec).unwrap();
+        std::fs::write(rec.join("c1@eth0.json"), r#"{"ips":["10.244.1.5"]}"#).unwrap();
+        tokio::time::sleep(ATTACHMENTS_POLL + Duration::from_millis(300)).await;
+        assert_eq!(elements(&fake, "ingress_isolated"), ["10.244.1.5"]);
     }
 }

@@ -376,6 +376,7 @@ impl<K: NftBackend> Runner<K> {
 fn join_error(e: tokio::task::JoinError) -> KernelError {
     KernelError::List {
         family: Family::Ip,
+        table: crate::dataplane::nft::table::TABLE_NAME.to_owned(),
         message: format!("worker task failed: {e}"),
     }
 }

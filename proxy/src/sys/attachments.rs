@@ -71,7 +71,9 @@ mod tests {
     #[test]
     fn records_of_every_network_are_read_and_other_files_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(attached_ips(&dir.path().join("missing")).unwrap().is_empty());
+        assert!(attached_ips(&dir.path().join("missing"))
+            .unwrap()
+            .is_empty());
         let a = dir.path().join("net1/attachments");
         std::fs::create_dir_all(&a).unwrap();
         std::fs::write(

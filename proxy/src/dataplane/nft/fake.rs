@@ -8,7 +8,7 @@
 use super::plan::{Op, Plan};
 use super::table::{
     Atom, BaseChain, Chain, Data, DataType, DumpedTable, Family, FieldType, Key, KeyExpr, Map,
-    MapDecl, Match, Rule, Stmt, Table,
+    MapDecl, MapFlags, Match, Rule, Stmt, Table,
 };
 use std::collections::BTreeMap;
 
@@ -153,6 +153,7 @@ impl super::NftBackend for SharedFake {
                 }
                 Err(stderr) => Err(super::kernel::KernelError::Apply {
                     family: plan.family,
+                    table: super::table::TABLE_NAME.to_owned(),
                     ops: plan.ops.len(),
                     stderr,
                 }),
@@ -402,6 +403,13 @@ fn delete_chain(t: &mut Table, op: &str, c: &str) -> Result<(), FakeNftError> {
 }
 
 fn check_atoms(op: &str, map: &str, decl: &MapDecl, key: &Key) -> Result<(), FakeNftError> {
+    if decl.flags != MapFlags::Interval && key.0.iter().any(Atom::is_interval) {
+        return Err(invalid(
+            op,
+            format!("element {key} of {map}"),
+            "a prefix or range needs a set with flags interval",
+        ));
+    }
     let types: Vec<FieldType> = key.0.iter().map(Atom::field_type).collect();
     if types != decl.key {
         return Err(invalid(
@@ -450,6 +458,18 @@ fn add_elements(
             .maps
             .get_mut(map)
             .ok_or_else(|| not_found(op, format!("map {map}")))?;
+        if decl.flags == MapFlags::Interval {
+            let conflict = m
+                .elements
+                .keys()
+                .find(|have| *have != k && have.0.iter().zip(&k.0).all(|(a, b)| a.overlaps(b)));
+            if let Some(have) = conflict {
+                return Err(FakeNftError::Exists {
+                    op: op.to_owned(),
+                    object: format!("element {k} of {map} (conflicting intervals with {have})"),
+                });
+            }
+        }
         match m.elements.get(k) {
             Some(existing) if existing != d => {
                 return Err(FakeNftError::Exists {
@@ -543,6 +563,43 @@ mod tests {
         .unwrap();
         let e = f.apply(&plan(vec![add("slot_1")])).unwrap_err();
         assert!(matches!(e, FakeNftError::Exists { .. }), "{e}");
+    }
+
+    #[test]
+    fn interval_elements_need_an_interval_set_and_must_not_overlap() {
+        let mut f = base_setup();
+        let ports = MapDecl {
+            key: vec![FieldType::Proto, FieldType::Port],
+            data: DataType::None,
+            flags: MapFlags::Interval,
+        };
+        let pk = |a, b| Key(vec![Atom::Proto(Protocol::Tcp), Atom::port_range(a, b)]);
+        let add = |map: &str, k: Key| Op::AddElements {
+            map: map.into(),
+            elements: vec![(k, Data::None)],
+        };
+        f.apply(&plan(vec![Op::AddMap {
+            name: "ports".into(),
+            decl: ports,
+        }]))
+        .unwrap();
+        f.apply(&plan(vec![
+            add("ports", pk(80, 81)),
+            add("ports", pk(82, 82)),
+        ]))
+        .unwrap();
+        f.apply(&plan(vec![add("ports", pk(80, 81))])).unwrap();
+        let e = f.apply(&plan(vec![add("ports", pk(81, 90))])).unwrap_err();
+        assert!(e.to_string().contains("conflicting intervals"), "{e}");
+        let udp = Key(vec![Atom::Proto(Protocol::Udp), Atom::port_range(0, 65535)]);
+        f.apply(&plan(vec![add("ports", udp)])).unwrap();
+        let ranged = Key(vec![
+            Atom::Addr("10.96.0.1".parse().unwrap()),
+            Atom::Proto(Protocol::Tcp),
+            Atom::port_range(1, 2),
+        ]);
+        let e = f.apply(&plan(vec![add("set", ranged)])).unwrap_err();
+        assert!(e.to_string().contains("flags interval"), "{e}");
     }
 
     #[test]

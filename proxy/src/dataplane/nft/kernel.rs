@@ -20,28 +20,36 @@ pub enum KernelError {
         source: std::io::Error,
     },
     /// The kernel rejected a transaction; nothing of it was applied.
-    #[error("nft -f rejected the {family} transaction of {ops} operations: {stderr}")]
+    #[error(
+        "nft -f rejected the transaction of {ops} operations on table {family} {table}: {stderr}"
+    )]
     Apply {
         /// Family of the table.
         family: Family,
+        /// Name of the table.
+        table: String,
         /// Operations in the plan.
         ops: usize,
         /// What nft printed (first lines).
         stderr: String,
     },
     /// Listing the table failed.
-    #[error("nft list table {family} {TABLE_NAME}: {message}")]
+    #[error("nft list table {family} {table}: {message}")]
     List {
         /// Family of the table.
         family: Family,
+        /// Name of the table.
+        table: String,
         /// What went wrong.
         message: String,
     },
     /// The listing could not be understood.
-    #[error("parsing nft's listing of {family} {TABLE_NAME}: {message}")]
+    #[error("parsing nft's listing of {family} {table}: {message}")]
     Parse {
         /// Family of the table.
         family: Family,
+        /// Name of the table.
+        table: String,
         /// What was not understood.
         message: String,
     },
@@ -51,12 +59,14 @@ pub enum KernelError {
 const LIB_MAX_ELEMENTS: usize = 5000;
 
 /// The real nftables: transactions through libnftables in-process when it loads (else the
-/// `nft` binary), listings through the `nft` binary.
+/// `nft` binary), listings through the `nft` binary. An instance works on one table name
+/// per family: weir's [`TABLE_NAME`] unless [`KernelNft::for_table`] says otherwise.
 #[derive(Clone, Debug)]
 pub struct KernelNft {
     program: String,
     prefix: Vec<String>,
     lib: Option<std::sync::Arc<LibNft>>,
+    table: String,
 }
 
 impl Default for KernelNft {
@@ -65,6 +75,7 @@ impl Default for KernelNft {
             program: "nft".to_owned(),
             prefix: Vec::new(),
             lib: None,
+            table: TABLE_NAME.to_owned(),
         }
     }
 }
@@ -92,7 +103,21 @@ impl KernelNft {
             program: "ip".to_owned(),
             prefix: ["netns", "exec", name, "nft"].map(str::to_owned).to_vec(),
             lib: None,
+            table: TABLE_NAME.to_owned(),
         }
+    }
+
+    /// The same nftables, listing and applying plans to the table named `name` instead.
+    pub fn for_table(self, name: &str) -> Self {
+        KernelNft {
+            table: name.to_owned(),
+            ..self
+        }
+    }
+
+    /// The name of the table this instance works on.
+    pub fn table_name(&self) -> &str {
+        &self.table
     }
 
     fn command(&self) -> Command {
@@ -106,7 +131,7 @@ impl KernelNft {
         if plan.is_empty() {
             return Ok(());
         }
-        let script = plan.to_script();
+        let script = plan.to_script_in(&self.table);
         // Large transactions (full syncs) go through the nft binary: its parse of a big
         // script is transient memory of a child process rather than a cache in ours.
         if let Some(lib) = self
@@ -116,6 +141,7 @@ impl KernelNft {
         {
             return lib.run(&script).map_err(|e| KernelError::Apply {
                 family: plan.family,
+                table: self.table.clone(),
                 ops: plan.ops.len(),
                 stderr: e.to_string(),
             });
@@ -146,17 +172,18 @@ impl KernelNft {
             .join("\n");
         Err(KernelError::Apply {
             family: plan.family,
+            table: self.table.clone(),
             ops: plan.ops.len(),
             stderr,
         })
     }
 
-    /// Lists weir's table: `None` when it does not exist.
+    /// Lists this instance's table (weir's by default): `None` when it does not exist.
     pub fn dump(&self, family: Family) -> Result<Option<DumpedTable>, KernelError> {
         let fam = family.as_str();
         let out = self
             .command()
-            .args(["list", "table", fam, TABLE_NAME])
+            .args(["list", "table", fam, &self.table])
             .output()
             .map_err(|source| self.spawn_error(source))?;
         if !out.status.success() {
@@ -166,10 +193,11 @@ impl KernelNft {
             }
             return Err(KernelError::List {
                 family,
+                table: self.table.clone(),
                 message: stderr.trim().to_owned(),
             });
         }
-        parse_listing(family, &String::from_utf8_lossy(&out.stdout)).map(Some)
+        parse_listing_in(family, &self.table, &String::from_utf8_lossy(&out.stdout)).map(Some)
     }
 
     fn spawn_error(&self, source: std::io::Error) -> KernelError {
@@ -180,15 +208,28 @@ impl KernelNft {
     }
 }
 
-/// Parses `nft list table` output: chains with their header and rules, sets and maps with
-/// their declaration and elements (read with the declared types).
+/// Parses `nft list table` output of weir's table: chains with their header and rules,
+/// sets and maps with their declaration and elements (read with the declared types).
 pub fn parse_listing(family: Family, text: &str) -> Result<DumpedTable, KernelError> {
+    parse_listing_in(family, TABLE_NAME, text)
+}
+
+/// [`parse_listing`] of the table named `table` (the name only labels errors).
+pub fn parse_listing_in(
+    family: Family,
+    table: &str,
+    text: &str,
+) -> Result<DumpedTable, KernelError> {
     enum Block {
         None,
         Chain(String, DumpedChain),
         Map(String, DumpedMap, Option<String>),
     }
-    let perr = |message: String| KernelError::Parse { family, message };
+    let perr = |message: String| KernelError::Parse {
+        family,
+        table: table.to_owned(),
+        message,
+    };
     let mut t = DumpedTable::empty(family);
     let mut block = Block::None;
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -328,7 +369,13 @@ fn parse_atoms(text: &str, types: &[&str]) -> Result<Vec<Atom>, String> {
                     .or_else(|| p.parse().ok().and_then(Protocol::from_number))
                     .map(Atom::Proto)
                     .ok_or_else(bad),
-                "inet_service" => p.parse().map(Atom::Port).map_err(|_| bad()),
+                "inet_service" => match p.split_once('-') {
+                    Some((a, b)) => match (a.parse(), b.parse()) {
+                        (Ok(a), Ok(b)) if a <= b => Ok(Atom::port_range(a, b)),
+                        _ => Err(bad()),
+                    },
+                    None => p.parse().map(Atom::Port).map_err(|_| bad()),
+                },
                 other => Err(format!("unsupported type {other}")),
             }
         })
@@ -355,6 +402,23 @@ mod tests {
             Some("type filter hook forward priority filter - 1; policy accept;")
         );
         assert_eq!(c.rules, ["jump d"]);
+    }
+
+    #[test]
+    fn interval_sets_read_prefixes_port_ranges_and_single_ports() {
+        let text = "table ip weir_policy {\n\tset p {\n\t\ttype inet_proto . inet_service\n\t\tflags interval\n\t\telements = { tcp . 80-81,\n\t\t\t     tcp . 83,\n\t\t\t     udp . 0-65535 }\n\t}\n\n\tset c {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.0.0.0/24, 10.9.9.9 }\n\t}\n}\n";
+        let t = parse_listing_in(Family::Ip, "weir_policy", text).unwrap();
+        let keys: Vec<String> = t.maps["p"].elements.keys().map(|k| k.to_string()).collect();
+        assert_eq!(keys, ["tcp . 83", "tcp . 80-81", "udp . 0-65535"]);
+        assert_eq!(
+            t.maps["p"].decl,
+            "type inet_proto . inet_service; flags interval"
+        );
+        let keys: Vec<String> = t.maps["c"].elements.keys().map(|k| k.to_string()).collect();
+        assert_eq!(keys, ["10.9.9.9", "10.0.0.0/24"]);
+        let e = parse_listing_in(Family::Ip, "weir_policy", &text.replace("80-81", "81-80"))
+            .unwrap_err();
+        assert!(e.to_string().contains("ip weir_policy"), "{e}");
     }
 
     #[test]

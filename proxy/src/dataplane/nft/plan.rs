@@ -114,10 +114,15 @@ impl Plan {
             .sum()
     }
 
-    /// The plan as an `nft -f` script (one transaction).
+    /// The plan as an `nft -f` script (one transaction) on weir's table.
     pub fn to_script(&self) -> String {
+        self.to_script_in(TABLE_NAME)
+    }
+
+    /// The plan as an `nft -f` script on the table named `table`.
+    pub fn to_script_in(&self, table: &str) -> String {
         let fam = self.family;
-        let t = format!("{fam} {TABLE_NAME}");
+        let t = format!("{fam} {table}");
         let mut out = String::new();
         for op in &self.ops {
             // Writing to a String cannot fail.

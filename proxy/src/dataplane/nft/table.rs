@@ -174,6 +174,9 @@ impl fmt::Display for KeyDisplay<'_> {
 pub enum Match {
     /// `ct state new`.
     CtStateNew,
+    /// `ct state established,related`: a later packet of a known connection (never the
+    /// first packet, which is all the tracer follows).
+    CtStateEstablishedRelated,
     /// `ct status dnat`: the connection was destination-NATed.
     CtStatusDnat,
     /// `fib daddr type local`: the destination is an address of this host.
@@ -217,6 +220,8 @@ pub enum Stmt {
     Reject,
     /// `drop`.
     Drop,
+    /// `accept`: ends this hook's base chain (later base chains of the hook still run).
+    Accept,
     /// `jump CHAIN`.
     Jump(String),
     /// `goto CHAIN`.
@@ -308,6 +313,7 @@ impl fmt::Display for RuleDisplay<'_> {
         for m in &self.1.matches {
             parts.push(match m {
                 Match::CtStateNew => "ct state new".to_owned(),
+                Match::CtStateEstablishedRelated => "ct state established,related".to_owned(),
                 Match::CtStatusDnat => "ct status dnat".to_owned(),
                 Match::FibDaddrLocal => "fib daddr type local".to_owned(),
                 Match::FibSaddrLocal => "fib saddr type local".to_owned(),
@@ -326,6 +332,7 @@ impl fmt::Display for RuleDisplay<'_> {
                 Stmt::Masquerade => "masquerade fully-random".to_owned(),
                 Stmt::Reject => "reject".to_owned(),
                 Stmt::Drop => "drop".to_owned(),
+                Stmt::Accept => "accept".to_owned(),
                 Stmt::Jump(c) => format!("jump {c}"),
                 Stmt::Goto(c) => format!("goto {c}"),
                 Stmt::Vmap { key, map } => format!("{} vmap @{map}", KeyDisplay(fam, key)),
@@ -408,7 +415,8 @@ pub enum MapFlags {
     /// Plain elements.
     #[default]
     None,
-    /// `flags interval`: address fields of elements may be prefixes.
+    /// `flags interval`: address fields of elements may be prefixes and port fields
+    /// ranges; elements must not overlap (nft: conflicting intervals).
     Interval,
     /// `size N; flags dynamic,timeout`: filled from the packet path with per-element
     /// timeouts; its elements are the kernel's, never planned.
@@ -478,6 +486,9 @@ pub enum Atom {
     /// An address prefix (in `flags interval` sets; a full-length prefix is an
     /// [`Atom::Addr`], as nft prints it).
     Net(IpNetwork),
+    /// A port range `first-last` (in `flags interval` sets; nft prints a one-port range
+    /// as a bare port, so build it with [`Atom::port_range`]).
+    PortRange(u16, u16),
 }
 
 impl Atom {
@@ -491,13 +502,74 @@ impl Atom {
         }
     }
 
+    /// A port range as nft keeps it: a bare port when it covers one port.
+    pub fn port_range(first: u16, last: u16) -> Atom {
+        if first == last {
+            Atom::Port(first)
+        } else {
+            Atom::PortRange(first, last)
+        }
+    }
+
     /// The field type this value has.
     pub fn field_type(&self) -> FieldType {
         match self {
             Atom::Addr(_) | Atom::Net(_) => FieldType::Addr,
             Atom::Proto(_) => FieldType::Proto,
-            Atom::Port(_) => FieldType::Port,
+            Atom::Port(_) | Atom::PortRange(..) => FieldType::Port,
         }
+    }
+
+    /// Whether the value covers more than one point (only allowed in interval sets).
+    pub fn is_interval(&self) -> bool {
+        matches!(self, Atom::Net(_) | Atom::PortRange(..))
+    }
+
+    /// Whether a packet's value (an [`Atom::Addr`], [`Atom::Port`] or [`Atom::Proto`]) is
+    /// covered by this element value.
+    pub fn covers(&self, value: &Atom) -> bool {
+        match (self, value) {
+            (Atom::Net(n), Atom::Addr(a)) => n.contains(*a),
+            (Atom::PortRange(a, b), Atom::Port(p)) => (*a..=*b).contains(p),
+            (e, v) => e == v,
+        }
+    }
+
+    /// Whether two element values of the same field share a point.
+    pub fn overlaps(&self, other: &Atom) -> bool {
+        fn span(a: &Atom) -> Option<(u128, u128)> {
+            let addr = |ip: &IpAddr| match ip {
+                IpAddr::V4(v) => u128::from(u32::from(*v)),
+                IpAddr::V6(v) => u128::from(*v),
+            };
+            Some(match a {
+                Atom::Addr(ip) => (addr(ip), addr(ip)),
+                Atom::Net(n) => {
+                    let bits: u32 = if n.is_ipv4() { 32 } else { 128 };
+                    let host = bits - u32::from(n.prefix());
+                    let lo = addr(&n.network());
+                    let size = if host >= 128 {
+                        u128::MAX
+                    } else {
+                        (1u128 << host) - 1
+                    };
+                    (lo, lo.saturating_add(size))
+                }
+                Atom::Port(p) => (u128::from(*p), u128::from(*p)),
+                Atom::PortRange(a, b) => (u128::from(*a), u128::from(*b)),
+                Atom::Proto(_) => return None,
+            })
+        }
+        match (span(self), span(other)) {
+            (Some((a0, a1)), Some((b0, b1))) => {
+                self.is_v6() == other.is_v6() && a0 <= b1 && b0 <= a1
+            }
+            _ => self == other,
+        }
+    }
+
+    fn is_v6(&self) -> bool {
+        matches!(self, Atom::Addr(IpAddr::V6(_))) || matches!(self, Atom::Net(n) if n.is_ipv6())
     }
 }
 
@@ -508,6 +580,7 @@ impl fmt::Display for Atom {
             Atom::Proto(p) => f.write_str(p.nft_name()),
             Atom::Port(p) => write!(f, "{p}"),
             Atom::Net(n) => write!(f, "{}/{}", n.network(), n.prefix()),
+            Atom::PortRange(a, b) => write!(f, "{a}-{b}"),
         }
     }
 }
@@ -675,9 +748,14 @@ impl DumpedTable {
         }
     }
 
-    /// A stable text rendering (for golden files and readable diffs).
+    /// A stable text rendering (for golden files and readable diffs) of weir's table.
     pub fn to_text(&self) -> String {
-        let mut out = format!("table {} {TABLE_NAME} {{\n", self.family);
+        self.to_text_named(TABLE_NAME)
+    }
+
+    /// [`DumpedTable::to_text`] with another table name in the header.
+    pub fn to_text_named(&self, name: &str) -> String {
+        let mut out = format!("table {} {name} {{\n", self.family);
         for (name, m) in &self.maps {
             let kind = if m.is_set { "set" } else { "map" };
             out.push_str(&format!("\t{kind} {name} {{\n\t\t{}\n", m.decl));

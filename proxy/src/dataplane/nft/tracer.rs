@@ -108,6 +108,18 @@ enum Flow {
 
 /// Traces `packet` through `table` on `host`.
 pub fn trace(table: &Table, host: &Host, packet: &Packet) -> Result<BTreeSet<Outcome>, TraceError> {
+    trace_tables(&[table], host, packet)
+}
+
+/// Traces `packet` through several tables of one family on `host` (e.g. weir's NAT table
+/// and the NetworkPolicy filter table): at each hook, the base chains of every table run in
+/// priority order (ties: in the order of `tables`, then by chain name). An `accept` ends
+/// only its own base chain; a drop or reject ends the packet.
+pub fn trace_tables(
+    tables: &[&Table],
+    host: &Host,
+    packet: &Packet,
+) -> Result<BTreeSet<Outcome>, TraceError> {
     let start = State {
         dst: packet.dst,
         dport: packet.dport,
@@ -121,7 +133,7 @@ pub fn trace(table: &Table, host: &Host, packet: &Packet) -> Result<BTreeSet<Out
         Origin::Local => Hook::Output,
     };
     let mut out = BTreeSet::new();
-    for st in run_hook(table, host, packet, first, start)? {
+    for st in run_hook(tables, host, packet, first, start)? {
         let (st, v) = st;
         if v != Verdict::Accept {
             out.insert(outcome(&st, v));
@@ -140,7 +152,7 @@ pub fn trace(table: &Table, host: &Host, packet: &Packet) -> Result<BTreeSet<Out
                     next.push((st, v));
                     continue;
                 }
-                next.extend(run_hook(table, host, packet, hook, st)?);
+                next.extend(run_hook(tables, host, packet, hook, st)?);
             }
             states = next;
         }
@@ -160,26 +172,29 @@ fn outcome(st: &State, verdict: Verdict) -> Outcome {
     }
 }
 
-/// Runs every base chain of a hook in priority order.
+/// Runs every base chain of a hook, over all tables, in priority order.
 fn run_hook(
-    table: &Table,
+    tables: &[&Table],
     host: &Host,
     p: &Packet,
     hook: Hook,
     st: State,
 ) -> Result<Vec<(State, Verdict)>, TraceError> {
-    let mut bases: Vec<(&String, i32, ChainType)> = table
-        .chains
+    let mut bases: Vec<(i32, usize, &String, ChainType)> = tables
         .iter()
-        .filter_map(|(n, c)| {
-            c.base
-                .filter(|b| b.hook == hook)
-                .map(|b| (n, b.priority, b.kind))
+        .enumerate()
+        .flat_map(|(ti, t)| {
+            t.chains.iter().filter_map(move |(n, c)| {
+                c.base
+                    .filter(|b| b.hook == hook)
+                    .map(|b| (b.priority, ti, n, b.kind))
+            })
         })
         .collect();
-    bases.sort_by_key(|(n, prio, _)| (*prio, (*n).clone()));
+    bases.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
     let mut states = vec![(st, Verdict::Accept)];
-    for (name, _, kind) in bases {
+    for (_, ti, name, kind) in bases {
+        let table = tables[ti];
         let mut next = Vec::new();
         for (st, v) in states {
             // nat chains see only packets not yet NATed in this direction.
@@ -260,19 +275,15 @@ fn lookup<'t>(table: &'t Table, map: &str, key: &Key) -> Option<&'t Data> {
     if m.decl.flags != MapFlags::Interval {
         return m.elements.get(key);
     }
-    let covers = |el: &Key| {
-        el.0.len() == key.0.len()
-            && el.0.iter().zip(&key.0).all(|(e, k)| match (e, k) {
-                (Atom::Net(n), Atom::Addr(a)) => n.contains(*a),
-                (e, k) => e == k,
-            })
-    };
+    let covers =
+        |el: &Key| el.0.len() == key.0.len() && el.0.iter().zip(&key.0).all(|(e, k)| e.covers(k));
     m.elements.iter().find(|(el, _)| covers(el)).map(|(_, d)| d)
 }
 
 fn matches(table: &Table, host: &Host, p: &Packet, st: &State, m: &Match) -> bool {
     match m {
         Match::CtStateNew => true,
+        Match::CtStateEstablishedRelated => false,
         Match::CtStatusDnat => st.dnat.is_some(),
         Match::FibDaddrLocal => host.local_addrs.contains(&st.dst),
         Match::FibSaddrLocal => host.local_addrs.contains(&p.src),
@@ -319,6 +330,7 @@ fn run_stmts(
         }
         Stmt::Reject => return Ok(vec![Flow::Done(st, Verdict::Reject)]),
         Stmt::Drop => return Ok(vec![Flow::Done(st, Verdict::Drop)]),
+        Stmt::Accept => return Ok(vec![Flow::Done(st, Verdict::Accept)]),
         Stmt::Jump(target) => {
             let mut out = Vec::new();
             for f in run_chain(table, host, p, target, st, depth + 1)? {
