@@ -44,6 +44,9 @@ fn main() -> anyhow::Result<()> {
     let cfg = args.validate(&hostname)?;
     let kernel = KernelNft::with_library();
     if args.cleanup {
+        // Every mode's objects go, as with kube-proxy's --cleanup.
+        let pins = weir_proxy::dataplane::ebpf::kernel::cleanup(&cfg.ebpf.bpffs_dir)?;
+        tracing::info!(dir = %cfg.ebpf.bpffs_dir.display(), pins, "removed weir's eBPF links and maps");
         for family in FAMILIES {
             let existing = kernel.dump(family)?;
             kernel.apply(&cleanup_plan(existing.as_ref(), family))?;
@@ -142,7 +145,13 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
     if let Some(path) = &cfg.cni_pod_cidrs_file {
         effects = effects.with_cni_cidrs_file(path.clone());
     }
-    let runner = runner.with_effects(effects);
+    let mut runner = runner.with_effects(effects);
+    if cfg.mode == weir_proxy::config::ProxyMode::Ebpf {
+        let maps = weir_proxy::dataplane::ebpf::kernel::KernelMaps::open(&cfg.ebpf)
+            .context("setting up the eBPF dataplane")?;
+        tracing::info!(cgroup = %cfg.ebpf.cgroup.display(), pins = %cfg.ebpf.bpffs_dir.display(), "eBPF programs attached");
+        runner = runner.with_ebpf(maps);
+    }
     tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, "weir-proxy starting");
     let mut source = tokio::spawn(source_fut);
     let mut runner = tokio::spawn(runner.run(rx));
@@ -158,6 +167,6 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         _ = term.recv() => {}
     }
     // Rules stay programmed on exit so traffic keeps flowing until the next start adopts them.
-    tracing::info!("weir-proxy stopping; nftables rules stay in place");
+    tracing::info!("weir-proxy stopping; programmed rules and maps stay in place");
     Ok(())
 }

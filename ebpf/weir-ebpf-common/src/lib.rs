@@ -48,6 +48,11 @@ pub struct AddrPort {
 /// A frontend (ClusterIP, port, protocol): the services map's key.
 pub type ServiceKey = AddrPort;
 
+/// [`ServiceValue::flags`]: the Service has endpoints, but none for this traffic (e.g.
+/// `internalTrafficPolicy: Local` without local endpoints): connect fails with EPERM
+/// instead of ECONNREFUSED, like nftables mode's drop.
+pub const FLAG_DROP: u32 = 1;
+
 /// What a frontend leads to: `count` backends in slots `0..count` of the backends map,
 /// keyed by this frontend. `count == 0` means the Service has no endpoints (refused).
 #[repr(C)]
@@ -55,7 +60,7 @@ pub type ServiceKey = AddrPort;
 pub struct ServiceValue {
     /// Number of backend slots.
     pub count: u32,
-    /// Reserved (zero).
+    /// [`FLAG_DROP`] or 0.
     pub flags: u32,
 }
 

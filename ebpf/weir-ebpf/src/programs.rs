@@ -5,21 +5,18 @@
 //! (EPERM when none is set). recvmsg and getpeername programs must return 1.
 
 use aya_ebpf::bindings::bpf_sock_addr;
-use aya_ebpf::helpers::generated::{
-    bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
-};
+use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval};
 use aya_ebpf::macros::{cgroup_sock_addr, map};
 use aya_ebpf::maps::{HashMap, LruHashMap};
 use aya_ebpf::programs::SockAddrContext;
 use weir_ebpf_common::{
     AddrPort, Backend, BackendKey, RevNatKey, RevNatValue, ServiceKey, ServiceValue, BACKENDS_MAX,
-    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, REVNAT_MAX, SERVICES_MAX,
+    FAMILY_V4, FAMILY_V6, FLAG_DROP, PROTO_TCP, PROTO_UDP, REVNAT_MAX, SERVICES_MAX,
 };
 
 /// Frontends.
 #[map(name = "WEIR_SERVICES")]
-static WEIR_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(SERVICES_MAX, 0);
+static WEIR_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX, 0);
 
 /// Backend slots.
 #[map(name = "WEIR_BACKENDS")]
@@ -130,13 +127,15 @@ fn translate(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
     let mut key = read_addr(ctx, family);
     key.proto = proto;
     // SAFETY: the value is copied out at once; userspace replaces values whole.
-    let count = match unsafe { WEIR_SERVICES.get(&key) } {
-        Some(v) => v.count,
+    let (count, flags) = match unsafe { WEIR_SERVICES.get(&key) } {
+        Some(v) => (v.count, v.flags),
         None => return ALLOW,
     };
     if count == 0 {
-        // SAFETY: bpf_set_retval is allowed in cgroup hooks; the call then fails with it.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        if flags & FLAG_DROP == 0 {
+            // SAFETY: bpf_set_retval is allowed in cgroup hooks; the call fails with it.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+        }
         return REJECT;
     }
     // SAFETY: a helper without arguments.
