@@ -85,6 +85,18 @@ pub enum EbpfError {
     },
 }
 
+/// An error with its sources, one after another (aya's errors keep the errno in a source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(src) = next {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        next = src.source();
+    }
+    s
+}
+
 fn map_err(
     op: &'static str,
     map: &'static str,
@@ -95,7 +107,7 @@ fn map_err(
         op,
         map,
         key,
-        message: e.to_string(),
+        message: chain(&e),
     }
 }
 
@@ -137,18 +149,18 @@ pub fn load(bpffs_dir: &Path, log: VerifierLogLevel) -> Result<Ebpf, EbpfError> 
         .default_map_pin_directory(bpffs_dir)
         .verifier_log_level(log)
         .load(super::OBJECT)
-        .map_err(|e| EbpfError::Object(e.to_string()))?;
+        .map_err(|e| EbpfError::Object(chain(&e)))?;
     for (name, program) in ebpf.programs_mut() {
         let p: &mut CgroupSockAddr =
             program
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| EbpfError::Load {
                     program: name.to_owned(),
-                    message: e.to_string(),
+                    message: chain(&e),
                 })?;
         p.load().map_err(|e| EbpfError::Load {
             program: name.to_owned(),
-            message: e.to_string(),
+            message: chain(&e),
         })?;
     }
     Ok(ebpf)
@@ -206,14 +218,16 @@ impl KernelMaps {
             };
             let p: &mut CgroupSockAddr = program
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+                .map_err(|e: aya::programs::ProgramError| attach_err(chain(&e)))?;
+            // A cgroup bpf_link takes no flags (the kernel attaches links as
+            // BPF_F_ALLOW_MULTI, beside other programs): `Single` passes none.
             let id = p
-                .attach(&cgroup, CgroupAttachMode::AllowMultiple)
-                .map_err(|e| attach_err(e.to_string()))?;
-            let link = p.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(chain(&e)))?;
+            let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
             let link: FdLink = link
                 .try_into()
-                .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
+                .map_err(|e: aya::programs::links::LinkError| attach_err(chain(&e)))?;
             let path = link_path(&s.bpffs_dir, name);
             let pin_err = |message: String| EbpfError::Pin {
                 path: path.clone(),
@@ -221,10 +235,10 @@ impl KernelMaps {
             };
             if path.exists() {
                 // Dropping the unpinned old link detaches the previous run's program.
-                let old = PinnedLink::from_pin(&path).map_err(|e| pin_err(e.to_string()))?;
-                drop(old.unpin().map_err(|e| pin_err(e.to_string()))?);
+                let old = PinnedLink::from_pin(&path).map_err(|e| pin_err(chain(&e)))?;
+                drop(old.unpin().map_err(|e| pin_err(chain(&e)))?);
             }
-            links.push(link.pin(&path).map_err(|e| pin_err(e.to_string()))?);
+            links.push(link.pin(&path).map_err(|e| pin_err(chain(&e)))?);
         }
         Ok(KernelMaps {
             ebpf,
@@ -328,10 +342,10 @@ pub fn cleanup(bpffs_dir: &Path) -> Result<usize, EbpfError> {
             message,
         };
         if entry.file_name().to_string_lossy().starts_with("link_") {
-            let link = PinnedLink::from_pin(&path).map_err(|e| pin_err(e.to_string()))?;
-            drop(link.unpin().map_err(|e| pin_err(e.to_string()))?);
+            let link = PinnedLink::from_pin(&path).map_err(|e| pin_err(chain(&e)))?;
+            drop(link.unpin().map_err(|e| pin_err(chain(&e)))?);
         } else {
-            std::fs::remove_file(&path).map_err(|e| pin_err(e.to_string()))?;
+            std::fs::remove_file(&path).map_err(|e| pin_err(chain(&e)))?;
         }
         removed += 1;
     }
