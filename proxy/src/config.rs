@@ -14,7 +14,8 @@ pub enum ProxyMode {
     Nftables,
     /// IPVS (not built yet).
     Ipvs,
-    /// eBPF (not built yet).
+    /// eBPF: cgroup socket hooks translate ClusterIP:port at connect time (first slice:
+    /// ClusterIP TCP and UDP; NodePort and external traffic are not served yet).
     Ebpf,
 }
 
@@ -101,6 +102,14 @@ pub struct Args {
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); flags override it.
     #[arg(long, env = "WEIR_CONFIG")]
     pub config: Option<PathBuf>,
+    /// eBPF mode: the cgroup v2 whose processes' sockets are translated (on hybrid
+    /// cgroup hosts the v2 hierarchy is often `/sys/fs/cgroup/unified`).
+    #[arg(long, env = "WEIR_EBPF_CGROUP", default_value = "/sys/fs/cgroup")]
+    pub ebpf_cgroup: PathBuf,
+    /// eBPF mode: the bpffs directory where maps and links are pinned (a restarted daemon
+    /// adopts them; `--cleanup` removes them).
+    #[arg(long, env = "WEIR_BPFFS_DIR", default_value = "/sys/fs/bpf/weir")]
+    pub bpffs_dir: PathBuf,
     /// How often the API watches restart with a full listing (e.g. `15m`).
     #[arg(long, env = "WEIR_CONFIG_SYNC_PERIOD", default_value = "15m")]
     pub config_sync_period: String,
@@ -165,6 +174,8 @@ pub struct Config {
     pub min_sync_period: Duration,
     /// Time between full resyncs.
     pub sync_period: Duration,
+    /// eBPF mode: where the programs attach and their objects are pinned.
+    pub ebpf: crate::dataplane::ebpf::kernel::EbpfSettings,
 }
 
 /// A flag value that cannot be used.
@@ -257,7 +268,7 @@ impl Args {
     /// [`Self::validate`], told whether the in-cluster service account is present.
     pub fn validate_with(&self, hostname: &str, in_cluster: bool) -> Result<Config, ConfigError> {
         match self.proxy_mode {
-            ProxyMode::Nftables => {}
+            ProxyMode::Nftables | ProxyMode::Ebpf => {}
             other => return Err(ConfigError::ModeNotBuilt(other.as_str())),
         }
         let node_name = self
@@ -323,6 +334,10 @@ impl Args {
             healthz_bind_address: addr("healthz-bind-address", &self.healthz_bind_address)?,
             min_sync_period,
             sync_period,
+            ebpf: crate::dataplane::ebpf::kernel::EbpfSettings {
+                cgroup: self.ebpf_cgroup.clone(),
+                bpffs_dir: self.bpffs_dir.clone(),
+            },
         })
     }
 }
@@ -409,6 +424,27 @@ mod tests {
     fn modes_not_built_yet_are_refused_clearly() {
         let e = parse(&["--proxy-mode", "ipvs", "--source", "dir:/x"]).unwrap_err();
         assert!(e.to_string().contains("not implemented yet"), "{e}");
+    }
+
+    #[test]
+    fn ebpf_mode_takes_its_cgroup_and_bpffs_dir() {
+        let c = parse(&["--proxy-mode", "ebpf", "--source", "dir:/x"]).unwrap();
+        assert_eq!(c.mode.as_str(), "ebpf");
+        assert_eq!(c.ebpf.cgroup, PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(c.ebpf.bpffs_dir, PathBuf::from("/sys/fs/bpf/weir"));
+        let c = parse(&[
+            "--proxy-mode",
+            "ebpf",
+            "--source",
+            "dir:/x",
+            "--ebpf-cgroup",
+            "/sys/fs/cgroup/unified/t",
+            "--bpffs-dir",
+            "/sys/fs/bpf/t",
+        ])
+        .unwrap();
+        assert_eq!(c.ebpf.cgroup, PathBuf::from("/sys/fs/cgroup/unified/t"));
+        assert_eq!(c.ebpf.bpffs_dir, PathBuf::from("/sys/fs/bpf/t"));
     }
 
     #[test]

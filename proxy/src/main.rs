@@ -46,6 +46,9 @@ fn main() -> anyhow::Result<()> {
     let cfg = args.validate(&hostname)?;
     let kernel = KernelNft::with_library();
     if args.cleanup {
+        // Every mode's objects go, as with kube-proxy's --cleanup.
+        let pins = weir_proxy::dataplane::ebpf::kernel::cleanup(&cfg.ebpf.bpffs_dir)?;
+        tracing::info!(dir = %cfg.ebpf.bpffs_dir.display(), pins, "removed weir's eBPF links and maps");
         let policy = kernel.clone().for_table(POLICY_TABLE);
         for k in [&kernel, &policy] {
             for family in FAMILIES {
@@ -148,7 +151,13 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
     if let Some(path) = &cfg.cni_pod_cidrs_file {
         effects = effects.with_cni_cidrs_file(path.clone());
     }
-    let runner = runner.with_effects(effects);
+    let mut runner = runner.with_effects(effects);
+    if cfg.mode == weir_proxy::config::ProxyMode::Ebpf {
+        let maps = weir_proxy::dataplane::ebpf::kernel::KernelMaps::open(&cfg.ebpf)
+            .context("setting up the eBPF dataplane")?;
+        tracing::info!(cgroup = %cfg.ebpf.cgroup.display(), pins = %cfg.ebpf.bpffs_dir.display(), "eBPF programs attached");
+        runner = runner.with_ebpf(maps);
+    }
     // NetworkPolicy: a second consumer of the same source, with its own table.
     let (policy_tx, policy) = if cfg.network_policy {
         let (ptx, prx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
@@ -187,6 +196,6 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         _ = term.recv() => {}
     }
     // Rules stay programmed on exit so traffic keeps flowing until the next start adopts them.
-    tracing::info!("weir-proxy stopping; nftables rules stay in place");
+    tracing::info!("weir-proxy stopping; programmed rules and maps stay in place");
     Ok(())
 }

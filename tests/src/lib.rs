@@ -119,6 +119,25 @@ impl Netns {
         Ok(&mut self.children[last])
     }
 
+    /// Starts a background process inside the namespace with `nsenter --net`, which keeps
+    /// the host's mounts (`ip netns exec` mounts a fresh /sys, hiding the cgroup v2 and
+    /// bpffs mounts that eBPF mode needs); killed on drop.
+    pub fn spawn_keeping_mounts(&mut self, cmd: &[&str], stdout: Stdio) -> Result<&mut Child> {
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .args(cmd)
+            .stdout(stdout)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| HarnessError::Command {
+                cmd: cmd.join(" "),
+                msg: e.to_string(),
+            })?;
+        self.children.push(child);
+        let last = self.children.len() - 1;
+        Ok(&mut self.children[last])
+    }
+
     /// Stops one process this namespace started (SIGKILL), by PID; other processes,
     /// including other namespaces' weir-proxy, are untouched.
     pub fn stop(&mut self, pid: u32) {
@@ -546,7 +565,10 @@ pub fn start_proxy_from(
     let metrics = format!("127.0.0.1:{metrics_port}");
     let health = format!("127.0.0.1:{}", metrics_port + 7);
     let bin = bin.to_string_lossy();
-    let mut args: Vec<&str> = vec![&bin, "--proxy-mode", "nftables"];
+    let mut args: Vec<&str> = vec![&bin];
+    if !extra.contains(&"--proxy-mode") {
+        args.extend_from_slice(&["--proxy-mode", "nftables"]);
+    }
     args.extend_from_slice(source_args);
     args.extend_from_slice(&[
         "--hostname-override",
@@ -564,7 +586,12 @@ pub fn start_proxy_from(
         args.extend_from_slice(&["--min-sync-period", "100ms"]);
     }
     args.extend_from_slice(extra);
-    let pid = node.spawn(&args, Stdio::null())?.id();
+    let ebpf = extra.windows(2).any(|w| w == ["--proxy-mode", "ebpf"]);
+    let pid = if ebpf {
+        node.spawn_keeping_mounts(&args, Stdio::null())?.id()
+    } else {
+        node.spawn(&args, Stdio::null())?.id()
+    };
     wait_synced(node, metrics_port, 0.0)?;
     Ok(pid)
 }

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub nftables_sync_failures: Counter,
     /// `weir_nftables_objects`: chains, rules, sets, maps and elements in weir's table.
     pub nftables_objects: Gauge,
+    /// `weir_ebpf_sync_failures_total`: eBPF map reads or writes that failed.
+    pub ebpf_sync_failures: Counter,
+    /// `weir_ebpf_map_entries`: entries in the services and backends maps.
+    pub ebpf_map_entries: Gauge,
     /// `weir_sync_plan_element_changes_total`: map elements added or removed by syncs.
     pub plan_element_changes: Counter,
     /// `weir_source_invalid_objects`: objects skipped as invalid in the last sync.
@@ -107,6 +111,8 @@ impl Metrics {
             service_changes_total: Counter::default(),
             nftables_sync_failures: Counter::default(),
             nftables_objects: Gauge::default(),
+            ebpf_sync_failures: Counter::default(),
+            ebpf_map_entries: Gauge::default(),
             plan_element_changes: Counter::default(),
             invalid_objects: Gauge::default(),
             invalid_updates: Family::default(),
@@ -182,6 +188,16 @@ impl Metrics {
             "weir_nftables_objects",
             "Chains, rules, sets, maps and elements in weir's nftables table",
             m.nftables_objects.clone(),
+        );
+        registry.register(
+            "weir_ebpf_sync_failures",
+            "eBPF map reads or writes that failed",
+            m.ebpf_sync_failures.clone(),
+        );
+        registry.register(
+            "weir_ebpf_map_entries",
+            "Entries in weir's eBPF services and backends maps",
+            m.ebpf_map_entries.clone(),
         );
         registry.register(
             "weir_sync_plan_element_changes",

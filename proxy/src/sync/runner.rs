@@ -4,6 +4,8 @@
 //! happens before the source has delivered its first complete view.
 
 use crate::dataplane::conntrack::FlowFilter;
+use crate::dataplane::ebpf::render::{diff as ebpf_diff, render as ebpf_render};
+use crate::dataplane::ebpf::{EbpfError, MapContents, MapStore};
 use crate::dataplane::nft::diff::plan_state;
 use crate::dataplane::nft::incremental::Incremental;
 use crate::dataplane::nft::kernel::KernelError;
@@ -12,12 +14,12 @@ use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::health::ProxyHealth;
 use crate::http::metrics::{label, Metrics};
 use crate::model::{
-    compute_service, recompute_with, DesiredState, ModelConfig, NodePortAddresses, ServiceDelta,
-    ServicePortState, Store,
+    compute_service, recompute_with, Changes, DesiredState, ModelConfig, NodePortAddresses,
+    ServiceDelta, ServicePortState, Store,
 };
 use crate::source::SourceUpdate;
 use crate::sync::effects::{flow_filters, SideEffects};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::Receiver;
 use tracing::{info, instrument, warn};
@@ -57,6 +59,16 @@ pub struct Runner<K: NftBackend> {
     effects: SideEffects,
     /// Stale-flow filters of changes not yet followed by a successful sync.
     pending_flows: Vec<FlowFilter>,
+    /// In eBPF mode, the maps programmed instead of nftables (`K` is then unused).
+    ebpf: Option<EbpfSync>,
+}
+
+/// The eBPF backend's state in the runner.
+struct EbpfSync {
+    maps: Arc<Mutex<Box<dyn MapStore>>>,
+    /// What the maps hold as of the last successful sync; `None` forces a full sync that
+    /// re-reads them.
+    current: Option<MapContents>,
 }
 
 impl<K: NftBackend> Runner<K> {
@@ -77,7 +89,19 @@ impl<K: NftBackend> Runner<K> {
             incremental: None,
             effects: SideEffects::default(),
             pending_flows: Vec::new(),
+            ebpf: None,
         }
+    }
+
+    /// Programs eBPF maps instead of nftables (`--proxy-mode ebpf`): the nftables backend
+    /// `K` is then never called. The first sync reads the maps (adopting what a previous
+    /// run left pinned) and writes only the difference.
+    pub fn with_ebpf(mut self, maps: impl MapStore) -> Self {
+        self.ebpf = Some(EbpfSync {
+            maps: Arc::new(Mutex::new(Box::new(maps))),
+            current: None,
+        });
+        self
     }
 
     /// Adds health-check servers and conntrack cleanup.
@@ -112,7 +136,8 @@ impl<K: NftBackend> Runner<K> {
                         last_full = Instant::now();
                         continue;
                     }
-                    let full = Instant::now() >= next_full || self.incremental.is_none();
+                    let full = Instant::now() >= next_full
+                        || (self.ebpf.is_none() && self.incremental.is_none());
                     if full {
                         last_full = Instant::now();
                     }
@@ -164,6 +189,13 @@ impl<K: NftBackend> Runner<K> {
         let started = Instant::now();
         let oldest = self.store.oldest_pending();
         let changes = self.store.take_changes();
+        if let Some(mut ebpf) = self.ebpf.take() {
+            let ok = self
+                .sync_ebpf(&mut ebpf, full, changes, started, oldest)
+                .await;
+            self.ebpf = Some(ebpf);
+            return ok;
+        }
         let incremental = match self.incremental.take() {
             Some(inc) if !full && !changes.nodes && !self.desired.needs_full_compute() => Some(inc),
             _ => None,
@@ -285,6 +317,22 @@ impl<K: NftBackend> Runner<K> {
             self.metrics.nftables_objects.inc_by(element_delta);
         }
         self.incremental = Some(next);
+        self.finish_sync(started, oldest, was_full, changes_applied, ops, planned)
+            .await;
+        true
+    }
+
+    /// What follows every successful sync, whatever the backend: metrics, health, stale
+    /// flows, health-check servers, routes, the CNI's pod CIDRs.
+    async fn finish_sync(
+        &mut self,
+        started: Instant,
+        oldest: Option<SystemTime>,
+        was_full: bool,
+        changes_applied: usize,
+        ops: usize,
+        planned: Duration,
+    ) {
         let now = SystemTime::now();
         self.metrics.service_changes_pending.set(0);
         self.metrics.endpoint_changes_pending.set(0);
@@ -319,6 +367,78 @@ impl<K: NftBackend> Runner<K> {
             took_us = started.elapsed().as_micros() as u64,
             "synced"
         );
+    }
+
+    /// One sync in eBPF mode: update the desired state (only the changed Services unless
+    /// `full`), render the maps' contents, write the difference. A full sync, and any sync
+    /// after a failure, re-reads the maps first.
+    async fn sync_ebpf(
+        &mut self,
+        ebpf: &mut EbpfSync,
+        full: bool,
+        changes: Changes,
+        started: Instant,
+        oldest: Option<SystemTime>,
+    ) -> bool {
+        let mut was_full = full || ebpf.current.is_none() || changes.nodes;
+        if !was_full {
+            for key in &changes.services {
+                let ports =
+                    compute_service(&self.store, key, &self.cfg.model).unwrap_or_else(|e| {
+                        warn!(error = %e, "skipping invalid object");
+                        Vec::new()
+                    });
+                let (d, conflicts) = self.desired.replace_service(key, ports);
+                for e in conflicts {
+                    warn!(error = %e, "skipping invalid object");
+                }
+                for delta in &d {
+                    self.pending_flows.extend(flow_filters(delta));
+                }
+            }
+            was_full = self.desired.needs_full_compute();
+        }
+        if was_full {
+            let flows = &mut self.pending_flows;
+            let mut on_delta = |d: ServiceDelta| flows.extend(flow_filters(&d));
+            for e in recompute_with(
+                &self.store,
+                &self.cfg.model,
+                &mut self.desired,
+                &mut on_delta,
+            ) {
+                warn!(error = %e, "skipping invalid object");
+            }
+        }
+        self.metrics
+            .invalid_objects
+            .set(self.store.invalid_objects() as i64);
+        let desired = ebpf_render(&self.desired);
+        let current = match ebpf.current.take() {
+            Some(c) if !was_full => c,
+            _ => match with_maps(&ebpf.maps, |m| m.dump()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "reading the eBPF maps failed; retrying");
+                    self.metrics.ebpf_sync_failures.inc();
+                    return false;
+                }
+            },
+        };
+        let plan = ebpf_diff(&current, &desired);
+        let writes = plan.ops.len();
+        let planned = started.elapsed();
+        if !plan.is_empty() {
+            if let Err(e) = with_maps(&ebpf.maps, move |m| m.apply(&plan)).await {
+                warn!(error = %e, "writing the eBPF maps failed; the next sync re-reads them");
+                self.metrics.ebpf_sync_failures.inc();
+                return false;
+            }
+        }
+        self.metrics.ebpf_map_entries.set(desired.len() as i64);
+        ebpf.current = Some(desired);
+        self.finish_sync(started, oldest, was_full, writes, writes, planned)
+            .await;
         true
     }
 
@@ -371,6 +491,27 @@ impl<K: NftBackend> Runner<K> {
             .await
             .unwrap_or_else(|e| Err(join_error(e)))
     }
+}
+
+/// Runs `f` on the eBPF maps on a blocking thread.
+async fn with_maps<T: Send + 'static>(
+    maps: &Arc<Mutex<Box<dyn MapStore>>>,
+    f: impl FnOnce(&mut dyn MapStore) -> Result<T, EbpfError> + Send + 'static,
+) -> Result<T, EbpfError> {
+    let maps = maps.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut m = maps.lock().unwrap_or_else(|e| e.into_inner());
+        f(m.as_mut())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(EbpfError::Map {
+            op: "sync",
+            map: "all",
+            key: String::new(),
+            message: format!("worker task failed: {e}"),
+        })
+    })
 }
 
 fn join_error(e: tokio::task::JoinError) -> KernelError {
@@ -451,6 +592,51 @@ mod tests {
 
     async fn settle() {
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    #[tokio::test]
+    async fn ebpf_mode_writes_maps_incrementally_and_rereads_them_after_a_failure() {
+        use crate::dataplane::ebpf::fake::FakeMaps;
+        let nft = SharedFake::default();
+        let maps = FakeMaps::default();
+        let runner = Runner::new(
+            cfg(10),
+            nft.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(ProxyHealth::new(Duration::from_secs(60))),
+        )
+        .with_ebpf(maps.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(runner.run(rx));
+        tx.try_send(SourceUpdate::Replace(svc(
+            "a",
+            "10.96.0.1",
+            &["10.244.1.1"],
+        )))
+        .unwrap();
+        settle().await;
+        assert_eq!(maps.contents().services.len(), 1);
+        assert_eq!(maps.contents().backends.len(), 1);
+        assert_eq!(maps.dumps(), 1, "the first sync adopts what the maps hold");
+        for o in svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]) {
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        settle().await;
+        assert_eq!(maps.contents().backends.len(), 2);
+        assert_eq!(
+            maps.dumps(),
+            1,
+            "an incremental sync does not re-read the maps"
+        );
+        maps.fail_next_apply();
+        let three = ["10.244.1.1", "10.244.1.2", "10.244.1.3"];
+        for o in svc("a", "10.96.0.1", &three) {
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        settle().await;
+        assert_eq!(maps.dumps(), 2, "the retry re-read the maps");
+        assert_eq!(maps.contents().backends.len(), 3);
+        assert_eq!(nft.applies(), 0, "nftables is untouched in eBPF mode");
     }
 
     #[tokio::test]

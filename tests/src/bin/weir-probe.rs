@@ -2,6 +2,11 @@
 //! - `weir-probe tcp ADDR:PORT COUNT`: COUNT HTTP GETs, one connection each;
 //! - `weir-probe udp ADDR:PORT COUNT [--source-port N]`: COUNT datagrams from one socket
 //!   (bound to local port N, with SO_REUSEADDR, so successive probes are one UDP flow);
+//! - `weir-probe udp-each ADDR:PORT COUNT`: COUNT datagrams, each from a new unconnected
+//!   socket (`sendto`/`recvfrom`); a reply whose source is not ADDR:PORT counts as error
+//!   `wrong_source`;
+//! - `weir-probe peername ADDR:PORT`: one TCP connection, prints `{"peername": ADDR:PORT}`
+//!   as getpeername() reports it;
 //! - `weir-probe hold ADDR:PORT MILLIS`: one TCP connection, a line every 100 ms;
 //! - `weir-probe get ADDR:PORT PATH`: one HTTP GET, prints the body;
 //! - `weir-probe http ADDR:PORT PATH`: one HTTP GET, prints
@@ -179,6 +184,39 @@ fn main() -> anyhow::Result<()> {
             };
             println!("{report}");
             return Ok(());
+        }
+        "peername" => {
+            let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+            println!("{}", json!({"peername": s.peer_addr()?.to_string()}));
+            return Ok(());
+        }
+        "udp-each" => {
+            let count: u32 = args.get(3).map(|c| c.parse()).transpose()?.unwrap_or(1);
+            for _ in 0..count {
+                let t = Instant::now();
+                let any: SocketAddr = if addr.is_ipv4() {
+                    (Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let r = UdpSocket::bind(any).and_then(|s| {
+                    s.set_read_timeout(Some(TIMEOUT))?;
+                    s.send_to(b"hi", addr)?;
+                    let mut buf = [0u8; 256];
+                    let (n, from) = s.recv_from(&mut buf)?;
+                    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+                });
+                match r {
+                    Ok((_, from)) if from != addr => {
+                        *errors.entry("wrong_source").or_default() += 1
+                    }
+                    Ok((name, _)) => {
+                        lat.push(t.elapsed().as_micros());
+                        *answers.entry(name.trim().to_owned()).or_default() += 1;
+                    }
+                    Err(e) => *errors.entry(kind(&e)).or_default() += 1,
+                }
+            }
         }
         "tcp" | "udp" => {
             let count: u32 = args.get(3).map(|c| c.parse()).transpose()?.unwrap_or(1);

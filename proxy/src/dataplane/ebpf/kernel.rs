@@ -1,0 +1,357 @@
+//! The real kernel: loads weir's eBPF object with aya, attaches the cgroup socket hooks to
+//! a cgroup v2 and pins maps and links under a bpffs directory, so a restarted daemon adopts
+//! them and traffic keeps flowing while it is down; reads and writes the maps;
+//! [`cleanup`] detaches and unpins everything.
+
+use super::render::{MapContents, MapOp, MapPlan};
+use super::MapStore;
+use aya::maps::{HashMap, MapData};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader, VerifierLogLevel};
+use std::path::{Path, PathBuf};
+use weir_ebpf_common::{Backend, BackendKey, ServiceKey, ServiceValue, BACKENDS_MAP, SERVICES_MAP};
+
+/// Where the programs attach and where their objects are pinned.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EbpfSettings {
+    /// A cgroup v2 directory (`--ebpf-cgroup`): sockets of processes in it or below are
+    /// translated.
+    pub cgroup: PathBuf,
+    /// A directory on bpffs (`--bpffs-dir`) for pinned maps and links.
+    pub bpffs_dir: PathBuf,
+}
+
+/// Failures of the eBPF backend, naming the object and the kernel operation.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// The bpffs directory cannot be used.
+    #[error("--bpffs-dir {path}: {message}")]
+    Bpffs {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The cgroup cannot be used.
+    #[error("--ebpf-cgroup {path}: {message}")]
+    Cgroup {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The object could not be parsed or its maps created.
+    #[error("loading weir's eBPF object: {0}")]
+    Object(String),
+    /// A program failed to load (the message holds the verifier's log).
+    #[error("loading program {program}: {message}")]
+    Load {
+        /// The program.
+        program: String,
+        /// The error, with the verifier log.
+        message: String,
+    },
+    /// A program failed to attach.
+    #[error("attaching program {program} to {cgroup}: {message}")]
+    Attach {
+        /// The program.
+        program: String,
+        /// The cgroup.
+        cgroup: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// Pinning or unpinning failed.
+    #[error("pin {path}: {message}")]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A map operation failed.
+    #[error("{op} {map} {key}: {message}")]
+    Map {
+        /// `lookup`, `update`, `delete` or `iterate`.
+        op: &'static str,
+        /// The map.
+        map: &'static str,
+        /// The key, as text.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// An error with its sources, one after another (aya's errors keep the errno in a source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(src) = next {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        next = src.source();
+    }
+    s
+}
+
+fn map_err(
+    op: &'static str,
+    map: &'static str,
+    key: &dyn std::fmt::Debug,
+) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+    let key = format!("{key:?}");
+    move |e| EbpfError::Map {
+        op,
+        map,
+        key,
+        message: chain(&e),
+    }
+}
+
+/// Makes sure `dir` exists on a bpffs: mounts bpffs on `/sys/fs/bpf` when nothing is
+/// mounted there (as systemd and Cilium do), creates the directory.
+pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), EbpfError> {
+    use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
+    let err = |message: String| EbpfError::Bpffs {
+        path: dir.to_owned(),
+        message,
+    };
+    let parent = dir
+        .parent()
+        .ok_or_else(|| err("has no parent directory".into()))?;
+    let on_bpffs = |p: &Path| statfs(p).map(|s| s.filesystem_type() == BPF_FS_MAGIC);
+    if !on_bpffs(parent).map_err(|e| err(format!("statfs {}: {e}", parent.display())))? {
+        if parent != Path::new("/sys/fs/bpf") {
+            return Err(err(format!("{} is not on a bpffs", parent.display())));
+        }
+        let out = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .output()
+            .map_err(|e| err(format!("mount -t bpf: {e}")))?;
+        if !out.status.success() {
+            return Err(err(format!(
+                "mount -t bpf bpf /sys/fs/bpf: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("mkdir: {e}")))
+}
+
+/// Loads the object (maps pinned under `bpffs_dir`, existing pins reused) and every
+/// program, with the verifier log at `log`. A program the verifier rejects fails with its
+/// log in the error.
+pub fn load(bpffs_dir: &Path, log: VerifierLogLevel) -> Result<Ebpf, EbpfError> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(bpffs_dir)
+        .verifier_log_level(log)
+        .load(super::OBJECT)
+        .map_err(|e| EbpfError::Object(chain(&e)))?;
+    for (name, program) in ebpf.programs_mut() {
+        let p: &mut CgroupSockAddr =
+            program
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| EbpfError::Load {
+                    program: name.to_owned(),
+                    message: chain(&e),
+                })?;
+        p.load().map_err(|e| EbpfError::Load {
+            program: name.to_owned(),
+            message: chain(&e),
+        })?;
+    }
+    Ok(ebpf)
+}
+
+/// The programs' names in the object.
+pub fn program_names(ebpf: &Ebpf) -> Vec<String> {
+    let mut v: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+    v.sort();
+    v
+}
+
+fn link_path(dir: &Path, program: &str) -> PathBuf {
+    dir.join(format!("link_{program}"))
+}
+
+/// The loaded programs, attached through pinned links, and the pinned maps.
+pub struct KernelMaps {
+    ebpf: Ebpf,
+    _links: Vec<PinnedLink>,
+}
+
+impl std::fmt::Debug for KernelMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelMaps").finish_non_exhaustive()
+    }
+}
+
+impl KernelMaps {
+    /// Loads and attaches the programs, adopting pinned maps (their contents are kept) and
+    /// replacing pinned links of an earlier run (the new link is attached before the old
+    /// one goes, so no socket call goes untranslated).
+    pub fn open(s: &EbpfSettings) -> Result<Self, EbpfError> {
+        use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+        let cg_err = |message: String| EbpfError::Cgroup {
+            path: s.cgroup.clone(),
+            message,
+        };
+        let fs = statfs(&s.cgroup).map_err(|e| cg_err(format!("statfs: {e}")))?;
+        if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+            return Err(cg_err(
+                "not a cgroup v2 directory (on hybrid hosts it is often /sys/fs/cgroup/unified)"
+                    .into(),
+            ));
+        }
+        ensure_bpffs_dir(&s.bpffs_dir)?;
+        let mut ebpf = load(&s.bpffs_dir, VerifierLogLevel::default())?;
+        let cgroup = std::fs::File::open(&s.cgroup).map_err(|e| cg_err(format!("open: {e}")))?;
+        let mut links = Vec::new();
+        for (name, program) in ebpf.programs_mut() {
+            let attach_err = |message: String| EbpfError::Attach {
+                program: name.to_owned(),
+                cgroup: s.cgroup.clone(),
+                message,
+            };
+            let p: &mut CgroupSockAddr = program
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| attach_err(chain(&e)))?;
+            // A cgroup bpf_link takes no flags (the kernel attaches links as
+            // BPF_F_ALLOW_MULTI, beside other programs): `Single` passes none.
+            let id = p
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(chain(&e)))?;
+            let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
+            let link: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(chain(&e)))?;
+            let path = link_path(&s.bpffs_dir, name);
+            let pin_err = |message: String| EbpfError::Pin {
+                path: path.clone(),
+                message,
+            };
+            if path.exists() {
+                // Dropping the unpinned old link detaches the previous run's program.
+                let old = PinnedLink::from_pin(&path).map_err(|e| pin_err(chain(&e)))?;
+                drop(old.unpin().map_err(|e| pin_err(chain(&e)))?);
+            }
+            links.push(link.pin(&path).map_err(|e| pin_err(chain(&e)))?);
+        }
+        Ok(KernelMaps {
+            ebpf,
+            _links: links,
+        })
+    }
+}
+
+impl MapStore for KernelMaps {
+    fn dump(&mut self) -> Result<MapContents, EbpfError> {
+        let mut out = MapContents::default();
+        let services: HashMap<&MapData, ServiceKey, ServiceValue> = self
+            .ebpf
+            .map(SERVICES_MAP)
+            .ok_or_else(|| missing_map(SERVICES_MAP))?
+            .try_into()
+            .map_err(map_err("open", SERVICES_MAP, &""))?;
+        for kv in services.iter() {
+            let (k, v) = kv.map_err(map_err("iterate", SERVICES_MAP, &""))?;
+            out.services.insert(k, v);
+        }
+        let backends: HashMap<&MapData, BackendKey, Backend> = self
+            .ebpf
+            .map(BACKENDS_MAP)
+            .ok_or_else(|| missing_map(BACKENDS_MAP))?
+            .try_into()
+            .map_err(map_err("open", BACKENDS_MAP, &""))?;
+        for kv in backends.iter() {
+            let (k, v) = kv.map_err(map_err("iterate", BACKENDS_MAP, &""))?;
+            out.backends.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    fn apply(&mut self, plan: &MapPlan) -> Result<(), EbpfError> {
+        let [s, b] = self.ebpf.maps_disjoint_mut([SERVICES_MAP, BACKENDS_MAP]);
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = s
+            .ok_or_else(|| missing_map(SERVICES_MAP))?
+            .try_into()
+            .map_err(map_err("open", SERVICES_MAP, &""))?;
+        let mut backends: HashMap<&mut MapData, BackendKey, Backend> = b
+            .ok_or_else(|| missing_map(BACKENDS_MAP))?
+            .try_into()
+            .map_err(map_err("open", BACKENDS_MAP, &""))?;
+        for op in &plan.ops {
+            match op {
+                MapOp::UpsertBackend(k, v) => {
+                    backends
+                        .insert(k, v, 0)
+                        .map_err(map_err("update", BACKENDS_MAP, k))?
+                }
+                MapOp::UpsertService(k, v) => {
+                    services
+                        .insert(k, v, 0)
+                        .map_err(map_err("update", SERVICES_MAP, k))?
+                }
+                MapOp::DeleteService(k) => {
+                    services
+                        .remove(k)
+                        .map_err(map_err("delete", SERVICES_MAP, k))?
+                }
+                MapOp::DeleteBackend(k) => {
+                    backends
+                        .remove(k)
+                        .map_err(map_err("delete", BACKENDS_MAP, k))?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn missing_map(map: &'static str) -> EbpfError {
+    EbpfError::Map {
+        op: "open",
+        map,
+        key: String::new(),
+        message: "not in the object".into(),
+    }
+}
+
+/// Detaches every program weir attached from `bpffs_dir` (by removing its pinned links)
+/// and removes the pinned maps and the directory. Returns how many pins were removed;
+/// nothing to do is not an error.
+pub fn cleanup(bpffs_dir: &Path) -> Result<usize, EbpfError> {
+    let entries = match std::fs::read_dir(bpffs_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => {
+            return Err(EbpfError::Bpffs {
+                path: bpffs_dir.to_owned(),
+                message: e.to_string(),
+            })
+        }
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let pin_err = |message: String| EbpfError::Pin {
+            path: path.clone(),
+            message,
+        };
+        if entry.file_name().to_string_lossy().starts_with("link_") {
+            let link = PinnedLink::from_pin(&path).map_err(|e| pin_err(chain(&e)))?;
+            drop(link.unpin().map_err(|e| pin_err(chain(&e)))?);
+        } else {
+            std::fs::remove_file(&path).map_err(|e| pin_err(chain(&e)))?;
+        }
+        removed += 1;
+    }
+    std::fs::remove_dir(bpffs_dir).map_err(|e| EbpfError::Bpffs {
+        path: bpffs_dir.to_owned(),
+        message: format!("rmdir: {e}"),
+    })?;
+    Ok(removed)
+}

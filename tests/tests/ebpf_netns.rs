@@ -1,0 +1,295 @@
+//! eBPF mode (first slice) with real sockets: weir-proxy attaches its cgroup socket hooks to
+//! a cgroup of the test's own (never the host's root cgroup) and pins under a bpffs
+//! directory of the test's own; a client process placed in that cgroup, inside a pod
+//! namespace, reaches ClusterIPs over TCP and UDP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use weir_e2e::*;
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+/// The cgroup v2 mount point (`/sys/fs/cgroup` or, on hybrid hosts, `.../unified`).
+fn cgroup2_root() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split(' ').next() != Some("cgroup2") {
+                return None;
+            }
+            pre.split(' ').nth(4).map(PathBuf::from)
+        })
+        .expect("a cgroup v2 mount")
+}
+
+/// A child cgroup, removed on drop (after its processes have exited).
+struct Cgroup(PathBuf);
+
+impl Cgroup {
+    fn new() -> Cgroup {
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = cgroup2_root().join(format!("weir-test-{}-{n}", std::process::id()));
+        std::fs::create_dir(&p).unwrap();
+        Cgroup(p)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// A bpffs directory for the test's pins, cleaned up on drop.
+struct BpfDir(PathBuf);
+
+impl BpfDir {
+    fn new() -> BpfDir {
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        BpfDir(PathBuf::from(format!(
+            "/sys/fs/bpf/weir-test-{}-{n}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for BpfDir {
+    fn drop(&mut self) {
+        let _ = weir_proxy::dataplane::ebpf::kernel::cleanup(&self.0);
+    }
+}
+
+const METRICS: u16 = 10249;
+
+struct Env {
+    // Field order is drop order: the proxy and pods go before the cgroup and the pins.
+    topo: Topology,
+    dir: tempfile::TempDir,
+    cgroup: Cgroup,
+    bpf: BpfDir,
+    proxy: u32,
+}
+
+impl Env {
+    /// weir-probe in the client pod (the last pod), inside the test's cgroup.
+    fn probe(&self, args: &[&str]) -> serde_json::Value {
+        let client = self.topo.pods.last().unwrap();
+        let bin = workspace_bin("weir-probe");
+        let procs = self.cgroup.0.join("cgroup.procs");
+        let script = format!("echo $$ > {} && exec \"$@\"", procs.display());
+        let netns = format!("--net=/run/netns/{}", client.name());
+        let mut cmd = vec!["-c", &script, "sh", "nsenter", &netns];
+        let bin = bin.to_string_lossy();
+        cmd.push(&bin);
+        cmd.extend_from_slice(args);
+        let out = run("sh", &cmd).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap()
+    }
+
+    fn proxy_flags(&self) -> Vec<String> {
+        vec![
+            "--proxy-mode".into(),
+            "ebpf".into(),
+            "--ebpf-cgroup".into(),
+            self.cgroup.0.display().to_string(),
+            "--bpffs-dir".into(),
+            self.bpf.0.display().to_string(),
+        ]
+    }
+}
+
+fn services(web_pods: &[usize], dns_pods: &[usize]) -> String {
+    let mut s = service_yaml("web", "10.96.0.10", "TCP", 80, None, 8080, web_pods);
+    s.push_str(&service_yaml(
+        "dns",
+        "10.96.0.53",
+        "UDP",
+        53,
+        None,
+        5353,
+        dns_pods,
+    ));
+    s.push_str(&service_yaml(
+        "empty",
+        "10.96.0.20",
+        "TCP",
+        80,
+        None,
+        8080,
+        &[],
+    ));
+    s
+}
+
+/// `backends` echo pods plus one client pod, weir-proxy in eBPF mode.
+fn setup(backends: usize) -> Option<Env> {
+    if !require_privileges() {
+        return None;
+    }
+    let mut topo = Topology::new(backends + 1).expect("topology");
+    let echo = Path::new(env!("CARGO_BIN_EXE_weir-echo"));
+    for i in 0..backends {
+        topo.start_echo(i, echo, &format!("pod-{i}")).expect("echo");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let all: Vec<usize> = (0..backends).collect();
+    write_manifests(dir.path(), &services(&all, &all)).expect("manifests");
+    let mut env = Env {
+        topo,
+        dir,
+        cgroup: Cgroup::new(),
+        bpf: BpfDir::new(),
+        proxy: 0,
+    };
+    let flags = env.proxy_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    env.proxy =
+        start_proxy_with(&mut env.topo.node, env.dir.path(), METRICS, &flags).expect("weir-proxy");
+    Some(env)
+}
+
+fn assert_spread(r: &serde_json::Value, backends: usize, count: u64) {
+    let a = answers(r);
+    assert_eq!(a.len(), backends, "every backend answers: {r}");
+    assert_eq!(total(r), count, "{r}");
+    for (name, n) in &a {
+        assert!(
+            *n * backends as u64 <= count * 2,
+            "{name} got {n} of {count}: {r}"
+        );
+    }
+}
+
+#[test]
+fn verifier_accepts_every_program() {
+    if !require_privileges() {
+        return;
+    }
+    use weir_proxy::dataplane::ebpf::kernel::{ensure_bpffs_dir, load, program_names};
+    let bpf = BpfDir::new();
+    ensure_bpffs_dir(&bpf.0).unwrap();
+    let level = aya::VerifierLogLevel::DEBUG | aya::VerifierLogLevel::STATS;
+    match load(&bpf.0, level) {
+        Ok(ebpf) => {
+            let names = program_names(&ebpf);
+            assert_eq!(names.len(), 8, "{names:?}");
+        }
+        Err(e) => panic!("the verifier rejected a program:\n{e}"),
+    }
+}
+
+#[test]
+fn clusterip_tcp_and_udp_spread_over_all_endpoints_and_replies_come_from_the_clusterip() {
+    let Some(env) = setup(3) else { return };
+    let r = env.probe(&["tcp", "10.96.0.10:80", "150"]);
+    assert_spread(&r, 3, 150);
+    // Unconnected sockets: sendmsg translates, recvmsg reports the ClusterIP as source.
+    let r = env.probe(&["udp-each", "10.96.0.53:53", "90"]);
+    assert_eq!(errors(&r, "wrong_source"), 0, "{r}");
+    assert_spread(&r, 3, 90);
+    // Connected UDP socket: connect translates, replies still read from the ClusterIP.
+    let r = env.probe(&["udp", "10.96.0.53:53", "10"]);
+    assert_eq!(total(&r), 10, "{r}");
+    let r = env.probe(&["peername", "10.96.0.10:80"]);
+    assert_eq!(
+        r["peername"], "10.96.0.10:80",
+        "getpeername reports the ClusterIP"
+    );
+    let body = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            env.topo.node.name(),
+            &workspace_bin("weir-probe").to_string_lossy(),
+            "get",
+            &format!("127.0.0.1:{METRICS}"),
+            "/proxyMode",
+        ],
+    )
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&body.stdout), "ebpf");
+}
+
+#[test]
+fn service_without_endpoints_is_refused_at_once() {
+    let Some(env) = setup(1) else { return };
+    let started = std::time::Instant::now();
+    let r = env.probe(&["tcp", "10.96.0.20:80", "5"]);
+    assert_eq!(errors(&r, "refused"), 5, "ECONNREFUSED, not a timeout: {r}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}
+
+#[test]
+fn removed_endpoint_stops_receiving_new_connections() {
+    let Some(env) = setup(3) else { return };
+    let before = last_sync(&env.topo.node, METRICS).unwrap();
+    write_manifests(env.dir.path(), &services(&[0, 1], &[0, 1])).unwrap();
+    wait_synced(&env.topo.node, METRICS, before).unwrap();
+    let r = env.probe(&["tcp", "10.96.0.10:80", "60"]);
+    assert_eq!(total(&r), 60, "{r}");
+    assert!(
+        names(&r).iter().all(|n| n != "pod-2"),
+        "pod-2 was removed: {r}"
+    );
+    let r = env.probe(&["udp-each", "10.96.0.53:53", "30"]);
+    assert_eq!(total(&r), 30, "{r}");
+    assert!(
+        names(&r).iter().all(|n| n != "pod-2"),
+        "pod-2 was removed: {r}"
+    );
+}
+
+#[test]
+fn a_restarted_daemon_adopts_the_maps_and_cleanup_leaves_no_programs_or_pins() {
+    let Some(mut env) = setup(2) else { return };
+    let r = env.probe(&["tcp", "10.96.0.10:80", "10"]);
+    assert_eq!(total(&r), 10, "{r}");
+    env.topo.node.stop(env.proxy);
+    // The daemon is gone; the pinned links and maps keep translating.
+    let r = env.probe(&["tcp", "10.96.0.10:80", "10"]);
+    assert_eq!(total(&r), 10, "traffic flows while the daemon is down: {r}");
+    let flags = env.proxy_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let pid = start_proxy_with(&mut env.topo.node, env.dir.path(), METRICS + 1, &flags).unwrap();
+    let r = env.probe(&["tcp", "10.96.0.10:80", "10"]);
+    assert_eq!(total(&r), 10, "{r}");
+    env.topo.node.stop(pid);
+    let pins: Vec<_> = std::fs::read_dir(&env.bpf.0).unwrap().flatten().collect();
+    assert!(
+        pins.len() >= 10,
+        "8 links and the maps are pinned: {pins:?}"
+    );
+    let bin = workspace_bin("weir-proxy");
+    let netns = format!("--net=/run/netns/{}", env.topo.node.name());
+    let bpf = env.bpf.0.display().to_string();
+    let cg = env.cgroup.0.display().to_string();
+    run(
+        "nsenter",
+        &[
+            &netns,
+            &bin.to_string_lossy(),
+            "--cleanup",
+            "--proxy-mode",
+            "ebpf",
+            "--bpffs-dir",
+            &bpf,
+            "--ebpf-cgroup",
+            &cg,
+        ],
+    )
+    .unwrap();
+    assert!(!env.bpf.0.exists(), "the pin directory is gone");
+    // No program stays attached: without translation the ClusterIP goes nowhere.
+    let r = env.probe(&["tcp", "10.96.0.10:80", "1"]);
+    assert_eq!(total(&r), 0, "{r}");
+}
