@@ -13,6 +13,7 @@ mod bench_policy;
 mod demo;
 mod image;
 mod multinode;
+mod toolchain;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -80,6 +81,7 @@ fn test() -> Result<()> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
     let proxy_bin = target.join("debug/weir-proxy").display().to_string();
+    toolchain::ensure_ebpf()?;
     step("format", "cargo", &["fmt", "--all", "--", "--check"], &[])?;
     step(
         "clippy",
@@ -112,7 +114,10 @@ fn test() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test(),
-        Cmd::Demo(a) => demo::demo(&workspace_root(), a),
+        Cmd::Demo(a) => {
+            toolchain::ensure_ebpf()?;
+            demo::demo(&workspace_root(), a)
+        }
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Policy(a)) => bench_policy::policy(a),
         Cmd::Apiserver(a) => apiserver::apiserver(a),

@@ -145,6 +145,13 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), EbpfError> {
 /// program, with the verifier log at `log`. A program the verifier rejects fails with its
 /// log in the error.
 pub fn load(bpffs_dir: &Path, log: VerifierLogLevel) -> Result<Ebpf, EbpfError> {
+    if super::OBJECT.is_empty() {
+        return Err(EbpfError::Object(
+            "this weir-proxy was built without eBPF programs (no nightly rust-src or \
+             bpf-linker at build time; `cargo xtask test` installs them): rebuild it"
+                .to_owned(),
+        ));
+    }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(bpffs_dir)
         .verifier_log_level(log)

@@ -1,0 +1,48 @@
+//! The eBPF toolchain weir-proxy's build script needs: a nightly with `rust-src` (to build
+//! `core` for the BPF target) and bpf-linker 0.10.4 (needs no system LLVM). Installed when
+//! missing, as `.ci/run` does, so the README's commands work on a fresh machine.
+
+use anyhow::{bail, Result};
+use std::process::Command;
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    if !cmd.status()?.success() {
+        bail!("{what} failed");
+    }
+    Ok(())
+}
+
+/// Installs what is missing of the eBPF toolchain; quick when everything is there.
+pub fn ensure_ebpf() -> Result<()> {
+    if !ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        crate::demo::say("installing the nightly toolchain with rust-src (eBPF programs)");
+        run(
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]),
+            "rustup toolchain install nightly",
+        )?;
+    }
+    run(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        "rustup component add rust-src",
+    )?;
+    if !ok(Command::new("bpf-linker").arg("--version")) {
+        crate::demo::say("installing bpf-linker 0.10.4 (2-3 minutes)");
+        run(
+            Command::new("cargo").args(["install", "bpf-linker@0.10.4", "--locked"]),
+            "cargo install bpf-linker",
+        )?;
+    }
+    Ok(())
+}
