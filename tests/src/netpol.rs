@@ -16,7 +16,7 @@
 
 use crate::cnitool::{Attachment, CniRuntime};
 use crate::{
-    cni_path, metric, start_echo_ports, start_proxy_with, wait_synced, workspace_bin,
+    cni_path, metric, start_echo_ports, start_proxy_with, workspace_bin,
     write_file_atomically, write_manifests, HarnessError, Netns,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -361,6 +361,33 @@ fn unix_now() -> f64 {
         .unwrap_or_default()
 }
 
+/// Waits for a sync stamped (by `last`) after `written`, then until no further sync comes
+/// for [`SETTLE`]: the first sync after a write may come from a directory scan that began
+/// before it, and then the next scan brings the change within a debounce period.
+fn wait_settled(what: &str, written: f64, last: impl Fn() -> Option<f64>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen: Option<(f64, Instant)> = None;
+    loop {
+        let now = Instant::now();
+        match (last().filter(|t| *t > written), seen) {
+            (Some(t), Some((s, since))) if t == s => {
+                if now.duration_since(since) >= SETTLE {
+                    return Ok(());
+                }
+            }
+            (Some(t), _) => seen = Some((t, now)),
+            (None, _) => {}
+        }
+        if now >= deadline {
+            return Err(HarnessError::Timeout(what.to_owned()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How long no new sync must come before a written change counts as applied.
+pub const SETTLE: Duration = Duration::from_millis(400);
+
 /// The YAML documents of `text` (separated by `---` lines) of kind `kind`, typed.
 fn documents<T: serde::de::DeserializeOwned>(text: &str, kind: &str) -> Result<Vec<T>> {
     let mut out = Vec::new();
@@ -384,6 +411,136 @@ fn documents<T: serde::de::DeserializeOwned>(text: &str, kind: &str) -> Result<V
         doc.clear();
     }
     Ok(out)
+}
+
+/// One step of a scenario: the NetworkPolicies to write (replacing the previous step's;
+/// empty deletes them all), what they must allow, and the policy errors weir's model must
+/// report for them (substrings of the messages, one per expected error).
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// NetworkPolicy documents.
+    pub policies: String,
+    /// The expected matrices.
+    pub expected: Expectation,
+    /// One substring per expected [`PolicyError`] message.
+    pub errors: Vec<&'static str>,
+}
+
+impl Step {
+    /// A step whose policies are all valid.
+    pub fn new(policies: impl Into<String>, expected: Expectation) -> Step {
+        Step {
+            policies: policies.into(),
+            expected,
+            errors: Vec::new(),
+        }
+    }
+
+    /// Checks the step against weir's model over `ips`: the expectation and the errors.
+    pub fn check_model(&self, ips: &PodIps) -> std::result::Result<(), String> {
+        let (_, errors) = model(ips, &self.policies).map_err(|e| e.to_string())?;
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let all_found = self
+            .errors
+            .iter()
+            .all(|want| messages.iter().any(|m| m.contains(want)));
+        if messages.len() != self.errors.len() || !all_found {
+            return Err(format!(
+                "policy errors {messages:?}, expected one each of {:?}, for\n{}",
+                self.errors, self.policies
+            ));
+        }
+        check_model(ips, &self.policies, &self.expected)
+    }
+}
+
+/// Pod addresses, by pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIps(pub BTreeMap<PodKey, String>);
+
+impl PodIps {
+    /// Made-up addresses in [`POD_CIDR`] (x/a 10.244.1.10, x/b .11, ...), to check
+    /// expectations against weir's model without a cluster.
+    pub fn fake() -> PodIps {
+        PodIps(
+            all_pods()
+                .into_iter()
+                .enumerate()
+                .map(|(i, k)| (k, format!("10.244.1.{}", 10 + i)))
+                .collect(),
+        )
+    }
+
+    /// `"x/a"`'s address.
+    pub fn ip(&self, pod: &str) -> &str {
+        self.0
+            .get(&key(pod))
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no pod {pod}"))
+    }
+}
+
+/// The Namespace objects: x, y, z labelled `ns=<name>`.
+pub fn namespaces_yaml() -> String {
+    NAMESPACES
+        .iter()
+        .map(|ns| {
+            format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"
+            )
+        })
+        .collect()
+}
+
+/// The Pod objects: labels `pod=<name>`, container ports named `serve-<port>-<proto>` for
+/// 80 and 81 over TCP, UDP and SCTP, `status.podIP(s)` from `ips`, on node1.
+pub fn pods_yaml(ips: &PodIps) -> String {
+    let mut out = String::new();
+    for (k, ip) in &ips.0 {
+        let mut ports = String::new();
+        for port in PORTS {
+            for proto in Protocol::ALL {
+                let _ = write!(
+                    ports,
+                    "\n    - {{name: serve-{port}-{}, containerPort: {port}, protocol: {proto}}}",
+                    protocol_name(proto)
+                );
+            }
+        }
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: cont-80-81\n    image: weir-echo\n    ports:{ports}\nstatus:\n  phase: Running\n  podIP: \"{ip}\"\n  podIPs: [{{ip: \"{ip}\"}}]\n",
+            name = k.name,
+            ns = k.namespace,
+            node = crate::NODE_NAME,
+        );
+    }
+    out
+}
+
+/// weir's model (the resolved set and the policy errors) of `policies` over the nine pods
+/// at `ips` and the three namespaces.
+pub fn model(ips: &PodIps, policies: &str) -> Result<(PolicySet, Vec<PolicyError>)> {
+    let pods: Vec<Pod> = documents(&pods_yaml(ips), "Pod")?;
+    let namespaces: Vec<Namespace> = documents(&namespaces_yaml(), "Namespace")?;
+    let policies: Vec<NetworkPolicy> = documents(policies, "NetworkPolicy")?;
+    Ok(PolicySet::build(&policies, &pods, &namespaces))
+}
+
+/// `Err` with the print-out when `expected` disagrees with weir's model of `policies`
+/// (a wrong hand-written expectation, or a model bug).
+pub fn check_model(
+    ips: &PodIps,
+    policies: &str,
+    expected: &Expectation,
+) -> std::result::Result<(), String> {
+    let (set, _) = model(ips, policies).map_err(|e| e.to_string())?;
+    match expected.diff(&Expectation::from_model(&set), "weir's model") {
+        None => Ok(()),
+        Some(d) => Err(format!(
+            "the hand-written expectation disagrees with weir's policy model for\n{policies}\n{d}"
+        )),
+    }
 }
 
 /// The node, its nine pods, weir-proxy and the manifests it reads.
@@ -490,8 +647,8 @@ impl PolicyCluster {
     fn start_proxy(&mut self) -> Result<()> {
         let dir = self.manifests.path().to_owned();
         write_manifests(&dir, "").map_err(|e| cmd_err("writing manifests", e))?;
-        write_file_atomically(&dir, "namespaces.yaml", &self.namespaces_yaml())
-            .and_then(|()| write_file_atomically(&dir, "pods.yaml", &self.pods_yaml()))
+        write_file_atomically(&dir, "namespaces.yaml", &namespaces_yaml())
+            .and_then(|()| write_file_atomically(&dir, "pods.yaml", &pods_yaml(&self.ips())))
             .map_err(|e| cmd_err("writing manifests", e))?;
         let state = self.cni_state.path().to_string_lossy().into_owned();
         let extra: Vec<&str> = if proxy_enforces_policy() {
@@ -525,43 +682,14 @@ impl PolicyCluster {
         self.manifests.path()
     }
 
-    /// The Namespace objects: x, y, z labelled `ns=<name>`.
-    pub fn namespaces_yaml(&self) -> String {
-        NAMESPACES
-            .iter()
-            .map(|ns| {
-                format!(
-                    "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"
-                )
-            })
-            .collect()
-    }
-
-    /// The Pod objects: labels `pod=<name>`, container ports named `serve-<port>-<proto>`
-    /// for 80 and 81 over TCP, UDP and SCTP, `status.podIP(s)` from CNI, on node1.
-    pub fn pods_yaml(&self) -> String {
-        let mut out = String::new();
-        for p in &self.pods {
-            let mut ports = String::new();
-            for port in PORTS {
-                for proto in Protocol::ALL {
-                    let _ = write!(
-                        ports,
-                        "\n    - {{name: serve-{port}-{}, containerPort: {port}, protocol: {proto}}}",
-                        protocol_name(proto)
-                    );
-                }
-            }
-            let _ = write!(
-                out,
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: cont-80-81\n    image: weir-echo\n    ports:{ports}\nstatus:\n  phase: Running\n  podIP: \"{ip}\"\n  podIPs: [{{ip: \"{ip}\"}}]\n",
-                name = p.key.name,
-                ns = p.key.namespace,
-                node = crate::NODE_NAME,
-                ip = p.ip,
-            );
-        }
-        out
+    /// The pods' addresses.
+    pub fn ips(&self) -> PodIps {
+        PodIps(
+            self.pods
+                .iter()
+                .map(|p| (p.key.clone(), p.ip.clone()))
+                .collect(),
+        )
     }
 
     /// The NetworkPolicies currently written.
@@ -572,10 +700,7 @@ impl PolicyCluster {
     /// weir's model over the pods, namespaces and policies written: the resolved set and
     /// the policy errors (rejected fields; those policies fail closed).
     pub fn model(&self) -> Result<(PolicySet, Vec<PolicyError>)> {
-        let pods: Vec<Pod> = documents(&self.pods_yaml(), "Pod")?;
-        let namespaces: Vec<Namespace> = documents(&self.namespaces_yaml(), "Namespace")?;
-        let policies: Vec<NetworkPolicy> = documents(&self.policies, "NetworkPolicy")?;
-        Ok(PolicySet::build(&policies, &pods, &namespaces))
+        model(&self.ips(), &self.policies)
     }
 
     /// The last policy sync's time, if weir-proxy reported one.
@@ -623,9 +748,9 @@ impl PolicyCluster {
             write_file_atomically(dir, "policies.yaml", yaml)
                 .map_err(|e| cmd_err("writing policies.yaml", e))?;
         }
-        // The directory source reads changes after a 150 ms debounce: a sync stamped
-        // 100 ms after the write cannot be one that started before it was seen.
-        self.wait_policy_synced(written + 0.1)?;
+        wait_settled("weir-proxy's policy sync of policies.yaml", written, || {
+            self.last_policy_sync()
+        })?;
         Ok(self.model()?.1)
     }
 
@@ -634,7 +759,11 @@ impl PolicyCluster {
         let written = unix_now();
         write_file_atomically(self.manifests.path(), "services.yaml", yaml)
             .map_err(|e| cmd_err("writing services.yaml", e))?;
-        wait_synced(&self.node, self.metrics_port, written + 0.1)
+        wait_settled(
+            "weir-proxy's sync of services.yaml",
+            written,
+            || crate::last_sync(&self.node, self.metrics_port),
+        )
     }
 
     fn spawn_matrix(pod: &NetpolPod, targets: &[String]) -> Result<std::process::Child> {
@@ -750,15 +879,19 @@ impl PolicyCluster {
     /// A scenario's check: the hand-written expectation must agree with weir's model of
     /// the written policies (so a wrong expectation is caught), then with real packets.
     pub fn check(&self, expected: &Expectation) -> std::result::Result<(), String> {
-        let (set, _) = self.model().map_err(|e| e.to_string())?;
-        if let Some(d) = expected.diff(&Expectation::from_model(&set), "weir's model") {
-            return Err(format!(
-                "the hand-written expectation disagrees with weir's policy model for\n{}\n{d}",
-                self.policies
-            ));
-        }
+        check_model(&self.ips(), &self.policies, expected)?;
         self.compare_probed(expected)
             .map_err(|e| format!("policies:\n{}\n{e}", self.policies))
+    }
+
+    /// Runs one step: checks it against weir's model, writes its policies, waits for the
+    /// policy sync, and compares the probed matrix with its expectation.
+    pub fn run_step(&mut self, step: &Step) -> std::result::Result<(), String> {
+        step.check_model(&self.ips())?;
+        self.set_policies(&step.policies)
+            .map_err(|e| e.to_string())?;
+        self.compare_probed(&step.expected)
+            .map_err(|e| format!("policies:\n{}\n{e}", step.policies))
     }
 
     /// Starts `weir-probe hold` from pod `from` to `to` (TCP) for `millis` and waits until
