@@ -16,8 +16,8 @@
 
 use crate::cnitool::{Attachment, CniRuntime};
 use crate::{
-    cni_path, metric, start_echo_ports, start_proxy_with, workspace_bin,
-    write_file_atomically, write_manifests, HarnessError, Netns,
+    cni_path, metric, start_echo_ports, start_proxy_with, workspace_bin, write_file_atomically,
+    write_manifests, HarnessError, Netns,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -759,11 +759,9 @@ impl PolicyCluster {
         let written = unix_now();
         write_file_atomically(self.manifests.path(), "services.yaml", yaml)
             .map_err(|e| cmd_err("writing services.yaml", e))?;
-        wait_settled(
-            "weir-proxy's sync of services.yaml",
-            written,
-            || crate::last_sync(&self.node, self.metrics_port),
-        )
+        wait_settled("weir-proxy's sync of services.yaml", written, || {
+            crate::last_sync(&self.node, self.metrics_port)
+        })
     }
 
     fn spawn_matrix(pod: &NetpolPod, targets: &[String]) -> Result<std::process::Child> {

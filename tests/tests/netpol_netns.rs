@@ -43,7 +43,7 @@ fn step(c: &mut PolicyCluster, s: &Step) {
 }
 
 /// Runs every step of `scenario` on a fresh cluster.
-fn run(scenario: fn(&PodIps) -> Vec<Step>) {
+fn run(scenario: Scenario) {
     let Some(mut c) = cluster() else { return };
     for s in scenario(&c.ips()) {
         step(&mut c, &s);
@@ -60,7 +60,11 @@ fn default_deny_ingress_in_x(_: &PodIps) -> Vec<Step> {
     let mut r = Reachability::new(true);
     r.expect_peer(Peer::any(), Peer::ns("x"), false);
     vec![Step::new(
-        policy("x", "deny-ingress", "  podSelector: {}\n  policyTypes: [Ingress]\n"),
+        policy(
+            "x",
+            "deny-ingress",
+            "  podSelector: {}\n  policyTypes: [Ingress]\n",
+        ),
         Expectation::same(&r),
     )]
 }
@@ -69,7 +73,11 @@ fn default_deny_egress_in_x(_: &PodIps) -> Vec<Step> {
     let mut r = Reachability::new(true);
     r.expect_peer(Peer::ns("x"), Peer::any(), false);
     vec![Step::new(
-        policy("x", "deny-egress", "  podSelector: {}\n  policyTypes: [Egress]\n"),
+        policy(
+            "x",
+            "deny-egress",
+            "  podSelector: {}\n  policyTypes: [Egress]\n",
+        ),
         Expectation::same(&r),
     )]
 }
@@ -150,7 +158,10 @@ fn ip_block_with_except(ips: &PodIps) -> Vec<Step> {
     );
     let mut r = Reachability::new(true);
     r.expect("y/b", "x/a", false).expect("y/c", "z/a", false);
-    vec![Step::new(format!("{ingress}{egress}"), Expectation::same(&r))]
+    vec![Step::new(
+        format!("{ingress}{egress}"),
+        Expectation::same(&r),
+    )]
 }
 
 /// Everything into x blocked except on `open` (port, protocol) cases.
@@ -293,12 +304,18 @@ fn invalid_policies_fail_closed(_: &PodIps) -> Vec<Step> {
     }]
 }
 
+/// A scenario: its steps, given the pods' addresses.
+type Scenario = fn(&PodIps) -> Vec<Step>;
+
 /// Every scenario, by name.
-const SCENARIOS: &[(&str, fn(&PodIps) -> Vec<Step>)] = &[
+const SCENARIOS: &[(&str, Scenario)] = &[
     ("default_deny_ingress_in_x", default_deny_ingress_in_x),
     ("default_deny_egress_in_x", default_deny_egress_in_x),
     ("allow_from_same_namespace", allow_from_same_namespace),
-    ("allow_from_namespace_by_label", allow_from_namespace_by_label),
+    (
+        "allow_from_namespace_by_label",
+        allow_from_namespace_by_label,
+    ),
     (
         "pod_and_namespace_selectors_and_vs_or",
         pod_and_namespace_selectors_and_vs_or,
@@ -335,7 +352,10 @@ fn no_policy_allows_every_pair_on_every_port_and_protocol() {
     if let Err(report) = c.check(&Expectation::all_allowed()) {
         panic!("{report}");
     }
-    eprintln!("model check and full matrix probe took {:?}", started.elapsed());
+    eprintln!(
+        "model check and full matrix probe took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

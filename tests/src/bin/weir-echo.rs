@@ -48,7 +48,11 @@ fn main() -> anyhow::Result<()> {
         Some(a) => ports(a)?,
         None => vec![8080],
     };
-    let udp = args.get(3).map(|a| ports(a)).transpose()?.unwrap_or_default();
+    let udp = args
+        .get(3)
+        .map(|a| ports(a))
+        .transpose()?
+        .unwrap_or_default();
     let any4 = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let any6 = |port| SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     for &port in &tcp {
