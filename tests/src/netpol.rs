@@ -921,3 +921,56 @@ impl PolicyCluster {
         Ok(HeldConnection { stdout })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn peers_select_like_upstreams_reachability() {
+        let mut r = Reachability::new(true);
+        r.expect_peer(Peer::named("b"), Peer::ns("y"), false)
+            .expect_all_egress("z/c", false)
+            .allow_loopback();
+        let k = |s: &str| key(s);
+        assert_eq!(r.get(&k("x/b"), &k("y/a")), Some(false));
+        assert_eq!(r.get(&k("z/b"), &k("y/c")), Some(false));
+        assert_eq!(r.get(&k("x/a"), &k("y/a")), Some(true));
+        assert_eq!(r.get(&k("y/b"), &k("y/b")), Some(true), "loopback");
+        assert_eq!(r.get(&k("z/c"), &k("x/a")), Some(false));
+        assert_eq!(r.get(&k("z/c"), &k("z/c")), Some(true), "loopback");
+    }
+
+    #[test]
+    fn a_mismatch_prints_expected_observed_and_comparison_matrices() {
+        let want = Expectation::all_allowed();
+        let mut got = want.clone();
+        got.cases
+            .get_mut(&(81, Protocol::Udp))
+            .unwrap()
+            .expect("x/a", "z/c", false);
+        assert_eq!(want.diff(&want, "observed"), None);
+        let d = want.diff(&got, "observed").unwrap();
+        assert_eq!(d.matches("UDP/81\n").count(), 3, "{d}");
+        assert!(!d.contains("TCP/80"), "only the differing case: {d}");
+        // The comparison row of x/a marks the one mismatch, in z/c's column.
+        let comparison = d.split("comparison").nth(1).unwrap();
+        let row = comparison.lines().find(|l| l.starts_with("x/a")).unwrap();
+        assert_eq!(row, "x/a\t.\t.\t.\t.\t.\t.\t.\t.\tX");
+    }
+
+    #[test]
+    fn the_model_sees_the_written_pods_namespaces_and_policies() {
+        let ips = PodIps::fake();
+        let deny = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: d, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n    ports: [{port: serve-81-udp, protocol: UDP}]\n";
+        let (set, errors) = model(&ips, deny).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let m = Expectation::from_model(&set);
+        let ok = m.case(81, Protocol::Udp).unwrap();
+        assert_eq!(ok.get(&key("y/c"), &key("x/b")), Some(true));
+        assert_eq!(ok.get(&key("z/c"), &key("x/b")), Some(false));
+        let tcp = m.case(81, Protocol::Tcp).unwrap();
+        assert_eq!(tcp.get(&key("y/c"), &key("x/b")), Some(false));
+    }
+}

@@ -525,3 +525,40 @@ fn policy_updates_keep_a_held_connection_and_deletion_allows_everything_again() 
         "the held connection went quiet: {report}"
     );
 }
+
+#[test]
+fn held_connection_outlives_a_hand_written_drop_of_new_connections() {
+    let Some(mut c) = cluster() else { return };
+    // Harness check of the hold/conntrack mechanics, independent of weir's controller: a
+    // rule of our own drops *new* connections to y/b TCP 80; the connection held from
+    // before keeps answering while the prober sees exactly that column blocked.
+    let to = addr(c.ip("y/b"), 80);
+    let held = c
+        .hold("x/a", to, 3_000)
+        .expect("held connection x/a -> y/b:80");
+    let rules = format!(
+        "table ip weir_e2e_hold_check {{\n  chain forward {{\n    type filter hook forward priority -10; policy accept;\n    ct state new ip daddr {} tcp dport 80 drop\n  }}\n}}\n",
+        c.ip("y/b")
+    );
+    let file = c.manifest_dir().join("hold-check.nft");
+    std::fs::write(&file, rules).unwrap();
+    c.node
+        .exec(&["nft", "-f", &file.to_string_lossy()])
+        .expect("nft -f");
+    let expected = Expectation::each(|port, proto| {
+        let mut r = Reachability::new(true);
+        if (port, proto) == (80, Protocol::Tcp) {
+            r.expect_all_ingress("y/b", false);
+        }
+        r
+    });
+    if let Err(report) = c.compare_probed(&expected) {
+        panic!("{report}");
+    }
+    let report = held.finish().unwrap();
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    assert!(
+        report["answers"]["y/b"].as_u64().unwrap_or(0) >= 20,
+        "the held connection went quiet: {report}"
+    );
+}
