@@ -869,7 +869,9 @@ impl PolicyCluster {
                     eprintln!("{report}");
                 }
             }
-            std::thread::sleep(Duration::from_secs(1));
+            if attempt == 1 {
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
         Err(report)
     }
