@@ -7,6 +7,7 @@ pub mod cnitool;
 pub mod apiserver;
 pub mod forward;
 pub mod multinode;
+pub mod netpol;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -384,10 +385,33 @@ pub fn start_echo_in(
     tcp_port: u16,
     udp_port: u16,
 ) -> Result<()> {
+    start_echo_ports(ns, echo_bin, name, &[tcp_port], &[udp_port])
+}
+
+/// Starts weir-echo in `ns` answering `name` on every port of `tcp` and `udp` (at least
+/// one TCP port), and waits until it listens.
+pub fn start_echo_ports(
+    ns: &mut Netns,
+    echo_bin: &Path,
+    name: &str,
+    tcp: &[u16],
+    udp: &[u16],
+) -> Result<()> {
     use std::io::BufRead;
+    let list = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let bin = echo_bin.to_string_lossy().into_owned();
-    let (tcp, udp) = (tcp_port.to_string(), udp_port.to_string());
-    let child = ns.spawn(&[&bin, name, &tcp, &udp], Stdio::piped())?;
+    let (tcp, udp) = (list(tcp), list(udp));
+    let mut cmd = vec![bin.as_str(), name, &tcp];
+    if !udp.is_empty() {
+        cmd.push(&udp);
+    }
+    let child = ns.spawn(&cmd, Stdio::piped())?;
     let out = child
         .stdout
         .take()

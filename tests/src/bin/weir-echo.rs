@@ -1,7 +1,8 @@
 //! Test backend: answers HTTP GETs and TCP lines with its name (the line `peer` with the
 //! caller's address as this backend sees it), and UDP datagrams too.
-//! `weir-echo NAME TCP_PORT [UDP_PORT]`; prints `ready` once listening, on 0.0.0.0 and,
-//! where the namespace has IPv6, on [::] (IPv6 only, so IPv4 callers keep plain addresses).
+//! `weir-echo NAME TCP_PORTS [UDP_PORTS]`, each a port or a comma-separated list
+//! (`80,81`); prints `ready` once listening on all of them, on 0.0.0.0 and, where the
+//! namespace has IPv6, on [::] (IPv6 only, so IPv4 callers keep plain addresses).
 
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{BufRead, BufReader, Write};
@@ -33,33 +34,53 @@ fn serve_tcp(listener: TcpListener, name: String) {
     std::thread::spawn(move || accept(listener, name));
 }
 
+/// `80` or `80,81`.
+fn ports(arg: &str) -> anyhow::Result<Vec<u16>> {
+    arg.split(',')
+        .map(|p| p.trim().parse().map_err(anyhow::Error::from))
+        .collect()
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let name = args.get(1).cloned().unwrap_or_else(|| "echo".into());
-    let tcp: u16 = args.get(2).map(|p| p.parse()).transpose()?.unwrap_or(8080);
-    let udp: Option<u16> = args.get(3).map(|p| p.parse()).transpose()?;
+    let tcp = match args.get(2) {
+        Some(a) => ports(a)?,
+        None => vec![8080],
+    };
+    let udp = args
+        .get(3)
+        .map(|a| ports(a))
+        .transpose()?
+        .unwrap_or_default();
     let any4 = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let any6 = |port| SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-    let tcp4 = bound(any4(tcp), Type::STREAM, Protocol::TCP)?;
-    tcp4.listen(128)?;
-    // IPv6 is optional: a namespace without it serves IPv4 alone.
-    match bound(any6(tcp), Type::STREAM, Protocol::TCP).and_then(|s| s.listen(128).map(|_| s)) {
-        Ok(s) => serve_tcp(s.into(), name.clone()),
-        Err(e) => eprintln!("weir-echo: no IPv6 TCP listener: {e}"),
+    for &port in &tcp {
+        let tcp4 = bound(any4(port), Type::STREAM, Protocol::TCP)?;
+        tcp4.listen(128)?;
+        serve_tcp(tcp4.into(), name.clone());
+        // IPv6 is optional: a namespace without it serves IPv4 alone.
+        match bound(any6(port), Type::STREAM, Protocol::TCP).and_then(|s| s.listen(128).map(|_| s))
+        {
+            Ok(s) => serve_tcp(s.into(), name.clone()),
+            Err(e) => eprintln!("weir-echo: no IPv6 TCP listener on {port}: {e}"),
+        }
     }
-    if let Some(port) = udp {
+    for &port in &udp {
         serve_udp(
             bound(any4(port), Type::DGRAM, Protocol::UDP)?.into(),
             name.clone(),
         );
         match bound(any6(port), Type::DGRAM, Protocol::UDP) {
             Ok(s) => serve_udp(s.into(), name.clone()),
-            Err(e) => eprintln!("weir-echo: no IPv6 UDP socket: {e}"),
+            Err(e) => eprintln!("weir-echo: no IPv6 UDP socket on {port}: {e}"),
         }
     }
     println!("ready");
-    accept(tcp4.into(), name);
-    Ok(())
+    // The listeners serve on their threads until the process is killed.
+    loop {
+        std::thread::park();
+    }
 }
 
 fn accept(listener: TcpListener, name: String) {

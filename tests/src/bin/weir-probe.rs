@@ -13,11 +13,17 @@
 //!   `{"status": N, "headers": {lowercase name: value}, "body": "..."}`, or
 //!   `{"error": KIND}` (refused, timeout, ...) when there is no answer;
 //! - `weir-probe peer ADDR:PORT`: the source address the backend sees;
+//! - `weir-probe matrix TIMEOUT_MS PROTO:ADDR:PORT...` (PROTO `tcp` or `udp`): probes every
+//!   target at once, one thread each, and prints a JSON list in target order of
+//!   `{"target": T, "ok": bool, "answer": NAME}` or `{"target": T, "ok": false, "error": KIND}`.
+//!   TCP: connect and exchange one line; UDP: a datagram (resent every 250 ms) and its echo;
+//!   nothing within the timeout is `timeout`;
 //! - `weir-probe conntrack-delete --proto udp [--orig-dst IP] [--orig-dport P]
 //!   [--reply-src IP]` (test-only): deletes the matching conntrack entries of this network
 //!   namespace through weir's ctnetlink code and prints `{"deleted": N}`.
 //!
-//! Prints one JSON object: answers per backend name, errors per kind, latency percentiles.
+//! The other modes print one JSON object: answers per backend name, errors per kind,
+//! latency percentiles.
 
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -139,10 +145,90 @@ fn conntrack_delete(mut args: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `matrix` probe: TCP connect plus a line exchange, or a UDP request and its echo,
+/// all within `timeout`. Answers the name the server replied with.
+fn probe_once(udp: bool, addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let deadline = Instant::now() + timeout;
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::from(ErrorKind::TimedOut))
+    };
+    if udp {
+        let s = udp_socket(addr, None)?;
+        let mut buf = [0u8; 256];
+        loop {
+            s.send(b"hi")?;
+            s.set_read_timeout(Some(left()?.min(Duration::from_millis(250))))?;
+            match s.recv(&mut buf) {
+                Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned()),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    left()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let s = TcpStream::connect_timeout(&addr, left()?)?;
+    s.set_read_timeout(Some(left()?))?;
+    let mut w = s.try_clone()?;
+    writeln!(w, "hi")?;
+    let mut line = String::new();
+    if BufReader::new(s).read_line(&mut line)? == 0 {
+        return Err(ErrorKind::ConnectionReset.into());
+    }
+    Ok(line.trim().to_owned())
+}
+
+/// `matrix TIMEOUT_MS TARGET...`: every target probed concurrently.
+fn matrix(args: &[String]) -> anyhow::Result<()> {
+    let millis: u64 = args
+        .get(2)
+        .ok_or_else(|| anyhow::anyhow!("usage: weir-probe matrix TIMEOUT_MS PROTO:ADDR:PORT..."))?
+        .parse()?;
+    let timeout = Duration::from_millis(millis);
+    let mut targets = Vec::new();
+    for t in &args[3..] {
+        let (proto, addr) = t
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("target {t:?} is not PROTO:ADDR:PORT"))?;
+        let udp = match proto {
+            "tcp" => false,
+            "udp" => true,
+            other => anyhow::bail!("unknown protocol {other:?} in {t:?}"),
+        };
+        targets.push((t.clone(), udp, addr.parse::<SocketAddr>()?));
+    }
+    let results: Vec<serde_json::Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|(t, udp, addr)| {
+                scope.spawn(move || match probe_once(*udp, *addr, timeout) {
+                    Ok(answer) => json!({"target": t, "ok": true, "answer": answer}),
+                    Err(e) => json!({"target": t, "ok": false, "error": kind(&e)}),
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| json!({"ok": false, "error": "panic"}))
+            })
+            .collect()
+    });
+    println!("{}", serde_json::Value::Array(results));
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("conntrack-delete") {
         return conntrack_delete(args);
+    }
+    if args.get(1).map(String::as_str) == Some("matrix") {
+        return matrix(&args);
     }
     let source_port: Option<u16> = take_option(&mut args, "--source-port")?
         .map(|p| p.parse())
