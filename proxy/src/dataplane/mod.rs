@@ -2,4 +2,5 @@
 //! and applies plans to the kernel (side effects); [`conntrack`] deletes stale flows.
 
 pub mod conntrack;
+pub mod ipvs;
 pub mod nft;

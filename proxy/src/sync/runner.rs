@@ -285,6 +285,10 @@ impl<K: NftBackend> Runner<K> {
             self.metrics.nftables_objects.inc_by(element_delta);
         }
         self.incremental = Some(next);
+        // IPVS mode: the virtual servers follow the nftables rules (masquerade marks and
+        // rejects) within the same sync; a failure or a draining real server asks for
+        // another sync soon.
+        let ipvs_done = self.effects.sync_ipvs(&self.desired).await;
         let now = SystemTime::now();
         self.metrics.service_changes_pending.set(0);
         self.metrics.endpoint_changes_pending.set(0);
@@ -319,7 +323,7 @@ impl<K: NftBackend> Runner<K> {
             took_us = started.elapsed().as_micros() as u64,
             "synced"
         );
-        true
+        ipvs_done
     }
 
     /// Programs a table that did not exist: first its skeleton, then the Service ports a
