@@ -546,7 +546,11 @@ pub fn start_proxy_from(
     let metrics = format!("127.0.0.1:{metrics_port}");
     let health = format!("127.0.0.1:{}", metrics_port + 7);
     let bin = bin.to_string_lossy();
-    let mut args: Vec<&str> = vec![&bin, "--proxy-mode", "nftables"];
+    // `extra` may choose another mode (`--proxy-mode ipvs`).
+    let mut args: Vec<&str> = vec![&bin];
+    if !extra.contains(&"--proxy-mode") {
+        args.extend_from_slice(&["--proxy-mode", "nftables"]);
+    }
     args.extend_from_slice(source_args);
     args.extend_from_slice(&[
         "--hostname-override",
