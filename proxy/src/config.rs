@@ -12,7 +12,7 @@ use std::time::Duration;
 pub enum ProxyMode {
     /// nftables: one table `weir` with shared named maps.
     Nftables,
-    /// IPVS (not built yet).
+    /// IPVS: virtual servers through generic netlink, addresses on `weir-ipvs0`.
     Ipvs,
     /// eBPF: cgroup socket hooks translate ClusterIP:port at connect time (first slice:
     /// ClusterIP TCP and UDP; NodePort and external traffic are not served yet).
@@ -62,6 +62,9 @@ pub struct Args {
     /// Masquerade all traffic sent to ClusterIPs.
     #[arg(long, env = "WEIR_MASQUERADE_ALL")]
     pub masquerade_all: bool,
+    /// The IPVS scheduler (IPVS mode): rr, wrr, lc, wlc, sh, dh or mh.
+    #[arg(long, env = "WEIR_IPVS_SCHEDULER", value_enum, default_value = "rr")]
+    pub ipvs_scheduler: crate::dataplane::ipvs::Scheduler,
     /// Address of the metrics server (`/metrics`, `/proxyMode`, `/healthz`, `/configz`).
     #[arg(
         long,
@@ -166,6 +169,8 @@ pub struct Config {
     pub network_policy: bool,
     /// weir-cni's state directory (which pods are local).
     pub cni_state_dir: Option<PathBuf>,
+    /// The IPVS scheduler (IPVS mode).
+    pub ipvs_scheduler: crate::dataplane::ipvs::Scheduler,
     /// Metrics server address.
     pub metrics_bind_address: SocketAddr,
     /// Health server address.
@@ -191,9 +196,6 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// The proxy mode exists in the CLI but is not built yet.
-    #[error("--proxy-mode {0}: this mode is not implemented yet; use --proxy-mode nftables")]
-    ModeNotBuilt(&'static str),
     /// The `--config` file cannot be used.
     #[error(transparent)]
     File(crate::kubeproxy_config::ConfigFileError),
@@ -267,10 +269,6 @@ impl Args {
 
     /// [`Self::validate`], told whether the in-cluster service account is present.
     pub fn validate_with(&self, hostname: &str, in_cluster: bool) -> Result<Config, ConfigError> {
-        match self.proxy_mode {
-            ProxyMode::Nftables | ProxyMode::Ebpf => {}
-            other => return Err(ConfigError::ModeNotBuilt(other.as_str())),
-        }
         let node_name = self
             .hostname_override
             .clone()
@@ -326,6 +324,7 @@ impl Args {
                 list => crate::model::NodePortAddresses::Cidrs(cidrs("nodeport-addresses", list)?),
             },
             masquerade_all: self.masquerade_all,
+            ipvs_scheduler: self.ipvs_scheduler,
             route_pod_cidrs: self.route_pod_cidrs,
             cni_pod_cidrs_file: self.cni_pod_cidrs_file.clone(),
             network_policy: self.network_policy,
@@ -421,9 +420,20 @@ mod tests {
     }
 
     #[test]
-    fn modes_not_built_yet_are_refused_clearly() {
-        let e = parse(&["--proxy-mode", "ipvs", "--source", "dir:/x"]).unwrap_err();
-        assert!(e.to_string().contains("not implemented yet"), "{e}");
+    fn ipvs_mode_takes_a_scheduler_defaulting_to_rr() {
+        use crate::dataplane::ipvs::Scheduler;
+        let c = parse(&["--proxy-mode", "ipvs", "--source", "dir:/x"]).unwrap();
+        assert_eq!((c.mode, c.ipvs_scheduler), (ProxyMode::Ipvs, Scheduler::Rr));
+        let c = parse(&[
+            "--proxy-mode",
+            "ipvs",
+            "--ipvs-scheduler",
+            "mh",
+            "--source",
+            "dir:/x",
+        ]);
+        assert_eq!(c.unwrap().ipvs_scheduler, Scheduler::Mh);
+        assert!(Args::try_parse_from(["weir-proxy", "--ipvs-scheduler", "nq"]).is_err());
     }
 
     #[test]

@@ -244,10 +244,16 @@ pub fn apply(
         report(&mut warnings, &format!("{name}."), &s.rest, "ignored");
     }
     if let Some(ipvs) = &c.ipvs {
-        if ipvs.scheduler.is_some() {
-            warnings.push(
-                "field ipvs.scheduler: applies to the IPVS mode, which is not built yet".into(),
-            );
+        if let Some(sched) = ipvs.scheduler.as_deref().filter(|s| !s.is_empty()) {
+            use clap::ValueEnum;
+            let s = crate::dataplane::ipvs::Scheduler::from_str(sched, false).map_err(|_| {
+                format!(
+                    "field ipvs.scheduler: {sched:?} is not one of rr, wrr, lc, wlc, sh, dh, mh"
+                )
+            })?;
+            if unset("ipvs_scheduler") {
+                args.ipvs_scheduler = s;
+            }
         }
         report(&mut warnings, "ipvs.", &ipvs.rest, "ignored");
     }

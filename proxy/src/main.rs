@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use std::sync::Arc;
-use weir_proxy::config::{Args, SourceConfig};
+use weir_proxy::config::{Args, ProxyMode, SourceConfig};
 use weir_proxy::dataplane::conntrack::Conntrack;
 use weir_proxy::dataplane::nft::diff::cleanup_plan;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
@@ -57,6 +57,12 @@ fn main() -> anyhow::Result<()> {
             }
         }
         tracing::info!("removed weir's nftables tables");
+        // IPVS virtual servers and weir-ipvs0 too, whichever mode is configured.
+        let removed = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(weir_proxy::dataplane::ipvs::apply::cleanup())?;
+        tracing::info!(virtual_servers = removed, "removed IPVS state");
         return Ok(());
     }
     tokio::runtime::Builder::new_multi_thread()
@@ -127,6 +133,7 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
                 cluster_cidrs: cfg.cluster_cidrs.clone(),
                 service_cidrs: cfg.service_cidrs.clone(),
                 masquerade_all: cfg.masquerade_all,
+                ipvs: cfg.mode == ProxyMode::Ipvs,
             },
             min_sync_period: cfg.min_sync_period,
             sync_period: cfg.sync_period,
@@ -147,6 +154,13 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
     let mut effects = SideEffects::new(Some(healthcheck), conntrack);
     if cfg.route_pod_cidrs {
         effects = effects.with_routes(weir_proxy::routes::RouteController::new()?);
+    }
+    if cfg.mode == ProxyMode::Ipvs {
+        let ipvs_cfg = weir_proxy::dataplane::ipvs::render::IpvsConfig {
+            scheduler: cfg.ipvs_scheduler,
+        };
+        effects.ipvs =
+            Some(weir_proxy::dataplane::ipvs::apply::IpvsSync::new(ipvs_cfg).context("IPVS mode")?);
     }
     if let Some(path) = &cfg.cni_pod_cidrs_file {
         effects = effects.with_cni_cidrs_file(path.clone());

@@ -72,6 +72,7 @@ fn render_family(yaml: &str, family: Family) -> Table {
             "fd00:10:96::/112".parse().unwrap(),
         ],
         masquerade_all: false,
+        ipvs: false,
     };
     desired_table(&state, &cfg, family)
 }

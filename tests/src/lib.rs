@@ -589,6 +589,7 @@ pub fn start_proxy_from(
     let metrics = format!("127.0.0.1:{metrics_port}");
     let health = format!("127.0.0.1:{}", metrics_port + 7);
     let bin = bin.to_string_lossy();
+    // `extra` may choose another mode (`--proxy-mode ebpf`, `--proxy-mode ipvs`).
     let mut args: Vec<&str> = vec![&bin];
     if !extra.contains(&"--proxy-mode") {
         args.extend_from_slice(&["--proxy-mode", "nftables"]);

@@ -5,6 +5,7 @@
 //! - `cargo xtask demo --nodes 3`: three nodes on one machine, weir-cni pods, host-gw routes.
 //! - `cargo xtask bench sync`: control-plane numbers at scale.
 //! - `cargo xtask bench policy`: the NetworkPolicy table at scale (build, render, apply).
+//! - `cargo xtask vm-test ipvs`: the IPVS suite inside a qemu guest (Debian's kernel).
 //! - `cargo xtask apiserver`: a real kube-apiserver + etcd on loopback (built and cached).
 
 mod apiserver;
@@ -14,6 +15,7 @@ mod demo;
 mod image;
 mod multinode;
 mod toolchain;
+mod vm;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -44,6 +46,9 @@ enum Cmd {
     /// Build weir's container image (deploy/Containerfile) with podman and smoke-test it,
     /// with a locally made Debian base (no registry).
     Image(image::ImageArgs),
+    /// Boot a qemu guest with Debian's kernel (which has IPVS) and run a suite inside:
+    /// `cargo xtask vm-test ipvs`.
+    VmTest(vm::VmTestArgs),
 }
 
 #[derive(Subcommand)]
@@ -122,5 +127,6 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Policy(a)) => bench_policy::policy(a),
         Cmd::Apiserver(a) => apiserver::apiserver(a),
         Cmd::Image(a) => image::image(a, &workspace_root()),
+        Cmd::VmTest(a) => vm::vm_test(a, &workspace_root()),
     }
 }

@@ -3,4 +3,5 @@
 
 pub mod conntrack;
 pub mod ebpf;
+pub mod ipvs;
 pub mod nft;

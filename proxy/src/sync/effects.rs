@@ -3,6 +3,7 @@
 //! health-check ports, which counts) are functions of the desired state.
 
 use crate::dataplane::conntrack::{filters_for_change, Conntrack, FlowFilter};
+use crate::dataplane::ipvs::apply::IpvsSync;
 use crate::http::healthcheck::{HealthCheckServer, HealthCheckService};
 use crate::http::metrics::{label, Metrics};
 use crate::model::{DesiredState, ObjectKey, Protocol, ServiceDelta, ServicePortState, Store};
@@ -21,6 +22,8 @@ pub struct SideEffects {
     pub conntrack: Option<Conntrack>,
     /// Host-gw routes to other nodes' pod CIDRs.
     pub routes: Option<RouteController>,
+    /// IPVS mode: the virtual servers and the dummy interface's addresses.
+    pub ipvs: Option<IpvsSync>,
     /// What the health-check servers were last given.
     last_health: BTreeMap<ObjectKey, HealthCheckService>,
     /// The pod routes last installed.
@@ -38,6 +41,7 @@ impl SideEffects {
             healthcheck,
             conntrack,
             routes: None,
+            ipvs: None,
             last_health: BTreeMap::new(),
             last_routes: None,
             cni_cidrs_file: None,
@@ -100,6 +104,21 @@ impl SideEffects {
             Err(e) => {
                 warn!(error = %e, "syncing pod routes failed; retrying next sync");
                 self.last_routes = None;
+            }
+        }
+    }
+
+    /// Programs IPVS for `state` (IPVS mode; nothing otherwise). Returns false when the
+    /// runner should sync again soon: a failure, or removed real servers still draining.
+    pub async fn sync_ipvs(&mut self, state: &DesiredState) -> bool {
+        let Some(ipvs) = &mut self.ipvs else {
+            return true;
+        };
+        match ipvs.sync(state).await {
+            Ok(r) => r.failed == 0 && !r.draining,
+            Err(e) => {
+                warn!(error = %e, "IPVS sync failed; retrying");
+                false
             }
         }
     }

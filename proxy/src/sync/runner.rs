@@ -317,9 +317,13 @@ impl<K: NftBackend> Runner<K> {
             self.metrics.nftables_objects.inc_by(element_delta);
         }
         self.incremental = Some(next);
+        // IPVS mode: the virtual servers follow the nftables rules (masquerade marks and
+        // rejects) within the same sync; a failure or a draining real server asks for
+        // another sync soon.
+        let ipvs_done = self.effects.sync_ipvs(&self.desired).await;
         self.finish_sync(started, oldest, was_full, changes_applied, ops, planned)
             .await;
-        true
+        ipvs_done
     }
 
     /// What follows every successful sync, whatever the backend: metrics, health, stale

@@ -124,6 +124,7 @@ mod tests {
             cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
             service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
             masquerade_all: false,
+            ipvs: false,
         }
     }
 

@@ -82,6 +82,11 @@ pub struct RenderConfig {
     pub service_cidrs: Vec<IpNetwork>,
     /// `--masquerade-all`: masquerade all ClusterIP traffic.
     pub masquerade_all: bool,
+    /// IPVS mode: IPVS does the DNAT, so pick chains only set the masquerade mark (no
+    /// slot chains, no affinity sets), and the checks that assume DNAT already happened in
+    /// prerouting (reject other ports of a ClusterIP, drop unallocated service addresses)
+    /// are left out. Rejects for Services without endpoints stay.
+    pub ipvs: bool,
 }
 
 fn decl(key: &[FieldType], data: DataType) -> MapDecl {
@@ -574,6 +579,10 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
             }
             PickKind::Local => {}
         }
+        if cfg.ipvs {
+            chains.insert(p.chain(), regular(rules));
+            continue;
+        }
         if p.affinity.is_some() {
             // A client with a live affinity entry for slot I keeps slot I's endpoint.
             for slot in 0..p.n {
@@ -592,7 +601,7 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
         rules.push(Rule::new(vec![], vec![Stmt::NumgenVmap { chains: arms }]));
         chains.insert(p.chain(), regular(rules));
     }
-    for (&(local, affinity), &n) in &slots {
+    for (&(local, affinity), &n) in slots.iter().filter(|_| !cfg.ipvs) {
         for slot in 0..n {
             let map = if local {
                 MapName::LocalBackends(slot)
@@ -651,18 +660,18 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
     );
     // What is still addressed to a ClusterIP here was not DNATed: a port the Service does
     // not have. What is addressed to the service range but no ClusterIP is unallocated.
-    let mut checks = vec![
-        Rule::new(
-            vec![
-                Match::CtStateNew,
-                Match::InSet {
-                    key: front_key.clone(),
-                    set: NO_LOCAL_ENDPOINT_SERVICES.into(),
-                },
-            ],
-            vec![Stmt::Drop],
-        ),
-        Rule::new(
+    let mut checks = vec![Rule::new(
+        vec![
+            Match::CtStateNew,
+            Match::InSet {
+                key: front_key.clone(),
+                set: NO_LOCAL_ENDPOINT_SERVICES.into(),
+            },
+        ],
+        vec![Stmt::Drop],
+    )];
+    if !cfg.ipvs {
+        checks.push(Rule::new(
             vec![
                 Match::CtStateNew,
                 Match::InSet {
@@ -671,9 +680,13 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
                 },
             ],
             vec![Stmt::Reject],
-        ),
-    ];
-    for cidr in cfg.service_cidrs.iter().filter(|c| family_of(c) == family) {
+        ));
+    }
+    for cidr in cfg
+        .service_cidrs
+        .iter()
+        .filter(|c| !cfg.ipvs && family_of(c) == family)
+    {
         checks.push(Rule::new(
             vec![Match::CtStateNew, Match::DAddrIn(*cidr)],
             vec![Stmt::Drop],

@@ -425,6 +425,7 @@ mod tests {
             cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
             service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
             masquerade_all: false,
+            ipvs: false,
         };
         let want = desired_table(state, &cfg, Family::Ip);
         let mut fake = FakeNft::default();

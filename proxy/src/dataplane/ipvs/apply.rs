@@ -1,0 +1,314 @@
+//! The side effects of an IPVS sync: the dummy interface [`DUMMY_INTERFACE`] with the
+//! Service addresses (rtnetlink), IPVS sysctls, and the virtual/real servers (generic
+//! netlink through [`KernelIpvs`]). Each sync dumps IPVS and applies only the difference
+//! ([`diff::plan`]), so drift is repaired every time and a restart adopts what is there.
+
+use super::diff::{self, Terminating};
+use super::netlink::KernelIpvs;
+use super::render::{bound_addresses, desired, IpvsConfig};
+use super::{IpvsBackend, IpvsError, Op, DUMMY_INTERFACE};
+use crate::model::DesiredState;
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::LinkDummy;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// How long a removed real server may drain before it is deleted anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sysctls IPVS mode needs (as kube-proxy sets them): conntrack for IPVS connections (so
+/// nftables masquerades them), and dropping connections to deleted real servers.
+const SYSCTLS: &[(&str, &str)] = &[
+    ("net/ipv4/vs/conntrack", "1"),
+    ("net/ipv4/vs/expire_nodest_conn", "1"),
+    ("net/ipv4/vs/expire_quiescent_template", "1"),
+    ("net/ipv4/ip_forward", "1"),
+];
+
+/// Failures of an IPVS sync.
+#[derive(Debug, thiserror::Error)]
+pub enum IpvsSyncError {
+    /// An IPVS operation failed.
+    #[error(transparent)]
+    Ipvs(#[from] IpvsError),
+    /// The rtnetlink connection could not be opened.
+    #[error("opening an rtnetlink socket: {0}")]
+    Rtnetlink(#[source] std::io::Error),
+    /// Creating or listing the dummy interface or its addresses failed.
+    #[error("{op} on {DUMMY_INTERFACE}: {source}")]
+    Link {
+        /// What was attempted.
+        op: String,
+        /// The kernel's answer.
+        source: rtnetlink::Error,
+    },
+    /// A sysctl could not be written.
+    #[error("setting {key}: {source}")]
+    Sysctl {
+        /// `/proc/sys` path below `/proc/sys/`.
+        key: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The dummy interface and its addresses, through rtnetlink.
+struct Link {
+    handle: rtnetlink::Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Link {
+    fn open() -> Result<Link, IpvsSyncError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(IpvsSyncError::Rtnetlink)?;
+        let task = tokio::spawn(conn);
+        Ok(Link { handle, task })
+    }
+
+    async fn index(&self) -> Result<Option<u32>, IpvsSyncError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(DUMMY_INTERFACE.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(l)) => Ok(Some(l.header.index)),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.code.is_some_and(|c| -c.get() == libc::ENODEV) =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(IpvsSyncError::Link {
+                op: "looking up the link".into(),
+                source,
+            }),
+        }
+    }
+
+    /// The interface's index, creating it (up) when missing.
+    async fn ensure(&self) -> Result<u32, IpvsSyncError> {
+        if let Some(i) = self.index().await? {
+            return Ok(i);
+        }
+        self.handle
+            .link()
+            .add(LinkDummy::new(DUMMY_INTERFACE).up().build())
+            .execute()
+            .await
+            .map_err(|source| IpvsSyncError::Link {
+                op: "creating the dummy link".into(),
+                source,
+            })?;
+        self.index().await?.ok_or_else(|| IpvsSyncError::Link {
+            op: "finding the created link".into(),
+            source: rtnetlink::Error::RequestFailed,
+        })
+    }
+
+    /// Makes the interface hold exactly `want` (as /32 and /128 addresses).
+    async fn sync_addresses(
+        &self,
+        index: u32,
+        want: &BTreeSet<IpAddr>,
+    ) -> Result<(), IpvsSyncError> {
+        let mut have = Vec::new();
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|source| IpvsSyncError::Link {
+                op: "listing addresses".into(),
+                source,
+            })?
+        {
+            let ip = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = ip {
+                have.push((ip, m));
+            }
+        }
+        for (ip, m) in have {
+            if !want.contains(&ip) {
+                self.handle
+                    .address()
+                    .del(m)
+                    .execute()
+                    .await
+                    .map_err(|source| IpvsSyncError::Link {
+                        op: format!("deleting address {ip}"),
+                        source,
+                    })?;
+            }
+        }
+        // Re-list what is left to add only what is missing.
+        let mut present = BTreeSet::new();
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|source| IpvsSyncError::Link {
+                op: "listing addresses".into(),
+                source,
+            })?
+        {
+            for a in &m.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    present.insert(*ip);
+                }
+            }
+        }
+        for ip in want.difference(&present) {
+            let len = if ip.is_ipv4() { 32 } else { 128 };
+            self.handle
+                .address()
+                .add(index, *ip, len)
+                .execute()
+                .await
+                .map_err(|source| IpvsSyncError::Link {
+                    op: format!("adding address {ip}"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn delete(&self) -> Result<bool, IpvsSyncError> {
+        let Some(index) = self.index().await? else {
+            return Ok(false);
+        };
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|source| IpvsSyncError::Link {
+                op: "deleting the link".into(),
+                source,
+            })?;
+        Ok(true)
+    }
+}
+
+/// Writes the sysctls IPVS mode needs.
+pub fn set_sysctls() -> Result<(), IpvsSyncError> {
+    for (key, value) in SYSCTLS {
+        std::fs::write(format!("/proc/sys/{key}"), value)
+            .map_err(|source| IpvsSyncError::Sysctl { key, source })?;
+    }
+    Ok(())
+}
+
+/// What one sync did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// IPVS operations applied.
+    pub ops: usize,
+    /// Operations the kernel refused.
+    pub failed: usize,
+    /// Whether removed real servers are still draining (another sync is needed).
+    pub draining: bool,
+}
+
+/// IPVS programming for the sync runner (inside a tokio runtime).
+pub struct IpvsSync {
+    kernel: KernelIpvs,
+    link: Link,
+    cfg: IpvsConfig,
+    terminating: Terminating,
+}
+
+impl std::fmt::Debug for IpvsSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpvsSync").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl IpvsSync {
+    /// Opens IPVS and rtnetlink and sets the sysctls.
+    pub fn new(cfg: IpvsConfig) -> Result<IpvsSync, IpvsSyncError> {
+        let kernel = KernelIpvs::open()?;
+        set_sysctls()?;
+        Ok(IpvsSync {
+            kernel,
+            link: Link::open()?,
+            cfg,
+            terminating: Terminating::new(DRAIN_TIMEOUT),
+        })
+    }
+
+    /// Brings the dummy interface's addresses and IPVS to `state`. Operations the kernel
+    /// refuses are logged and counted; the rest proceed.
+    pub async fn sync(&mut self, state: &DesiredState) -> Result<SyncReport, IpvsSyncError> {
+        let index = self.link.ensure().await?;
+        self.link
+            .sync_addresses(index, &bound_addresses(state))
+            .await?;
+        let want = desired(state, &self.cfg);
+        let have = self.kernel.dump()?;
+        let ops = diff::plan(&want, &have, &mut self.terminating, Instant::now());
+        let mut report = SyncReport {
+            ops: ops.len(),
+            ..Default::default()
+        };
+        for op in &ops {
+            if let Err(e) = self.kernel.apply(op) {
+                warn!(error = %e, "IPVS operation failed");
+                report.failed += 1;
+            }
+        }
+        report.draining = diff::draining(&self.terminating);
+        if !ops.is_empty() {
+            info!(
+                ops = ops.len(),
+                failed = report.failed,
+                draining = report.draining,
+                "synced IPVS"
+            );
+        }
+        Ok(report)
+    }
+}
+
+/// `--cleanup`: deletes every virtual server and the dummy interface. Returns how many
+/// virtual servers were deleted (0 when IPVS is not available at all).
+pub async fn cleanup() -> Result<usize, IpvsSyncError> {
+    let mut n = 0;
+    match KernelIpvs::open() {
+        Ok(mut k) => {
+            for key in k.dump()?.keys() {
+                k.apply(&Op::DelService(*key))?;
+                n += 1;
+            }
+        }
+        Err(IpvsError::NoFamily(e)) => info!(error = %e, "no IPVS here; nothing to remove"),
+        Err(e) => return Err(e.into()),
+    }
+    let link = Link::open()?;
+    if link.delete().await? {
+        info!("removed {DUMMY_INTERFACE}");
+    }
+    Ok(n)
+}

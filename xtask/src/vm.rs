@@ -1,0 +1,688 @@
+//! `cargo xtask vm-test ipvs`: runs the IPVS suite inside a qemu (TCG) guest booted from
+//! Debian's `linux-image-amd64`, because the host kernel has no IPVS and cannot load
+//! modules.
+//!
+//! The guest is a kernel plus one initramfs: busybox-static as the shell and coreutils, the
+//! `ip_vs*` and netfilter modules of that kernel with their dependencies (insmod'ed in
+//! dependency order by `/init`), the host's `ip`, `nft` and `sysctl` with the shared
+//! libraries they need (`ldd`), and the workspace's glibc debug binaries (weir-proxy,
+//! weir-echo, weir-probe and the `ipvs_vm` test executable, debug info stripped) at the same
+//! absolute paths as on the host, so the test's `env!("CARGO_BIN_EXE_...")` paths resolve.
+//! `/init` runs the test executable and prints `WEIR-VM-EXIT <code>` on the serial console,
+//! which this module parses into its own exit status.
+//!
+//! glibc rather than musl: `nft` and `ip` in the guest are the host's glibc builds anyway,
+//! weir-proxy dlopens `libnftables.so.1` (impossible from a static musl binary), and the
+//! glibc binaries are the ones `cargo xtask test` has already built, so the VM tier costs no
+//! second compile of the dependency tree.
+//!
+//! Downloads and extracted modules are cached under `/var/cache/weir/vm` (rebuilt when
+//! missing).
+
+use anyhow::{bail, Context, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where downloads and extracted kernels are kept between runs.
+const CACHE: &str = "/var/cache/weir/vm";
+
+/// Modules the guest loads (their dependencies are added): IPVS with every scheduler weir
+/// offers, conntrack and NAT, the nftables expressions weir's rules use, dummy and veth.
+const MODULES: &[&str] = &[
+    // libcrc32c asks the crypto API for "crc32c" (a soft dependency, not in `depends=`).
+    "crc32c_generic",
+    "ip_vs",
+    "ip_vs_rr",
+    "ip_vs_wrr",
+    "ip_vs_lc",
+    "ip_vs_wlc",
+    "ip_vs_sh",
+    "ip_vs_dh",
+    "ip_vs_mh",
+    "nf_conntrack",
+    "nf_conntrack_netlink",
+    "nf_nat",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_redir",
+    "nft_ct",
+    "nft_numgen",
+    "nft_hash",
+    "nft_limit",
+    "nft_reject",
+    "nft_reject_inet",
+    "nft_reject_ipv4",
+    "nft_reject_ipv6",
+    "nft_fib",
+    "nft_fib_inet",
+    "nft_fib_ipv4",
+    "nft_fib_ipv6",
+    "dummy",
+    "veth",
+];
+
+/// Host programs copied into the guest with their shared libraries.
+const HOST_PROGRAMS: &[&str] = &["/usr/sbin/ip", "/usr/sbin/nft", "/usr/sbin/sysctl"];
+
+/// `cargo xtask vm-test` arguments.
+#[derive(clap::Args)]
+pub struct VmTestArgs {
+    /// Which suite: `ipvs` (the only one so far).
+    suite: String,
+    /// Only run guest tests whose name contains this (passed to the test executable).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1536)]
+    memory: u32,
+    /// Give up on the guest after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Guest vCPUs (TCG, one host thread each).
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+}
+
+/// Builds everything, boots the guest and returns an error unless the suite passed.
+pub fn vm_test(args: VmTestArgs, root: &Path) -> Result<()> {
+    if args.suite != "ipvs" {
+        bail!("unknown VM suite {:?} (known: ipvs)", args.suite);
+    }
+    let started = Instant::now();
+    ensure_packages(&["qemu-system-x86", "busybox-static"])?;
+    let kernel = ensure_kernel()?;
+    eprintln!(
+        "==> kernel {} ({} modules) ready after {:.1}s",
+        kernel.version,
+        kernel.modules.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let bins = build_binaries(root)?;
+    eprintln!(
+        "==> binaries built after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let work = tempfile::tempdir().context("temporary directory")?;
+    let initrd = work.path().join("initrd.cpio");
+    let mut test_args = vec!["--test-threads=1".to_owned()];
+    if let Some(f) = &args.filter {
+        test_args.push(f.clone());
+    }
+    build_initramfs(&initrd, &kernel, &bins, &test_args)?;
+    eprintln!(
+        "==> initramfs {} MiB after {:.1}s",
+        std::fs::metadata(&initrd)?.len() >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    let code = boot(&kernel.vmlinuz, &initrd, &args)?;
+    eprintln!(
+        "==> vm-test {} finished in {:.1}s (guest exit status {code})",
+        args.suite,
+        started.elapsed().as_secs_f64()
+    );
+    if code != 0 {
+        bail!(
+            "the {} suite failed inside the VM (exit {code})",
+            args.suite
+        );
+    }
+    Ok(())
+}
+
+/// apt-installs the Debian packages that are missing.
+fn ensure_packages(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg")
+                .args(["-s", p])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("==> apt-get install {}", missing.join(" "));
+    let install = |pkgs: &[&str]| {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(pkgs)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if install(&missing) {
+        return Ok(());
+    }
+    crate::step("apt-get update", "apt-get", &["update"], &[])?;
+    if !install(&missing) {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// A guest kernel with its modules, in load order.
+struct Kernel {
+    version: String,
+    vmlinuz: PathBuf,
+    /// Module files, each after its dependencies.
+    modules: Vec<PathBuf>,
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The versioned image package `linux-image-amd64` depends on (e.g.
+/// `linux-image-6.1.0-57-amd64`).
+fn kernel_package() -> Result<String> {
+    let deps = output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    let find = |deps: &str| {
+        deps.lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .find(|d| d.starts_with("linux-image-"))
+            .map(str::to_owned)
+    };
+    if let Some(p) = find(&deps) {
+        return Ok(p);
+    }
+    crate::step("apt-get update", "apt-get", &["update"], &[])?;
+    let deps = output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    find(&deps).context("apt-cache depends linux-image-amd64 names no linux-image package")
+}
+
+/// Downloads (once) the kernel package, keeps vmlinuz and the modules weir needs.
+fn ensure_kernel() -> Result<Kernel> {
+    let pkg = kernel_package()?;
+    let version = pkg.trim_start_matches("linux-image-").to_owned();
+    let dir = Path::new(CACHE).join(&pkg);
+    let order_file = dir.join("load-order");
+    let wanted = MODULES.join(",");
+    let cached = std::fs::read_to_string(dir.join("wanted")).ok();
+    if cached.as_deref() != Some(wanted.as_str()) || !order_file.exists() {
+        extract_kernel(&pkg, &version, &dir)?;
+        std::fs::write(dir.join("wanted"), &wanted)?;
+    }
+    let modules = std::fs::read_to_string(&order_file)?
+        .lines()
+        .map(|l| dir.join(l))
+        .collect();
+    Ok(Kernel {
+        version,
+        vmlinuz: dir.join("vmlinuz"),
+        modules,
+    })
+}
+
+fn extract_kernel(pkg: &str, version: &str, dir: &Path) -> Result<()> {
+    eprintln!("==> apt-get download {pkg} (kept in {})", dir.display());
+    let tmp = tempfile::tempdir()?;
+    let status = Command::new("apt-get")
+        .args(["download", pkg])
+        .current_dir(tmp.path())
+        .status()
+        .context("apt-get download")?;
+    if !status.success() {
+        bail!("apt-get download {pkg} failed");
+    }
+    let deb = std::fs::read_dir(tmp.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    let root = tmp.path().join("root");
+    crate::step(
+        "dpkg-deb -x",
+        "dpkg-deb",
+        &["-x", &deb.to_string_lossy(), &root.to_string_lossy()],
+        &[],
+    )?;
+    let moddir = root.join("lib/modules").join(version);
+    let mut index = BTreeMap::new();
+    index_modules(&moddir, &mut index)?;
+    let order = module_closure(&index, MODULES)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir.join("modules"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::copy(
+        root.join(format!("boot/vmlinuz-{version}")),
+        dir.join("vmlinuz"),
+    )
+    .context("vmlinuz in the package")?;
+    let mut lines = String::new();
+    for name in &order {
+        let src = &index[name];
+        let file = format!(
+            "modules/{}",
+            src.file_name().unwrap_or_default().to_string_lossy()
+        );
+        std::fs::copy(src, dir.join(&file))?;
+        lines.push_str(&file);
+        lines.push('\n');
+    }
+    std::fs::write(dir.join("load-order"), lines)?;
+    Ok(())
+}
+
+/// The kernel's name for a module (`-` and `_` are the same).
+fn module_key(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+fn index_modules(dir: &Path, index: &mut BTreeMap<String, PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            index_modules(&p, index)?;
+        } else if let Some(stem) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+        {
+            index.insert(module_key(stem), p);
+        }
+    }
+    Ok(())
+}
+
+/// The `depends=` field of a module's `.modinfo` section (read from the file's bytes).
+fn module_depends(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path)?;
+    let pat = b"\0depends=";
+    let Some(at) = bytes.windows(pat.len()).position(|w| w == pat) else {
+        return Ok(Vec::new());
+    };
+    let rest = &bytes[at + pat.len()..];
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+    Ok(String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(module_key)
+        .collect())
+}
+
+/// The wanted modules and everything they depend on, each after its dependencies.
+fn module_closure(index: &BTreeMap<String, PathBuf>, wanted: &[&str]) -> Result<Vec<String>> {
+    fn visit(
+        name: &str,
+        index: &BTreeMap<String, PathBuf>,
+        done: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+        depth: usize,
+    ) -> Result<()> {
+        if done.contains(name) {
+            return Ok(());
+        }
+        if depth > 64 {
+            bail!("module dependency cycle at {name}");
+        }
+        let path = index
+            .get(name)
+            .with_context(|| format!("module {name} is not in the kernel package"))?;
+        for dep in module_depends(path)? {
+            visit(&dep, index, done, order, depth + 1)?;
+        }
+        done.insert(name.to_owned());
+        order.push(name.to_owned());
+        Ok(())
+    }
+    let mut done = BTreeSet::new();
+    let mut order = Vec::new();
+    for w in wanted {
+        visit(&module_key(w), index, &mut done, &mut order, 0)?;
+    }
+    Ok(order)
+}
+
+/// Workspace binaries for the guest.
+struct Binaries {
+    /// weir-proxy, weir-echo, weir-probe (host paths, copied to the same guest paths).
+    tools: Vec<PathBuf>,
+    /// The `ipvs_vm` test executable.
+    test: PathBuf,
+}
+
+fn build_binaries(root: &Path) -> Result<Binaries> {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    crate::step(
+        "build",
+        "cargo",
+        // The same selection as `cargo xtask test`'s build (no feature re-unification).
+        &["build", "--workspace", "--bins"],
+        &[],
+    )?;
+    eprintln!("\n==> cargo test --workspace --test ipvs_vm --no-run");
+    let out = Command::new("cargo")
+        .args([
+            "test",
+            "--workspace",
+            "--test",
+            "ipvs_vm",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the ipvs_vm test failed");
+    }
+    let test = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == "ipvs_vm")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo named no ipvs_vm executable")?;
+    let tools = ["weir-proxy", "weir-echo", "weir-probe"]
+        .iter()
+        .map(|n| target.join("debug").join(n))
+        .collect();
+    Ok(Binaries { tools, test })
+}
+
+/// A `newc` cpio archive being written.
+struct Cpio<W: Write> {
+    out: W,
+    ino: u32,
+    dirs: BTreeSet<String>,
+}
+
+impl<W: Write> Cpio<W> {
+    fn header(&mut self, name: &str, mode: u32, size: usize) -> Result<()> {
+        self.ino += 1;
+        let namesize = name.len() + 1;
+        let hdr = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, namesize, 0
+        );
+        self.out.write_all(hdr.as_bytes())?;
+        self.out.write_all(name.as_bytes())?;
+        self.out.write_all(&[0])?;
+        let pad = (4 - (110 + namesize) % 4) % 4;
+        self.out.write_all(&[0u8; 3][..pad])?;
+        Ok(())
+    }
+
+    fn data(&mut self, data: &[u8]) -> Result<()> {
+        self.out.write_all(data)?;
+        let pad = (4 - data.len() % 4) % 4;
+        self.out.write_all(&[0u8; 3][..pad])?;
+        Ok(())
+    }
+
+    /// Adds a directory and its parents (once each).
+    fn dir(&mut self, path: &str) -> Result<()> {
+        let path = path.trim_matches('/');
+        if path.is_empty() || self.dirs.contains(path) {
+            return Ok(());
+        }
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            self.dir(parent)?;
+        }
+        self.dirs.insert(path.to_owned());
+        self.header(path, 0o040755, 0)
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> Result<()> {
+        let path = path.trim_start_matches('/');
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            self.dir(parent)?;
+        }
+        self.header(path, 0o100000 | mode, data.len())?;
+        self.data(data)
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.header("TRAILER!!!", 0, 0)?;
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
+/// The shared libraries (and the loader) a dynamically linked program needs, per `ldd`.
+fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(program)
+        .output()
+        .context("running ldd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rhs)) => rhs.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// A program's bytes with debug info removed (`strip --strip-debug`), or as is.
+fn stripped(path: &Path, tmp: &Path) -> Result<Vec<u8>> {
+    let out = tmp.join("stripped");
+    let ok = Command::new("strip")
+        .args(["--strip-debug", "-o"])
+        .arg(&out)
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    let bytes = if ok {
+        std::fs::read(&out)?
+    } else {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    Ok(bytes)
+}
+
+/// The guest's `/init`: mounts, modules, then the test executable; the exit status goes to
+/// the console as `WEIR-VM-EXIT <code>` before power-off.
+fn init_script(kernel: &Kernel, bins: &Binaries, test_args: &[String]) -> String {
+    let target_dir = bins
+        .tools
+        .first()
+        .and_then(|p| p.parent())
+        .and_then(|p| p.parent())
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let proxy = bins
+        .tools
+        .first()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let mut s = String::from(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sys /sys\n\
+         mount -t devtmpfs dev /dev 2>/dev/null\n\
+         mkdir -p /run /tmp /var\n\
+         mount -t tmpfs run /run\n\
+         mount -t tmpfs tmp /tmp\n\
+         ln -sf /run /var/run\n\
+         echo \"WEIR-VM-INIT $(cut -d' ' -f1 /proc/uptime)\"\n",
+    );
+    for m in &kernel.modules {
+        let name = m
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        s.push_str(&format!(
+            "insmod /lib/weir-modules/{name} || echo \"WEIR-VM insmod {name} failed\"\n"
+        ));
+    }
+    s.push_str(&format!(
+        "ip link set lo up\n\
+         echo \"WEIR-VM-READY $(cut -d' ' -f1 /proc/uptime)\"\n\
+         export CI=true WEIR_IN_VM=1 CARGO_TARGET_DIR={target_dir} WEIR_PROXY_BIN={proxy} RUST_BACKTRACE=1 HOME=/tmp\n\
+         cd /tmp\n\
+         {} {}\n\
+         code=$?\n\
+         echo \"WEIR-VM-DONE $(cut -d' ' -f1 /proc/uptime)\"\n\
+         echo \"WEIR-VM-EXIT $code\"\n\
+         poweroff -f\n",
+        bins.test.display(),
+        test_args.join(" ")
+    ));
+    s
+}
+
+fn build_initramfs(
+    path: &Path,
+    kernel: &Kernel,
+    bins: &Binaries,
+    test_args: &[String],
+) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let file = std::fs::File::create(path)?;
+    let mut cpio = Cpio {
+        out: std::io::BufWriter::new(file),
+        ino: 0,
+        dirs: BTreeSet::new(),
+    };
+    for d in ["proc", "sys", "dev", "run", "tmp", "etc", "bin"] {
+        cpio.dir(d)?;
+    }
+    cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
+    cpio.file(
+        "init",
+        0o755,
+        init_script(kernel, bins, test_args).as_bytes(),
+    )?;
+    cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/tmp:/bin/sh\n")?;
+    cpio.file("etc/group", 0o644, b"root:x:0:\n")?;
+    cpio.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n")?;
+    for m in &kernel.modules {
+        let name = m.file_name().unwrap_or_default().to_string_lossy();
+        cpio.file(
+            &format!("lib/weir-modules/{name}"),
+            0o644,
+            &std::fs::read(m)?,
+        )?;
+    }
+    let mut libs = BTreeSet::new();
+    let mut programs: Vec<PathBuf> = HOST_PROGRAMS.iter().map(PathBuf::from).collect();
+    programs.extend(bins.tools.iter().cloned());
+    programs.push(bins.test.clone());
+    // weir-proxy dlopens libnftables (not in its ldd output).
+    libs.insert(PathBuf::from("/lib/x86_64-linux-gnu/libnftables.so.1"));
+    for p in &programs {
+        if !p.exists() {
+            bail!("{} is missing", p.display());
+        }
+        libs.extend(shared_libraries(p)?);
+        cpio.file(&p.to_string_lossy(), 0o755, &stripped(p, tmp.path())?)?;
+    }
+    let more: Vec<PathBuf> = libs.iter().cloned().collect();
+    for l in more {
+        libs.extend(shared_libraries(&l).unwrap_or_default());
+    }
+    // Each library at the path ldd names (the loader searches /lib/x86_64-linux-gnu).
+    for l in &libs {
+        let real = std::fs::canonicalize(l)?;
+        cpio.file(&l.to_string_lossy(), 0o755, &std::fs::read(&real)?)?;
+    }
+    cpio.finish()
+}
+
+/// Boots the guest, streams its console, returns the test's exit status.
+fn boot(vmlinuz: &Path, initrd: &Path, args: &VmTestArgs) -> Result<i32> {
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+        ])
+        .args(["-m", &args.memory.to_string()])
+        .args(["-smp", &args.cpus.to_string()])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
+            "-nographic",
+            "-no-reboot",
+            "-nic",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = started + Duration::from_secs(args.timeout);
+    let mut code = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r');
+                eprintln!("vm| {line}");
+                if let Some(rest) = line.strip_prefix("WEIR-VM-INIT ") {
+                    eprintln!(
+                        "==> guest init started {:.1}s after qemu (guest uptime {rest}s)",
+                        started.elapsed().as_secs_f64()
+                    );
+                } else if line.starts_with("WEIR-VM-READY ") {
+                    eprintln!(
+                        "==> guest ready (modules loaded) {:.1}s after qemu",
+                        started.elapsed().as_secs_f64()
+                    );
+                } else if let Some(c) = line.strip_prefix("WEIR-VM-EXIT ") {
+                    code = c.trim().parse().ok();
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the VM did not finish within {}s", args.timeout);
+            }
+        }
+    }
+    let _ = child.wait();
+    eprintln!("==> qemu ran {:.1}s", started.elapsed().as_secs_f64());
+    code.context("the guest printed no WEIR-VM-EXIT line (kernel panic or crash?)")
+}
