@@ -1,7 +1,9 @@
 //! eBPF mode (first slice) with real sockets: weir-proxy attaches its cgroup socket hooks to
 //! a cgroup of the test's own (never the host's root cgroup) and pins under a bpffs
 //! directory of the test's own; a client process placed in that cgroup, inside a pod
-//! namespace, reaches ClusterIPs over TCP and UDP.
+//! namespace, reaches ClusterIPs over TCP and UDP. The tc programs on the node's external
+//! interface (`eth0`, found from the Node's address) serve the external client
+//! (198.51.100.2): NodePorts, external IPs, session affinity, Maglev.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -76,6 +78,8 @@ struct Env {
     cgroup: Cgroup,
     bpf: BpfDir,
     proxy: u32,
+    /// Extra weir-proxy flags.
+    extra: Vec<String>,
 }
 
 impl Env {
@@ -104,6 +108,14 @@ impl Env {
             "--bpffs-dir".into(),
             self.bpf.0.display().to_string(),
         ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect()
+    }
+
+    /// weir-probe in the external client's namespace.
+    fn external(&self, args: &[&str]) -> serde_json::Value {
+        probe(&self.topo.client, args).unwrap()
     }
 }
 
@@ -132,6 +144,12 @@ fn services(web_pods: &[usize], dns_pods: &[usize]) -> String {
 
 /// `backends` echo pods plus one client pod, weir-proxy in eBPF mode.
 fn setup(backends: usize) -> Option<Env> {
+    let all: Vec<usize> = (0..backends).collect();
+    setup_with(backends, &services(&all, &all), &[])
+}
+
+/// [`setup`] with these manifests and extra weir-proxy flags.
+fn setup_with(backends: usize, manifests: &str, extra: &[&str]) -> Option<Env> {
     if !require_privileges() {
         return None;
     }
@@ -141,14 +159,14 @@ fn setup(backends: usize) -> Option<Env> {
         topo.start_echo(i, echo, &format!("pod-{i}")).expect("echo");
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let all: Vec<usize> = (0..backends).collect();
-    write_manifests(dir.path(), &services(&all, &all)).expect("manifests");
+    write_manifests(dir.path(), manifests).expect("manifests");
     let mut env = Env {
         topo,
         dir,
         cgroup: Cgroup::new(),
         bpf: BpfDir::new(),
         proxy: 0,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
     };
     let flags = env.proxy_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -181,7 +199,7 @@ fn verifier_accepts_every_program() {
     match load(&bpf.0, level) {
         Ok(ebpf) => {
             let names = program_names(&ebpf);
-            assert_eq!(names.len(), 8, "{names:?}");
+            assert_eq!(names.len(), 10, "{names:?}");
         }
         Err(e) => panic!("the verifier rejected a program:\n{e}"),
     }
@@ -292,4 +310,128 @@ fn a_restarted_daemon_adopts_the_maps_and_cleanup_leaves_no_programs_or_pins() {
     // No program stays attached: without translation the ClusterIP goes nowhere.
     let r = env.probe(&["tcp", "10.96.0.10:80", "1"]);
     assert_eq!(total(&r), 0, "{r}");
+}
+
+/// A Service `name` (namespace demo) with ClusterIP `cluster_ip`, the extra `spec` lines,
+/// one port `protocol` `port` -> 8080 (TCP) or 5353 (UDP) with NodePort `node_port`, and
+/// endpoints `(pod, node)`.
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    spec: &[&str],
+    protocol: &str,
+    port: u16,
+    node_port: u16,
+    endpoints: &[(usize, &str)],
+) -> String {
+    let target = if protocol == "UDP" { 5353 } else { 8080 };
+    let extra: String = spec.iter().map(|l| format!("  {l}\n")).collect();
+    let mut eps = String::new();
+    for (pod, node) in endpoints {
+        eps.push_str(&format!(
+            "- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}\n",
+            pod_ip(*pod)
+        ));
+    }
+    if eps.is_empty() {
+        eps = "[]\n".into();
+    } else {
+        eps.insert(0, '\n');
+    }
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: {cluster_ip}\n{extra}  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}, nodePort: {node_port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints: {eps}"
+    )
+}
+
+fn on_node1(pods: &[usize]) -> Vec<(usize, &'static str)> {
+    pods.iter().map(|p| (*p, NODE_NAME)).collect()
+}
+
+#[test]
+fn external_client_reaches_nodeport_and_external_ip_over_all_endpoints_through_tc() {
+    let eps = on_node1(&[0, 1, 2]);
+    let mut m = service(
+        "web",
+        "10.96.0.10",
+        &["externalIPs: [192.0.2.90]"],
+        "TCP",
+        80,
+        30080,
+        &eps,
+    );
+    m.push_str(&service("dns", "10.96.0.53", &[], "UDP", 53, 30053, &eps));
+    m.push_str(&service("empty", "10.96.0.20", &[], "TCP", 80, 30082, &[]));
+    let Some(env) = setup_with(3, &m, &[]) else {
+        return;
+    };
+    env.topo.client_route_via_node("192.0.2.90").unwrap();
+    let nodeport = format!("{NODE_IP}:30080");
+    let r = env.external(&["tcp", &nodeport, "150"]);
+    assert_spread(&r, 3, 150);
+    let r = env.external(&["tcp", "192.0.2.90:80", "90"]);
+    assert_spread(&r, 3, 90);
+    // The ClusterIP, routed to the node by the client, goes through the same path.
+    let r = env.external(&["tcp", "10.96.0.10:80", "30"]);
+    assert_spread(&r, 3, 30);
+    // UDP: every reply comes back from the NodePort the client sent to.
+    let r = env.external(&["udp-each", &format!("{NODE_IP}:30053"), "60"]);
+    assert_eq!(errors(&r, "wrong_source"), 0, "{r}");
+    assert_spread(&r, 3, 60);
+    // Backends on this node see the client's own address (no SNAT in eBPF mode).
+    let r = env.external(&["peer", &nodeport]);
+    assert_eq!(
+        r["peer"].as_str().unwrap().split(':').next(),
+        Some(CLIENT_IP)
+    );
+    // No endpoints: the node's stack resets the connection (no listener on the port).
+    let started = std::time::Instant::now();
+    let r = env.external(&["tcp", &format!("{NODE_IP}:30082"), "3"]);
+    assert_eq!(errors(&r, "refused"), 3, "{r}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    let links: Vec<String> = std::fs::read_dir(&env.bpf.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("link_tc_"))
+        .collect();
+    assert_eq!(links.len(), 2, "TCX links on eth0, pinned: {links:?}");
+}
+
+#[test]
+fn etp_local_nodeport_preserves_the_source_and_uses_only_local_endpoints() {
+    let eps = [(0, NODE_NAME), (1, "node2")];
+    let m = service(
+        "local",
+        "10.96.0.10",
+        &["externalTrafficPolicy: Local"],
+        "TCP",
+        80,
+        30081,
+        &eps,
+    );
+    let mut m2 = m.clone();
+    m2.push_str(&service(
+        "nolocal",
+        "10.96.0.11",
+        &["externalTrafficPolicy: Local"],
+        "TCP",
+        80,
+        30083,
+        &[(1, "node2")],
+    ));
+    let Some(env) = setup_with(2, &m2, &[]) else {
+        return;
+    };
+    let nodeport = format!("{NODE_IP}:30081");
+    let r = env.external(&["tcp", &nodeport, "40"]);
+    assert_eq!(names(&r), vec!["pod-0".to_string()], "{r}");
+    assert_eq!(total(&r), 40, "{r}");
+    let r = env.external(&["peer", &nodeport]);
+    assert_eq!(
+        r["peer"].as_str().unwrap().split(':').next(),
+        Some(CLIENT_IP)
+    );
+    // Endpoints only elsewhere: dropped (a timeout), as nftables mode does.
+    let r = env.external(&["tcp", &format!("{NODE_IP}:30083"), "1"]);
+    assert_eq!(errors(&r, "timeout"), 1, "{r}");
 }
