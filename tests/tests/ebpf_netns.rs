@@ -439,7 +439,7 @@ fn etp_local_nodeport_preserves_the_source_and_uses_only_local_endpoints() {
 /// Empties the tc path's connection-tracking map (as if every flow had aged out).
 fn flush_ct(bpf: &Path) {
     let data = aya::maps::MapData::from_pin(bpf.join("WEIR_CT")).unwrap();
-    let mut ct: aya::maps::HashMap<_, [u8; 16], [u8; 8]> =
+    let mut ct: aya::maps::HashMap<_, [u8; 16], [u8; 12]> =
         aya::maps::Map::LruHashMap(data).try_into().unwrap();
     let keys: Vec<[u8; 16]> = ct.keys().flatten().collect();
     for k in keys {
@@ -669,4 +669,29 @@ fn one_endpoint_change_in_a_1000_endpoint_service_is_a_fast_map_update() {
             plan.ops.len()
         );
     }
+}
+
+#[test]
+fn a_remote_endpoint_is_reached_with_the_node_address_as_source_and_replies_come_back() {
+    // pod-1 stands for another node's endpoint: its veth is listed as an external
+    // interface, the way a remote node's replies arrive on one.
+    let eps = [(1, "node2")];
+    let mut m = service("remote", "10.96.0.10", &[], "TCP", 80, 30080, &eps);
+    m.push_str(&service("dns", "10.96.0.53", &[], "UDP", 53, 30053, &eps));
+    let Some(env) = setup_with(2, &m, &["--ebpf-interfaces", "eth0,veth1"]) else {
+        return;
+    };
+    let nodeport = format!("{NODE_IP}:30080");
+    let r = env.external(&["tcp", &nodeport, "20"]);
+    assert_eq!(total(&r), 20, "{r}");
+    assert_eq!(names(&r), vec!["pod-1".to_string()], "{r}");
+    let r = env.external(&["peer", &nodeport]);
+    assert_eq!(
+        r["peer"].as_str().unwrap().split(':').next(),
+        Some(NODE_IP),
+        "masqueraded to the node's address: {r}"
+    );
+    let r = env.external(&["udp-each", &format!("{NODE_IP}:30053"), "20"]);
+    assert_eq!(errors(&r, "wrong_source"), 0, "{r}");
+    assert_eq!(total(&r), 20, "{r}");
 }

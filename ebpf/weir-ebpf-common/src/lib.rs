@@ -91,9 +91,15 @@ pub struct ServiceValue {
     pub flags: u32,
     /// ClientIP session affinity timeout in seconds; 0 without affinity.
     pub affinity_timeout: u32,
-    /// Padding (zero).
-    pub pad: u32,
+    /// The node's IPv4 address (network byte order) that the tc path puts as the source
+    /// of flows to a remote backend ([`BACKEND_REMOTE`]); 0 where nothing is masqueraded.
+    pub snat_v4: u32,
 }
+
+/// [`Backend`]'s `proto` in the backends map: the endpoint is on another node and the
+/// frontend's external traffic policy is Cluster, so the tc path masquerades flows to it
+/// (source -> the frontend's `snat_v4`). 0 otherwise.
+pub const BACKEND_REMOTE: u8 = 1;
 
 /// One backend slot of a frontend: the backends map's key.
 #[repr(C)]
@@ -159,9 +165,16 @@ pub struct CtValue {
     pub addr: u32,
     /// The port.
     pub port: u16,
-    /// Padding (zero).
-    pub pad: u16,
+    /// [`CT_SNAT`] or 0.
+    pub flags: u16,
+    /// With [`CT_SNAT`]: for [`CT_FORWARD`] the new source address (the node's); for
+    /// [`CT_REPLY`] the client's address (the reply's new destination).
+    pub snat: u32,
 }
+
+/// [`CtValue::flags`]: the flow is masqueraded (a remote backend). Its reply arrives
+/// addressed to the node and is matched on ingress.
+pub const CT_SNAT: u16 = 1;
 
 /// `AffinityKey::kind` when `client` is an IP address (the tc path).
 pub const CLIENT_IP: u32 = 0;
@@ -231,7 +244,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AddrPort>(), 20);
         assert_eq!(core::mem::size_of::<ServiceValue>(), 16);
         assert_eq!(core::mem::size_of::<CtKey>(), 16);
-        assert_eq!(core::mem::size_of::<CtValue>(), 8);
+        assert_eq!(core::mem::size_of::<CtValue>(), 12);
         assert_eq!(core::mem::size_of::<AffinityKey>(), 40);
         assert_eq!(core::mem::size_of::<AffinityValue>(), 32);
         assert_eq!(core::mem::size_of::<BackendKey>(), 24);

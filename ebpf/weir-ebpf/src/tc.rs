@@ -9,6 +9,13 @@
 //! Egress: a backend's reply (found in the connection-tracking map) has its source
 //! rewritten back to the frontend before it leaves.
 //!
+//! A remote backend (another node's endpoint, external traffic policy Cluster) is
+//! masqueraded: the source becomes the node's address (the client's port is kept), so the
+//! reply comes back to this node, where the ingress program (on the interface it arrives
+//! on) restores the client as destination and the frontend as source and the kernel
+//! forwards it to the client. Two clients using the same source port towards the same
+//! remote backend share one reply entry (the later one wins).
+//!
 //! A frontend without endpoints: the packet is dropped, except on a node address without
 //! the drop flag (NodePort), where the node's stack answers it as a closed port (TCP RST,
 //! ICMP port unreachable), as nftables mode's reject does.
@@ -21,6 +28,7 @@ use weir_ebpf_common::{
     AddrPort, AffinityKey, CtKey, CtValue, CLIENT_IP, CT_FORWARD, CT_REPLY, FAMILY_V4, FLAG_DROP,
     FLAG_NODE_LOCAL,
 };
+use weir_ebpf_common::{BACKEND_REMOTE, CT_SNAT};
 
 const ETH_HLEN: usize = 14;
 const IP_CSUM: usize = ETH_HLEN + 10;
@@ -157,14 +165,17 @@ fn backend(p: &Packet) -> Result<CtValue, i32> {
         service: front,
     };
     let b = pick(&front, &v, hash(k), &client).ok_or(TC_ACT_SHOT as i32)?;
+    let snat = b.proto == BACKEND_REMOTE && v.snat_v4 != 0;
     let ct = CtValue {
         addr: b.addr[0],
         port: b.port,
-        pad: 0,
+        flags: if snat { CT_SNAT } else { 0 },
+        snat: if snat { v.snat_v4 } else { 0 },
     };
+    // A masqueraded flow's reply comes to the node's address, else to the client.
     let reply = CtKey {
         saddr: b.addr[0],
-        daddr: k.saddr,
+        daddr: if snat { v.snat_v4 } else { k.saddr },
         sport: b.port,
         dport: k.sport,
         proto: k.proto,
@@ -174,7 +185,8 @@ fn backend(p: &Packet) -> Result<CtValue, i32> {
     let front = CtValue {
         addr: k.daddr,
         port: k.dport,
-        pad: 0,
+        flags: ct.flags,
+        snat: if snat { k.saddr } else { 0 },
     };
     // A full map evicts the least recently used flows.
     let _ = WEIR_CT.insert(&reply, &front, 0);
@@ -182,18 +194,45 @@ fn backend(p: &Packet) -> Result<CtValue, i32> {
     Ok(ct)
 }
 
-/// Ingress on an external interface: frontend -> backend.
+/// Ingress on an external interface: frontend -> backend (and the source -> the node's
+/// address for a remote backend); a masqueraded flow's reply -> from the frontend to the
+/// client.
 #[classifier]
 pub fn weir_tc_ingress(ctx: TcContext) -> i32 {
     let Some(p) = parse(&ctx) else {
         return TC_ACT_OK as i32;
     };
+    let k = p.key;
+    let reply = CtKey { dir: CT_REPLY, ..k };
+    // SAFETY: copied out at once.
+    if let Some(front) = unsafe { WEIR_CT.get(&reply) }.copied() {
+        if front.flags & CT_SNAT != 0 {
+            let r = rewrite(
+                &ctx,
+                &p,
+                IP_DADDR,
+                k.daddr,
+                front.snat,
+                p.l4 + 2,
+                k.dport,
+                k.dport,
+            )
+            .and_then(|()| {
+                rewrite(
+                    &ctx, &p, IP_SADDR, k.saddr, front.addr, p.l4, k.sport, front.port,
+                )
+            });
+            return match r {
+                Ok(()) => TC_ACT_OK as i32,
+                Err(_) => TC_ACT_SHOT as i32,
+            };
+        }
+    }
     let to = match backend(&p) {
         Ok(to) => to,
         Err(action) => return action,
     };
-    let k = p.key;
-    match rewrite(
+    let mut r = rewrite(
         &ctx,
         &p,
         IP_DADDR,
@@ -202,7 +241,11 @@ pub fn weir_tc_ingress(ctx: TcContext) -> i32 {
         p.l4 + 2,
         k.dport,
         to.port,
-    ) {
+    );
+    if r.is_ok() && to.flags & CT_SNAT != 0 {
+        r = rewrite(&ctx, &p, IP_SADDR, k.saddr, to.snat, p.l4, k.sport, k.sport);
+    }
+    match r {
         Ok(()) => TC_ACT_OK as i32,
         Err(_) => TC_ACT_SHOT as i32,
     }
@@ -219,6 +262,9 @@ pub fn weir_tc_egress(ctx: TcContext) -> i32 {
     let Some(front) = unsafe { WEIR_CT.get(&p.key) }.copied() else {
         return TC_ACT_OK as i32;
     };
+    if front.flags & CT_SNAT != 0 {
+        return TC_ACT_OK as i32;
+    }
     let k = p.key;
     match rewrite(
         &ctx, &p, IP_SADDR, k.saddr, front.addr, p.l4, k.sport, front.port,

@@ -352,6 +352,18 @@ impl KernelMaps {
     }
 }
 
+/// Sets `net.ipv4.conf.IFACE.accept_local`: a masqueraded flow's reply leaves the ingress
+/// program with the frontend as its source, which for a NodePort is the node's own
+/// address, and the kernel would drop such a packet as a martian.
+fn accept_local(interface: &str) -> Result<(), EbpfError> {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+    std::fs::write(&path, "1").map_err(|e| EbpfError::TcAttach {
+        program: TC_INGRESS,
+        interface: interface.to_owned(),
+        message: format!("{path}: {e}"),
+    })
+}
+
 /// The interfaces holding one of `ips`, by name.
 fn interfaces_holding(ips: &[IpAddr]) -> Result<BTreeSet<String>, EbpfError> {
     let addrs = nix::ifaddrs::getifaddrs()
@@ -381,6 +393,7 @@ impl MapStore for KernelMaps {
         for i in wanted {
             if !self.attached.contains(&i) {
                 self.attach_tc(&i)?;
+                accept_local(&i)?;
                 tracing::info!(interface = %i, "tc programs attached");
                 self.attached.insert(i);
             }

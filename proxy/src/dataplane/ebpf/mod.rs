@@ -2,12 +2,12 @@
 //! backend at connect/sendmsg time (TCP and UDP), and back for UDP replies and
 //! getpeername; tc programs on the node's external interfaces translate NodePorts,
 //! external and load-balancer IPs (and ClusterIPs routed to the node) per packet, with a
-//! connection-tracking map for replies (IPv4). Backends are picked at random or by Maglev,
+//! connection-tracking map for replies and SNAT to the node for remote backends (IPv4). Backends are picked at random or by Maglev,
 //! with ClientIP session affinity. [`render`] turns the desired state into map contents and
 //! diffs them (pure), [`kernel`] loads, attaches and pins the programs and writes the maps
 //! with aya, [`fake`] behaves like BPF hash maps for tests.
 //!
-//! Not yet: SNAT for remote backends on the tc path, IPv6 on the tc path, SCTP.
+//! Not yet: IPv6 on the tc path, loadBalancerSourceRanges, SCTP.
 
 pub mod fake;
 pub mod kernel;

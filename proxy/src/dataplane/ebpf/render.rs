@@ -7,8 +7,8 @@ use crate::model::{DesiredState, Endpoint, Protocol};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use weir_ebpf_common::{
-    AddrPort, Backend, BackendKey, ServiceKey, ServiceValue, FAMILY_V4, FAMILY_V6, FLAG_DROP,
-    FLAG_MAGLEV, FLAG_NODE_LOCAL, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP,
+    AddrPort, Backend, BackendKey, ServiceKey, ServiceValue, BACKEND_REMOTE, FAMILY_V4, FAMILY_V6,
+    FLAG_DROP, FLAG_MAGLEV, FLAG_NODE_LOCAL, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP,
 };
 
 /// `--ebpf-lb-algorithm`: how a frontend's backend is picked for a new flow.
@@ -150,34 +150,45 @@ pub fn render_with(desired: &DesiredState, algorithm: LbAlgorithm) -> MapContent
         } else {
             &sp.endpoints
         };
-        let mut frontends: Vec<(IpAddr, u16, &[Endpoint], u32)> = info
+        // External traffic to remote endpoints is masqueraded to the node's IPv4 address
+        // (ETP Cluster); ClusterIP traffic from outside keeps its source.
+        let snat = match desired.node_ips.iter().find(|ip| ip.is_ipv4()) {
+            Some(IpAddr::V4(v4)) if !info.external_local => u32::from_ne_bytes(v4.octets()),
+            _ => 0,
+        };
+        let mut frontends: Vec<(IpAddr, u16, &[Endpoint], u32, u32)> = info
             .cluster_ips
             .iter()
-            .map(|ip| (*ip, info.port, internal, 0))
+            .map(|ip| (*ip, info.port, internal, 0, 0))
             .collect();
         if let Some(np) = info.node_port {
             for ip in &desired.node_ips {
-                frontends.push((*ip, np, external, FLAG_NODE_LOCAL));
+                frontends.push((*ip, np, external, FLAG_NODE_LOCAL, snat));
             }
         }
         for ip in &info.external_ips {
-            frontends.push((*ip, info.port, external, 0));
+            frontends.push((*ip, info.port, external, 0, snat));
         }
         if info.source_ranges.is_empty() {
             for ip in &info.load_balancer_ips {
-                frontends.push((*ip, info.port, external, 0));
+                frontends.push((*ip, info.port, external, 0, snat));
             }
         }
-        for (ip, port, eps, flags) in frontends {
+        for (ip, port, eps, flags, snat_v4) in frontends {
             let key = addr_port(ip, port, proto);
             let eps: Vec<&Endpoint> = eps
                 .iter()
                 .filter(|e| e.ip.is_ipv4() == ip.is_ipv4())
                 .collect();
             for (slot, e) in (0u32..).zip(&eps) {
+                let remote = if snat_v4 != 0 && !e.is_local {
+                    BACKEND_REMOTE
+                } else {
+                    0
+                };
                 out.backends.insert(
                     BackendKey { service: key, slot },
-                    addr_port(e.ip, e.port, 0),
+                    addr_port(e.ip, e.port, remote),
                 );
             }
             let count = eps.len() as u32;
@@ -205,7 +216,7 @@ pub fn render_with(desired: &DesiredState, algorithm: LbAlgorithm) -> MapContent
                     count,
                     flags,
                     affinity_timeout: info.affinity_timeout.unwrap_or(0),
-                    pad: 0,
+                    snat_v4,
                 },
             );
         }
@@ -396,7 +407,7 @@ mod tests {
                 count: 0,
                 flags: 0,
                 affinity_timeout: 0,
-                pad: 0
+                snat_v4: 0
             }
         );
         assert!(m.backends.is_empty());
@@ -458,7 +469,7 @@ mod tests {
                         count: 2,
                         flags: 0,
                         affinity_timeout: 0,
-                        pad: 0
+                        snat_v4: 0
                     }
                 ),
                 MapOp::DeleteBackend(BackendKey {
@@ -594,7 +605,7 @@ mod tests {
                 count: 1,
                 flags: FLAG_NODE_LOCAL,
                 affinity_timeout: 30,
-                pad: 0
+                snat_v4: 0
             },
             "ETP Local: only the local endpoint"
         );
@@ -615,5 +626,34 @@ mod tests {
         sp.info = std::sync::Arc::new(info);
         let m = render_with(&d, LbAlgorithm::Random);
         assert!(!m.services.contains_key(&frontend("192.0.2.80", PROTO_TCP)));
+    }
+
+    #[test]
+    fn external_traffic_to_a_remote_endpoint_is_masqueraded_to_the_node_address() {
+        let mut d = DesiredState {
+            node_ips: vec!["192.168.77.10".parse().unwrap()],
+            ..DesiredState::default()
+        };
+        let mut info = ServiceInfo::new(
+            name("web", Protocol::Tcp),
+            vec!["10.96.0.10".parse().unwrap()],
+            80,
+        );
+        info.node_port = Some(30080);
+        let mut remote = ep("10.244.1.2");
+        remote.is_local = false;
+        let sp = ServicePortState::from_endpoints(info, vec![ep("10.244.1.1"), remote]);
+        d.services.insert(name("web", Protocol::Tcp), sp);
+        let m = render(&d);
+        let np = addr_port("192.168.77.10".parse().unwrap(), 30080, PROTO_TCP);
+        assert_eq!(m.services[&np].snat_v4.to_ne_bytes(), [192, 168, 77, 10]);
+        let slot = |service, slot| m.backends[&BackendKey { service, slot }].proto;
+        assert_eq!((slot(np, 0), slot(np, 1)), (0, BACKEND_REMOTE));
+        let cip = frontend("10.96.0.10", PROTO_TCP);
+        assert_eq!(
+            m.services[&cip].snat_v4, 0,
+            "ClusterIP traffic keeps its source"
+        );
+        assert_eq!((slot(cip, 0), slot(cip, 1)), (0, 0));
     }
 }
