@@ -113,6 +113,20 @@ pub struct Args {
     /// adopts them; `--cleanup` removes them).
     #[arg(long, env = "WEIR_BPFFS_DIR", default_value = "/sys/fs/bpf/weir")]
     pub bpffs_dir: PathBuf,
+    /// eBPF mode: the node's external interfaces, where tc programs translate NodePorts,
+    /// external and load-balancer IPs (comma-separated; default: the interfaces holding
+    /// the node's addresses).
+    #[arg(long, env = "WEIR_EBPF_INTERFACES", value_delimiter = ',')]
+    pub ebpf_interfaces: Vec<String>,
+    /// eBPF mode: how new flows pick a backend: random, or maglev (consistent hashing of
+    /// the 5-tuple on the tc path).
+    #[arg(
+        long,
+        env = "WEIR_EBPF_LB_ALGORITHM",
+        value_enum,
+        default_value = "random"
+    )]
+    pub ebpf_lb_algorithm: crate::dataplane::ebpf::render::LbAlgorithm,
     /// How often the API watches restart with a full listing (e.g. `15m`).
     #[arg(long, env = "WEIR_CONFIG_SYNC_PERIOD", default_value = "15m")]
     pub config_sync_period: String,
@@ -181,6 +195,8 @@ pub struct Config {
     pub sync_period: Duration,
     /// eBPF mode: where the programs attach and their objects are pinned.
     pub ebpf: crate::dataplane::ebpf::kernel::EbpfSettings,
+    /// eBPF mode: `--ebpf-lb-algorithm`.
+    pub ebpf_lb_algorithm: crate::dataplane::ebpf::render::LbAlgorithm,
 }
 
 /// A flag value that cannot be used.
@@ -336,7 +352,9 @@ impl Args {
             ebpf: crate::dataplane::ebpf::kernel::EbpfSettings {
                 cgroup: self.ebpf_cgroup.clone(),
                 bpffs_dir: self.bpffs_dir.clone(),
+                interfaces: self.ebpf_interfaces.clone(),
             },
+            ebpf_lb_algorithm: self.ebpf_lb_algorithm,
         })
     }
 }

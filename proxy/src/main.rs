@@ -170,7 +170,9 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         let maps = weir_proxy::dataplane::ebpf::kernel::KernelMaps::open(&cfg.ebpf)
             .context("setting up the eBPF dataplane")?;
         tracing::info!(cgroup = %cfg.ebpf.cgroup.display(), pins = %cfg.ebpf.bpffs_dir.display(), "eBPF programs attached");
-        runner = runner.with_ebpf(maps);
+        runner = runner
+            .with_ebpf(maps)
+            .with_ebpf_algorithm(cfg.ebpf_lb_algorithm);
     }
     // NetworkPolicy: a second consumer of the same source, with its own table.
     let (policy_tx, policy) = if cfg.network_policy {

@@ -1,7 +1,9 @@
 //! eBPF mode (first slice) with real sockets: weir-proxy attaches its cgroup socket hooks to
 //! a cgroup of the test's own (never the host's root cgroup) and pins under a bpffs
 //! directory of the test's own; a client process placed in that cgroup, inside a pod
-//! namespace, reaches ClusterIPs over TCP and UDP.
+//! namespace, reaches ClusterIPs over TCP and UDP. The tc programs on the node's external
+//! interface (`eth0`, found from the Node's address) serve the external client
+//! (198.51.100.2): NodePorts, external IPs, session affinity, Maglev.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -76,6 +78,8 @@ struct Env {
     cgroup: Cgroup,
     bpf: BpfDir,
     proxy: u32,
+    /// Extra weir-proxy flags.
+    extra: Vec<String>,
 }
 
 impl Env {
@@ -104,6 +108,14 @@ impl Env {
             "--bpffs-dir".into(),
             self.bpf.0.display().to_string(),
         ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect()
+    }
+
+    /// weir-probe in the external client's namespace.
+    fn external(&self, args: &[&str]) -> serde_json::Value {
+        probe(&self.topo.client, args).unwrap()
     }
 }
 
@@ -132,6 +144,12 @@ fn services(web_pods: &[usize], dns_pods: &[usize]) -> String {
 
 /// `backends` echo pods plus one client pod, weir-proxy in eBPF mode.
 fn setup(backends: usize) -> Option<Env> {
+    let all: Vec<usize> = (0..backends).collect();
+    setup_with(backends, &services(&all, &all), &[])
+}
+
+/// [`setup`] with these manifests and extra weir-proxy flags.
+fn setup_with(backends: usize, manifests: &str, extra: &[&str]) -> Option<Env> {
     if !require_privileges() {
         return None;
     }
@@ -141,14 +159,14 @@ fn setup(backends: usize) -> Option<Env> {
         topo.start_echo(i, echo, &format!("pod-{i}")).expect("echo");
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let all: Vec<usize> = (0..backends).collect();
-    write_manifests(dir.path(), &services(&all, &all)).expect("manifests");
+    write_manifests(dir.path(), manifests).expect("manifests");
     let mut env = Env {
         topo,
         dir,
         cgroup: Cgroup::new(),
         bpf: BpfDir::new(),
         proxy: 0,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
     };
     let flags = env.proxy_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -181,7 +199,7 @@ fn verifier_accepts_every_program() {
     match load(&bpf.0, level) {
         Ok(ebpf) => {
             let names = program_names(&ebpf);
-            assert_eq!(names.len(), 8, "{names:?}");
+            assert_eq!(names.len(), 10, "{names:?}");
         }
         Err(e) => panic!("the verifier rejected a program:\n{e}"),
     }
@@ -292,4 +310,388 @@ fn a_restarted_daemon_adopts_the_maps_and_cleanup_leaves_no_programs_or_pins() {
     // No program stays attached: without translation the ClusterIP goes nowhere.
     let r = env.probe(&["tcp", "10.96.0.10:80", "1"]);
     assert_eq!(total(&r), 0, "{r}");
+}
+
+/// A Service `name` (namespace demo) with ClusterIP `cluster_ip`, the extra `spec` lines,
+/// one port `protocol` `port` -> 8080 (TCP) or 5353 (UDP) with NodePort `node_port`, and
+/// endpoints `(pod, node)`.
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    spec: &[&str],
+    protocol: &str,
+    port: u16,
+    node_port: u16,
+    endpoints: &[(usize, &str)],
+) -> String {
+    let target = if protocol == "UDP" { 5353 } else { 8080 };
+    let extra: String = spec.iter().map(|l| format!("  {l}\n")).collect();
+    let mut eps = String::new();
+    for (pod, node) in endpoints {
+        eps.push_str(&format!(
+            "- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}\n",
+            pod_ip(*pod)
+        ));
+    }
+    if eps.is_empty() {
+        eps = "[]\n".into();
+    } else {
+        eps.insert(0, '\n');
+    }
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: {cluster_ip}\n{extra}  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}, nodePort: {node_port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints: {eps}"
+    )
+}
+
+fn on_node1(pods: &[usize]) -> Vec<(usize, &'static str)> {
+    pods.iter().map(|p| (*p, NODE_NAME)).collect()
+}
+
+#[test]
+fn external_client_reaches_nodeport_and_external_ip_over_all_endpoints_through_tc() {
+    let eps = on_node1(&[0, 1, 2]);
+    let mut m = service(
+        "web",
+        "10.96.0.10",
+        &["externalIPs: [192.0.2.90]"],
+        "TCP",
+        80,
+        30080,
+        &eps,
+    );
+    m.push_str(&service("dns", "10.96.0.53", &[], "UDP", 53, 30053, &eps));
+    m.push_str(&service("empty", "10.96.0.20", &[], "TCP", 80, 30082, &[]));
+    let Some(env) = setup_with(3, &m, &[]) else {
+        return;
+    };
+    env.topo.client_route_via_node("192.0.2.90").unwrap();
+    let nodeport = format!("{NODE_IP}:30080");
+    let r = env.external(&["tcp", &nodeport, "150"]);
+    assert_spread(&r, 3, 150);
+    let r = env.external(&["tcp", "192.0.2.90:80", "90"]);
+    assert_spread(&r, 3, 90);
+    // The ClusterIP, routed to the node by the client, goes through the same path.
+    let r = env.external(&["tcp", "10.96.0.10:80", "30"]);
+    assert_spread(&r, 3, 30);
+    // UDP: every reply comes back from the NodePort the client sent to.
+    let r = env.external(&["udp-each", &format!("{NODE_IP}:30053"), "60"]);
+    assert_eq!(errors(&r, "wrong_source"), 0, "{r}");
+    assert_spread(&r, 3, 60);
+    // Backends on this node see the client's own address (no SNAT in eBPF mode).
+    let r = env.external(&["peer", &nodeport]);
+    assert_eq!(
+        r["peer"].as_str().unwrap().split(':').next(),
+        Some(CLIENT_IP)
+    );
+    // No endpoints: the node's stack resets the connection (no listener on the port).
+    let started = std::time::Instant::now();
+    let r = env.external(&["tcp", &format!("{NODE_IP}:30082"), "3"]);
+    assert_eq!(errors(&r, "refused"), 3, "{r}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    let links: Vec<String> = std::fs::read_dir(&env.bpf.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("link_tc_"))
+        .collect();
+    assert_eq!(links.len(), 2, "TCX links on eth0, pinned: {links:?}");
+}
+
+#[test]
+fn etp_local_nodeport_preserves_the_source_and_uses_only_local_endpoints() {
+    let eps = [(0, NODE_NAME), (1, "node2")];
+    let m = service(
+        "local",
+        "10.96.0.10",
+        &["externalTrafficPolicy: Local"],
+        "TCP",
+        80,
+        30081,
+        &eps,
+    );
+    let mut m2 = m.clone();
+    m2.push_str(&service(
+        "nolocal",
+        "10.96.0.11",
+        &["externalTrafficPolicy: Local"],
+        "TCP",
+        80,
+        30083,
+        &[(1, "node2")],
+    ));
+    let Some(env) = setup_with(2, &m2, &[]) else {
+        return;
+    };
+    let nodeport = format!("{NODE_IP}:30081");
+    let r = env.external(&["tcp", &nodeport, "40"]);
+    assert_eq!(names(&r), vec!["pod-0".to_string()], "{r}");
+    assert_eq!(total(&r), 40, "{r}");
+    let r = env.external(&["peer", &nodeport]);
+    assert_eq!(
+        r["peer"].as_str().unwrap().split(':').next(),
+        Some(CLIENT_IP)
+    );
+    // Endpoints only elsewhere: dropped (a timeout), as nftables mode does.
+    let r = env.external(&["tcp", &format!("{NODE_IP}:30083"), "1"]);
+    assert_eq!(errors(&r, "timeout"), 1, "{r}");
+}
+
+/// Empties the tc path's connection-tracking map (as if every flow had aged out).
+fn flush_ct(bpf: &Path) {
+    let data = aya::maps::MapData::from_pin(bpf.join("WEIR_CT")).unwrap();
+    let mut ct: aya::maps::HashMap<_, [u8; 16], [u8; 12]> =
+        aya::maps::Map::LruHashMap(data).try_into().unwrap();
+    let keys: Vec<[u8; 16]> = ct.keys().flatten().collect();
+    for k in keys {
+        let _ = ct.remove(&k);
+    }
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout_on_both_paths() {
+    let eps = on_node1(&[0, 1, 2]);
+    let m = service(
+        "sticky",
+        "10.96.0.10",
+        &[
+            "sessionAffinity: ClientIP",
+            "sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}",
+        ],
+        "TCP",
+        80,
+        30090,
+        &eps,
+    );
+    let Some(env) = setup_with(3, &m, &[]) else {
+        return;
+    };
+    let nodeport = format!("{NODE_IP}:30090");
+    // tc path: the external client, keyed by its address.
+    let r = env.external(&["tcp", &nodeport, "20"]);
+    assert_eq!(total(&r), 20, "{r}");
+    assert_eq!(names(&r).len(), 1, "one endpoint for one client: {r}");
+    // Socket hooks: the client pod, keyed by its network namespace.
+    let r = env.probe(&["tcp", "10.96.0.10:80", "20"]);
+    assert_eq!(total(&r), 20, "{r}");
+    assert_eq!(names(&r).len(), 1, "one endpoint for one client: {r}");
+    // Once the entry expires the client is placed again: over several rounds another
+    // endpoint shows up, and within a round the client stays on one.
+    let (mut external, mut pod) = (Vec::new(), Vec::new());
+    for _ in 0..12 {
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+        let r = env.external(&["tcp", &nodeport, "4"]);
+        assert_eq!(names(&r).len(), 1, "{r}");
+        external.extend(names(&r));
+        let r = env.probe(&["tcp", "10.96.0.10:80", "4"]);
+        assert_eq!(names(&r).len(), 1, "{r}");
+        pod.extend(names(&r));
+        external.sort();
+        external.dedup();
+        pod.sort();
+        pod.dedup();
+        if external.len() > 1 && pod.len() > 1 {
+            return;
+        }
+    }
+    panic!("after expiry clients move: external {external:?}, pod {pod:?}");
+}
+
+#[test]
+fn maglev_keeps_a_flow_on_its_backend_without_connection_tracking_state() {
+    let eps = on_node1(&[0, 1, 2]);
+    let m = service("dns", "10.96.0.53", &[], "UDP", 53, 30053, &eps);
+    let Some(env) = setup_with(3, &m, &["--ebpf-lb-algorithm", "maglev"]) else {
+        return;
+    };
+    let nodeport = format!("{NODE_IP}:30053");
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 40000..40012u16 {
+        let port = port.to_string();
+        let mut first: Option<Vec<String>> = None;
+        for _ in 0..3 {
+            // Without the tracked flow the backend comes from the Maglev table again.
+            flush_ct(&env.bpf.0);
+            let r = env.external(&["udp", &nodeport, "3", "--source-port", &port]);
+            assert_eq!(total(&r), 3, "{r}");
+            let n = names(&r);
+            assert_eq!(n.len(), 1, "{r}");
+            match &first {
+                None => first = Some(n),
+                Some(f) => assert_eq!(f, &n, "source port {port} moved"),
+            }
+        }
+        seen.extend(first.unwrap());
+    }
+    assert!(seen.len() > 1, "flows spread over backends: {seen:?}");
+}
+
+/// 1,000 addresses 10.244.100.0/22 spread over the pods `0..pods` (address j on pod
+/// `j % pods`), routed from the node to their pod's veth.
+fn add_many_addresses(topo: &Topology, pods: usize, n: usize) -> Vec<(String, usize)> {
+    let addrs: Vec<(String, usize)> = (0..n)
+        .map(|j| (format!("10.244.{}.{}", 100 + j / 256, j % 256), j % pods))
+        .collect();
+    let mut node_batch = String::new();
+    let mut pod_batch = vec![String::new(); pods];
+    for (a, p) in &addrs {
+        node_batch.push_str(&format!("route add {a}/32 dev veth{p}\n"));
+        pod_batch[*p].push_str(&format!("addr add {a}/32 dev eth0\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let batch = |ns: &Netns, name: &str, text: &str| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        ns.exec(&["ip", "-batch", &f.to_string_lossy()]).unwrap();
+    };
+    batch(&topo.node, "node", &node_batch);
+    for (p, text) in pod_batch.iter().enumerate() {
+        batch(&topo.pods[p], &format!("pod{p}"), text);
+    }
+    addrs
+}
+
+#[test]
+fn a_service_with_1000_endpoints_spreads_connections_from_pods_and_outside() {
+    if !require_privileges() {
+        return;
+    }
+    // Three echo pods answer on 1,000 addresses; the Service lists them in two slices.
+    let mut topo = Topology::new(4).expect("topology");
+    let echo = Path::new(env!("CARGO_BIN_EXE_weir-echo"));
+    for i in 0..3 {
+        topo.start_echo(i, echo, &format!("pod-{i}")).expect("echo");
+    }
+    let addrs = add_many_addresses(&topo, 3, 1000);
+    let slice = |n: usize, eps: &[(String, usize)]| {
+        let list: String = eps
+            .iter()
+            .map(|(a, _)| {
+                format!("- {{addresses: [\"{a}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n")
+            })
+            .collect();
+        format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: big-{n}, namespace: demo, labels: {{kubernetes.io/service-name: big}}}}\naddressType: IPv4\nports: [{{name: p, protocol: TCP, port: 8080}}]\nendpoints:\n{list}")
+    };
+    let manifests = |eps: &[(String, usize)]| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: big, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  ports: [{{name: p, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}}]\n{}{}",
+            slice(1, &eps[..500]),
+            slice(2, &eps[500..])
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_manifests(dir.path(), &manifests(&addrs)).unwrap();
+    let mut env = Env {
+        topo,
+        dir,
+        cgroup: Cgroup::new(),
+        bpf: BpfDir::new(),
+        proxy: 0,
+        extra: Vec::new(),
+    };
+    let flags = env.proxy_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    env.proxy = start_proxy_with(&mut env.topo.node, env.dir.path(), METRICS, &flags).unwrap();
+    let r = env.probe(&["tcp", "10.96.0.10:80", "90"]);
+    assert_spread(&r, 3, 90);
+    let r = env.external(&["tcp", &format!("{NODE_IP}:30080"), "90"]);
+    assert_spread(&r, 3, 90);
+    // One endpoint replaced by another (on pod-1): traffic keeps flowing.
+    let before = last_sync(&env.topo.node, METRICS).unwrap();
+    let mut changed = addrs.clone();
+    changed[7] = ("10.244.1.11".into(), 1);
+    write_manifests(env.dir.path(), &manifests(&changed)).unwrap();
+    wait_synced(&env.topo.node, METRICS, before).unwrap();
+    let r = env.probe(&["tcp", "10.96.0.10:80", "60"]);
+    assert_spread(&r, 3, 60);
+}
+
+#[test]
+fn one_endpoint_change_in_a_1000_endpoint_service_is_a_fast_map_update() {
+    if !require_privileges() {
+        return;
+    }
+    use weir_proxy::dataplane::ebpf::kernel::{EbpfSettings, KernelMaps};
+    use weir_proxy::dataplane::ebpf::render::{diff, render_with, LbAlgorithm};
+    use weir_proxy::dataplane::ebpf::MapStore;
+    use weir_proxy::model::{
+        DesiredState, Endpoint, Protocol, ServiceInfo, ServicePortName, ServicePortState,
+    };
+    let cgroup = Cgroup::new();
+    let bpf = BpfDir::new();
+    let mut maps = KernelMaps::open(&EbpfSettings {
+        cgroup: cgroup.0.clone(),
+        bpffs_dir: bpf.0.clone(),
+        interfaces: Vec::new(),
+    })
+    .unwrap();
+    let state = |eps: &[Endpoint]| {
+        let name = ServicePortName {
+            namespace: "demo".into(),
+            name: "big".into(),
+            port: "p".into(),
+            protocol: Protocol::Tcp,
+        };
+        let mut info = ServiceInfo::new(name.clone(), vec!["10.96.0.10".parse().unwrap()], 80);
+        info.node_port = Some(30080);
+        let mut d = DesiredState::default();
+        d.node_ips = vec![NODE_IP.parse().unwrap()];
+        d.services
+            .insert(name, ServicePortState::from_endpoints(info, eps.to_vec()));
+        d
+    };
+    let eps: Vec<Endpoint> = (0..1000u32)
+        .map(|j| Endpoint {
+            ip: std::net::Ipv4Addr::from(0x0af4_6400 + j).into(),
+            port: 8080,
+            is_local: true,
+        })
+        .collect();
+    for algorithm in [LbAlgorithm::Random, LbAlgorithm::Maglev] {
+        let full = render_with(&state(&eps), algorithm);
+        let current = maps.dump().unwrap();
+        let started = std::time::Instant::now();
+        maps.apply(&diff(&current, &full)).unwrap();
+        let load = started.elapsed();
+        assert_eq!(maps.dump().unwrap(), full);
+        let mut changed = eps.clone();
+        changed[500].ip = "10.244.110.1".parse().unwrap();
+        let started = std::time::Instant::now();
+        let desired = render_with(&state(&changed), algorithm);
+        let rendered = started.elapsed();
+        let plan = diff(&full, &desired);
+        let started = std::time::Instant::now();
+        maps.apply(&plan).unwrap();
+        let update = started.elapsed();
+        assert_eq!(maps.dump().unwrap(), desired);
+        println!(
+            "{algorithm:?}: 1000 endpoints x 2 frontends loaded in {load:?}; one endpoint \
+             change: render {rendered:?}, {} map writes in {update:?}",
+            plan.ops.len()
+        );
+    }
+}
+
+#[test]
+fn a_remote_endpoint_is_reached_with_the_node_address_as_source_and_replies_come_back() {
+    // pod-1 stands for another node's endpoint: its veth is listed as an external
+    // interface, the way a remote node's replies arrive on one.
+    let eps = [(1, "node2")];
+    let mut m = service("remote", "10.96.0.10", &[], "TCP", 80, 30080, &eps);
+    m.push_str(&service("dns", "10.96.0.53", &[], "UDP", 53, 30053, &eps));
+    let Some(env) = setup_with(2, &m, &["--ebpf-interfaces", "eth0,veth1"]) else {
+        return;
+    };
+    let nodeport = format!("{NODE_IP}:30080");
+    let r = env.external(&["tcp", &nodeport, "20"]);
+    assert_eq!(total(&r), 20, "{r}");
+    assert_eq!(names(&r), vec!["pod-1".to_string()], "{r}");
+    let r = env.external(&["peer", &nodeport]);
+    assert_eq!(
+        r["peer"].as_str().unwrap().split(':').next(),
+        Some(NODE_IP),
+        "masqueraded to the node's address: {r}"
+    );
+    let r = env.external(&["udp-each", &format!("{NODE_IP}:30053"), "20"]);
+    assert_eq!(errors(&r, "wrong_source"), 0, "{r}");
+    assert_eq!(total(&r), 20, "{r}");
 }

@@ -24,6 +24,26 @@ pub const BACKENDS_MAP: &str = "WEIR_BACKENDS";
 /// [`RevNatValue`].
 pub const REVNAT_MAP: &str = "WEIR_REVNAT";
 
+/// Name of the Maglev lookup tables: [`BackendKey`] (frontend, table index) -> slot (`u32`).
+pub const MAGLEV_MAP: &str = "WEIR_MAGLEV";
+/// Name of the tc path's connection-tracking map (LRU, written by the programs): [`CtKey`]
+/// -> [`CtValue`].
+pub const CT_MAP: &str = "WEIR_CT";
+/// Name of the session affinity map (LRU, written by the programs): [`AffinityKey`] ->
+/// [`AffinityValue`].
+pub const AFFINITY_MAP: &str = "WEIR_AFFINITY";
+
+/// Entries of one frontend's Maglev lookup table (a prime). Maglev wants it well above
+/// the backend count (about 100 × for 1 % balance); 4093 keeps a table at about 100 KiB of
+/// map memory and balances up to a few dozen backends within a few percent.
+pub const MAGLEV_TABLE_SIZE: u32 = 4093;
+/// Capacity of the Maglev map (table entries over all Maglev frontends; allocated on use).
+pub const MAGLEV_MAX: u32 = 1 << 21;
+/// Capacity of the connection-tracking map (two entries per translated flow).
+pub const CT_MAX: u32 = 262_144;
+/// Capacity of the session affinity map.
+pub const AFFINITY_MAX: u32 = 65_536;
+
 /// Capacity of the services map (frontends).
 pub const SERVICES_MAX: u32 = 65_536;
 /// Capacity of the backends map (slots over all frontends).
@@ -52,6 +72,13 @@ pub type ServiceKey = AddrPort;
 /// `internalTrafficPolicy: Local` without local endpoints): connect fails with EPERM
 /// instead of ECONNREFUSED, like nftables mode's drop.
 pub const FLAG_DROP: u32 = 1;
+/// [`ServiceValue::flags`]: the frontend's address is one of the node's own (a NodePort).
+/// Without endpoints the tc path passes the packet on to the node's stack, which answers
+/// it as a closed port would (TCP RST, ICMP port unreachable).
+pub const FLAG_NODE_LOCAL: u32 = 2;
+/// [`ServiceValue::flags`]: the tc path picks the backend from the frontend's Maglev table
+/// (the [`MAGLEV_MAP`]) by a hash of the packet's 5-tuple instead of at random.
+pub const FLAG_MAGLEV: u32 = 4;
 
 /// What a frontend leads to: `count` backends in slots `0..count` of the backends map,
 /// keyed by this frontend. `count == 0` means the Service has no endpoints (refused).
@@ -60,9 +87,19 @@ pub const FLAG_DROP: u32 = 1;
 pub struct ServiceValue {
     /// Number of backend slots.
     pub count: u32,
-    /// [`FLAG_DROP`] or 0.
+    /// [`FLAG_DROP`], [`FLAG_NODE_LOCAL`], [`FLAG_MAGLEV`] or 0.
     pub flags: u32,
+    /// ClientIP session affinity timeout in seconds; 0 without affinity.
+    pub affinity_timeout: u32,
+    /// The node's IPv4 address (network byte order) that the tc path puts as the source
+    /// of flows to a remote backend ([`BACKEND_REMOTE`]); 0 where nothing is masqueraded.
+    pub snat_v4: u32,
 }
+
+/// [`Backend`]'s `proto` in the backends map: the endpoint is on another node and the
+/// frontend's external traffic policy is Cluster, so the tc path masquerades flows to it
+/// (source -> the frontend's `snat_v4`). 0 otherwise.
+pub const BACKEND_REMOTE: u8 = 1;
 
 /// One backend slot of a frontend: the backends map's key.
 #[repr(C)]
@@ -93,6 +130,82 @@ pub struct RevNatKey {
 /// The frontend a socket's backend stands for (`proto` 0).
 pub type RevNatValue = AddrPort;
 
+/// `CtKey::dir` of a client's packet to a frontend (the entry holds the backend).
+pub const CT_FORWARD: u8 = 0;
+/// `CtKey::dir` of a backend's reply to a client (the entry holds the frontend).
+pub const CT_REPLY: u8 = 1;
+
+/// An IPv4 flow as the tc path sees it on the wire (addresses and ports in network byte
+/// order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtKey {
+    /// Source address.
+    pub saddr: u32,
+    /// Destination address.
+    pub daddr: u32,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    /// [`CT_FORWARD`] or [`CT_REPLY`].
+    pub dir: u8,
+    /// Padding (zero).
+    pub pad: u16,
+}
+
+/// A tracked flow's translation: for [`CT_FORWARD`] the backend (new destination), for
+/// [`CT_REPLY`] the frontend (new source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtValue {
+    /// The address.
+    pub addr: u32,
+    /// The port.
+    pub port: u16,
+    /// [`CT_SNAT`] or 0.
+    pub flags: u16,
+    /// With [`CT_SNAT`]: for [`CT_FORWARD`] the new source address (the node's); for
+    /// [`CT_REPLY`] the client's address (the reply's new destination).
+    pub snat: u32,
+}
+
+/// [`CtValue::flags`]: the flow is masqueraded (a remote backend). Its reply arrives
+/// addressed to the node and is matched on ingress.
+pub const CT_SNAT: u16 = 1;
+
+/// `AffinityKey::kind` when `client` is an IP address (the tc path).
+pub const CLIENT_IP: u32 = 0;
+/// `AffinityKey::kind` when `client` holds a network namespace cookie in its first two
+/// words (the socket hooks: a pod's sockets share its namespace and address).
+pub const CLIENT_NETNS: u32 = 1;
+
+/// A client of a frontend with ClientIP affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityKey {
+    /// The client (see `kind`).
+    pub client: [u32; 4],
+    /// [`CLIENT_IP`] or [`CLIENT_NETNS`].
+    pub kind: u32,
+    /// The frontend.
+    pub service: ServiceKey,
+}
+
+/// The backend a client sticks to, and when it last used it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityValue {
+    /// The backend.
+    pub backend: Backend,
+    /// Its slot (the entry is stale once the slot holds another backend).
+    pub slot: u32,
+    /// `bpf_ktime_get_ns` of the last use.
+    pub last_seen: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: each type is #[repr(C)], made only of integers, with explicit padding
@@ -108,6 +221,18 @@ mod user {
     // SAFETY: as above.
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::RevNatKey {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::CtValue {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::AffinityValue {}
 }
 
 #[cfg(test)]
@@ -117,7 +242,11 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<AddrPort>(), 20);
-        assert_eq!(core::mem::size_of::<ServiceValue>(), 8);
+        assert_eq!(core::mem::size_of::<ServiceValue>(), 16);
+        assert_eq!(core::mem::size_of::<CtKey>(), 16);
+        assert_eq!(core::mem::size_of::<CtValue>(), 12);
+        assert_eq!(core::mem::size_of::<AffinityKey>(), 40);
+        assert_eq!(core::mem::size_of::<AffinityValue>(), 32);
         assert_eq!(core::mem::size_of::<BackendKey>(), 24);
         assert_eq!(core::mem::size_of::<RevNatKey>(), 32);
     }

@@ -5,13 +5,19 @@
 //! (EPERM when none is set). recvmsg and getpeername programs must return 1.
 
 use aya_ebpf::bindings::bpf_sock_addr;
-use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval};
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+use aya_ebpf::helpers::generated::{
+    bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    bpf_set_retval,
+};
 use aya_ebpf::macros::{cgroup_sock_addr, map};
 use aya_ebpf::maps::{HashMap, LruHashMap};
 use aya_ebpf::programs::SockAddrContext;
 use weir_ebpf_common::{
-    AddrPort, Backend, BackendKey, RevNatKey, RevNatValue, ServiceKey, ServiceValue, BACKENDS_MAX,
-    FAMILY_V4, FAMILY_V6, FLAG_DROP, PROTO_TCP, PROTO_UDP, REVNAT_MAX, SERVICES_MAX,
+    AddrPort, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, RevNatKey,
+    RevNatValue, ServiceKey, ServiceValue, AFFINITY_MAX, BACKENDS_MAX, CLIENT_NETNS, CT_MAX,
+    FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_MAGLEV, MAGLEV_MAX, MAGLEV_TABLE_SIZE, PROTO_TCP,
+    PROTO_UDP, REVNAT_MAX, SERVICES_MAX,
 };
 
 /// Frontends.
@@ -25,6 +31,92 @@ static WEIR_BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(BACKENDS_MA
 /// Reverse translation per socket.
 #[map(name = "WEIR_REVNAT")]
 static WEIR_REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(REVNAT_MAX, 0);
+
+/// Maglev lookup tables: (frontend, index) -> slot.
+#[map(name = "WEIR_MAGLEV")]
+static WEIR_MAGLEV: HashMap<BackendKey, u32> = HashMap::pinned(MAGLEV_MAX, BPF_F_NO_PREALLOC);
+
+/// The tc path's connection tracking (both directions of each translated flow).
+#[map(name = "WEIR_CT")]
+pub(crate) static WEIR_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAX, 0);
+
+/// ClientIP session affinity: (client, frontend) -> backend and last use.
+#[map(name = "WEIR_AFFINITY")]
+static WEIR_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
+
+/// Looks a frontend up.
+#[inline(always)]
+pub(crate) fn service(key: &ServiceKey) -> Option<ServiceValue> {
+    // SAFETY: the value is copied out at once; userspace replaces values whole.
+    unsafe { WEIR_SERVICES.get(key) }.copied()
+}
+
+/// Picks a backend of frontend `key` (whose value is `v`, with `count > 0`): the client's
+/// affinity entry while it is fresh and its slot still holds that backend; else the
+/// Maglev table entry for `hash` (Maglev frontends) or a random slot. Records the choice
+/// for the client when the frontend has affinity.
+#[inline(always)]
+pub(crate) fn pick(
+    key: &ServiceKey,
+    v: &ServiceValue,
+    hash: u32,
+    client: &AffinityKey,
+) -> Option<Backend> {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if v.affinity_timeout != 0 {
+        // SAFETY: copied out at once.
+        if let Some(a) = unsafe { WEIR_AFFINITY.get(client) }.copied() {
+            let timeout = v.affinity_timeout as u64 * 1_000_000_000;
+            if now.wrapping_sub(a.last_seen) < timeout {
+                let bkey = BackendKey {
+                    service: *key,
+                    slot: a.slot,
+                };
+                // SAFETY: copied out at once.
+                if let Some(b) = unsafe { WEIR_BACKENDS.get(&bkey) }.copied() {
+                    if b == a.backend {
+                        let fresh = AffinityValue {
+                            last_seen: now,
+                            ..a
+                        };
+                        let _ = WEIR_AFFINITY.insert(client, &fresh, 0);
+                        return Some(b);
+                    }
+                }
+            }
+        }
+    }
+    let mut slot = if v.flags & FLAG_MAGLEV != 0 {
+        let mkey = BackendKey {
+            service: *key,
+            slot: hash % MAGLEV_TABLE_SIZE,
+        };
+        // SAFETY: copied out at once.
+        unsafe { WEIR_MAGLEV.get(&mkey) }.copied().unwrap_or(hash)
+    } else {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_get_prandom_u32() }
+    };
+    if slot >= v.count {
+        slot %= v.count;
+    }
+    let bkey = BackendKey {
+        service: *key,
+        slot,
+    };
+    // SAFETY: copied out at once.
+    let backend = unsafe { WEIR_BACKENDS.get(&bkey) }.copied()?;
+    if v.affinity_timeout != 0 {
+        let a = AffinityValue {
+            backend,
+            slot,
+            last_seen: now,
+        };
+        let _ = WEIR_AFFINITY.insert(client, &a, 0);
+    }
+    Some(backend)
+}
 
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -126,24 +218,30 @@ fn translate(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
     }
     let mut key = read_addr(ctx, family);
     key.proto = proto;
-    // SAFETY: the value is copied out at once; userspace replaces values whole.
-    let (count, flags) = match unsafe { WEIR_SERVICES.get(&key) } {
-        Some(v) => (v.count, v.flags),
+    let v = match service(&key) {
+        Some(v) => v,
         None => return ALLOW,
     };
-    if count == 0 {
-        if flags & FLAG_DROP == 0 {
+    if v.count == 0 {
+        if v.flags & FLAG_DROP == 0 {
             // SAFETY: bpf_set_retval is allowed in cgroup hooks; the call fails with it.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
         }
         return REJECT;
     }
+    // The socket's network namespace stands for its client address (not known before
+    // the socket is bound); Maglev frontends hash nothing here and pick at random.
+    // SAFETY: bpf_get_netns_cookie is allowed in sock_addr hooks and takes the context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let client = AffinityKey {
+        client: [netns as u32, (netns >> 32) as u32, 0, 0],
+        kind: CLIENT_NETNS,
+        service: key,
+    };
     // SAFETY: a helper without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % count;
-    let bkey = BackendKey { service: key, slot };
-    // SAFETY: as above.
-    let backend = match unsafe { WEIR_BACKENDS.get(&bkey) } {
-        Some(b) => *b,
+    let hash = unsafe { bpf_get_prandom_u32() };
+    let backend = match pick(&key, &v, hash, &client) {
+        Some(b) => b,
         None => return ALLOW,
     };
     let rkey = RevNatKey {

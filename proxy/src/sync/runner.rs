@@ -4,7 +4,7 @@
 //! happens before the source has delivered its first complete view.
 
 use crate::dataplane::conntrack::FlowFilter;
-use crate::dataplane::ebpf::render::{diff as ebpf_diff, render as ebpf_render};
+use crate::dataplane::ebpf::render::{diff as ebpf_diff, render_with as ebpf_render, LbAlgorithm};
 use crate::dataplane::ebpf::{EbpfError, MapContents, MapStore};
 use crate::dataplane::nft::diff::plan_state;
 use crate::dataplane::nft::incremental::Incremental;
@@ -69,6 +69,8 @@ struct EbpfSync {
     /// What the maps hold as of the last successful sync; `None` forces a full sync that
     /// re-reads them.
     current: Option<MapContents>,
+    /// `--ebpf-lb-algorithm`.
+    algorithm: LbAlgorithm,
 }
 
 impl<K: NftBackend> Runner<K> {
@@ -100,7 +102,16 @@ impl<K: NftBackend> Runner<K> {
         self.ebpf = Some(EbpfSync {
             maps: Arc::new(Mutex::new(Box::new(maps))),
             current: None,
+            algorithm: LbAlgorithm::Random,
         });
+        self
+    }
+
+    /// Picks backends of new flows with `algorithm` in eBPF mode (after [`Self::with_ebpf`]).
+    pub fn with_ebpf_algorithm(mut self, algorithm: LbAlgorithm) -> Self {
+        if let Some(e) = self.ebpf.as_mut() {
+            e.algorithm = algorithm;
+        }
         self
     }
 
@@ -417,7 +428,13 @@ impl<K: NftBackend> Runner<K> {
         self.metrics
             .invalid_objects
             .set(self.store.invalid_objects() as i64);
-        let desired = ebpf_render(&self.desired);
+        let desired = ebpf_render(&self.desired, ebpf.algorithm);
+        let node_ips = self.desired.node_ips.clone();
+        if let Err(e) = with_maps(&ebpf.maps, move |m| m.attach_interfaces(&node_ips)).await {
+            warn!(error = %e, "attaching the tc programs failed; retrying");
+            self.metrics.ebpf_sync_failures.inc();
+            return false;
+        }
         let current = match ebpf.current.take() {
             Some(c) if !was_full => c,
             _ => match with_maps(&ebpf.maps, |m| m.dump()).await {

@@ -120,6 +120,14 @@ impl MapStore for FakeMaps {
                         return Err(missing("backends", k));
                     }
                 }
+                MapOp::UpsertMaglev(k, v) => {
+                    m.maglev.insert(*k, *v);
+                }
+                MapOp::DeleteMaglev(k) => {
+                    if m.maglev.remove(k).is_none() {
+                        return Err(missing("maglev", k));
+                    }
+                }
             }
         }
         i.applies += 1;

@@ -6,11 +6,22 @@
 use super::render::{MapContents, MapOp, MapPlan};
 use super::MapStore;
 use aya::maps::{HashMap, MapData};
+use aya::programs::links::LinkOrder;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, Program, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, VerifierLogLevel};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use weir_ebpf_common::{Backend, BackendKey, ServiceKey, ServiceValue, BACKENDS_MAP, SERVICES_MAP};
+use weir_ebpf_common::{
+    Backend, BackendKey, ServiceKey, ServiceValue, BACKENDS_MAP, MAGLEV_MAP, SERVICES_MAP,
+};
+
+/// The tc program for an external interface's ingress (frontend -> backend).
+pub const TC_INGRESS: &str = "weir_tc_ingress";
+/// The tc program for an external interface's egress (backend's reply -> frontend).
+pub const TC_EGRESS: &str = "weir_tc_egress";
 
 /// Where the programs attach and where their objects are pinned.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -21,6 +32,9 @@ pub struct EbpfSettings {
     pub cgroup: PathBuf,
     /// A directory on bpffs (`--bpffs-dir`) for pinned maps and links.
     pub bpffs_dir: PathBuf,
+    /// The node's external interfaces (`--ebpf-interfaces`), where the tc programs attach;
+    /// empty: the interfaces holding the node's addresses.
+    pub interfaces: Vec<String>,
 }
 
 /// Failures of the eBPF backend, naming the object and the kernel operation.
@@ -63,6 +77,19 @@ pub enum EbpfError {
         /// Why.
         message: String,
     },
+    /// A tc program failed to attach.
+    #[error("attaching program {program} to interface {interface}: {message}")]
+    TcAttach {
+        /// The program.
+        program: &'static str,
+        /// The interface.
+        interface: String,
+        /// Why (TCX's error and clsact's).
+        message: String,
+    },
+    /// The node's interfaces could not be listed.
+    #[error("listing the node's interfaces: {0}")]
+    Interfaces(String),
     /// Pinning or unpinning failed.
     #[error("pin {path}: {message}")]
     Pin {
@@ -158,14 +185,17 @@ pub fn load(bpffs_dir: &Path, log: VerifierLogLevel) -> Result<Ebpf, EbpfError> 
         .load(super::OBJECT)
         .map_err(|e| EbpfError::Object(chain(&e)))?;
     for (name, program) in ebpf.programs_mut() {
-        let p: &mut CgroupSockAddr =
-            program
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| EbpfError::Load {
+        let loaded = match program {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::SchedClassifier(p) => p.load(),
+            _ => {
+                return Err(EbpfError::Load {
                     program: name.to_owned(),
-                    message: chain(&e),
-                })?;
-        p.load().map_err(|e| EbpfError::Load {
+                    message: "unexpected program type".into(),
+                })
+            }
+        };
+        loaded.map_err(|e| EbpfError::Load {
             program: name.to_owned(),
             message: chain(&e),
         })?;
@@ -187,7 +217,13 @@ fn link_path(dir: &Path, program: &str) -> PathBuf {
 /// The loaded programs, attached through pinned links, and the pinned maps.
 pub struct KernelMaps {
     ebpf: Ebpf,
+    settings: EbpfSettings,
     _links: Vec<PinnedLink>,
+    /// tc filters attached through clsact (kernels without TCX): not pinnable, they go
+    /// when the daemon exits.
+    netlink_links: Vec<SchedClassifierLink>,
+    /// Interfaces the tc programs are attached to.
+    attached: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for KernelMaps {
@@ -218,6 +254,9 @@ impl KernelMaps {
         let cgroup = std::fs::File::open(&s.cgroup).map_err(|e| cg_err(format!("open: {e}")))?;
         let mut links = Vec::new();
         for (name, program) in ebpf.programs_mut() {
+            if !matches!(program, Program::CgroupSockAddr(_)) {
+                continue;
+            }
             let attach_err = |message: String| EbpfError::Attach {
                 program: name.to_owned(),
                 cgroup: s.cgroup.clone(),
@@ -249,12 +288,119 @@ impl KernelMaps {
         }
         Ok(KernelMaps {
             ebpf,
+            settings: s.clone(),
             _links: links,
+            netlink_links: Vec::new(),
+            attached: BTreeSet::new(),
         })
+    }
+
+    /// Attaches the tc programs to `interface` (ingress and egress): a TCX link, pinned
+    /// and replacing a previous run's the way the cgroup links do; on kernels without TCX,
+    /// a clsact filter.
+    fn attach_tc(&mut self, interface: &str) -> Result<(), EbpfError> {
+        for (program, ty, tag) in [
+            (TC_INGRESS, TcAttachType::Ingress, "in"),
+            (TC_EGRESS, TcAttachType::Egress, "out"),
+        ] {
+            let err = |message: String| EbpfError::TcAttach {
+                program,
+                interface: interface.to_owned(),
+                message,
+            };
+            let p: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(program)
+                .ok_or_else(|| err("not in the object".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| err(chain(&e)))?;
+            let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
+            match p.attach_with_options(interface, ty, tcx) {
+                Ok(id) => {
+                    let link = p.take_link(id).map_err(|e| err(chain(&e)))?;
+                    let link: FdLink = link
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| err(chain(&e)))?;
+                    let path = self
+                        .settings
+                        .bpffs_dir
+                        .join(format!("link_tc_{tag}_{interface}"));
+                    let pin_err = |message: String| EbpfError::Pin {
+                        path: path.clone(),
+                        message,
+                    };
+                    if path.exists() {
+                        let old = PinnedLink::from_pin(&path).map_err(|e| pin_err(chain(&e)))?;
+                        drop(old.unpin().map_err(|e| pin_err(chain(&e)))?);
+                    }
+                    self._links
+                        .push(link.pin(&path).map_err(|e| pin_err(chain(&e)))?);
+                }
+                Err(tcx_err) => {
+                    // An existing clsact qdisc is fine.
+                    let _ = aya::programs::tc::qdisc_add_clsact(interface);
+                    let nl = TcAttachOptions::Netlink(NlOptions::default());
+                    let id = p.attach_with_options(interface, ty, nl).map_err(|e| {
+                        err(format!("TCX: {}; clsact: {}", chain(&tcx_err), chain(&e)))
+                    })?;
+                    let link = p.take_link(id).map_err(|e| err(chain(&e)))?;
+                    self.netlink_links.push(link);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
+/// Sets `net.ipv4.conf.IFACE.accept_local`: a masqueraded flow's reply leaves the ingress
+/// program with the frontend as its source, which for a NodePort is the node's own
+/// address, and the kernel would drop such a packet as a martian.
+fn accept_local(interface: &str) -> Result<(), EbpfError> {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+    std::fs::write(&path, "1").map_err(|e| EbpfError::TcAttach {
+        program: TC_INGRESS,
+        interface: interface.to_owned(),
+        message: format!("{path}: {e}"),
+    })
+}
+
+/// The interfaces holding one of `ips`, by name.
+fn interfaces_holding(ips: &[IpAddr]) -> Result<BTreeSet<String>, EbpfError> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| EbpfError::Interfaces(format!("getifaddrs: {e}")))?;
+    let mut out = BTreeSet::new();
+    for a in addrs {
+        let Some(sa) = a.address else { continue };
+        let ip: Option<IpAddr> = if let Some(v4) = sa.as_sockaddr_in() {
+            Some(v4.ip().into())
+        } else {
+            sa.as_sockaddr_in6().map(|v6| v6.ip().into())
+        };
+        if ip.is_some_and(|ip| ips.contains(&ip)) {
+            out.insert(a.interface_name);
+        }
+    }
+    Ok(out)
+}
+
 impl MapStore for KernelMaps {
+    fn attach_interfaces(&mut self, node_ips: &[IpAddr]) -> Result<(), EbpfError> {
+        let wanted: BTreeSet<String> = if self.settings.interfaces.is_empty() {
+            interfaces_holding(node_ips)?
+        } else {
+            self.settings.interfaces.iter().cloned().collect()
+        };
+        for i in wanted {
+            if !self.attached.contains(&i) {
+                self.attach_tc(&i)?;
+                accept_local(&i)?;
+                tracing::info!(interface = %i, "tc programs attached");
+                self.attached.insert(i);
+            }
+        }
+        Ok(())
+    }
+
     fn dump(&mut self) -> Result<MapContents, EbpfError> {
         let mut out = MapContents::default();
         let services: HashMap<&MapData, ServiceKey, ServiceValue> = self
@@ -277,11 +423,27 @@ impl MapStore for KernelMaps {
             let (k, v) = kv.map_err(map_err("iterate", BACKENDS_MAP, &""))?;
             out.backends.insert(k, v);
         }
+        let maglev: HashMap<&MapData, BackendKey, u32> = self
+            .ebpf
+            .map(MAGLEV_MAP)
+            .ok_or_else(|| missing_map(MAGLEV_MAP))?
+            .try_into()
+            .map_err(map_err("open", MAGLEV_MAP, &""))?;
+        for kv in maglev.iter() {
+            let (k, v) = kv.map_err(map_err("iterate", MAGLEV_MAP, &""))?;
+            out.maglev.insert(k, v);
+        }
         Ok(out)
     }
 
     fn apply(&mut self, plan: &MapPlan) -> Result<(), EbpfError> {
-        let [s, b] = self.ebpf.maps_disjoint_mut([SERVICES_MAP, BACKENDS_MAP]);
+        let [s, b, m] = self
+            .ebpf
+            .maps_disjoint_mut([SERVICES_MAP, BACKENDS_MAP, MAGLEV_MAP]);
+        let mut maglev: HashMap<&mut MapData, BackendKey, u32> = m
+            .ok_or_else(|| missing_map(MAGLEV_MAP))?
+            .try_into()
+            .map_err(map_err("open", MAGLEV_MAP, &""))?;
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = s
             .ok_or_else(|| missing_map(SERVICES_MAP))?
             .try_into()
@@ -311,6 +473,12 @@ impl MapStore for KernelMaps {
                     backends
                         .remove(k)
                         .map_err(map_err("delete", BACKENDS_MAP, k))?
+                }
+                MapOp::UpsertMaglev(k, v) => maglev
+                    .insert(k, v, 0)
+                    .map_err(map_err("update", MAGLEV_MAP, k))?,
+                MapOp::DeleteMaglev(k) => {
+                    maglev.remove(k).map_err(map_err("delete", MAGLEV_MAP, k))?
                 }
             }
         }

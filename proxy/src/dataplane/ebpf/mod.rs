@@ -1,11 +1,13 @@
-//! The eBPF backend (`--proxy-mode ebpf`), first slice: cgroup socket hooks translate a
-//! ClusterIP:port to a backend at connect/sendmsg time (TCP and UDP), and back for UDP
-//! replies and getpeername. [`render`] turns the desired state into map contents and diffs
-//! them (pure), [`kernel`] loads, attaches and pins the programs and writes the maps with
-//! aya, [`fake`] behaves like BPF hash maps for tests.
+//! The eBPF backend (`--proxy-mode ebpf`): cgroup socket hooks translate a frontend to a
+//! backend at connect/sendmsg time (TCP and UDP), and back for UDP replies and
+//! getpeername; tc programs on the node's external interfaces translate NodePorts,
+//! external and load-balancer IPs (and ClusterIPs routed to the node) per packet, with a
+//! connection-tracking map for replies and SNAT to the node for remote backends (IPv4). Backends are picked at random or by Maglev,
+//! with ClientIP session affinity. [`render`] turns the desired state into map contents and
+//! diffs them (pure), [`kernel`] loads, attaches and pins the programs and writes the maps
+//! with aya, [`fake`] behaves like BPF hash maps for tests.
 //!
-//! Not in this slice: the tc path for NodePort, ExternalIPs and LoadBalancer IPs, Maglev,
-//! session affinity, SCTP.
+//! Not yet: IPv6 on the tc path, loadBalancerSourceRanges, SCTP.
 
 pub mod fake;
 pub mod kernel;
@@ -25,4 +27,11 @@ pub trait MapStore: Send + 'static {
     fn dump(&mut self) -> Result<MapContents, EbpfError>;
     /// Applies the writes in order, stopping at the first failure.
     fn apply(&mut self, plan: &MapPlan) -> Result<(), EbpfError>;
+    /// Makes sure the tc programs are attached to the node's external interfaces (those
+    /// holding `node_ips` unless configured); called on every sync, attaching only to
+    /// interfaces not yet attached.
+    fn attach_interfaces(&mut self, node_ips: &[std::net::IpAddr]) -> Result<(), EbpfError> {
+        let _ = node_ips;
+        Ok(())
+    }
 }

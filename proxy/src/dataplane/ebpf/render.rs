@@ -7,9 +7,23 @@ use crate::model::{DesiredState, Endpoint, Protocol};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use weir_ebpf_common::{
-    AddrPort, Backend, BackendKey, ServiceKey, ServiceValue, FAMILY_V4, FAMILY_V6, FLAG_DROP,
-    PROTO_TCP, PROTO_UDP,
+    AddrPort, Backend, BackendKey, ServiceKey, ServiceValue, BACKEND_REMOTE, FAMILY_V4, FAMILY_V6,
+    FLAG_DROP, FLAG_MAGLEV, FLAG_NODE_LOCAL, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP,
 };
+
+/// `--ebpf-lb-algorithm`: how a frontend's backend is picked for a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LbAlgorithm {
+    /// A random slot per new connection (socket hooks) or flow (tc path).
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the packet's 5-tuple on the tc path: the same flow
+    /// lands on the same backend even without connection-tracking state, and removing a
+    /// backend moves few other flows. The socket hooks (no source port before connect)
+    /// still pick at random.
+    Maglev,
+}
 
 /// What the services and backends maps hold (or should hold).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,12 +32,14 @@ pub struct MapContents {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     /// (frontend, slot) -> backend.
     pub backends: BTreeMap<BackendKey, Backend>,
+    /// (frontend, Maglev table index) -> slot, for frontends with [`FLAG_MAGLEV`].
+    pub maglev: BTreeMap<BackendKey, u32>,
 }
 
 impl MapContents {
     /// Entries in both maps.
     pub fn len(&self) -> usize {
-        self.services.len() + self.backends.len()
+        self.services.len() + self.backends.len() + self.maglev.len()
     }
 
     /// Whether both maps are empty.
@@ -43,6 +59,10 @@ pub enum MapOp {
     DeleteService(ServiceKey),
     /// Delete a backend slot.
     DeleteBackend(BackendKey),
+    /// Insert or replace a Maglev table entry.
+    UpsertMaglev(BackendKey, u32),
+    /// Delete a Maglev table entry.
+    DeleteMaglev(BackendKey),
 }
 
 /// Map writes, in the order they must be applied.
@@ -93,13 +113,25 @@ pub fn socket_addr(a: &AddrPort) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, port)
 }
 
-/// The maps' contents for ClusterIP traffic of every TCP and UDP Service port: one frontend
-/// per cluster IP, whose slots are the endpoints of that IP's family in slot order
-/// (`internalTrafficPolicy: Local` uses only this node's). A frontend without endpoints
-/// has `count` 0 (connect is refused); with endpoints elsewhere but none usable here it
-/// also carries [`FLAG_DROP`]. SCTP ports are left out (the socket hooks do not see SCTP in
-/// this slice).
+/// The maps' contents with random backend selection (see [`render_with`]).
 pub fn render(desired: &DesiredState) -> MapContents {
+    render_with(desired, LbAlgorithm::Random)
+}
+
+/// The maps' contents for every TCP and UDP Service port, one frontend per address:
+/// - each cluster IP, whose slots are the endpoints of that IP's family in slot order
+///   (`internalTrafficPolicy: Local` uses only this node's);
+/// - the NodePort on each of the node's addresses ([`FLAG_NODE_LOCAL`]), each external IP
+///   and each load-balancer IP without `loadBalancerSourceRanges` (those are not enforced
+///   by the eBPF programs, so such IPs are left out), whose slots are the endpoints for
+///   external traffic (`externalTrafficPolicy: Local` uses only this node's).
+///
+/// A frontend without endpoints has `count` 0 (refused); with endpoints elsewhere but none
+/// usable here it also carries [`FLAG_DROP`]. `affinity_timeout` is the ClientIP affinity
+/// timeout. With [`LbAlgorithm::Maglev`] each frontend with endpoints carries
+/// [`FLAG_MAGLEV`] and its [`maglev_table`]. SCTP ports are left out (the programs do not
+/// handle SCTP yet).
+pub fn render_with(desired: &DesiredState, algorithm: LbAlgorithm) -> MapContents {
     let mut out = MapContents::default();
     for sp in desired.services.values() {
         let proto = match sp.info.name.protocol {
@@ -107,44 +139,156 @@ pub fn render(desired: &DesiredState) -> MapContents {
             Protocol::Udp => PROTO_UDP,
             Protocol::Sctp => continue,
         };
-        let eps: &[Endpoint] = if sp.info.internal_local {
+        let info = &sp.info;
+        let internal: &[Endpoint] = if info.internal_local {
             &sp.local_endpoints
         } else {
             &sp.endpoints
         };
-        for ip in &sp.info.cluster_ips {
-            let key = addr_port(*ip, sp.info.port, proto);
-            let mut count = 0u32;
-            for e in eps.iter().filter(|e| e.ip.is_ipv4() == ip.is_ipv4()) {
-                out.backends.insert(
-                    BackendKey {
-                        service: key,
-                        slot: count,
-                    },
-                    addr_port(e.ip, e.port, 0),
-                );
-                count += 1;
+        let external: &[Endpoint] = if info.external_local {
+            &sp.local_endpoints
+        } else {
+            &sp.endpoints
+        };
+        // External traffic to remote endpoints is masqueraded to the node's IPv4 address
+        // (ETP Cluster); ClusterIP traffic from outside keeps its source.
+        let snat = match desired.node_ips.iter().find(|ip| ip.is_ipv4()) {
+            Some(IpAddr::V4(v4)) if !info.external_local => u32::from_ne_bytes(v4.octets()),
+            _ => 0,
+        };
+        let mut frontends: Vec<(IpAddr, u16, &[Endpoint], u32, u32)> = info
+            .cluster_ips
+            .iter()
+            .map(|ip| (*ip, info.port, internal, 0, 0))
+            .collect();
+        if let Some(np) = info.node_port {
+            for ip in &desired.node_ips {
+                frontends.push((*ip, np, external, FLAG_NODE_LOCAL, snat));
             }
-            let flags = if count == 0 && sp.has_endpoints_for(ip) {
-                FLAG_DROP
-            } else {
-                0
-            };
-            out.services.insert(key, ServiceValue { count, flags });
+        }
+        for ip in &info.external_ips {
+            frontends.push((*ip, info.port, external, 0, snat));
+        }
+        if info.source_ranges.is_empty() {
+            for ip in &info.load_balancer_ips {
+                frontends.push((*ip, info.port, external, 0, snat));
+            }
+        }
+        for (ip, port, eps, flags, snat_v4) in frontends {
+            let key = addr_port(ip, port, proto);
+            let eps: Vec<&Endpoint> = eps
+                .iter()
+                .filter(|e| e.ip.is_ipv4() == ip.is_ipv4())
+                .collect();
+            for (slot, e) in (0u32..).zip(&eps) {
+                let remote = if snat_v4 != 0 && !e.is_local {
+                    BACKEND_REMOTE
+                } else {
+                    0
+                };
+                out.backends.insert(
+                    BackendKey { service: key, slot },
+                    addr_port(e.ip, e.port, remote),
+                );
+            }
+            let count = eps.len() as u32;
+            let mut flags = flags;
+            if count == 0 && sp.has_endpoints_for(&ip) {
+                flags |= FLAG_DROP;
+            }
+            if algorithm == LbAlgorithm::Maglev && count > 0 {
+                flags |= FLAG_MAGLEV;
+                let names: Vec<String> =
+                    eps.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect();
+                for (index, slot) in (0u32..).zip(maglev_table(&names, MAGLEV_TABLE_SIZE)) {
+                    out.maglev.insert(
+                        BackendKey {
+                            service: key,
+                            slot: index,
+                        },
+                        slot,
+                    );
+                }
+            }
+            out.services.insert(
+                key,
+                ServiceValue {
+                    count,
+                    flags,
+                    affinity_timeout: info.affinity_timeout.unwrap_or(0),
+                    snat_v4,
+                },
+            );
         }
     }
     out
 }
 
+/// 64-bit FNV-1a of `bytes` after `seed` (stable across builds and runs, unlike std's
+/// hasher).
+fn fnv1a(seed: u8, bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in std::iter::once(&seed).chain(bytes) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Maglev's lookup table (Eisenbud et al., NSDI 2016) of `size` entries (a prime) over
+/// `backends` (their names, e.g. `ip:port`): entry -> index into `backends`. Each backend
+/// fills its own permutation of the table in turn, so every backend owns `size / n`
+/// entries give or take one, and a backend's permutation depends only on its name, so
+/// removing one backend moves few entries of the others. Empty without backends.
+pub fn maglev_table(backends: &[String], size: u32) -> Vec<u32> {
+    let n = backends.len();
+    let m = u64::from(size);
+    if n == 0 || m < 2 {
+        return Vec::new();
+    }
+    let perms: Vec<(u64, u64)> = backends
+        .iter()
+        .map(|b| {
+            let offset = fnv1a(0x5a, b.as_bytes()) % m;
+            let skip = fnv1a(0xa5, b.as_bytes()) % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; n];
+    let mut table = vec![u32::MAX; size as usize];
+    let mut filled = 0usize;
+    loop {
+        for (i, (offset, skip)) in perms.iter().enumerate() {
+            let mut c = (offset + next[i] * skip) % m;
+            while table[c as usize] != u32::MAX {
+                next[i] += 1;
+                c = (offset + next[i] * skip) % m;
+            }
+            table[c as usize] = i as u32;
+            next[i] += 1;
+            filled += 1;
+            if filled == table.len() {
+                return table;
+            }
+        }
+    }
+}
+
 /// The writes that turn `current` into `desired`, touching only changed keys: new and
-/// changed backend slots first, then frontends (so a grown count never points at a missing
-/// slot), then deleted frontends, then deleted slots (a shrunk count stops using them
-/// first).
+/// changed backend slots and Maglev entries first, then frontends (so a grown count never
+/// points at a missing slot), then deleted frontends, then deleted Maglev entries and
+/// slots (a shrunk count stops using them first; a Maglev entry past the count is taken
+/// modulo the count by the programs).
 pub fn diff(current: &MapContents, desired: &MapContents) -> MapPlan {
     let mut ops = Vec::new();
     for (k, v) in &desired.backends {
         if current.backends.get(k) != Some(v) {
             ops.push(MapOp::UpsertBackend(*k, *v));
+        }
+    }
+    for (k, v) in &desired.maglev {
+        if current.maglev.get(k) != Some(v) {
+            ops.push(MapOp::UpsertMaglev(*k, *v));
         }
     }
     for (k, v) in &desired.services {
@@ -155,6 +299,11 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> MapPlan {
     for k in current.services.keys() {
         if !desired.services.contains_key(k) {
             ops.push(MapOp::DeleteService(*k));
+        }
+    }
+    for k in current.maglev.keys() {
+        if !desired.maglev.contains_key(k) {
+            ops.push(MapOp::DeleteMaglev(*k));
         }
     }
     for k in current.backends.keys() {
@@ -254,7 +403,12 @@ mod tests {
         assert_eq!(m.services.len(), 1);
         assert_eq!(
             m.services[&frontend("10.96.0.11", PROTO_UDP)],
-            ServiceValue { count: 0, flags: 0 }
+            ServiceValue {
+                count: 0,
+                flags: 0,
+                affinity_timeout: 0,
+                snat_v4: 0
+            }
         );
         assert!(m.backends.is_empty());
     }
@@ -309,7 +463,15 @@ mod tests {
                     },
                     addr_port("10.244.1.3".parse().unwrap(), 8080, 0)
                 ),
-                MapOp::UpsertService(z, ServiceValue { count: 2, flags: 0 }),
+                MapOp::UpsertService(
+                    z,
+                    ServiceValue {
+                        count: 2,
+                        flags: 0,
+                        affinity_timeout: 0,
+                        snat_v4: 0
+                    }
+                ),
                 MapOp::DeleteBackend(BackendKey {
                     service: z,
                     slot: 2
@@ -362,5 +524,136 @@ mod tests {
         assert_eq!(fake.contents().len(), 1, "one write went through");
         apply(&mut fake, &d);
         assert_eq!(fake.contents(), render(&d));
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("10.244.1.{i}:8080")).collect()
+    }
+
+    #[test]
+    fn maglev_gives_every_backend_an_equal_share_of_the_table() {
+        for n in [1, 3, 10, 37] {
+            let t = maglev_table(&names(n), MAGLEV_TABLE_SIZE);
+            assert_eq!(t.len(), MAGLEV_TABLE_SIZE as usize);
+            let mut counts = vec![0u32; n];
+            for e in &t {
+                counts[*e as usize] += 1;
+            }
+            let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+            assert!(max - min <= 1, "n={n}: {counts:?}");
+        }
+        assert_eq!(
+            maglev_table(&names(5), 13),
+            maglev_table(&names(5), 13),
+            "deterministic"
+        );
+        assert!(maglev_table(&[], 13).is_empty());
+    }
+
+    #[test]
+    fn removing_a_maglev_backend_moves_few_entries_of_the_others() {
+        let before_names = names(10);
+        let before = maglev_table(&before_names, MAGLEV_TABLE_SIZE);
+        let mut after_names = before_names.clone();
+        after_names.remove(3);
+        let after = maglev_table(&after_names, MAGLEV_TABLE_SIZE);
+        let (mut moved, mut kept) = (0, 0);
+        for (b, a) in before.iter().zip(&after) {
+            let b = &before_names[*b as usize];
+            if b == &before_names[3] {
+                continue;
+            }
+            if &after_names[*a as usize] == b {
+                kept += 1;
+            } else {
+                moved += 1;
+            }
+        }
+        let share = moved as f64 / (moved + kept) as f64;
+        assert!(
+            share < 0.05,
+            "{moved} of {} others' entries moved",
+            moved + kept
+        );
+    }
+
+    #[test]
+    fn external_frontends_nodeports_affinity_and_maglev_are_rendered() {
+        let mut d = DesiredState {
+            node_ips: vec!["192.168.77.10".parse().unwrap()],
+            ..DesiredState::default()
+        };
+        let mut info = ServiceInfo::new(
+            name("web", Protocol::Tcp),
+            vec!["10.96.0.10".parse().unwrap()],
+            80,
+        );
+        info.node_port = Some(30080);
+        info.external_ips = vec!["192.0.2.90".parse().unwrap()];
+        info.load_balancer_ips = vec!["192.0.2.80".parse().unwrap()];
+        info.external_local = true;
+        info.affinity_timeout = Some(30);
+        let mut remote = ep("10.244.1.2");
+        remote.is_local = false;
+        let sp = ServicePortState::from_endpoints(info, vec![ep("10.244.1.1"), remote]);
+        d.services.insert(name("web", Protocol::Tcp), sp);
+        let m = render_with(&d, LbAlgorithm::Random);
+        let np = addr_port("192.168.77.10".parse().unwrap(), 30080, PROTO_TCP);
+        assert_eq!(
+            m.services[&np],
+            ServiceValue {
+                count: 1,
+                flags: FLAG_NODE_LOCAL,
+                affinity_timeout: 30,
+                snat_v4: 0
+            },
+            "ETP Local: only the local endpoint"
+        );
+        assert_eq!(m.services[&frontend("10.96.0.10", PROTO_TCP)].count, 2);
+        assert_eq!(m.services[&frontend("192.0.2.90", PROTO_TCP)].count, 1);
+        assert_eq!(m.services[&frontend("192.0.2.80", PROTO_TCP)].count, 1);
+        assert!(m.maglev.is_empty());
+        let m = render_with(&d, LbAlgorithm::Maglev);
+        assert_eq!(m.services[&np].flags, FLAG_NODE_LOCAL | FLAG_MAGLEV);
+        assert_eq!(m.maglev.len(), 4 * MAGLEV_TABLE_SIZE as usize);
+        let mut fake = FakeMaps::default();
+        fake.apply(&diff(&MapContents::default(), &m)).unwrap();
+        assert_eq!(fake.contents(), m);
+        // Source ranges are not enforced by the programs: such load-balancer IPs are left out.
+        let sp = d.services.values_mut().next().unwrap();
+        let mut info = (*sp.info).clone();
+        info.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+        sp.info = std::sync::Arc::new(info);
+        let m = render_with(&d, LbAlgorithm::Random);
+        assert!(!m.services.contains_key(&frontend("192.0.2.80", PROTO_TCP)));
+    }
+
+    #[test]
+    fn external_traffic_to_a_remote_endpoint_is_masqueraded_to_the_node_address() {
+        let mut d = DesiredState {
+            node_ips: vec!["192.168.77.10".parse().unwrap()],
+            ..DesiredState::default()
+        };
+        let mut info = ServiceInfo::new(
+            name("web", Protocol::Tcp),
+            vec!["10.96.0.10".parse().unwrap()],
+            80,
+        );
+        info.node_port = Some(30080);
+        let mut remote = ep("10.244.1.2");
+        remote.is_local = false;
+        let sp = ServicePortState::from_endpoints(info, vec![ep("10.244.1.1"), remote]);
+        d.services.insert(name("web", Protocol::Tcp), sp);
+        let m = render(&d);
+        let np = addr_port("192.168.77.10".parse().unwrap(), 30080, PROTO_TCP);
+        assert_eq!(m.services[&np].snat_v4.to_ne_bytes(), [192, 168, 77, 10]);
+        let slot = |service, slot| m.backends[&BackendKey { service, slot }].proto;
+        assert_eq!((slot(np, 0), slot(np, 1)), (0, BACKEND_REMOTE));
+        let cip = frontend("10.96.0.10", PROTO_TCP);
+        assert_eq!(
+            m.services[&cip].snat_v4, 0,
+            "ClusterIP traffic keeps its source"
+        );
+        assert_eq!((slot(cip, 0), slot(cip, 1)), (0, 0));
     }
 }
