@@ -94,7 +94,7 @@ pub fn vm_test(args: VmTestArgs, root: &Path) -> Result<()> {
         bail!("unknown VM suite {:?} (known: ipvs)", args.suite);
     }
     let started = Instant::now();
-    ensure_packages(&["qemu-system-x86", "busybox-static"])?;
+    ensure_packages(&["qemu-system-x86", "busybox-static", "xz-utils"])?;
     let kernel = ensure_kernel()?;
     eprintln!(
         "==> kernel {} ({} modules) ready after {:.1}s",
@@ -222,11 +222,65 @@ fn ensure_kernel() -> Result<Kernel> {
         .lines()
         .map(|l| dir.join(l))
         .collect();
+    // The uncompressed kernel boots straight into 64-bit code through its PVH entry
+    // point: no SeaBIOS real-mode setup and no decompression under TCG (about 8 s less).
+    let vmlinux = dir.join("vmlinux");
+    if !vmlinux.exists() {
+        if let Err(e) = extract_vmlinux(&dir.join("vmlinuz"), &vmlinux) {
+            eprintln!("==> no PVH kernel ({e:#}); booting the compressed one");
+        }
+    }
+    let image = if vmlinux.exists() {
+        vmlinux
+    } else {
+        dir.join("vmlinuz")
+    };
     Ok(Kernel {
         version,
-        vmlinuz: dir.join("vmlinuz"),
+        vmlinuz: image,
         modules,
     })
+}
+
+/// Decompresses the kernel inside a bzImage (xz or zstd payload) into an ELF `out`, kept
+/// only when it has a PVH entry point note (`XEN_ELFNOTE_PHYS32_ENTRY`), which qemu's
+/// `-kernel` boots directly.
+fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<()> {
+    let data = std::fs::read(bzimage)?;
+    let find = |magic: &[u8]| data.windows(magic.len()).position(|w| w == magic);
+    let (at, cmd): (usize, &[&str]) = if let Some(at) = find(b"\xfd7zXZ\x00") {
+        (at, &["xz", "-dc", "--single-stream"])
+    } else if let Some(at) = find(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        (at, &["zstd", "-dcq"])
+    } else {
+        bail!("no xz or zstd payload in {}", bzimage.display());
+    };
+    let mut child = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("running {}", cmd[0]))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let payload = data[at..].to_vec();
+    let feeder = std::thread::spawn(move || {
+        // zstd stops reading at the end of its frame: a broken pipe here is fine.
+        let _ = stdin.write_all(&payload);
+    });
+    let elf = child.wait_with_output()?.stdout;
+    let _ = feeder.join();
+    // An ELF note: namesz 4, descsz, type 18 (PHYS32_ENTRY), name "Xen\0".
+    let has_pvh = elf.windows(16).any(|w| {
+        w[0..4] == 4u32.to_le_bytes() && w[8..12] == 18u32.to_le_bytes() && &w[12..16] == b"Xen\0"
+    });
+    if !elf.starts_with(b"\x7fELF") || !has_pvh {
+        bail!("the decompressed kernel has no PVH entry point");
+    }
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, &elf)?;
+    std::fs::rename(&tmp, out)?;
+    Ok(())
 }
 
 fn extract_kernel(pkg: &str, version: &str, dir: &Path) -> Result<()> {
@@ -478,11 +532,12 @@ fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// A program's bytes with debug info removed (`strip --strip-debug`), or as is.
-fn stripped(path: &Path, tmp: &Path) -> Result<Vec<u8>> {
+/// A program's bytes with debug info (`all`: and symbols) removed, or as is.
+fn stripped(path: &Path, tmp: &Path, all: bool) -> Result<Vec<u8>> {
     let out = tmp.join("stripped");
+    let what = if all { "--strip-all" } else { "--strip-debug" };
     let ok = Command::new("strip")
-        .args(["--strip-debug", "-o"])
+        .args([what, "-o"])
         .arg(&out)
         .arg(path)
         .status()
@@ -593,7 +648,9 @@ fn build_initramfs(
             bail!("{} is missing", p.display());
         }
         libs.extend(shared_libraries(p)?);
-        cpio.file(&p.to_string_lossy(), 0o755, &stripped(p, tmp.path())?)?;
+        // The test executable keeps its symbols (backtraces); the tools need none.
+        let all = *p != bins.test;
+        cpio.file(&p.to_string_lossy(), 0o755, &stripped(p, tmp.path(), all)?)?;
     }
     let more: Vec<PathBuf> = libs.iter().cloned().collect();
     for l in more {
