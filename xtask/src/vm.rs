@@ -88,7 +88,43 @@ pub struct VmTestArgs {
     cpus: u32,
 }
 
-/// Builds everything, boots the guest and returns an error unless the suite passed.
+impl VmTestArgs {
+    /// The whole IPVS suite with the default guest (what `cargo xtask test` runs).
+    pub fn ipvs() -> VmTestArgs {
+        VmTestArgs {
+            suite: "ipvs".into(),
+            filter: None,
+            memory: 1536,
+            timeout: 600,
+            cpus: 2,
+        }
+    }
+}
+
+/// The suite ran inside the guest and failed (as opposed to a guest that could not be
+/// prepared or booted).
+#[derive(Debug)]
+pub struct SuiteFailed {
+    /// The suite.
+    pub suite: String,
+    /// The test executable's exit status.
+    pub code: i32,
+}
+
+impl std::fmt::Display for SuiteFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} suite failed inside the VM (exit {})",
+            self.suite, self.code
+        )
+    }
+}
+
+impl std::error::Error for SuiteFailed {}
+
+/// Builds everything, boots the guest and returns an error unless the suite passed
+/// ([`SuiteFailed`] when the guest ran it and it failed).
 pub fn vm_test(args: VmTestArgs, root: &Path) -> Result<()> {
     if args.suite != "ipvs" {
         bail!("unknown VM suite {:?} (known: ipvs)", args.suite);
@@ -126,10 +162,11 @@ pub fn vm_test(args: VmTestArgs, root: &Path) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     if code != 0 {
-        bail!(
-            "the {} suite failed inside the VM (exit {code})",
-            args.suite
-        );
+        return Err(SuiteFailed {
+            suite: args.suite,
+            code,
+        }
+        .into());
     }
     Ok(())
 }
