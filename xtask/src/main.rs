@@ -129,7 +129,33 @@ fn test() -> Result<()> {
     Ok(())
 }
 
+/// Removes what `cargo run` set for xtask itself (`CARGO_PKG_NAME=xtask`,
+/// `CARGO_MANIFEST_DIR`, ...) from the environment the nested cargo commands inherit: build
+/// scripts such as ring's declare `rerun-if-env-changed` on them, so the nested builds and
+/// the next `cargo xtask` would otherwise rebuild ring, rustls and kube each time (about a
+/// minute).
+fn clean_cargo_env() {
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        let own = k.starts_with("CARGO_PKG_")
+            || matches!(
+                k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            );
+        if own {
+            std::env::remove_var(k);
+        }
+    }
+}
+
 fn main() -> Result<()> {
+    // Single-threaded here: nothing else reads the environment yet.
+    clean_cargo_env();
     match Cli::parse().cmd {
         Cmd::Test => test(),
         Cmd::Demo(a) => {
