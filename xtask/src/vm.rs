@@ -250,16 +250,28 @@ fn kernel_package() -> Result<String> {
 
 /// Downloads (once) the kernel package, keeps vmlinuz and the modules weir needs.
 fn ensure_kernel() -> Result<Kernel> {
-    let pkg = kernel_package()?;
+    let mut pkg = kernel_package()?;
+    let wanted = MODULES.join(",");
+    let cached = |pkg: &str| {
+        let dir = Path::new(CACHE).join(pkg);
+        dir.join("load-order").exists()
+            && std::fs::read_to_string(dir.join("wanted")).ok().as_deref() == Some(&wanted)
+    };
+    if !cached(&pkg) {
+        let version = pkg.trim_start_matches("linux-image-").to_owned();
+        if let Err(e) = extract_kernel(&pkg, &version, &Path::new(CACHE).join(&pkg)) {
+            // Stale package lists name a kernel the mirror no longer has.
+            eprintln!("==> {e:#}; retrying after apt-get update");
+            crate::step("apt-get update", "apt-get", &["update"], &[])?;
+            pkg = kernel_package()?;
+            let version = pkg.trim_start_matches("linux-image-").to_owned();
+            extract_kernel(&pkg, &version, &Path::new(CACHE).join(&pkg))?;
+        }
+        std::fs::write(Path::new(CACHE).join(&pkg).join("wanted"), &wanted)?;
+    }
     let version = pkg.trim_start_matches("linux-image-").to_owned();
     let dir = Path::new(CACHE).join(&pkg);
     let order_file = dir.join("load-order");
-    let wanted = MODULES.join(",");
-    let cached = std::fs::read_to_string(dir.join("wanted")).ok();
-    if cached.as_deref() != Some(wanted.as_str()) || !order_file.exists() {
-        extract_kernel(&pkg, &version, &dir)?;
-        std::fs::write(dir.join("wanted"), &wanted)?;
-    }
     let modules = std::fs::read_to_string(&order_file)?
         .lines()
         .map(|l| dir.join(l))
