@@ -65,6 +65,21 @@ pub struct Args {
     /// The IPVS scheduler (IPVS mode): rr, wrr, lc, wlc, sh, dh or mh.
     #[arg(long, env = "WEIR_IPVS_SCHEDULER", value_enum, default_value = "rr")]
     pub ipvs_scheduler: crate::dataplane::ipvs::Scheduler,
+    /// IPVS mode: answer ARP only for addresses of the interface asked, never for Service
+    /// addresses on weir-ipvs0 (sets `arp_ignore=1`, `arp_announce=2`, as kube-proxy's
+    /// `strictARP`).
+    #[arg(long, env = "WEIR_IPVS_STRICT_ARP")]
+    pub ipvs_strict_arp: bool,
+    /// IPVS mode: idle timeout of established TCP connections (e.g. `900s`; `0s` keeps the
+    /// kernel's).
+    #[arg(long, env = "WEIR_IPVS_TCP_TIMEOUT", default_value = "0s")]
+    pub ipvs_tcp_timeout: String,
+    /// IPVS mode: timeout of TCP connections after a FIN (`0s` keeps the kernel's).
+    #[arg(long, env = "WEIR_IPVS_TCPFIN_TIMEOUT", default_value = "0s")]
+    pub ipvs_tcpfin_timeout: String,
+    /// IPVS mode: timeout of UDP flows (`0s` keeps the kernel's).
+    #[arg(long, env = "WEIR_IPVS_UDP_TIMEOUT", default_value = "0s")]
+    pub ipvs_udp_timeout: String,
     /// Address of the metrics server (`/metrics`, `/proxyMode`, `/healthz`, `/configz`).
     #[arg(
         long,
@@ -185,6 +200,11 @@ pub struct Config {
     pub cni_state_dir: Option<PathBuf>,
     /// The IPVS scheduler (IPVS mode).
     pub ipvs_scheduler: crate::dataplane::ipvs::Scheduler,
+    /// IPVS mode: strict ARP sysctls.
+    #[serde(rename = "ipvsStrictARP")]
+    pub ipvs_strict_arp: bool,
+    /// IPVS mode: connection timeouts in seconds (0: the kernel's).
+    pub ipvs_timeouts: crate::dataplane::ipvs::Timeouts,
     /// Metrics server address.
     pub metrics_bind_address: SocketAddr,
     /// Health server address.
@@ -241,6 +261,15 @@ fn cidrs(flag: &'static str, values: &[String]) -> Result<Vec<IpNetwork>, Config
 
 fn duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(value).map_err(|e| invalid(flag, value, e))
+}
+
+/// An IPVS timeout flag in whole seconds.
+fn seconds(flag: &'static str, value: &str) -> Result<u32, ConfigError> {
+    let d = duration(flag, value)?;
+    if d.subsec_nanos() != 0 {
+        return Err(invalid(flag, value, "must be whole seconds"));
+    }
+    u32::try_from(d.as_secs()).map_err(|_| invalid(flag, value, "too long"))
 }
 
 fn addr(flag: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -341,6 +370,12 @@ impl Args {
             },
             masquerade_all: self.masquerade_all,
             ipvs_scheduler: self.ipvs_scheduler,
+            ipvs_strict_arp: self.ipvs_strict_arp,
+            ipvs_timeouts: crate::dataplane::ipvs::Timeouts {
+                tcp: seconds("ipvs-tcp-timeout", &self.ipvs_tcp_timeout)?,
+                tcp_fin: seconds("ipvs-tcpfin-timeout", &self.ipvs_tcpfin_timeout)?,
+                udp: seconds("ipvs-udp-timeout", &self.ipvs_udp_timeout)?,
+            },
             route_pod_cidrs: self.route_pod_cidrs,
             cni_pod_cidrs_file: self.cni_pod_cidrs_file.clone(),
             network_policy: self.network_policy,
@@ -452,6 +487,37 @@ mod tests {
         ]);
         assert_eq!(c.unwrap().ipvs_scheduler, Scheduler::Mh);
         assert!(Args::try_parse_from(["weir-proxy", "--ipvs-scheduler", "nq"]).is_err());
+    }
+
+    #[test]
+    fn ipvs_timeouts_are_whole_seconds_and_strict_arp_is_off_by_default() {
+        use crate::dataplane::ipvs::Timeouts;
+        let c = parse(&["--proxy-mode", "ipvs", "--source", "dir:/x"]).unwrap();
+        assert!(!c.ipvs_strict_arp);
+        assert_eq!(c.ipvs_timeouts, Timeouts::default());
+        let c = parse(&[
+            "--source",
+            "dir:/x",
+            "--ipvs-strict-arp",
+            "--ipvs-tcp-timeout",
+            "15m0s",
+            "--ipvs-tcpfin-timeout",
+            "30s",
+            "--ipvs-udp-timeout",
+            "1m",
+        ])
+        .unwrap();
+        assert!(c.ipvs_strict_arp);
+        assert_eq!(
+            c.ipvs_timeouts,
+            Timeouts {
+                tcp: 900,
+                tcp_fin: 30,
+                udp: 60
+            }
+        );
+        let e = parse(&["--source", "dir:/x", "--ipvs-udp-timeout", "1500ms"]).unwrap_err();
+        assert!(e.to_string().contains("whole seconds"), "{e}");
     }
 
     #[test]

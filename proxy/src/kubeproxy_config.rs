@@ -85,6 +85,15 @@ pub struct SyncSettings {
 pub struct Ipvs {
     /// `scheduler`.
     pub scheduler: Option<String>,
+    /// `strictARP`.
+    #[serde(rename = "strictARP")]
+    pub strict_arp: Option<bool>,
+    /// `tcpTimeout` (a Go duration such as `900s` or `15m0s`).
+    pub tcp_timeout: Option<String>,
+    /// `tcpFinTimeout`.
+    pub tcp_fin_timeout: Option<String>,
+    /// `udpTimeout`.
+    pub udp_timeout: Option<String>,
     /// Other fields.
     #[serde(flatten)]
     pub rest: Rest,
@@ -255,6 +264,30 @@ pub fn apply(
                 args.ipvs_scheduler = s;
             }
         }
+        if let (Some(v), true) = (ipvs.strict_arp, unset("ipvs_strict_arp")) {
+            args.ipvs_strict_arp = v;
+        }
+        for (value, id, arg) in [
+            (
+                &ipvs.tcp_timeout,
+                "ipvs_tcp_timeout",
+                &mut args.ipvs_tcp_timeout,
+            ),
+            (
+                &ipvs.tcp_fin_timeout,
+                "ipvs_tcpfin_timeout",
+                &mut args.ipvs_tcpfin_timeout,
+            ),
+            (
+                &ipvs.udp_timeout,
+                "ipvs_udp_timeout",
+                &mut args.ipvs_udp_timeout,
+            ),
+        ] {
+            if let (Some(v), true) = (value, unset(id)) {
+                arg.clone_from(v);
+            }
+        }
         report(&mut warnings, "ipvs.", &ipvs.rest, "ignored");
     }
     if c.conntrack.is_some() {
@@ -348,6 +381,34 @@ portRnage: "30000-32767"
         ] {
             assert!(text.contains(w), "{w} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn ipvs_strict_arp_and_timeouts_come_from_the_file() {
+        let file = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+                    mode: ipvs\nipvs: {scheduler: wrr, strictARP: true, tcpTimeout: 15m0s, \
+                    tcpFinTimeout: 30s, udpTimeout: 0s, syncPeriod: 30s}\n";
+        let c = parse(Path::new("f"), file).unwrap();
+        let mut args = Args::try_parse_from([
+            "weir-proxy",
+            "--source",
+            "dir:/x",
+            "--ipvs-udp-timeout",
+            "5s",
+        ])
+        .unwrap();
+        let warnings = apply(&c, &mut args, &|id| id == "ipvs_udp_timeout").unwrap();
+        let cfg = args.validate_with("n1", false).unwrap();
+        assert!(cfg.ipvs_strict_arp);
+        assert_eq!(
+            cfg.ipvs_timeouts,
+            crate::dataplane::ipvs::Timeouts {
+                tcp: 900,
+                tcp_fin: 30,
+                udp: 5
+            }
+        );
+        assert_eq!(warnings, ["field ipvs.syncPeriod: ignored"]);
     }
 
     #[test]

@@ -159,8 +159,14 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         let ipvs_cfg = weir_proxy::dataplane::ipvs::render::IpvsConfig {
             scheduler: cfg.ipvs_scheduler,
         };
-        effects.ipvs =
-            Some(weir_proxy::dataplane::ipvs::apply::IpvsSync::new(ipvs_cfg).context("IPVS mode")?);
+        let opts = weir_proxy::dataplane::ipvs::apply::IpvsOptions {
+            strict_arp: cfg.ipvs_strict_arp,
+            timeouts: cfg.ipvs_timeouts,
+        };
+        effects.ipvs = Some(
+            weir_proxy::dataplane::ipvs::apply::IpvsSync::new(ipvs_cfg, opts)
+                .context("IPVS mode")?,
+        );
     }
     if let Some(path) = &cfg.cni_pod_cidrs_file {
         effects = effects.with_cni_cidrs_file(path.clone());

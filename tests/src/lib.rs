@@ -51,6 +51,36 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
+/// [`run`] with `input` on the command's stdin.
+pub fn run_with_input(cmd: &str, args: &[&str], input: &str) -> Result<Output> {
+    use std::io::Write;
+    let line = format!("{cmd} {}", args.join(" "));
+    let fail = |msg: String| HarnessError::Command {
+        cmd: line.clone(),
+        msg,
+    };
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "{} (input:\n{input})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(out)
+}
+
 /// Whether privileged tests can run. Under `CI=true` a missing privilege is a failure,
 /// never a silent skip.
 pub fn require_privileges() -> bool {
@@ -89,6 +119,43 @@ impl Netns {
         };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Creates `weir-<pid>-<n>-<role>` for each role with one `ip -batch` (`lo` stays
+    /// down: the caller's own batch brings it up).
+    fn many(roles: &[String]) -> Result<Vec<Netns>> {
+        let out: Vec<Netns> = roles
+            .iter()
+            .map(|role| {
+                let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+                Netns {
+                    name: format!("weir-{}-{n}-{role}", std::process::id()),
+                    children: Vec::new(),
+                }
+            })
+            .collect();
+        let script: String = out
+            .iter()
+            .map(|ns| format!("netns add {}\n", ns.name))
+            .collect();
+        run_with_input("ip", &["-batch", "-"], &script)?;
+        Ok(out)
+    }
+
+    /// Runs `ip` commands (one per line) inside the namespace in one process.
+    pub fn batch(&self, commands: &str) -> Result<()> {
+        run_with_input("ip", &["-n", &self.name, "-batch", "-"], commands).map(|_| ())
+    }
+
+    /// Sets several sysctls inside the namespace in one process.
+    pub fn sysctls(&self, settings: &[(&str, &str)]) -> Result<()> {
+        if settings.is_empty() {
+            return Ok(());
+        }
+        let kv: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut cmd = vec!["sysctl", "-qw"];
+        cmd.extend(kv.iter().map(String::as_str));
+        self.exec(&cmd).map(|_| ())
     }
 
     /// The namespace's name.
@@ -200,106 +267,70 @@ pub struct Topology {
 
 impl Topology {
     /// Builds the node, `pods` pod namespaces and the client.
+    ///
+    /// A handful of processes do it (one `ip -batch` per namespace, one `sysctl` per
+    /// group of settings), which matters where each process costs tens of milliseconds
+    /// (the IPVS suite's TCG guest). The veth pairs are created inside the node namespace
+    /// with their peers placed straight into the client's or the pod's, so no temporary
+    /// interface name ever appears in the host namespace.
     pub fn new(pods: usize) -> Result<Topology> {
-        let node = Netns::new("node")?;
-        let client = Netns::new("client")?;
-        for (k, v) in [
+        let mut roles = vec!["node".to_owned(), "client".to_owned()];
+        roles.extend((0..pods).map(|i| format!("pod{i}")));
+        let mut all = Netns::many(&roles)?.into_iter();
+        let (Some(node), Some(client)) = (all.next(), all.next()) else {
+            return Err(HarnessError::Timeout("namespaces".into()));
+        };
+        let pod_ns: Vec<Netns> = all.collect();
+        // Before the interfaces exist, so that they inherit the defaults.
+        node.sysctls(&[
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.conf.all.send_redirects", "0"),
             ("net.ipv4.conf.default.send_redirects", "0"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
-        ] {
-            node.sysctl(k, v)?;
+        ])?;
+        // node eth0 <-> client eth0; node vethI <-> pod I eth0 (routed, proxy ARP).
+        let mut b = format!(
+            "link set lo up\n\
+             link add eth0 type veth peer name eth0 netns {client}\n\
+             addr add {NODE_IP}/24 dev eth0\n\
+             addr add {NODE_CLIENT_SIDE_IP}/24 dev eth0\n\
+             link set eth0 up\n\
+             route add default via {CLIENT_IP}\n",
+            client = client.name()
+        );
+        for (i, pod) in pod_ns.iter().enumerate() {
+            b.push_str(&format!(
+                "link add veth{i} type veth peer name eth0 netns {pod}\n\
+                 link set veth{i} up\n\
+                 route add {ip}/32 dev veth{i}\n",
+                pod = pod.name(),
+                ip = pod_ip(i)
+            ));
         }
-        let n = node.name().to_owned();
-        let c = client.name().to_owned();
-        // node eth0 <-> client eth0
-        run(
-            "ip",
-            &[
-                "link", "add", "weirtmp0", "netns", &n, "type", "veth", "peer", "name", "weirtmp1",
-                "netns", &c,
-            ],
-        )?;
-        node.exec(&["ip", "link", "set", "weirtmp0", "name", "eth0"])?;
-        client.exec(&["ip", "link", "set", "weirtmp1", "name", "eth0"])?;
-        node.exec(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
-        node.exec(&["ip", "addr", "add", "198.51.100.1/24", "dev", "eth0"])?;
-        node.exec(&["ip", "link", "set", "eth0", "up"])?;
-        node.exec(&["ip", "route", "add", "default", "via", CLIENT_IP])?;
-        client.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        client.exec(&["ip", "link", "set", "eth0", "up"])?;
-        client.exec(&[
-            "ip",
-            "route",
-            "add",
-            "192.168.77.0/24",
-            "via",
-            "198.51.100.1",
-        ])?;
-        client.exec(&["ip", "route", "add", "10.96.0.0/16", "via", "198.51.100.1"])?;
-        let mut pod_ns = Vec::new();
-        for i in 0..pods {
-            let pod = Netns::new(&format!("pod{i}"))?;
-            let p = pod.name().to_owned();
-            let host_if = format!("veth{i}");
-            run(
-                "ip",
-                &[
-                    "link", "add", "weirtmp2", "netns", &n, "type", "veth", "peer", "name",
-                    "weirtmp3", "netns", &p,
-                ],
-            )?;
-            node.exec(&["ip", "link", "set", "weirtmp2", "name", &host_if])?;
-            pod.exec(&["ip", "link", "set", "weirtmp3", "name", "eth0"])?;
-            node.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
-            node.exec(&["ip", "link", "set", &host_if, "up"])?;
-            node.exec(&[
-                "ip",
-                "route",
-                "add",
-                &format!("{}/32", pod_ip(i)),
-                "dev",
-                &host_if,
-            ])?;
-            pod.exec(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/32", pod_ip(i)),
-                "dev",
-                "eth0",
-            ])?;
-            pod.exec(&["ip", "link", "set", "eth0", "up"])?;
-            pod.exec(&[
-                "ip",
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ])?;
-            pod.exec(&[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ])?;
-            pod_ns.push(pod);
+        node.batch(&b)?;
+        let proxy_arp: Vec<(String, &str)> = (0..pods)
+            .map(|i| (format!("net.ipv4.conf.veth{i}.proxy_arp"), "1"))
+            .collect();
+        let proxy_arp: Vec<(&str, &str)> =
+            proxy_arp.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        node.sysctls(&proxy_arp)?;
+        client.batch(&format!(
+            "link set lo up\n\
+             addr add {CLIENT_IP}/24 dev eth0\n\
+             link set eth0 up\n\
+             route add 192.168.77.0/24 via {NODE_CLIENT_SIDE_IP}\n\
+             route add 10.96.0.0/16 via {NODE_CLIENT_SIDE_IP}\n"
+        ))?;
+        for (i, pod) in pod_ns.iter().enumerate() {
+            pod.batch(&format!(
+                "link set lo up\n\
+                 addr add {ip}/32 dev eth0\n\
+                 link set eth0 up\n\
+                 route add 169.254.1.1 dev eth0 scope link\n\
+                 route add default via 169.254.1.1 dev eth0\n",
+                ip = pod_ip(i)
+            ))?;
         }
         Ok(Topology {
             pods: pod_ns,

@@ -2,16 +2,29 @@
 //! topology, with real TCP and UDP traffic. It runs only inside the VM that
 //! `cargo xtask vm-test ipvs` boots (`WEIR_IN_VM=1`; the host kernel has no IPVS);
 //! elsewhere each test returns at once.
+//!
+//! Building namespaces and starting processes is what costs time under TCG, so the suite
+//! builds one topology (node, client, three pods with weir-echo) and keeps one weir-proxy
+//! running on it: each test adds its own Services (own ClusterIPs and NodePorts, own
+//! manifest file) and removes them when it ends. weir-proxy is restarted only when a test
+//! needs other flags. Tests about node-wide settings (sysctls, IPVS timeouts, `--cleanup`)
+//! use a bare node namespace of their own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use weir_e2e::*;
+use weir_proxy::dataplane::ipvs::netlink::KernelIpvs;
+use weir_proxy::dataplane::ipvs::{IpvsBackend, IpvsState, ServiceKey, Timeouts};
+use weir_proxy::model::Protocol;
 
 const METRICS: u16 = 10249;
 const WAIT: Duration = Duration::from_secs(15);
+const PODS: usize = 3;
 
 /// Whether this process runs inside the IPVS VM.
 fn in_vm() -> bool {
@@ -22,122 +35,153 @@ fn in_vm() -> bool {
     false
 }
 
-struct Env {
-    topo: Topology,
-    dir: tempfile::TempDir,
-    proxy: u32,
+/// IPVS of a namespace, through generic netlink from a thread that entered it (the socket
+/// stays in that namespace).
+fn ipvs_of(ns: &Netns) -> KernelIpvs {
+    let path = format!("/run/netns/{}", ns.name());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            KernelIpvs::open().unwrap()
+        })
+        .join()
+        .unwrap()
+    })
 }
 
-/// `pods` pods answering `pod-I` (TCP 8080, UDP 5353), the manifests, weir-proxy in IPVS
-/// mode with `flags`.
-fn setup(pods: usize, flags: &[&str], services: &str) -> Env {
-    let mut topo = Topology::new(pods).expect("topology");
-    let echo = Path::new(env!("CARGO_BIN_EXE_weir-echo"));
-    for i in 0..pods {
-        topo.start_echo(i, echo, &format!("pod-{i}")).expect("echo");
+/// The suite's node: the topology, the manifest directory and the running weir-proxy.
+struct Node {
+    topo: Topology,
+    dir: tempfile::TempDir,
+    ipvs: KernelIpvs,
+    /// weir-proxy's PID and the flags it runs with.
+    proxy: Option<(u32, Vec<String>)>,
+}
+
+static NODE: Mutex<Option<Node>> = Mutex::new(None);
+
+/// A test's hold on the shared node; its manifest file is removed when it ends.
+struct Env {
+    node: MutexGuard<'static, Option<Node>>,
+    /// The test's manifest file (`None`: kept when the test ends).
+    file: Option<String>,
+}
+
+/// The shared node with weir-proxy running with `flags` (after `--proxy-mode ipvs`), for
+/// the test whose Services go to `<file>.yaml`.
+fn env(file: &str, flags: &[&str]) -> Env {
+    let mut guard = NODE.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        let mut topo = Topology::new(PODS).expect("topology");
+        let echo = Path::new(env!("CARGO_BIN_EXE_weir-echo"));
+        for i in 0..PODS {
+            topo.start_echo(i, echo, &format!("pod-{i}")).expect("echo");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_manifests(dir.path(), "").expect("manifests");
+        let ipvs = ipvs_of(&topo.node);
+        *guard = Some(Node {
+            topo,
+            dir,
+            ipvs,
+            proxy: None,
+        });
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_manifests(dir.path(), services).expect("manifests");
-    let mut all = vec!["--proxy-mode", "ipvs"];
-    all.extend_from_slice(flags);
-    let proxy = start_proxy_with(&mut topo.node, dir.path(), METRICS, &all).expect("weir-proxy");
-    Env { topo, dir, proxy }
+    let node = guard.as_mut().unwrap();
+    let want: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    if node.proxy.as_ref().map(|(_, f)| f) != Some(&want) {
+        if let Some((pid, _)) = node.proxy.take() {
+            node.topo.node.stop(pid);
+        }
+        let mut all = vec!["--proxy-mode", "ipvs", "--network-policy", "false"];
+        all.extend_from_slice(flags);
+        let pid = start_proxy_with(&mut node.topo.node, node.dir.path(), METRICS, &all)
+            .expect("weir-proxy");
+        node.proxy = Some((pid, want));
+    }
+    Env {
+        node: guard,
+        file: Some(format!("{file}.yaml")),
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let (Some(n), Some(f)) = (self.node.as_ref(), &self.file) {
+            let _ = std::fs::remove_file(n.dir.path().join(f));
+        }
+    }
 }
 
 impl Env {
-    /// `/proc/net/ip_vs` of the node.
-    fn ipvs(&self) -> String {
-        self.topo
-            .node
-            .exec(&["cat", "/proc/net/ip_vs"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+    fn node(&self) -> &Node {
+        self.node.as_ref().unwrap()
+    }
+
+    fn client(&self) -> &Netns {
+        &self.node().topo.client
+    }
+
+    /// Writes this test's Services.
+    fn services(&self, yaml: &str) {
+        let file = self.file.as_deref().expect("the test's manifest file");
+        write_file_atomically(self.node().dir.path(), file, yaml).expect("manifest");
+    }
+
+    fn dump(&mut self) -> IpvsState {
+        self.node.as_mut().unwrap().ipvs.dump().expect("IPVS dump")
     }
 
     /// Waits until the node's IPVS table satisfies `ok`.
-    fn wait_ipvs(&self, what: &str, ok: impl Fn(&str) -> bool) {
-        wait_until(what, WAIT, || ok(&self.ipvs()))
-            .unwrap_or_else(|e| panic!("{e}; IPVS:\n{}", self.ipvs()));
+    fn wait_ipvs(&mut self, what: &str, ok: impl Fn(&IpvsState) -> bool) -> IpvsState {
+        let mut last = IpvsState::new();
+        let r = wait_until(what, WAIT, || {
+            last = self.dump();
+            ok(&last)
+        });
+        if let Err(e) = r {
+            panic!("{e}; IPVS: {last:#?}");
+        }
+        last
     }
+}
 
-    fn rewrite(&self, services: &str) {
-        write_manifests(self.dir.path(), services).expect("manifests");
+fn key(addr: &str, protocol: Protocol, port: u16) -> ServiceKey {
+    ServiceKey {
+        addr: addr.parse().unwrap(),
+        protocol,
+        port,
     }
+}
+
+fn tcp_key(addr: &str, port: u16) -> ServiceKey {
+    key(addr, Protocol::Tcp, port)
+}
+
+fn pod(i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(pod_ip(i).parse().unwrap(), port)
 }
 
 fn tcp(ns: &Netns, dst: &str, count: u32) -> Value {
     probe(ns, &["tcp", dst, &count.to_string()]).unwrap()
 }
 
-/// Hex form `/proc/net/ip_vs` uses for an IPv4 address and port (`0A600001:0050`).
-fn hex(addr: &str, port: u16) -> String {
-    let ip: std::net::Ipv4Addr = addr.parse().unwrap();
-    format!("{:08X}:{port:04X}", u32::from(ip))
-}
-
-/// Waits until traffic from `ns` to `dst` is answered by exactly `want` (sorted names).
+/// Waits until every one of `count` connections from `ns` to `dst` is answered, by
+/// exactly `want` (sorted names): a run that overlaps a sync (some refused, some answered)
+/// does not count.
 fn wait_answers(ns: &Netns, dst: &str, count: u32, want: &[&str]) -> Value {
     let mut last = Value::Null;
     let ok = wait_until(&format!("{dst} answered by {want:?}"), WAIT, || {
         last = tcp(ns, dst, count);
         let mut n = names(&last);
         n.sort();
-        n == want
+        n == want && total(&last) == u64::from(count)
     });
     if let Err(e) = ok {
         panic!("{e}; last report {last}");
     }
     last
-}
-
-#[test]
-fn guest_kernel_has_ipvs_and_namespaces() {
-    if !in_vm() {
-        return;
-    }
-    let ns = Netns::new("probe").expect("netns");
-    let out = ns
-        .exec(&["cat", "/proc/net/ip_vs"])
-        .expect("/proc/net/ip_vs");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("IP Virtual Server"));
-}
-
-#[test]
-fn clusterip_and_nodeport_spread_over_every_endpoint_and_proxy_mode_is_ipvs() {
-    if !in_vm() {
-        return;
-    }
-    let svc = service_yaml(
-        "web",
-        "10.96.0.10",
-        "TCP",
-        80,
-        Some(30080),
-        8080,
-        &[0, 1, 2],
-    );
-    let env = setup(3, &[], &svc);
-    env.wait_ipvs("the ClusterIP virtual server", |t| {
-        t.contains(&hex("10.96.0.10", 80)) && t.contains(" rr")
-    });
-    let all = ["pod-0", "pod-1", "pod-2"];
-    let r = wait_answers(&env.topo.client, "10.96.0.10:80", 30, &all);
-    assert_eq!(total(&r), 30, "{r}");
-    let r = wait_answers(&env.topo.client, "192.168.77.10:30080", 30, &all);
-    assert_eq!(total(&r), 30, "{r}");
-    // rr: an even spread.
-    for (name, n) in answers(&r) {
-        assert_eq!(n, 10, "{name} in {r}");
-    }
-    let mode = probe_get(&env.topo.node, "/proxyMode");
-    assert_eq!(mode, "ipvs");
-    // The ClusterIP is bound to weir-ipvs0.
-    let addrs = env
-        .topo
-        .node
-        .exec(&["ip", "-o", "addr", "show", "dev", "weir-ipvs0"])
-        .unwrap();
-    assert!(String::from_utf8_lossy(&addrs.stdout).contains("10.96.0.10/32"));
 }
 
 fn probe_get(node: &Netns, path: &str) -> String {
@@ -154,28 +198,61 @@ fn probe_get(node: &Netns, path: &str) -> String {
 }
 
 #[test]
+fn clusterip_and_nodeport_spread_over_every_endpoint_and_proxy_mode_is_ipvs() {
+    if !in_vm() {
+        return;
+    }
+    let mut env = env("spread", &[]);
+    env.services(&service_yaml(
+        "spread",
+        "10.96.1.10",
+        "TCP",
+        80,
+        Some(30081),
+        8080,
+        &[0, 1, 2],
+    ));
+    let vip = tcp_key("10.96.1.10", 80);
+    let t = env.wait_ipvs("the ClusterIP virtual server", |t| {
+        t.get(&vip).is_some_and(|s| s.dests.len() == 3)
+    });
+    assert_eq!(t[&vip].server.scheduler, "rr");
+    assert!(t.contains_key(&tcp_key(NODE_IP, 30081)), "{t:#?}");
+    let all = ["pod-0", "pod-1", "pod-2"];
+    let r = wait_answers(env.client(), "10.96.1.10:80", 30, &all);
+    assert_eq!(total(&r), 30, "{r}");
+    let r = wait_answers(env.client(), &format!("{NODE_IP}:30081"), 30, &all);
+    assert_eq!(total(&r), 30, "{r}");
+    // rr: an even spread.
+    for (name, n) in answers(&r) {
+        assert_eq!(n, 10, "{name} in {r}");
+    }
+    let node = &env.node().topo.node;
+    assert_eq!(probe_get(node, "/proxyMode"), "ipvs");
+    // The ClusterIP is bound to weir-ipvs0.
+    let addrs = node
+        .exec(&["ip", "-o", "addr", "show", "dev", "weir-ipvs0"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&addrs.stdout).contains("10.96.1.10/32"));
+}
+
+#[test]
 fn every_scheduler_is_programmed_and_source_hashing_keeps_a_client_on_one_endpoint() {
     if !in_vm() {
         return;
     }
-    let svc = service_yaml("web", "10.96.0.10", "TCP", 80, None, 8080, &[0, 1, 2]);
-    let mut env = setup(3, &[], &svc);
+    let svc = service_yaml("sched", "10.96.2.10", "TCP", 80, None, 8080, &[0, 1, 2]);
+    let vip = tcp_key("10.96.2.10", 80);
     // One topology; weir-proxy restarts with each scheduler and adopts the virtual server
     // the previous run left (IPVS_CMD_SET_SERVICE changes its scheduler).
     for sched in ["wrr", "lc", "wlc", "dh", "mh", "sh"] {
-        let pid = env.proxy;
-        env.topo.node.stop(pid);
-        env.proxy = start_proxy_with(
-            &mut env.topo.node,
-            env.dir.path(),
-            METRICS,
-            &["--proxy-mode", "ipvs", "--ipvs-scheduler", sched],
-        )
-        .expect("weir-proxy restart");
+        let mut env = env("sched", &["--ipvs-scheduler", sched]);
+        env.services(&svc);
         env.wait_ipvs(&format!("the virtual server with {sched}"), |t| {
-            t.contains(&hex("10.96.0.10", 80)) && t.contains(&format!(" {sched} "))
+            t.get(&vip)
+                .is_some_and(|s| s.server.scheduler == sched && s.dests.len() == 3)
         });
-        let r = tcp(&env.topo.client, "10.96.0.10:80", 12);
+        let r = tcp(env.client(), "10.96.2.10:80", 12);
         assert_eq!(total(&r), 12, "{sched}: {r}");
         let n = names(&r);
         match sched {
@@ -183,6 +260,8 @@ fn every_scheduler_is_programmed_and_source_hashing_keeps_a_client_on_one_endpoi
             "sh" | "dh" | "mh" => assert_eq!(n.len(), 1, "{sched}: {r}"),
             _ => assert_eq!(n.len(), 3, "{sched}: {r}"),
         }
+        // Kept for the next round (the next weir-proxy adopts it).
+        env.file = None;
     }
 }
 
@@ -191,12 +270,19 @@ fn a_service_without_endpoints_is_rejected() {
     if !in_vm() {
         return;
     }
-    let svc = service_yaml("empty", "10.96.0.20", "TCP", 80, None, 8080, &[]);
-    let env = setup(1, &[], &svc);
-    env.wait_ipvs("the empty virtual server", |t| {
-        t.contains(&hex("10.96.0.20", 80))
-    });
-    let r = tcp(&env.topo.client, "10.96.0.20:80", 3);
+    let mut env = env("empty", &[]);
+    env.services(&service_yaml(
+        "empty",
+        "10.96.3.20",
+        "TCP",
+        80,
+        None,
+        8080,
+        &[],
+    ));
+    let vip = tcp_key("10.96.3.20", 80);
+    env.wait_ipvs("the empty virtual server", |t| t.contains_key(&vip));
+    let r = tcp(env.client(), "10.96.3.20:80", 3);
     assert_eq!(errors(&r, "refused"), 3, "{r}");
 }
 
@@ -205,57 +291,52 @@ fn a_removed_endpoint_gets_no_new_connections() {
     if !in_vm() {
         return;
     }
-    let env = setup(
-        3,
-        &[],
-        &service_yaml("web", "10.96.0.10", "TCP", 80, None, 8080, &[0, 1, 2]),
-    );
+    let mut env = env("removed", &[]);
+    let svc = |pods: &[usize]| service_yaml("removed", "10.96.4.10", "TCP", 80, None, 8080, pods);
+    env.services(&svc(&[0, 1, 2]));
     wait_answers(
-        &env.topo.client,
-        "10.96.0.10:80",
+        env.client(),
+        "10.96.4.10:80",
         30,
         &["pod-0", "pod-1", "pod-2"],
     );
-    env.rewrite(&service_yaml(
-        "web",
-        "10.96.0.10",
-        "TCP",
-        80,
-        None,
-        8080,
-        &[0, 1],
-    ));
-    let r = wait_answers(&env.topo.client, "10.96.0.10:80", 30, &["pod-0", "pod-1"]);
+    env.services(&svc(&[0, 1]));
+    let r = wait_answers(env.client(), "10.96.4.10:80", 30, &["pod-0", "pod-1"]);
     assert_eq!(total(&r), 30, "{r}");
     // Graceful termination: the real server stays at weight 0 while its (TIME_WAIT)
     // connections drain; it is deleted once they are gone or after the drain timeout.
-    let gone = hex(&pod_ip(2), 8080);
+    let vip = tcp_key("10.96.4.10", 80);
     env.wait_ipvs("pod-2's real server at weight 0 or deleted", |t| {
-        t.lines()
-            .find(|l| l.contains(&gone))
-            .is_none_or(|l| l.split_whitespace().nth(3) == Some("0"))
+        t.get(&vip)
+            .is_some_and(|s| s.dests.get(&pod(2, 8080)).is_none_or(|d| d.weight == 0))
     });
 }
 
 #[test]
-fn udp_clusterip_reaches_the_endpoints() {
+fn udp_reaches_the_endpoints_and_a_removed_udp_endpoint_is_deleted_at_once() {
     if !in_vm() {
         return;
     }
-    let env = setup(
-        2,
-        &[],
-        &service_yaml("dns", "10.96.0.53", "UDP", 53, None, 5353, &[0, 1]),
-    );
+    let mut env = env("dns", &[]);
+    let svc = |pods: &[usize]| service_yaml("dns", "10.96.5.53", "UDP", 53, None, 5353, pods);
+    env.services(&svc(&[0, 1]));
+    let vip = key("10.96.5.53", Protocol::Udp, 53);
     env.wait_ipvs("the UDP virtual server", |t| {
-        t.contains("UDP") && t.contains(&hex("10.96.0.53", 53))
+        t.get(&vip).is_some_and(|s| s.dests.len() == 2)
     });
     let mut last = Value::Null;
     wait_until("UDP answers", WAIT, || {
-        last = probe(&env.topo.client, &["udp", "10.96.0.53:53", "10"]).unwrap();
+        last = probe(env.client(), &["udp", "10.96.5.53:53", "10"]).unwrap();
         total(&last) == 10
     })
     .unwrap_or_else(|e| panic!("{e}; {last}"));
+    // UDP has no connection end to wait for: the real server goes at once (kube-proxy
+    // does the same), its flows end on their next packet (expire_nodest_conn).
+    env.services(&svc(&[0]));
+    let t = env.wait_ipvs("pod-1's UDP real server deleted", |t| {
+        t.get(&vip).is_some_and(|s| s.dests.len() == 1)
+    });
+    assert!(t[&vip].dests.contains_key(&pod(0, 5353)), "{t:#?}");
 }
 
 #[test]
@@ -263,16 +344,20 @@ fn session_affinity_is_a_persistent_virtual_server() {
     if !in_vm() {
         return;
     }
-    let svc = service_yaml("web", "10.96.0.10", "TCP", 80, None, 8080, &[0, 1, 2]).replace(
-        "  type: ClusterIP\n",
-        "  type: ClusterIP\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 120}}\n",
+    let mut env = env("affinity", &[]);
+    env.services(
+        &service_yaml("affinity", "10.96.6.10", "TCP", 80, None, 8080, &[0, 1, 2]).replace(
+            "  type: ClusterIP\n",
+            "  type: ClusterIP\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 120}}\n",
+        ),
     );
-    let env = setup(3, &[], &svc);
-    env.wait_ipvs("a persistent virtual server", |t| {
-        // /proc/net/ip_vs prints the timeout in jiffies (120 s x HZ).
-        t.contains(" persistent ")
+    let vip = tcp_key("10.96.6.10", 80);
+    env.wait_ipvs("a persistent virtual server with 3 real servers", |t| {
+        // Netlink reports the timeout in seconds (/proc/net/ip_vs prints jiffies).
+        t.get(&vip)
+            .is_some_and(|s| s.server.persistent_timeout == Some(120) && s.dests.len() == 3)
     });
-    let r = tcp(&env.topo.client, "10.96.0.10:80", 20);
+    let r = tcp(env.client(), "10.96.6.10:80", 20);
     assert_eq!(total(&r), 20, "{r}");
     assert_eq!(names(&r).len(), 1, "one client, one endpoint: {r}");
 }
@@ -282,37 +367,167 @@ fn etp_local_nodeport_reaches_only_this_nodes_endpoints() {
     if !in_vm() {
         return;
     }
+    let env = env("etp", &[]);
     // Pods 0 and 1 are local, pod 2 is labelled as node2's.
-    let svc = service_yaml(
-        "web",
-        "10.96.0.10",
-        "TCP",
-        80,
-        Some(30080),
-        8080,
-        &[0, 1, 2],
-    )
-    .replace(
-        "  type: NodePort\n",
-        "  type: NodePort\n  externalTrafficPolicy: Local\n",
-    )
-    .replacen(
-        &format!("[\"{}\"], nodeName: {NODE_NAME}", pod_ip(2)),
-        &format!("[\"{}\"], nodeName: node2", pod_ip(2)),
-        1,
+    env.services(
+        &service_yaml(
+            "etp",
+            "10.96.7.10",
+            "TCP",
+            80,
+            Some(30087),
+            8080,
+            &[0, 1, 2],
+        )
+        .replace(
+            "  type: NodePort\n",
+            "  type: NodePort\n  externalTrafficPolicy: Local\n",
+        )
+        .replacen(
+            &format!("[\"{}\"], nodeName: {NODE_NAME}", pod_ip(2)),
+            &format!("[\"{}\"], nodeName: node2", pod_ip(2)),
+            1,
+        ),
     );
-    let env = setup(3, &[], &svc);
     let r = wait_answers(
-        &env.topo.client,
-        "192.168.77.10:30080",
+        env.client(),
+        &format!("{NODE_IP}:30087"),
         30,
         &["pod-0", "pod-1"],
     );
     assert_eq!(total(&r), 30, "{r}");
     wait_answers(
-        &env.topo.client,
-        "10.96.0.10:80",
+        env.client(),
+        "10.96.7.10:80",
         30,
         &["pod-0", "pod-1", "pod-2"],
     );
+}
+
+/// A node namespace without pods or client: for node-wide settings.
+struct BareNode {
+    ns: Netns,
+    dir: tempfile::TempDir,
+    ipvs: KernelIpvs,
+}
+
+fn bare_node(services: &str) -> BareNode {
+    let ns = Netns::new("bare").expect("netns");
+    // The node address (NodePorts are served on it).
+    ns.exec(&["ip", "link", "add", "eth0", "type", "dummy"])
+        .unwrap();
+    ns.exec(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])
+        .unwrap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_manifests(dir.path(), services).expect("manifests");
+    let ipvs = ipvs_of(&ns);
+    BareNode { ns, dir, ipvs }
+}
+
+fn sysctl(ns: &Netns, key: &str) -> String {
+    let out = ns.exec(&["cat", &format!("/proc/sys/{key}")]).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn strict_arp_and_ipvs_timeouts_are_set_from_flags() {
+    if !in_vm() {
+        return;
+    }
+    let mut n = bare_node("");
+    assert_eq!(sysctl(&n.ns, "net/ipv4/conf/all/arp_ignore"), "0");
+    let before = n.ipvs.timeouts().unwrap();
+    assert_ne!(before.tcp, 1234, "{before:?}");
+    start_proxy_with(
+        &mut n.ns,
+        n.dir.path(),
+        METRICS,
+        &[
+            "--proxy-mode",
+            "ipvs",
+            "--network-policy",
+            "false",
+            "--ipvs-strict-arp",
+            "--ipvs-tcp-timeout",
+            "1234s",
+            "--ipvs-tcpfin-timeout",
+            "56s",
+            "--ipvs-udp-timeout",
+            "78s",
+        ],
+    )
+    .expect("weir-proxy");
+    assert_eq!(sysctl(&n.ns, "net/ipv4/conf/all/arp_ignore"), "1");
+    assert_eq!(sysctl(&n.ns, "net/ipv4/conf/all/arp_announce"), "2");
+    assert_eq!(
+        n.ipvs.timeouts().unwrap(),
+        Timeouts {
+            tcp: 1234,
+            tcp_fin: 56,
+            udp: 78
+        }
+    );
+}
+
+#[test]
+fn virtual_servers_that_are_not_weirs_survive_syncs_and_cleanup() {
+    if !in_vm() {
+        return;
+    }
+    use weir_proxy::dataplane::ipvs::{Op, VirtualServer};
+    let svc = service_yaml("own", "10.96.8.10", "TCP", 80, Some(30088), 8080, &[0]);
+    let mut n = bare_node(&svc);
+    // Someone else's: a VIP not on weir-ipvs0, a node-address port outside the NodePort
+    // range.
+    let foreign = [tcp_key("192.0.2.1", 80), tcp_key(NODE_IP, 8443)];
+    for k in foreign {
+        n.ipvs
+            .apply(&Op::AddService(VirtualServer {
+                key: k,
+                scheduler: "rr".into(),
+                persistent_timeout: None,
+            }))
+            .unwrap();
+    }
+    let pid = start_proxy_with(
+        &mut n.ns,
+        n.dir.path(),
+        METRICS,
+        &["--proxy-mode", "ipvs", "--network-policy", "false"],
+    )
+    .expect("weir-proxy");
+    let ours = [tcp_key("10.96.8.10", 80), tcp_key(NODE_IP, 30088)];
+    let mut last = IpvsState::new();
+    wait_until("weir's virtual servers beside the others", WAIT, || {
+        last = n.ipvs.dump().unwrap();
+        ours.iter().chain(&foreign).all(|k| last.contains_key(k))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {last:#?}"));
+    // The Service goes: weir deletes its virtual servers, not the others.
+    write_manifests(n.dir.path(), "").unwrap();
+    wait_until("weir's virtual servers gone", WAIT, || {
+        last = n.ipvs.dump().unwrap();
+        ours.iter().all(|k| !last.contains_key(k))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {last:#?}"));
+    assert!(foreign.iter().all(|k| last.contains_key(k)), "{last:#?}");
+    // --cleanup after a run that left a Service behind.
+    write_manifests(n.dir.path(), &svc).unwrap();
+    wait_until("weir's virtual servers back", WAIT, || {
+        last = n.ipvs.dump().unwrap();
+        ours.iter().all(|k| last.contains_key(k))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {last:#?}"));
+    n.ns.stop(pid);
+    let bin = workspace_bin("weir-proxy");
+    n.ns.exec(&[&bin.to_string_lossy(), "--cleanup"])
+        .expect("weir-proxy --cleanup");
+    let left: Vec<ServiceKey> = n.ipvs.dump().unwrap().into_keys().collect();
+    assert_eq!(left, foreign.to_vec());
+    let links = n.ns.exec(&["ip", "-o", "link"]).unwrap();
+    assert!(!String::from_utf8_lossy(&links.stdout).contains("weir-ipvs0"));
+    // The node address is still there (only weir-ipvs0's were removed).
+    let addrs = n.ns.exec(&["ip", "-o", "addr"]).unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout);
+    assert!(addrs.contains(NODE_IP), "{addrs}");
 }

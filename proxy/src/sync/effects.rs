@@ -24,6 +24,7 @@ pub struct SideEffects {
     pub routes: Option<RouteController>,
     /// IPVS mode: the virtual servers and the dummy interface's addresses.
     pub ipvs: Option<IpvsSync>,
+    ipvs_draining: bool,
     /// What the health-check servers were last given.
     last_health: BTreeMap<ObjectKey, HealthCheckService>,
     /// The pod routes last installed.
@@ -42,6 +43,7 @@ impl SideEffects {
             conntrack,
             routes: None,
             ipvs: None,
+            ipvs_draining: false,
             last_health: BTreeMap::new(),
             last_routes: None,
             cni_cidrs_file: None,
@@ -109,18 +111,27 @@ impl SideEffects {
     }
 
     /// Programs IPVS for `state` (IPVS mode; nothing otherwise). Returns false when the
-    /// runner should sync again soon: a failure, or removed real servers still draining.
+    /// runner should sync again soon (a failure).
     pub async fn sync_ipvs(&mut self, state: &DesiredState) -> bool {
         let Some(ipvs) = &mut self.ipvs else {
             return true;
         };
         match ipvs.sync(state).await {
-            Ok(r) => r.failed == 0 && !r.draining,
+            Ok(r) => {
+                self.ipvs_draining = r.draining;
+                r.failed == 0
+            }
             Err(e) => {
                 warn!(error = %e, "IPVS sync failed; retrying");
                 false
             }
         }
+    }
+
+    /// Whether removed IPVS real servers are still draining after the last sync (a later
+    /// sync deletes them once their connections are gone).
+    pub fn ipvs_draining(&self) -> bool {
+        self.ipvs_draining
     }
 
     /// Runs after the rules for `state` are in place: deletes the flows `filters` select

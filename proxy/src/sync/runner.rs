@@ -24,6 +24,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::Receiver;
 use tracing::{info, instrument, warn};
 
+/// How often draining IPVS real servers are looked at again.
+const DRAIN_RECHECK: Duration = Duration::from_secs(1);
+
 /// The families weir programs: one `weir` table each.
 pub const FAMILIES: [Family; 2] = [Family::Ip, Family::Ip6];
 
@@ -127,15 +130,18 @@ impl<K: NftBackend> Runner<K> {
         let mut dirty = false;
         let mut last_sync = Instant::now() - self.cfg.min_sync_period;
         let mut last_full = Instant::now();
+        // IPVS real servers draining: checked again at this time (no sooner than the next
+        // allowed sync), so their deletion does not wait for the full resync.
+        let mut recheck: Option<Instant> = None;
         loop {
             let next_allowed = last_sync + self.cfg.min_sync_period;
             let next_full = last_full + self.cfg.sync_period;
-            let wake = if dirty && synced_once {
-                next_allowed
+            let wake = match recheck {
+                _ if dirty && synced_once => next_allowed
                     .max(Instant::now())
-                    .min(next_full.max(next_allowed))
-            } else {
-                next_full
+                    .min(next_full.max(next_allowed)),
+                Some(at) if synced_once => at.max(next_allowed).min(next_full),
+                _ => next_full,
             };
             tokio::select! {
                 u = updates.recv() => {
@@ -154,6 +160,10 @@ impl<K: NftBackend> Runner<K> {
                     }
                     last_sync = Instant::now();
                     dirty = !self.sync(full).await;
+                    recheck = self
+                        .effects
+                        .ipvs_draining()
+                        .then(|| Instant::now() + DRAIN_RECHECK);
                 }
             }
         }

@@ -1,12 +1,12 @@
 //! The side effects of an IPVS sync: the dummy interface [`DUMMY_INTERFACE`] with the
-//! Service addresses (rtnetlink), IPVS sysctls, and the virtual/real servers (generic
+//! Service addresses (rtnetlink), IPVS sysctls and timeouts, and the virtual/real servers (generic
 //! netlink through [`KernelIpvs`]). Each sync dumps IPVS and applies only the difference
 //! ([`diff::plan`]), so drift is repaired every time and a restart adopts what is there.
 
 use super::diff::{self, Terminating};
 use super::netlink::KernelIpvs;
 use super::render::{bound_addresses, desired, IpvsConfig};
-use super::{IpvsBackend, IpvsError, Op, DUMMY_INTERFACE};
+use super::{IpvsBackend, IpvsError, Op, Timeouts, DUMMY_INTERFACE};
 use crate::model::DesiredState;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
@@ -27,6 +27,23 @@ const SYSCTLS: &[(&str, &str)] = &[
     ("net/ipv4/vs/expire_quiescent_template", "1"),
     ("net/ipv4/ip_forward", "1"),
 ];
+
+/// `--ipvs-strict-arp` (kube-proxy's `strictARP`): answer ARP only for addresses on the
+/// interface asked (not for Service addresses on the dummy interface), and announce only
+/// an address of the outgoing interface.
+const STRICT_ARP_SYSCTLS: &[(&str, &str)] = &[
+    ("net/ipv4/conf/all/arp_ignore", "1"),
+    ("net/ipv4/conf/all/arp_announce", "2"),
+];
+
+/// Node-level IPVS settings applied once at start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpvsOptions {
+    /// `--ipvs-strict-arp`.
+    pub strict_arp: bool,
+    /// `--ipvs-tcp-timeout`, `--ipvs-tcpfin-timeout`, `--ipvs-udp-timeout`.
+    pub timeouts: Timeouts,
+}
 
 /// Failures of an IPVS sync.
 #[derive(Debug, thiserror::Error)]
@@ -116,19 +133,18 @@ impl Link {
         })
     }
 
-    /// Makes the interface hold exactly `want` (as /32 and /128 addresses).
-    async fn sync_addresses(
+    /// The addresses of the interface with this index, or of every interface (`None`).
+    async fn addresses(
         &self,
-        index: u32,
-        want: &BTreeSet<IpAddr>,
-    ) -> Result<(), IpvsSyncError> {
+        index: Option<u32>,
+    ) -> Result<Vec<(IpAddr, rtnetlink::packet_route::address::AddressMessage)>, IpvsSyncError>
+    {
         let mut have = Vec::new();
-        let mut stream = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
+        let mut req = self.handle.address().get();
+        if let Some(i) = index {
+            req = req.set_link_index_filter(i);
+        }
+        let mut stream = req.execute();
         while let Some(m) = stream
             .try_next()
             .await
@@ -145,6 +161,16 @@ impl Link {
                 have.push((ip, m));
             }
         }
+        Ok(have)
+    }
+
+    /// Makes the interface hold exactly `want` (as /32 and /128 addresses).
+    async fn sync_addresses(
+        &self,
+        index: u32,
+        want: &BTreeSet<IpAddr>,
+    ) -> Result<(), IpvsSyncError> {
+        let have = self.addresses(Some(index)).await?;
         for (ip, m) in have {
             if !want.contains(&ip) {
                 self.handle
@@ -212,9 +238,10 @@ impl Link {
     }
 }
 
-/// Writes the sysctls IPVS mode needs.
-pub fn set_sysctls() -> Result<(), IpvsSyncError> {
-    for (key, value) in SYSCTLS {
+/// Writes the sysctls IPVS mode needs (and the strict ARP ones when asked).
+pub fn set_sysctls(strict_arp: bool) -> Result<(), IpvsSyncError> {
+    let arp = if strict_arp { STRICT_ARP_SYSCTLS } else { &[] };
+    for (key, value) in SYSCTLS.iter().chain(arp) {
         std::fs::write(format!("/proc/sys/{key}"), value)
             .map_err(|source| IpvsSyncError::Sysctl { key, source })?;
     }
@@ -238,6 +265,9 @@ pub struct IpvsSync {
     link: Link,
     cfg: IpvsConfig,
     terminating: Terminating,
+    /// Every node address NodePorts were served on since start: a virtual server on one of
+    /// them in the NodePort range is weir's.
+    node_ips: BTreeSet<IpAddr>,
 }
 
 impl std::fmt::Debug for IpvsSync {
@@ -247,15 +277,17 @@ impl std::fmt::Debug for IpvsSync {
 }
 
 impl IpvsSync {
-    /// Opens IPVS and rtnetlink and sets the sysctls.
-    pub fn new(cfg: IpvsConfig) -> Result<IpvsSync, IpvsSyncError> {
-        let kernel = KernelIpvs::open()?;
-        set_sysctls()?;
+    /// Opens IPVS and rtnetlink, sets the sysctls and the connection timeouts.
+    pub fn new(cfg: IpvsConfig, opts: IpvsOptions) -> Result<IpvsSync, IpvsSyncError> {
+        let mut kernel = KernelIpvs::open()?;
+        set_sysctls(opts.strict_arp)?;
+        kernel.set_timeouts(&opts.timeouts)?;
         Ok(IpvsSync {
             kernel,
             link: Link::open()?,
             cfg,
             terminating: Terminating::new(DRAIN_TIMEOUT),
+            node_ips: BTreeSet::new(),
         })
     }
 
@@ -263,11 +295,21 @@ impl IpvsSync {
     /// refuses are logged and counted; the rest proceed.
     pub async fn sync(&mut self, state: &DesiredState) -> Result<SyncReport, IpvsSyncError> {
         let index = self.link.ensure().await?;
-        self.link
-            .sync_addresses(index, &bound_addresses(state))
-            .await?;
+        // What weir owns is decided before the addresses change: a Service address still
+        // bound marks a virtual server left by a removed Service (or a previous run).
+        let mut bound: BTreeSet<IpAddr> = self
+            .link
+            .addresses(Some(index))
+            .await?
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect();
+        let want_bound = bound_addresses(state);
+        bound.extend(want_bound.iter().copied());
+        self.node_ips.extend(state.node_ips.iter().copied());
+        self.link.sync_addresses(index, &want_bound).await?;
         let want = desired(state, &self.cfg);
-        let have = self.kernel.dump()?;
+        let have = diff::managed(self.kernel.dump()?, &want, &bound, &self.node_ips);
         let ops = diff::plan(&want, &have, &mut self.terminating, Instant::now());
         let mut report = SyncReport {
             ops: ops.len(),
@@ -292,13 +334,32 @@ impl IpvsSync {
     }
 }
 
-/// `--cleanup`: deletes every virtual server and the dummy interface. Returns how many
-/// virtual servers were deleted (0 when IPVS is not available at all).
+/// `--cleanup`: deletes weir's virtual servers (those on an address of the dummy
+/// interface, and those in the NodePort range on another local address) and the dummy
+/// interface; other virtual servers stay. Returns how many virtual servers were deleted (0
+/// when IPVS is not available at all).
 pub async fn cleanup() -> Result<usize, IpvsSyncError> {
+    let link = Link::open()?;
+    let index = link.index().await?;
+    let mut bound = BTreeSet::new();
+    if let Some(i) = index {
+        bound.extend(link.addresses(Some(i)).await?.into_iter().map(|(ip, _)| ip));
+    }
+    let local: BTreeSet<IpAddr> = link
+        .addresses(None)
+        .await?
+        .into_iter()
+        .map(|(ip, _)| ip)
+        .filter(|ip| !bound.contains(ip))
+        .collect();
     let mut n = 0;
     match KernelIpvs::open() {
         Ok(mut k) => {
             for key in k.dump()?.keys() {
+                if !diff::owned(key, &bound, &local) {
+                    info!(virtual_server = %key, "not weir's; left alone");
+                    continue;
+                }
                 k.apply(&Op::DelService(*key))?;
                 n += 1;
             }
@@ -306,7 +367,6 @@ pub async fn cleanup() -> Result<usize, IpvsSyncError> {
         Err(IpvsError::NoFamily(e)) => info!(error = %e, "no IPVS here; nothing to remove"),
         Err(e) => return Err(e.into()),
     }
-    let link = Link::open()?;
     if link.delete().await? {
         info!("removed {DUMMY_INTERFACE}");
     }

@@ -2,11 +2,44 @@
 //! match, touching only what changed. Removed real servers terminate gracefully: first
 //! their weight goes to 0 (no new connections, existing ones continue), and they are
 //! deleted once their active and inactive connection counts reach 0 or after
-//! [`Terminating::timeout`].
+//! [`Terminating::timeout`]. UDP and SCTP real servers are deleted at once, as kube-proxy
+//! does: their flows have no end the connection counters could report, and
+//! `expire_nodest_conn` ends them on their next packet.
+//!
+//! Only weir's virtual servers are touched ([`owned`]): others on the node (another load
+//! balancer's, an operator's) are neither adopted nor deleted.
 
-use super::{IpvsState, Op, RealServer, ServiceKey};
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use super::{IpvsState, Op, RealServer, ServiceKey, NODE_PORT_RANGE};
+use crate::model::Protocol;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+/// Whether a virtual server found in the kernel is weir's: its address is bound to the
+/// dummy interface (`bound`: ClusterIPs, external and load-balancer IPs), or it is a
+/// NodePort ([`NODE_PORT_RANGE`]) on one of the node addresses weir serves NodePorts on.
+pub fn owned(key: &ServiceKey, bound: &BTreeSet<IpAddr>, node_ips: &BTreeSet<IpAddr>) -> bool {
+    bound.contains(&key.addr)
+        || (node_ips.contains(&key.addr) && NODE_PORT_RANGE.contains(&key.port))
+}
+
+/// The part of a dump weir manages: the virtual servers it wants and those [`owned`].
+pub fn managed(
+    realized: IpvsState,
+    desired: &IpvsState,
+    bound: &BTreeSet<IpAddr>,
+    node_ips: &BTreeSet<IpAddr>,
+) -> IpvsState {
+    realized
+        .into_iter()
+        .filter(|(k, _)| desired.contains_key(k) || owned(k, bound, node_ips))
+        .collect()
+}
+
+/// Whether removed real servers of this protocol drain gracefully (TCP) or are deleted at
+/// once (UDP, SCTP).
+fn drains(protocol: Protocol) -> bool {
+    protocol == Protocol::Tcp
+}
 use std::time::{Duration, Instant};
 
 /// Real servers on their way out: when each was first seen at weight 0 without being
@@ -69,6 +102,11 @@ pub fn plan(
                 continue;
             }
             let id = (*key, *addr);
+            if !drains(key.protocol) {
+                dest_ops.push(Op::DelDest(*key, *addr));
+                terminating.since.remove(&id);
+                continue;
+            }
             if h.weight != 0 {
                 dest_ops.push(Op::UpdateDest(*key, RealServer::new(*addr, 0)));
                 terminating.since.insert(id, now);
@@ -109,6 +147,65 @@ mod tests {
             protocol: Protocol::Tcp,
             port,
         }
+    }
+
+    #[test]
+    fn a_removed_udp_dest_is_deleted_at_once_even_with_flows() {
+        let mut fake = FakeIpvs::default();
+        let mut t = Terminating::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let udp = |dests: &[&str]| -> IpvsState {
+            let (mut k, mut s) = svc(53, "rr", dests);
+            k.protocol = Protocol::Udp;
+            s.server.key = k;
+            [(k, s)].into()
+        };
+        sync(
+            &mut fake,
+            &udp(&["10.244.1.10:5353", "10.244.1.11:5353"]),
+            &mut t,
+            now,
+        );
+        let k = *udp(&[]).keys().next().unwrap();
+        let b: SocketAddr = "10.244.1.11:5353".parse().unwrap();
+        fake.set_conns(k, b, 0, 4);
+        let ops = sync(&mut fake, &udp(&["10.244.1.10:5353"]), &mut t, now);
+        assert_eq!(ops, vec![Op::DelDest(k, b)]);
+        assert!(!draining(&t));
+    }
+
+    #[test]
+    fn virtual_servers_that_are_not_weirs_are_neither_adopted_nor_deleted() {
+        let mut fake = FakeIpvs::default();
+        let mut t = Terminating::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let at = |addr: &str, port: u16| {
+            let (_, mut s) = svc(port, "rr", &["10.244.1.10:8080"]);
+            s.server.key.addr = ip(addr);
+            (s.server.key, s)
+        };
+        // Someone else's: a VIP not on weir-ipvs0, a node address outside the NodePort
+        // range. Weir's leftovers: a ClusterIP still bound, a NodePort on a node address.
+        let foreign: IpvsState = [at("192.0.2.1", 80), at("192.168.77.10", 8443)].into();
+        let stale: IpvsState = [at("10.96.0.99", 80), at("192.168.77.10", 30099)].into();
+        for (_, s) in foreign.iter().chain(&stale) {
+            fake.apply(&Op::AddService(s.server.clone())).unwrap();
+        }
+        let bound: BTreeSet<IpAddr> = [ip("10.96.0.99"), ip("10.96.0.10")].into();
+        let nodes: BTreeSet<IpAddr> = [ip("192.168.77.10")].into();
+        let desired: IpvsState = [at("10.96.0.10", 80)].into();
+        let realized = managed(fake.dump().unwrap(), &desired, &bound, &nodes);
+        let ops = plan(&desired, &realized, &mut t, now);
+        for op in &ops {
+            fake.apply(op).unwrap();
+        }
+        let mut want: Vec<&ServiceKey> = foreign.keys().chain(desired.keys()).collect();
+        want.sort();
+        assert_eq!(fake.dump().unwrap().keys().collect::<Vec<_>>(), want);
+        assert!(ops
+            .iter()
+            .all(|op| !matches!(op, Op::DelService(k) if foreign.contains_key(k))));
     }
 
     fn svc(port: u16, sched: &str, dests: &[&str]) -> (ServiceKey, ServiceState) {

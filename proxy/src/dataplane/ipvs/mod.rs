@@ -75,6 +75,23 @@ impl Scheduler {
     }
 }
 
+/// IPVS connection timeouts in seconds (`IPVS_CMD_SET_CONFIG`, what `ipvsadm --set tcp
+/// tcpfin udp` sets); 0 leaves a timeout as the kernel has it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// Established TCP connections (`--ipvs-tcp-timeout`).
+    pub tcp: u32,
+    /// TCP connections after a FIN (`--ipvs-tcpfin-timeout`).
+    pub tcp_fin: u32,
+    /// UDP flows (`--ipvs-udp-timeout`).
+    pub udp: u32,
+}
+
+/// The NodePort range: a virtual server on a node address with a port in it is weir's
+/// (see [`diff::owned`]).
+pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
 /// A virtual server's identity: address, protocol, port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {

@@ -9,7 +9,8 @@
 //! framing is `netlink-packet-generic`'s; [`Attr`] is a small attribute tree of our own.
 
 use super::{
-    IpvsBackend, IpvsError, IpvsState, Op, RealServer, ServiceKey, ServiceState, VirtualServer,
+    IpvsBackend, IpvsError, IpvsState, Op, RealServer, ServiceKey, ServiceState, Timeouts,
+    VirtualServer,
 };
 use crate::model::Protocol;
 use netlink_packet_core::{
@@ -39,10 +40,15 @@ pub mod cmd {
     pub const SET_DEST: u8 = 6;
     pub const DEL_DEST: u8 = 7;
     pub const GET_DEST: u8 = 8;
+    pub const SET_CONFIG: u8 = 12;
+    pub const GET_CONFIG: u8 = 13;
 }
 
 const CMD_ATTR_SERVICE: u16 = 1;
 const CMD_ATTR_DEST: u16 = 2;
+const CMD_ATTR_TIMEOUT_TCP: u16 = 4;
+const CMD_ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+const CMD_ATTR_TIMEOUT_UDP: u16 = 6;
 
 const SVC_AF: u16 = 1;
 const SVC_PROTOCOL: u16 = 2;
@@ -290,6 +296,32 @@ pub fn request(op: &Op) -> (IpvsMessage, &'static str, String) {
     (IpvsMessage { cmd, attrs }, name, target)
 }
 
+/// `IPVS_CMD_SET_CONFIG` with the timeouts that are not 0 (the kernel keeps the others).
+pub fn set_config_request(t: &Timeouts) -> IpvsMessage {
+    let attrs = [
+        (CMD_ATTR_TIMEOUT_TCP, t.tcp),
+        (CMD_ATTR_TIMEOUT_TCP_FIN, t.tcp_fin),
+        (CMD_ATTR_TIMEOUT_UDP, t.udp),
+    ]
+    .into_iter()
+    .filter(|(_, v)| *v != 0)
+    .map(|(k, v)| Attr::u32_ne(k, v))
+    .collect();
+    IpvsMessage {
+        cmd: cmd::SET_CONFIG,
+        attrs,
+    }
+}
+
+/// The timeouts of an `IPVS_CMD_GET_CONFIG` reply.
+pub fn parse_config(attrs: &[Attr]) -> Timeouts {
+    Timeouts {
+        tcp: get_u32(attrs, CMD_ATTR_TIMEOUT_TCP).unwrap_or(0),
+        tcp_fin: get_u32(attrs, CMD_ATTR_TIMEOUT_TCP_FIN).unwrap_or(0),
+        udp: get_u32(attrs, CMD_ATTR_TIMEOUT_UDP).unwrap_or(0),
+    }
+}
+
 fn find(attrs: &[Attr], kind: u16) -> Option<&Attr> {
     attrs.iter().find(|a| match a {
         Attr::Bytes(k, _) | Attr::Nested(k, _) => *k == kind,
@@ -520,6 +552,39 @@ impl KernelIpvs {
         g
     }
 
+    /// Sets the connection timeouts that are not 0 (`IPVS_CMD_SET_CONFIG`).
+    pub fn set_timeouts(&mut self, t: &Timeouts) -> Result<(), IpvsError> {
+        let m = set_config_request(t);
+        if m.attrs.is_empty() {
+            return Ok(());
+        }
+        let g = self.ipvs(m);
+        let seq = self.send(g, NLM_F_REQUEST | NLM_F_ACK)?;
+        self.replies::<IpvsMessage>(seq, |_| {})?
+            .map_err(|source| IpvsError::Refused {
+                op: "IPVS_CMD_SET_CONFIG",
+                target: format!("{t:?}"),
+                source,
+            })
+    }
+
+    /// The connection timeouts in force (`IPVS_CMD_GET_CONFIG`).
+    pub fn timeouts(&mut self) -> Result<Timeouts, IpvsError> {
+        let g = self.ipvs(IpvsMessage {
+            cmd: cmd::GET_CONFIG,
+            attrs: Vec::new(),
+        });
+        let seq = self.send(g, NLM_F_REQUEST | NLM_F_ACK)?;
+        let mut out = None;
+        self.replies::<IpvsMessage>(seq, |m| out = Some(parse_config(&m.attrs)))?
+            .map_err(|source| IpvsError::Refused {
+                op: "IPVS_CMD_GET_CONFIG",
+                target: String::new(),
+                source,
+            })?;
+        out.ok_or_else(|| IpvsError::Decode("IPVS_CMD_GET_CONFIG answered nothing".into()))
+    }
+
     fn dump_cmd(&mut self, m: IpvsMessage) -> Result<Vec<IpvsMessage>, IpvsError> {
         let what = if m.cmd == cmd::GET_SERVICE {
             "IPVS_CMD_GET_SERVICE"
@@ -613,6 +678,26 @@ mod tests {
             .unwrap();
             assert_eq!(parse_service(&back.attrs), Some(vs));
         }
+    }
+
+    #[test]
+    fn set_config_carries_only_the_timeouts_given() {
+        let t = Timeouts {
+            tcp: 900,
+            tcp_fin: 0,
+            udp: 30,
+        };
+        let m = set_config_request(&t);
+        assert_eq!(m.cmd, cmd::SET_CONFIG);
+        assert_eq!(
+            m.attrs,
+            vec![
+                Attr::u32_ne(CMD_ATTR_TIMEOUT_TCP, 900),
+                Attr::u32_ne(CMD_ATTR_TIMEOUT_UDP, 30)
+            ]
+        );
+        assert_eq!(parse_config(&m.attrs), t);
+        assert!(set_config_request(&Timeouts::default()).attrs.is_empty());
     }
 
     #[test]
