@@ -65,7 +65,7 @@ pub struct BpfDir(pub PathBuf);
 
 impl BpfDir {
     /// `/sys/fs/bpf/weir-test-<pid>-<n>` (weir-proxy creates it).
-    pub fn new() -> BpfDir {
+    pub fn unique() -> BpfDir {
         let n = N.fetch_add(1, Ordering::SeqCst);
         BpfDir(PathBuf::from(format!(
             "/sys/fs/bpf/weir-test-{}-{n}",
@@ -96,7 +96,7 @@ impl Dataplane {
     pub fn new(mode: Mode) -> std::io::Result<Dataplane> {
         let (cgroup, bpf) = match mode {
             Mode::Nftables => (None, None),
-            Mode::Ebpf => (Some(Cgroup::new()?), Some(BpfDir::new())),
+            Mode::Ebpf => (Some(Cgroup::new()?), Some(BpfDir::unique())),
         };
         Ok(Dataplane { mode, cgroup, bpf })
     }

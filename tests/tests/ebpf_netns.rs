@@ -95,7 +95,7 @@ fn setup_with(backends: usize, manifests: &str, extra: &[&str]) -> Option<Env> {
         topo,
         dir,
         cgroup: Cgroup::new().unwrap(),
-        bpf: BpfDir::new(),
+        bpf: BpfDir::unique(),
         proxy: 0,
         extra: extra.iter().map(|s| s.to_string()).collect(),
     };
@@ -124,7 +124,7 @@ fn verifier_accepts_every_program() {
         return;
     }
     use weir_proxy::dataplane::ebpf::kernel::{ensure_bpffs_dir, load, program_names};
-    let bpf = BpfDir::new();
+    let bpf = BpfDir::unique();
     ensure_bpffs_dir(&bpf.0).unwrap();
     let level = aya::VerifierLogLevel::DEBUG | aya::VerifierLogLevel::STATS;
     match load(&bpf.0, level) {
@@ -515,7 +515,7 @@ fn a_service_with_1000_endpoints_spreads_connections_from_pods_and_outside() {
         topo,
         dir,
         cgroup: Cgroup::new().unwrap(),
-        bpf: BpfDir::new(),
+        bpf: BpfDir::unique(),
         proxy: 0,
         extra: Vec::new(),
     };
@@ -548,7 +548,7 @@ fn one_endpoint_change_in_a_1000_endpoint_service_is_a_fast_map_update() {
         DesiredState, Endpoint, Protocol, ServiceInfo, ServicePortName, ServicePortState,
     };
     let cgroup = Cgroup::new().unwrap();
-    let bpf = BpfDir::new();
+    let bpf = BpfDir::unique();
     let mut maps = KernelMaps::open(&EbpfSettings {
         cgroup: cgroup.0.clone(),
         bpffs_dir: bpf.0.clone(),
