@@ -6,6 +6,7 @@ pub mod cnitool;
 
 pub mod apiserver;
 pub mod forward;
+pub mod mode;
 pub mod multinode;
 pub mod netpol;
 

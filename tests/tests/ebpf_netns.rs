@@ -7,67 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use weir_e2e::mode::{probe_in_cgroup, BpfDir, Cgroup};
 use weir_e2e::*;
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-/// The cgroup v2 mount point (`/sys/fs/cgroup` or, on hybrid hosts, `.../unified`).
-fn cgroup2_root() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            if post.split(' ').next() != Some("cgroup2") {
-                return None;
-            }
-            pre.split(' ').nth(4).map(PathBuf::from)
-        })
-        .expect("a cgroup v2 mount")
-}
-
-/// A child cgroup, removed on drop (after its processes have exited).
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn new() -> Cgroup {
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = cgroup2_root().join(format!("weir-test-{}-{n}", std::process::id()));
-        std::fs::create_dir(&p).unwrap();
-        Cgroup(p)
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.0).is_ok() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-}
-
-/// A bpffs directory for the test's pins, cleaned up on drop.
-struct BpfDir(PathBuf);
-
-impl BpfDir {
-    fn new() -> BpfDir {
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        BpfDir(PathBuf::from(format!(
-            "/sys/fs/bpf/weir-test-{}-{n}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for BpfDir {
-    fn drop(&mut self) {
-        let _ = weir_proxy::dataplane::ebpf::kernel::cleanup(&self.0);
-    }
-}
 
 const METRICS: u16 = 10249;
 
@@ -85,18 +27,7 @@ struct Env {
 impl Env {
     /// weir-probe in the client pod (the last pod), inside the test's cgroup.
     fn probe(&self, args: &[&str]) -> serde_json::Value {
-        let client = self.topo.pods.last().unwrap();
-        let bin = workspace_bin("weir-probe");
-        let procs = self.cgroup.0.join("cgroup.procs");
-        let script = format!("echo $$ > {} && exec \"$@\"", procs.display());
-        let netns = format!("--net=/run/netns/{}", client.name());
-        let mut cmd = vec!["-c", &script, "sh", "nsenter", &netns];
-        let bin = bin.to_string_lossy();
-        cmd.push(&bin);
-        cmd.extend_from_slice(args);
-        let out = run("sh", &cmd).unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap()
+        probe_in_cgroup(self.topo.pods.last().unwrap(), &self.cgroup, args).unwrap()
     }
 
     fn proxy_flags(&self) -> Vec<String> {
@@ -163,8 +94,8 @@ fn setup_with(backends: usize, manifests: &str, extra: &[&str]) -> Option<Env> {
     let mut env = Env {
         topo,
         dir,
-        cgroup: Cgroup::new(),
-        bpf: BpfDir::new(),
+        cgroup: Cgroup::new().unwrap(),
+        bpf: BpfDir::unique(),
         proxy: 0,
         extra: extra.iter().map(|s| s.to_string()).collect(),
     };
@@ -193,7 +124,7 @@ fn verifier_accepts_every_program() {
         return;
     }
     use weir_proxy::dataplane::ebpf::kernel::{ensure_bpffs_dir, load, program_names};
-    let bpf = BpfDir::new();
+    let bpf = BpfDir::unique();
     ensure_bpffs_dir(&bpf.0).unwrap();
     let level = aya::VerifierLogLevel::DEBUG | aya::VerifierLogLevel::STATS;
     match load(&bpf.0, level) {
@@ -583,8 +514,8 @@ fn a_service_with_1000_endpoints_spreads_connections_from_pods_and_outside() {
     let mut env = Env {
         topo,
         dir,
-        cgroup: Cgroup::new(),
-        bpf: BpfDir::new(),
+        cgroup: Cgroup::new().unwrap(),
+        bpf: BpfDir::unique(),
         proxy: 0,
         extra: Vec::new(),
     };
@@ -616,8 +547,8 @@ fn one_endpoint_change_in_a_1000_endpoint_service_is_a_fast_map_update() {
     use weir_proxy::model::{
         DesiredState, Endpoint, Protocol, ServiceInfo, ServicePortName, ServicePortState,
     };
-    let cgroup = Cgroup::new();
-    let bpf = BpfDir::new();
+    let cgroup = Cgroup::new().unwrap();
+    let bpf = BpfDir::unique();
     let mut maps = KernelMaps::open(&EbpfSettings {
         cgroup: cgroup.0.clone(),
         bpffs_dir: bpf.0.clone(),

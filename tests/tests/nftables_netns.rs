@@ -1,21 +1,32 @@
-//! nftables mode with real packets: a node namespace running weir-proxy, pods behind routed
-//! veths, an external client. Each test proves one behaviour.
+//! The foundation service scenarios with real packets, in nftables and in eBPF mode: a node
+//! namespace running weir-proxy, pods behind routed veths, an external client. Each
+//! scenario proves one behaviour and runs as `<scenario>::nftables` and `<scenario>::ebpf`
+//! (see [`weir_e2e::mode`]); where eBPF mode behaves differently the eBPF variant asserts
+//! that behaviour, or is left out with a comment naming the difference.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
 use std::path::Path;
+use weir_e2e::mode::{Dataplane, Mode};
 use weir_e2e::*;
 
 const METRICS: u16 = 10249;
 
 struct Env {
+    // Field order is drop order: the processes go before the eBPF cgroup and pins.
     topo: Topology,
     dir: tempfile::TempDir,
     proxy: u32,
+    dp: Dataplane,
 }
 
-fn setup(pods: usize, services: &str) -> Option<Env> {
+fn setup(mode: Mode, pods: usize, services: &str) -> Option<Env> {
+    setup_with(mode, pods, services, &[])
+}
+
+/// [`setup`] with extra weir-proxy flags for eBPF mode (`--ebpf-interfaces ...`).
+fn setup_with(mode: Mode, pods: usize, services: &str, ebpf_extra: &[&str]) -> Option<Env> {
     if !require_privileges() {
         return None;
     }
@@ -26,20 +37,50 @@ fn setup(pods: usize, services: &str) -> Option<Env> {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     write_manifests(dir.path(), services).expect("manifests");
-    let proxy = start_proxy(&mut topo.node, dir.path(), METRICS).expect("weir-proxy");
-    Some(Env { topo, dir, proxy })
+    let dp = Dataplane::new(mode).expect("dataplane");
+    let extra = if mode == Mode::Ebpf { ebpf_extra } else { &[] };
+    let proxy = dp
+        .start_proxy(&mut topo.node, dir.path(), METRICS, extra)
+        .expect("weir-proxy");
+    Some(Env {
+        topo,
+        dir,
+        proxy,
+        dp,
+    })
 }
+
+impl Env {
+    /// weir-probe from a namespace on the node (a pod or the node itself; in eBPF mode
+    /// inside the test's cgroup).
+    fn local(&self, ns: &Netns, args: &[&str]) -> Value {
+        self.dp.probe(ns, args).unwrap()
+    }
+}
+
+in_both_modes!(
+    clusterip_spreads_over_all_ready_endpoints,
+    nodeport_reaches_the_service_from_an_external_client,
+    pod_reaches_itself_through_its_own_service_hairpin,
+    service_without_endpoints_is_rejected_at_once,
+    udp_service_answers,
+    removed_endpoint_stops_receiving_new_connections,
+    established_connection_survives_a_proxy_restart_and_rules_are_adopted,
+    cleanup_leaves_no_weir_table,
+    an_invalid_edit_of_a_manifest_keeps_what_is_programmed,
+    internal_traffic_policy_local_sends_clusterip_traffic_only_to_local_endpoints,
+    pod_source_is_preserved_to_a_clusterip_and_masqueraded_with_masquerade_all,
+);
 
 fn web(pods: &[usize]) -> String {
     service_yaml("web", "10.96.0.10", "TCP", 80, Some(30080), 8080, pods)
 }
 
-#[test]
-fn clusterip_spreads_over_all_ready_endpoints() {
-    let Some(env) = setup(3, &web(&[0, 1, 2])) else {
+fn clusterip_spreads_over_all_ready_endpoints(mode: Mode) {
+    let Some(env) = setup(mode, 3, &web(&[0, 1, 2])) else {
         return;
     };
-    let r = probe(&env.topo.node, &["tcp", "10.96.0.10:80", "300"]).unwrap();
+    let r = env.local(&env.topo.node, &["tcp", "10.96.0.10:80", "300"]);
     let a = answers(&r);
     assert_eq!(a.len(), 3, "every backend answers: {r}");
     for (name, n) in &a {
@@ -51,9 +92,8 @@ fn clusterip_spreads_over_all_ready_endpoints() {
     assert_eq!(a.iter().map(|(_, n)| n).sum::<u64>(), 300, "{r}");
 }
 
-#[test]
-fn nodeport_reaches_the_service_from_an_external_client() {
-    let Some(env) = setup(2, &web(&[0, 1])) else {
+fn nodeport_reaches_the_service_from_an_external_client(mode: Mode) {
+    let Some(env) = setup(mode, 2, &web(&[0, 1])) else {
         return;
     };
     let r = probe(&env.topo.client, &["tcp", "192.168.77.10:30080", "40"]).unwrap();
@@ -66,22 +106,20 @@ fn nodeport_reaches_the_service_from_an_external_client() {
     );
 }
 
-#[test]
-fn pod_reaches_itself_through_its_own_service_hairpin() {
-    let Some(env) = setup(1, &web(&[0])) else {
+fn pod_reaches_itself_through_its_own_service_hairpin(mode: Mode) {
+    let Some(env) = setup(mode, 1, &web(&[0])) else {
         return;
     };
-    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "20"]).unwrap();
+    let r = env.local(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "20"]);
     assert_eq!(answers(&r), vec![("pod-0".to_owned(), 20)], "{r}");
 }
 
-#[test]
-fn service_without_endpoints_is_rejected_at_once() {
-    let Some(env) = setup(1, &web(&[])) else {
+fn service_without_endpoints_is_rejected_at_once(mode: Mode) {
+    let Some(env) = setup(mode, 1, &web(&[])) else {
         return;
     };
     let started = std::time::Instant::now();
-    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "5"]).unwrap();
+    let r = env.local(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "5"]);
     assert!(answers(&r).is_empty(), "{r}");
     let refused = r["errors"]["refused"].as_u64().unwrap_or(0)
         + r["errors"]["unreachable"].as_u64().unwrap_or(0);
@@ -97,23 +135,23 @@ fn service_without_endpoints_is_rejected_at_once() {
     assert_eq!(refused, 3, "NodePort without endpoints rejected: {r}");
 }
 
-#[test]
-fn udp_service_answers() {
+fn udp_service_answers(mode: Mode) {
     let svc = service_yaml("dns", "10.96.0.53", "UDP", 53, None, 5353, &[0, 1]);
-    let Some(env) = setup(2, &svc) else { return };
-    let r = probe(&env.topo.node, &["udp", "10.96.0.53:53", "20"]).unwrap();
+    let Some(env) = setup(mode, 2, &svc) else {
+        return;
+    };
+    let r = env.local(&env.topo.node, &["udp", "10.96.0.53:53", "20"]);
     assert_eq!(answers(&r).iter().map(|(_, n)| n).sum::<u64>(), 20, "{r}");
 }
 
-#[test]
-fn removed_endpoint_stops_receiving_new_connections() {
-    let Some(env) = setup(3, &web(&[0, 1, 2])) else {
+fn removed_endpoint_stops_receiving_new_connections(mode: Mode) {
+    let Some(env) = setup(mode, 3, &web(&[0, 1, 2])) else {
         return;
     };
     let before = last_sync(&env.topo.node, METRICS).unwrap();
     write_manifests(env.dir.path(), &web(&[0, 1])).unwrap();
     wait_synced(&env.topo.node, METRICS, before).unwrap();
-    let r = probe(&env.topo.node, &["tcp", "10.96.0.10:80", "100"]).unwrap();
+    let r = env.local(&env.topo.node, &["tcp", "10.96.0.10:80", "100"]);
     let a = answers(&r);
     assert!(
         a.iter().all(|(n, _)| n != "pod-2"),
@@ -122,9 +160,8 @@ fn removed_endpoint_stops_receiving_new_connections() {
     assert_eq!(a.iter().map(|(_, n)| n).sum::<u64>(), 100, "{r}");
 }
 
-#[test]
-fn established_connection_survives_a_proxy_restart_and_rules_are_adopted() {
-    let Some(mut env) = setup(1, &web(&[0])) else {
+fn established_connection_survives_a_proxy_restart_and_rules_are_adopted(mode: Mode) {
+    let Some(mut env) = setup(mode, 1, &web(&[0])) else {
         return;
     };
     let probe_bin = workspace_bin("weir-probe");
@@ -147,7 +184,9 @@ fn established_connection_survives_a_proxy_restart_and_rules_are_adopted() {
     assert_eq!(&first, b"connected\n");
     // Kill the proxy (rules stay), start a new one: it adopts the table without flushing.
     env.topo.node.stop(env.proxy);
-    start_proxy(&mut env.topo.node, env.dir.path(), METRICS).unwrap();
+    env.dp
+        .start_proxy(&mut env.topo.node, env.dir.path(), METRICS, &[])
+        .unwrap();
     assert_eq!(
         metric(
             &env.topo.node,
@@ -164,29 +203,47 @@ fn established_connection_survives_a_proxy_restart_and_rules_are_adopted() {
     assert!(r["answers"]["pod-0"].as_u64().unwrap() >= 20, "{r}");
 }
 
-#[test]
-fn cleanup_leaves_no_weir_table() {
-    let Some(mut env) = setup(1, &web(&[0])) else {
+fn cleanup_leaves_no_weir_table(mode: Mode) {
+    let Some(mut env) = setup(mode, 1, &web(&[0])) else {
         return;
     };
     let tables = env.topo.node.exec(&["nft", "list", "tables"]).unwrap();
-    assert!(String::from_utf8_lossy(&tables.stdout).contains("table ip weir"));
+    if mode == Mode::Nftables {
+        assert!(String::from_utf8_lossy(&tables.stdout).contains("table ip weir"));
+    }
+    let pins = env.dp.bpf.as_ref().map(|b| b.0.clone());
+    if let Some(pins) = &pins {
+        // eBPF mode: --cleanup also removes the pinned links and maps.
+        assert!(pins.read_dir().unwrap().count() >= 10, "{pins:?}");
+    }
     env.topo.node.stop(env.proxy);
     let bin = workspace_bin("weir-proxy");
-    env.topo
-        .node
-        .exec(&[&bin.to_string_lossy(), "--cleanup"])
-        .unwrap();
+    let bin = bin.to_string_lossy();
+    if mode == Mode::Nftables {
+        env.topo.node.exec(&[&bin, "--cleanup"]).unwrap();
+    } else {
+        // nsenter keeps /sys (cgroup and bpffs) visible, which `ip netns exec` hides.
+        let netns = format!("--net=/run/netns/{}", env.topo.node.name());
+        let flags = env.dp.flags();
+        let mut args = vec![netns.as_str(), &bin, "--cleanup"];
+        args.extend(flags.iter().map(String::as_str));
+        run("nsenter", &args).unwrap();
+    }
     let tables = env.topo.node.exec(&["nft", "list", "tables"]).unwrap();
     assert!(
         !String::from_utf8_lossy(&tables.stdout).contains("weir"),
         "{tables:?}"
     );
+    if let Some(pins) = &pins {
+        assert!(!pins.exists(), "the pin directory is gone");
+        // No program stays attached: the ClusterIP is no longer translated.
+        let r = env.local(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "1"]);
+        assert_eq!(total(&r), 0, "{r}");
+    }
 }
 
-#[test]
-fn an_invalid_edit_of_a_manifest_keeps_what_is_programmed() {
-    let Some(env) = setup(2, &web(&[0, 1])) else {
+fn an_invalid_edit_of_a_manifest_keeps_what_is_programmed(mode: Mode) {
+    let Some(env) = setup(mode, 2, &web(&[0, 1])) else {
         return;
     };
     let before = last_sync(&env.topo.node, METRICS).unwrap();
@@ -196,26 +253,27 @@ fn an_invalid_edit_of_a_manifest_keeps_what_is_programmed() {
     assert_ne!(broken, web(&[0, 1]));
     write_manifests(env.dir.path(), &broken).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(800));
-    let r = probe(&env.topo.node, &["tcp", "10.96.0.10:80", "20"]).unwrap();
+    let r = env.local(&env.topo.node, &["tcp", "10.96.0.10:80", "20"]);
     assert_eq!(answers(&r).iter().map(|(_, n)| n).sum::<u64>(), 20, "{r}");
     assert!(last_sync(&env.topo.node, METRICS).unwrap() >= before);
 }
 
+// nftables only: eBPF mode translates known ClusterIP:port pairs in the socket hooks and
+// neither drops unallocated service addresses nor rejects unknown ports of a ClusterIP.
 #[test]
 fn unallocated_service_address_is_dropped_and_an_unknown_port_rejected() {
-    let Some(env) = setup(1, &web(&[0])) else {
+    let Some(env) = setup(Mode::Nftables, 1, &web(&[0])) else {
         return;
     };
-    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.99:80", "1"]).unwrap();
+    let r = env.local(&env.topo.pods[0], &["tcp", "10.96.0.99:80", "1"]);
     assert_eq!(r["errors"]["timeout"].as_u64(), Some(1), "dropped: {r}");
-    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.10:81", "3"]).unwrap();
+    let r = env.local(&env.topo.pods[0], &["tcp", "10.96.0.10:81", "3"]);
     assert_eq!(r["errors"]["refused"].as_u64(), Some(3), "rejected: {r}");
-    let r = probe(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "3"]).unwrap();
+    let r = env.local(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "3"]);
     assert_eq!(answers(&r).iter().map(|(_, n)| n).sum::<u64>(), 3, "{r}");
 }
 
-#[test]
-fn internal_traffic_policy_local_sends_clusterip_traffic_only_to_local_endpoints() {
+fn internal_traffic_policy_local_sends_clusterip_traffic_only_to_local_endpoints(mode: Mode) {
     // pod-1 runs in this node's namespace, but its EndpointSlice entry names node2: to
     // weir it is a remote endpoint.
     let yaml = web(&[0, 1])
@@ -228,39 +286,50 @@ fn internal_traffic_policy_local_sends_clusterip_traffic_only_to_local_endpoints
             &format!("[\"{}\"], nodeName: node2", pod_ip(1)),
         );
     assert!(yaml.contains("internalTrafficPolicy: Local") && yaml.contains("nodeName: node2"));
-    let Some(env) = setup(2, &yaml) else {
+    // eBPF mode: replies of a remote endpoint arrive on an external interface, here veth1.
+    let Some(env) = setup_with(mode, 2, &yaml, &["--ebpf-interfaces", "eth0,veth1"]) else {
         return;
     };
-    let r = probe(&env.topo.node, &["tcp", "10.96.0.10:80", "40"]).unwrap();
+    let r = env.local(&env.topo.node, &["tcp", "10.96.0.10:80", "40"]);
     assert_eq!(answers(&r), vec![("pod-0".to_owned(), 40)], "{r}");
     // External traffic to the NodePort is not internal: both endpoints.
     let r = probe(&env.topo.client, &["tcp", "192.168.77.10:30080", "60"]).unwrap();
     assert_eq!(answers(&r).len(), 2, "{r}");
 }
 
-#[test]
-fn pod_source_is_preserved_to_a_clusterip_and_masqueraded_with_masquerade_all() {
-    let Some(env) = setup(2, &web(&[1])) else {
+fn pod_source_is_preserved_to_a_clusterip_and_masqueraded_with_masquerade_all(mode: Mode) {
+    let Some(env) = setup(mode, 2, &web(&[1])) else {
         return;
     };
-    let r = probe(&env.topo.pods[0], &["peer", "10.96.0.10:80"]).unwrap();
+    let r = env.local(&env.topo.pods[0], &["peer", "10.96.0.10:80"]);
     assert_eq!(
         r["peer"],
         pod_ip(0),
         "pod to ClusterIP keeps its source: {r}"
     );
-    // From outside the cluster CIDR: masqueraded.
     let r = probe(&env.topo.client, &["peer", "10.96.0.10:80"]).unwrap();
-    assert_ne!(r["peer"], CLIENT_IP, "{r}");
+    if mode == Mode::Ebpf {
+        // eBPF mode: a backend on this node sees the external client's own address, and
+        // --masquerade-all does not apply (pods connect to the backend directly).
+        assert_eq!(r["peer"], CLIENT_IP, "{r}");
+    } else {
+        // From outside the cluster CIDR: masqueraded.
+        assert_ne!(r["peer"], CLIENT_IP, "{r}");
+    }
 
     let Env {
         mut topo,
         dir,
         proxy,
-        ..
+        dp,
     } = env;
     topo.node.stop(proxy);
-    start_proxy_with(&mut topo.node, dir.path(), METRICS, &["--masquerade-all"]).unwrap();
-    let r = probe(&topo.pods[0], &["peer", "10.96.0.10:80"]).unwrap();
-    assert_ne!(r["peer"], pod_ip(0), "--masquerade-all: {r}");
+    dp.start_proxy(&mut topo.node, dir.path(), METRICS, &["--masquerade-all"])
+        .unwrap();
+    let r = dp.probe(&topo.pods[0], &["peer", "10.96.0.10:80"]).unwrap();
+    if mode == Mode::Ebpf {
+        assert_eq!(r["peer"], pod_ip(0), "--masquerade-all: {r}");
+    } else {
+        assert_ne!(r["peer"], pod_ip(0), "--masquerade-all: {r}");
+    }
 }

@@ -3,25 +3,35 @@
 //! endpoints, topology hints and named target ports. A node namespace runs weir-proxy,
 //! pods sit behind routed veths, an external client (198.51.100.2) routes service and
 //! load-balancer addresses through the node. Endpoints labeled `nodeName: node2` are pods
-//! of this topology that weir treats as remote. Each test proves one behaviour.
+//! of this topology that weir treats as remote. Each test proves one behaviour and runs as
+//! `<scenario>::nftables` and `<scenario>::ebpf` (see [`weir_e2e::mode`]); where eBPF mode
+//! behaves differently the eBPF variant asserts that behaviour, or is left out with a comment
+//! naming the difference.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
+use weir_e2e::mode::{Dataplane, Mode};
 use weir_e2e::*;
 
 const METRICS: u16 = 10249;
 
 struct Env {
+    // Field order is drop order: the processes go before the eBPF cgroup and pins.
     topo: Topology,
     dir: tempfile::TempDir,
+    dp: Dataplane,
 }
 
 /// `pods` pods answering `pod-I` on TCP `ports[I]` (8080 when `ports` is shorter), the
-/// manifests (Node labeled `node_labels`) and weir-proxy.
+/// manifests (Node labeled `node_labels`) and weir-proxy in `mode`. In eBPF mode the veths
+/// of the pods labeled node2 (`remote`) are external interfaces too, as a remote node's
+/// replies arrive on one.
 fn setup_with(
+    mode: Mode,
+    remote: &[usize],
     pods: usize,
     ports: &[u16],
     node_labels: &[(&str, &str)],
@@ -39,12 +49,22 @@ fn setup_with(
     }
     let dir = tempfile::tempdir().expect("tempdir");
     write_manifests_with_node_labels(dir.path(), node_labels, services).expect("manifests");
-    start_proxy(&mut topo.node, dir.path(), METRICS).expect("weir-proxy");
-    Some(Env { topo, dir })
+    let dp = Dataplane::new(mode).expect("dataplane");
+    let interfaces = std::iter::once("eth0".to_owned())
+        .chain(remote.iter().map(|p| format!("veth{p}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let extra = match mode {
+        Mode::Ebpf if !remote.is_empty() => vec!["--ebpf-interfaces", interfaces.as_str()],
+        _ => Vec::new(),
+    };
+    dp.start_proxy(&mut topo.node, dir.path(), METRICS, &extra)
+        .expect("weir-proxy");
+    Some(Env { topo, dir, dp })
 }
 
-fn setup(pods: usize, services: &str) -> Option<Env> {
-    setup_with(pods, &[], &[], services)
+fn setup(mode: Mode, pods: usize, services: &str) -> Option<Env> {
+    setup_with(mode, &[], pods, &[], &[], services)
 }
 
 impl Env {
@@ -53,17 +73,34 @@ impl Env {
         nft_list(&self.topo.node, &["table", "ip", "weir"])
     }
 
+    /// [`tcp`] from a pod (in eBPF mode inside the test's cgroup).
+    fn tcp_local(&self, ns: &Netns, dst: &str, count: u32) -> Value {
+        self.dp
+            .probe(ns, &["tcp", dst, &count.to_string()])
+            .unwrap()
+    }
+
     /// Rewrites the manifests, waits for a sync and then until the ruleset satisfies
-    /// `applied` (a sync alone could be a periodic one that predates the edit).
+    /// `applied` (a sync alone could be a periodic one that predates the edit); in eBPF
+    /// mode, until a sync has written map elements.
     fn rewrite(
         &self,
         node_labels: &[(&str, &str)],
         services: &str,
         applied: impl Fn(&str) -> bool,
     ) {
+        const WRITES: &str = "weir_sync_plan_element_changes_total";
         let before = last_sync(&self.topo.node, METRICS).unwrap();
+        let writes = metric(&self.topo.node, METRICS, WRITES).unwrap_or(0.0);
         write_manifests_with_node_labels(self.dir.path(), node_labels, services).unwrap();
         wait_synced(&self.topo.node, METRICS, before).unwrap();
+        if self.dp.mode == Mode::Ebpf {
+            wait_until("the edit in the eBPF maps", Duration::from_secs(15), || {
+                metric(&self.topo.node, METRICS, WRITES).unwrap_or(0.0) > writes
+            })
+            .unwrap();
+            return;
+        }
         wait_until(
             "the edited manifests in the ruleset",
             Duration::from_secs(15),
@@ -72,6 +109,16 @@ impl Env {
         .unwrap_or_else(|e| panic!("{e}; ruleset:\n{}", self.table()));
     }
 }
+
+in_both_modes!(
+    external_ip_reaches_endpoints_from_outside_and_is_masqueraded,
+    etp_local_nodeport_preserves_client_source_and_uses_only_local_endpoints,
+    etp_local_without_local_endpoints_drops_external_traffic_but_pods_still_reach_the_service,
+    session_affinity_client_ip_keeps_one_endpoint,
+    terminating_endpoints_serve_only_when_nothing_is_ready,
+    topology_hints_keep_traffic_in_the_node_zone,
+    named_target_ports_resolve_per_endpoint,
+);
 
 fn tcp(ns: &Netns, dst: &str, count: u32) -> Value {
     probe(ns, &["tcp", dst, &count.to_string()]).unwrap()
@@ -112,8 +159,7 @@ fn slice(service: &str, name: &str, port: u16, endpoints: &[String]) -> String {
     )
 }
 
-#[test]
-fn external_ip_reaches_endpoints_from_outside_and_is_masqueraded() {
+fn external_ip_reaches_endpoints_from_outside_and_is_masqueraded(mode: Mode) {
     let yaml = service(
         "extip",
         "10.96.0.90",
@@ -125,20 +171,29 @@ fn external_ip_reaches_endpoints_from_outside_and_is_masqueraded() {
         8080,
         &[ep(0, NODE_NAME, ""), ep(1, NODE_NAME, "")],
     );
-    let Some(env) = setup(2, &yaml) else { return };
+    let Some(env) = setup(mode, 2, &yaml) else {
+        return;
+    };
     env.topo.client_route_via_node("192.0.2.90").unwrap();
     let r = tcp(&env.topo.client, "192.0.2.90:80", 40);
     assert_eq!(total(&r), 40, "{r}");
     assert_eq!(names(&r), ["pod-0", "pod-1"], "both endpoints: {r}");
     let seen = peer(&env.topo.client, "192.0.2.90:80");
+    if mode == Mode::Ebpf {
+        // eBPF mode: a backend on this node sees the client's own address.
+        assert_eq!(seen, CLIENT_IP);
+        return;
+    }
     assert!(
         seen == NODE_IP || seen == NODE_CLIENT_SIDE_IP,
         "the endpoint sees a node address, not the client's ({CLIENT_IP}): {seen:?}"
     );
 }
 
+// nftables only: eBPF mode does not support loadBalancerSourceRanges yet.
 #[test]
 fn load_balancer_ip_honours_source_ranges() {
+    let mode = Mode::Nftables;
     let lb = |range: &str| {
         service(
             "lb",
@@ -156,7 +211,7 @@ fn load_balancer_ip_honours_source_ranges() {
                 &[ep(0, NODE_NAME, ""), ep(1, NODE_NAME, "")],
             )
     };
-    let Some(env) = setup(2, &lb(&format!("{CLIENT_IP}/32"))) else {
+    let Some(env) = setup(mode, 2, &lb(&format!("{CLIENT_IP}/32"))) else {
         return;
     };
     env.topo.client_route_via_node("192.0.2.80").unwrap();
@@ -180,7 +235,7 @@ fn load_balancer_ip_honours_source_ranges() {
     assert!(answers(&r).is_empty(), "{r}");
     assert_eq!(errors(&r, "timeout"), 2, "dropped, not rejected: {r}");
     // The ClusterIP from a pod and the NodePort are not firewalled.
-    let r = tcp(&env.topo.pods[0], "10.96.0.80:80", 10);
+    let r = env.tcp_local(&env.topo.pods[0], "10.96.0.80:80", 10);
     assert_eq!(total(&r), 10, "ClusterIP from a pod: {r}");
     let r = tcp(&env.topo.client, &format!("{NODE_IP}:30080"), 10);
     assert_eq!(total(&r), 10, "NodePort: {r}");
@@ -196,8 +251,7 @@ fn etp_local(endpoints: &[String]) -> String {
     ) + &slice("web", "web-1", 8080, endpoints)
 }
 
-#[test]
-fn etp_local_nodeport_preserves_client_source_and_uses_only_local_endpoints() {
+fn etp_local_nodeport_preserves_client_source_and_uses_only_local_endpoints(mode: Mode) {
     let yaml = etp_local(&[
         ep(0, NODE_NAME, ""),
         ep(1, NODE_NAME, ""),
@@ -205,7 +259,9 @@ fn etp_local_nodeport_preserves_client_source_and_uses_only_local_endpoints() {
     ]);
     // pod-3 is no endpoint: the in-cluster client. (A pod labeled node2 cannot reach
     // itself through the service: weir rightly sets up no hairpin for remote endpoints.)
-    let Some(env) = setup(4, &yaml) else { return };
+    let Some(env) = setup(mode, 4, &yaml) else {
+        return;
+    };
     let nodeport = format!("{NODE_IP}:30080");
     let r = tcp(&env.topo.client, &nodeport, 60);
     assert_eq!(total(&r), 60, "{r}");
@@ -221,7 +277,7 @@ fn etp_local_nodeport_preserves_client_source_and_uses_only_local_endpoints() {
             "the client's source is kept"
         );
     }
-    let r = tcp(&env.topo.pods[3], "10.96.0.10:80", 150);
+    let r = env.tcp_local(&env.topo.pods[3], "10.96.0.10:80", 150);
     assert_eq!(total(&r), 150, "{r}");
     assert_eq!(
         names(&r),
@@ -230,22 +286,30 @@ fn etp_local_nodeport_preserves_client_source_and_uses_only_local_endpoints() {
     );
 }
 
-#[test]
-fn etp_local_without_local_endpoints_drops_external_traffic_but_pods_still_reach_the_service() {
+fn etp_local_without_local_endpoints_drops_external_traffic_but_pods_still_reach_the_service(
+    mode: Mode,
+) {
     let yaml = etp_local(&[ep(0, "node2", ""), ep(1, "node2", "")]);
-    let Some(env) = setup(3, &yaml) else { return };
+    let Some(env) = setup(mode, 3, &yaml) else {
+        return;
+    };
     let nodeport = format!("{NODE_IP}:30080");
     let r = tcp(&env.topo.client, &nodeport, 2);
     assert!(answers(&r).is_empty(), "{r}");
     assert_eq!(errors(&r, "timeout"), 2, "dropped, not refused: {r}");
-    let r = tcp(&env.topo.pods[2], &nodeport, 20);
-    assert_eq!(total(&r), 20, "a pod uses every endpoint: {r}");
-    let r = tcp(&env.topo.pods[2], "10.96.0.10:80", 20);
+    let r = env.tcp_local(&env.topo.pods[2], &nodeport, 20);
+    if mode == Mode::Ebpf {
+        // eBPF mode: the socket hooks apply the NodePort's drop to pods too, and the
+        // connect fails at once (EPERM, "other") instead of using every endpoint.
+        assert_eq!(errors(&r, "other"), 20, "{r}");
+    } else {
+        assert_eq!(total(&r), 20, "a pod uses every endpoint: {r}");
+    }
+    let r = env.tcp_local(&env.topo.pods[2], "10.96.0.10:80", 20);
     assert_eq!(total(&r), 20, "ClusterIP: {r}");
 }
 
-#[test]
-fn session_affinity_client_ip_keeps_one_endpoint() {
+fn session_affinity_client_ip_keeps_one_endpoint(mode: Mode) {
     const TIMEOUT_S: u64 = 3;
     let yaml = service(
         "web",
@@ -265,7 +329,9 @@ fn session_affinity_client_ip_keeps_one_endpoint() {
             ep(2, NODE_NAME, ""),
         ],
     );
-    let Some(env) = setup(3, &yaml) else { return };
+    let Some(env) = setup(mode, 3, &yaml) else {
+        return;
+    };
     let client_key = format!("{CLIENT_IP} . 10.96.0.10 . tcp . 80");
     // Which affinity sets hold the client's entry (slot numbers).
     let slots_holding = || -> Vec<usize> {
@@ -285,6 +351,23 @@ fn session_affinity_client_ip_keeps_one_endpoint() {
     let first = names(&r);
     assert_eq!(first.len(), 1, "one endpoint for one client: {r}");
 
+    if mode == Mode::Ebpf {
+        // eBPF mode keeps the entry in an LRU map (no nftables sets): wait out the timeout.
+        let mut seen = first.clone();
+        for _ in 0..12 {
+            std::thread::sleep(Duration::from_millis(TIMEOUT_S * 1000 + 300));
+            let r = tcp(&env.topo.client, "10.96.0.10:80", 5);
+            assert_eq!(total(&r), 5, "{r}");
+            assert_eq!(names(&r).len(), 1, "one endpoint within a round: {r}");
+            seen.extend(names(&r));
+            seen.sort();
+            seen.dedup();
+            if seen.len() > 1 {
+                return;
+            }
+        }
+        panic!("after expiry the client moves: {seen:?}");
+    }
     // The entry lives in the set of the slot whose backend answered, with a timeout.
     let slots = slots_holding();
     assert_eq!(slots.len(), 1, "{}", env.table());
@@ -332,8 +415,7 @@ fn session_affinity_client_ip_keeps_one_endpoint() {
     assert!(seen.len() > 1, "after expiry the client moves: {seen:?}");
 }
 
-#[test]
-fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+fn terminating_endpoints_serve_only_when_nothing_is_ready(mode: Mode) {
     let web = |first: &str, second: &str| {
         service("web", "10.96.0.10", &[], "port: 80, targetPort: 8080")
             + &slice(
@@ -352,7 +434,7 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
             )
     };
     let terminating = "conditions: {ready: false, serving: true, terminating: true}";
-    let Some(env) = setup(3, &web("conditions: {ready: true}", terminating)) else {
+    let Some(env) = setup(mode, 3, &web("conditions: {ready: true}", terminating)) else {
         return;
     };
     let r = tcp(&env.topo.client, "10.96.0.10:80", 40);
@@ -381,11 +463,15 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
     });
     let r = tcp(&env.topo.client, "10.96.0.10:80", 3);
     assert!(answers(&r).is_empty(), "{r}");
-    assert_eq!(errors(&r, "refused") + errors(&r, "unreachable"), 3, "{r}");
+    if mode == Mode::Ebpf {
+        // eBPF mode: the tc path drops a ClusterIP without endpoints from outside.
+        assert_eq!(errors(&r, "timeout"), 3, "dropped: {r}");
+    } else {
+        assert_eq!(errors(&r, "refused") + errors(&r, "unreachable"), 3, "{r}");
+    }
 }
 
-#[test]
-fn topology_hints_keep_traffic_in_the_node_zone() {
+fn topology_hints_keep_traffic_in_the_node_zone(mode: Mode) {
     const ZONE: &str = "topology.kubernetes.io/zone";
     let hinted = |zone: &str| format!("zone: {zone}, hints: {{forZones: [{{name: {zone}}}]}}");
     let yaml = service("web", "10.96.0.10", &[], "port: 80, targetPort: 8080")
@@ -399,7 +485,7 @@ fn topology_hints_keep_traffic_in_the_node_zone() {
                 ep(2, "node2", &hinted("zone-b")),
             ],
         );
-    let Some(env) = setup_with(3, &[], &[(ZONE, "zone-a")], &yaml) else {
+    let Some(env) = setup_with(mode, &[2], 3, &[], &[(ZONE, "zone-a")], &yaml) else {
         return;
     };
     let r = tcp(&env.topo.client, "10.96.0.10:80", 90);
@@ -419,8 +505,7 @@ fn topology_hints_keep_traffic_in_the_node_zone() {
     assert_eq!(answers(&r), [("pod-2".to_owned(), 30)], "{r}");
 }
 
-#[test]
-fn named_target_ports_resolve_per_endpoint() {
+fn named_target_ports_resolve_per_endpoint(mode: Mode) {
     // targetPort `http` is 8080 in pod-0 and 9090 in pod-1 (which listens on nothing else);
     // each slice carries its pods' number for the Service port `p`.
     let yaml = service(
@@ -430,7 +515,7 @@ fn named_target_ports_resolve_per_endpoint() {
         "port: 80, targetPort: http, nodePort: 30080",
     ) + &slice("web", "web-a", 8080, &[ep(0, NODE_NAME, "")])
         + &slice("web", "web-b", 9090, &[ep(1, NODE_NAME, "")]);
-    let Some(env) = setup_with(2, &[8080, 9090], &[], &yaml) else {
+    let Some(env) = setup_with(mode, &[], 2, &[8080, 9090], &[], &yaml) else {
         return;
     };
     for dst in ["10.96.0.10:80".to_owned(), format!("{NODE_IP}:30080")] {
