@@ -235,30 +235,27 @@ impl<K: NftBackend> PolicyController<K> {
 
     async fn dump(&self, family: Family) -> Result<Option<DumpedTable>, KernelError> {
         let kernel = self.kernel.clone();
-        tokio::task::spawn_blocking(move || kernel.dump(family))
-            .await
-            .unwrap_or_else(|e| {
-                Err(KernelError::List {
-                    family,
-                    table: POLICY_TABLE.to_owned(),
-                    message: format!("worker task failed: {e}"),
-                })
-            })
+        blocking(family, move || kernel.dump(family)).await
     }
 
     async fn apply(&self, p: Plan) -> Result<(), KernelError> {
         let kernel = self.kernel.clone();
-        let family = p.family;
-        tokio::task::spawn_blocking(move || kernel.apply(&p))
-            .await
-            .unwrap_or_else(|e| {
-                Err(KernelError::List {
-                    family,
-                    table: POLICY_TABLE.to_owned(),
-                    message: format!("worker task failed: {e}"),
-                })
-            })
+        blocking(p.family, move || kernel.apply(&p)).await
     }
+}
+
+/// Runs a kernel call on the blocking pool; a failed worker is a listing error of `family`.
+async fn blocking<T: Send + 'static>(
+    family: Family,
+    f: impl FnOnce() -> Result<T, KernelError> + Send + 'static,
+) -> Result<T, KernelError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(KernelError::List {
+            family,
+            table: POLICY_TABLE.to_owned(),
+            message: format!("worker task failed: {e}"),
+        })
+    })
 }
 
 #[cfg(test)]

@@ -13,12 +13,14 @@ use crate::dataplane::nft::render::RenderConfig;
 use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::health::ProxyHealth;
 use crate::http::metrics::{label, Metrics};
+use crate::model::ObjectKey;
 use crate::model::{
     compute_service, recompute_with, Changes, DesiredState, ModelConfig, NodePortAddresses,
     ServiceDelta, ServicePortState, Store,
 };
 use crate::source::SourceUpdate;
 use crate::sync::effects::{flow_filters, SideEffects};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::Receiver;
@@ -223,22 +225,7 @@ impl<K: NftBackend> Runner<K> {
         };
         let mut planned = None;
         if let Some(mut incs) = incremental {
-            let mut deltas = Vec::new();
-            for key in &changes.services {
-                let ports =
-                    compute_service(&self.store, key, &self.cfg.model).unwrap_or_else(|e| {
-                        warn!(error = %e, "skipping invalid object");
-                        Vec::new()
-                    });
-                let (d, conflicts) = self.desired.replace_service(key, ports);
-                for e in conflicts {
-                    warn!(error = %e, "skipping invalid object");
-                }
-                for delta in &d {
-                    self.pending_flows.extend(flow_filters(delta));
-                }
-                deltas.extend(d);
-            }
+            let deltas = self.recompute_changed(&changes.services);
             // A released frontend another Service wanted: only a full compute hands it over.
             if !self.desired.needs_full_compute() {
                 let plans = incs
@@ -394,6 +381,27 @@ impl<K: NftBackend> Runner<K> {
         );
     }
 
+    /// Recomputes the desired state of the changed Services only, noting the stale flows
+    /// of every change; returns the changes.
+    fn recompute_changed(&mut self, services: &BTreeSet<ObjectKey>) -> Vec<ServiceDelta> {
+        let mut deltas = Vec::new();
+        for key in services {
+            let ports = compute_service(&self.store, key, &self.cfg.model).unwrap_or_else(|e| {
+                warn!(error = %e, "skipping invalid object");
+                Vec::new()
+            });
+            let (d, conflicts) = self.desired.replace_service(key, ports);
+            for e in conflicts {
+                warn!(error = %e, "skipping invalid object");
+            }
+            for delta in &d {
+                self.pending_flows.extend(flow_filters(delta));
+            }
+            deltas.extend(d);
+        }
+        deltas
+    }
+
     /// One sync in eBPF mode: update the desired state (only the changed Services unless
     /// `full`), render the maps' contents, write the difference. A full sync, and any sync
     /// after a failure, re-reads the maps first.
@@ -407,20 +415,7 @@ impl<K: NftBackend> Runner<K> {
     ) -> bool {
         let mut was_full = full || ebpf.current.is_none() || changes.nodes;
         if !was_full {
-            for key in &changes.services {
-                let ports =
-                    compute_service(&self.store, key, &self.cfg.model).unwrap_or_else(|e| {
-                        warn!(error = %e, "skipping invalid object");
-                        Vec::new()
-                    });
-                let (d, conflicts) = self.desired.replace_service(key, ports);
-                for e in conflicts {
-                    warn!(error = %e, "skipping invalid object");
-                }
-                for delta in &d {
-                    self.pending_flows.extend(flow_filters(delta));
-                }
-            }
+            self.recompute_changed(&changes.services);
             was_full = self.desired.needs_full_compute();
         }
         if was_full {
