@@ -609,7 +609,9 @@ fn stripped(path: &Path, tmp: &Path, all: bool) -> Result<Vec<u8>> {
 }
 
 /// The guest's `/init`: mounts, modules, then the test executable; the exit status goes to
-/// the console as `WEIR-VM-EXIT <code>` before power-off.
+/// the console as `WEIR-VM-EXIT <code>` before power-off. Binaries sit at their host paths,
+/// which may be under `/tmp` (a clone in a temporary directory): `/tmp` stays part of the
+/// initramfs (already RAM-backed and writable), never a fresh mount that would hide them.
 fn init_script(kernel: &Kernel, bins: &Binaries, test_args: &[String]) -> String {
     let target_dir = bins
         .tools
@@ -632,7 +634,6 @@ fn init_script(kernel: &Kernel, bins: &Binaries, test_args: &[String]) -> String
          mount -t devtmpfs dev /dev 2>/dev/null\n\
          mkdir -p /run /tmp /var\n\
          mount -t tmpfs run /run\n\
-         mount -t tmpfs tmp /tmp\n\
          ln -sf /run /var/run\n\
          echo \"WEIR-VM-INIT $(cut -d' ' -f1 /proc/uptime)\"\n",
     );
