@@ -250,7 +250,9 @@ fn tag(i: usize, e: usize, len: usize) -> String {
     let mut x = (i as u64) << 8 | e as u64;
     let mut out = String::with_capacity(len);
     for _ in 0..len {
-        x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x632B_E59B_D9B4_E019);
+        x = x
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(0x632B_E59B_D9B4_E019);
         out.push(ALPHABET[(x >> 59) as usize] as char);
     }
     out
@@ -403,7 +405,7 @@ fn nft_service_body(n: usize, i: usize, eps: &[usize]) -> [String; 2] {
     let arms: Vec<String> = eps
         .iter()
         .enumerate()
-        .map(|(k, &e)| format!("{k} : goto \"{}\"", nft_ep(n, i, e)))
+        .map(|(k, &e)| format!("{k} : goto {}", nft_ep(n, i, e)))
         .collect();
     [
         format!(
@@ -435,16 +437,16 @@ fn nftables_ruleset(n: usize, eps: usize) -> String {
             let ep = endpoint_ip(n, i, e);
             let _ = writeln!(
                 s,
-                "  chain \"{}\" {{ ip saddr {ep} jump mark-for-masquerade; meta l4proto tcp dnat to {ep}:8080; }}",
+                "  chain {} {{ ip saddr {ep} jump mark-for-masquerade; meta l4proto tcp dnat to {ep}:8080; }}",
                 nft_ep(n, i, e)
             );
         }
         let [a, b] = nft_service_body(n, i, &all);
-        let _ = writeln!(s, "  chain \"{}\" {{ {a}; {b}; }}", nft_svc(i));
+        let _ = writeln!(s, "  chain {} {{ {a}; {b}; }}", nft_svc(i));
         if node_port(n, i).is_some() {
             let _ = writeln!(
                 s,
-                "  chain \"external-{}-bench/s{i}/tcp/p\" {{ jump mark-for-masquerade; goto \"{}\"; }}",
+                "  chain external-{}-bench/s{i}/tcp/p {{ jump mark-for-masquerade; goto {}; }}",
                 tag(i, SVC, 8),
                 nft_svc(i)
             );
@@ -455,13 +457,13 @@ fn nftables_ruleset(n: usize, eps: usize) -> String {
     let mut nps = Vec::new();
     for i in 0..n {
         els.push(format!(
-            "{} . tcp . 80 : goto \"{}\"",
+            "{} . tcp . 80 : goto {}",
             service_ip(i),
             nft_svc(i)
         ));
         if let Some(np) = node_port(n, i) {
             nps.push(format!(
-                "tcp . {np} : goto \"external-{}-bench/s{i}/tcp/p\"",
+                "tcp . {np} : goto external-{}-bench/s{i}/tcp/p",
                 tag(i, SVC, 8)
             ));
         }
@@ -484,7 +486,7 @@ fn nftables_change(n: usize, eps: usize, i: usize) -> String {
     let svc = nft_svc(i);
     let [a, b] = nft_service_body(n, i, &left);
     format!(
-        "flush chain ip kube-proxy \"{svc}\"\nadd rule ip kube-proxy \"{svc}\" {a}\nadd rule ip kube-proxy \"{svc}\" {b}\nflush chain ip kube-proxy \"{ep}\"\ndelete chain ip kube-proxy \"{ep}\"\n",
+        "flush chain ip kube-proxy {svc}\nadd rule ip kube-proxy {svc} {a}\nadd rule ip kube-proxy {svc} {b}\nflush chain ip kube-proxy {ep}\ndelete chain ip kube-proxy {ep}\n",
         ep = nft_ep(n, i, 0)
     )
 }
@@ -556,7 +558,8 @@ fn timed(ns: &Netns, cmd: &[&str], limit: Duration) -> Result<Timed> {
                     use std::io::Read;
                     let _ = e.read_to_string(&mut err);
                 }
-                bail!("{} failed: {}", cmd.join(" "), err.trim());
+                let first = err.lines().next().unwrap_or_default();
+                bail!("{} failed: {first}", cmd.join(" "));
             }
             return Ok(Timed {
                 secs: Some(secs),
@@ -1374,11 +1377,7 @@ pub fn check(args: CheckArgs, root: &Path) -> Result<()> {
 }
 
 /// The report's rows of one mode with a value, as (services, value) points.
-pub fn series(
-    report: &Report,
-    mode: &str,
-    value: impl Fn(&Row) -> Option<f64>,
-) -> Vec<(f64, f64)> {
+pub fn series(report: &Report, mode: &str, value: impl Fn(&Row) -> Option<f64>) -> Vec<(f64, f64)> {
     report
         .rows
         .iter()

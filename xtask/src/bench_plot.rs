@@ -87,6 +87,7 @@ fn panel(
         .configure_mesh()
         .x_desc("services (× 10 endpoints)")
         .y_desc(y_label)
+        .x_labels(8)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| {
             if *y >= 100.0 {
@@ -127,11 +128,7 @@ fn panel(
     Ok(())
 }
 
-fn figure(
-    path: &Path,
-    report: &Report,
-    panels: &[(&str, &str, &[&str], Value)],
-) -> Result<()> {
+fn figure(path: &Path, report: &Report, panels: &[(&str, &str, &[&str], Value)]) -> Result<()> {
     let root = BitMapBackend::new(path, (1400, 1000)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let (top, body) = root.split_vertically(30);
@@ -162,7 +159,11 @@ const DATA: &[&str] = &[
     "kube-proxy-nftables",
     "direct",
 ];
-const NODEPORT: &[&str] = &["weir-nftables", "kube-proxy-iptables", "kube-proxy-nftables"];
+const NODEPORT: &[&str] = &[
+    "weir-nftables",
+    "kube-proxy-iptables",
+    "kube-proxy-nftables",
+];
 
 /// Writes control-plane.png and data-path.png into `out`.
 pub fn plots(report: &Report, out: &Path) -> Result<()> {
@@ -181,7 +182,12 @@ pub fn plots(report: &Report, out: &Path) -> Result<()> {
                 CONTROL,
                 |r| r.peak_rss_mib,
             ),
-            ("CPU time of the full sync", "seconds", CONTROL, |r| r.cpu_s),
+            (
+                "CPU time up to the first full sync done",
+                "seconds",
+                CONTROL,
+                |r| r.cpu_s,
+            ),
         ],
     )?;
     figure(
