@@ -40,7 +40,7 @@ pub struct CompareArgs {
     endpoints: usize,
     /// A reference load (or a weir full sync) taking longer than this many seconds is
     /// stopped and reported as "> limit"; larger sizes of it are then skipped.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 120)]
     limit: u64,
     /// The quick run `bench check` uses: 2,000 services, shorter traffic phases.
     #[arg(long)]
@@ -184,7 +184,7 @@ const LAST_NODEPORT: u16 = 32700;
 fn node_port(n: usize, i: usize) -> Option<u16> {
     if i + 1 == n {
         Some(LAST_NODEPORT)
-    } else if i % 20 == 0 && i / 20 < 2700 {
+    } else if i.is_multiple_of(20) && i / 20 < 2700 {
         Some(30000 + (i / 20) as u16)
     } else {
         None
@@ -1071,7 +1071,12 @@ fn run(args: &CompareArgs, root: &Path) -> Result<Report> {
         if row.status.starts_with('>') {
             skip.push(mode);
         }
-        bar.println(summary(&row));
+        // Without a terminal the bar is hidden, and so is its println.
+        if bar.is_hidden() {
+            eprintln!("{}", summary(&row));
+        } else {
+            bar.println(summary(&row));
+        }
         done += estimate(mode, n, limit);
         bar.set_position((done * 10.0) as u64);
         report.rows.push(row);
@@ -1412,8 +1417,7 @@ mod tests {
         let ipt = iptables_ruleset(3, 2);
         let last = ipt
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES -d"))
-            .last()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES -d"))
             .unwrap_or_default();
         assert!(last.contains(&service_ip(2)), "{last}");
         assert!(ipt.contains(&format!("--to-destination {}:8080", pod_ip(1))));
