@@ -698,7 +698,11 @@ fn direct(ctx: &Ctx, n: usize) -> Result<Row> {
         ..Row::default()
     };
     if let Some(client) = topo.pods.last() {
-        row.clusterip = Some(load(ctx, client, None, &format!("{}:8080", pod_ip(0)))?);
+        // Every backend pod in turn, as the Service spreads over them.
+        let pods: Vec<String> = (0..ctx.eps)
+            .map(|e| format!("{}:8080", pod_ip(e)))
+            .collect();
+        row.clusterip = Some(load(ctx, client, None, &pods.join(","))?);
     }
     Ok(row)
 }

@@ -1,5 +1,6 @@
 //! Benchmark client for `cargo xtask bench compare`, run inside a network namespace:
-//! `weir-load ADDR:PORT REQUESTS CONCURRENCY MILLIS`.
+//! `weir-load ADDR:PORT[,ADDR:PORT...] REQUESTS CONCURRENCY MILLIS` (several targets are used
+//! in turn, one per connection: e.g. every backend pod addressed directly).
 //!
 //! 1. REQUESTS sequential HTTP GETs, one new TCP connection each: the time of the connect
 //!    alone (SYN to established: the first packet's trip through the NAT rules) and of the
@@ -43,8 +44,15 @@ fn pct(sorted: &[u128], p: f64) -> u128 {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = || anyhow::anyhow!("usage: weir-load ADDR:PORT REQUESTS CONCURRENCY MILLIS");
-    let addr: SocketAddr = args.get(1).ok_or_else(usage)?.parse()?;
+    let usage = || anyhow::anyhow!("usage: weir-load ADDR:PORT[,...] REQUESTS CONCURRENCY MILLIS");
+    let targets: Vec<SocketAddr> = args
+        .get(1)
+        .ok_or_else(usage)?
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let next = AtomicU64::new(0);
+    let addr = || targets[next.fetch_add(1, Ordering::Relaxed) as usize % targets.len()];
     let requests: usize = args.get(2).ok_or_else(usage)?.parse()?;
     let concurrency: usize = args.get(3).ok_or_else(usage)?.parse()?;
     let millis: u64 = args.get(4).ok_or_else(usage)?.parse()?;
@@ -52,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     let mut total = Vec::with_capacity(requests);
     let mut errors = 0u64;
     for _ in 0..requests {
-        match request(addr) {
+        match request(addr()) {
             Ok((c, t)) => {
                 connect.push(c.as_micros());
                 total.push(t.as_micros());
@@ -70,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..concurrency {
             scope.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
-                    match request(addr) {
+                    match request(addr()) {
                         Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                     };
