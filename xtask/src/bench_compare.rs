@@ -1263,6 +1263,9 @@ pub fn markdown(report: &Report) -> String {
 /// One ratio checked against the baseline: higher is worse.
 struct Check {
     what: String,
+    /// Whether a regression fails the check (data-path ratios are only shown: on a shared
+    /// 2-core machine their run-to-run noise is above 25%).
+    gate: bool,
     now: f64,
     base: f64,
 }
@@ -1368,6 +1371,7 @@ pub fn check(args: CheckArgs, root: &Path) -> Result<()> {
             .filter_map(|(what, now)| {
                 let base = before.iter().find(|(w, _)| w == what)?.1;
                 Some(Check {
+                    gate: !what.contains("ClusterIP"),
                     what: what.clone(),
                     now: *now,
                     base,
@@ -1379,7 +1383,7 @@ pub fn check(args: CheckArgs, root: &Path) -> Result<()> {
         }
         let failed = checks
             .iter()
-            .filter(|c| c.now / c.base - 1.0 > args.tolerance)
+            .filter(|c| c.gate && c.now / c.base - 1.0 > args.tolerance)
             .count();
         if failed == 0 || attempt == 2 {
             println!(
@@ -1394,10 +1398,10 @@ pub fn check(args: CheckArgs, root: &Path) -> Result<()> {
                     c.base,
                     c.now,
                     change * 100.0,
-                    if change > args.tolerance {
-                        "  REGRESSION"
-                    } else {
-                        ""
+                    match (change > args.tolerance, c.gate) {
+                        (true, true) => "  REGRESSION",
+                        (true, false) => "  (worse; data path, not gated)",
+                        _ => "",
                     }
                 );
             }
