@@ -5,12 +5,16 @@
 //! - `cargo xtask demo`: weir-proxy on a namespace topology with real traffic.
 //! - `cargo xtask demo --nodes 3`: three nodes on one machine, weir-cni pods, host-gw routes.
 //! - `cargo xtask bench sync`: control-plane numbers at scale.
+//! - `cargo xtask bench compare`: weir against upstream-shaped rulesets, CSV/JSON/plots.
+//! - `cargo xtask bench check`: a quick compare against the committed baseline, by ratio.
 //! - `cargo xtask bench policy`: the NetworkPolicy table at scale (build, render, apply).
 //! - `cargo xtask vm-test ipvs`: the IPVS suite inside a qemu guest (Debian's kernel).
 //! - `cargo xtask apiserver`: a real kube-apiserver + etcd on loopback (built and cached).
 
 mod apiserver;
 mod bench;
+mod bench_compare;
+mod bench_plot;
 mod bench_policy;
 mod demo;
 mod image;
@@ -59,6 +63,13 @@ enum BenchCmd {
     Sync(bench::SyncArgs),
     /// NetworkPolicy: PolicySet::build, render, nft objects, kernel apply, one label change.
     Policy(bench_policy::PolicyArgs),
+    /// weir's modes against rulesets in upstream kube-proxy's iptables and nftables
+    /// shapes: control plane and data path at 1k/10k/30k services, CSV/JSON/PNG under
+    /// docs/bench (about 10 minutes; --quick for one small size).
+    Compare(bench_compare::CompareArgs),
+    /// A quick compare checked against docs/bench/baseline.json by ratio (weir against the
+    /// references of the same run); fails only on a regression above --tolerance.
+    Check(bench_compare::CheckArgs),
 }
 
 fn step(title: &str, program: &str, args: &[&str], envs: &[(&str, String)]) -> Result<()> {
@@ -164,6 +175,8 @@ fn main() -> Result<()> {
         }
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Policy(a)) => bench_policy::policy(a),
+        Cmd::Bench(BenchCmd::Compare(a)) => bench_compare::compare(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Check(a)) => bench_compare::check(a, &workspace_root()),
         Cmd::Apiserver(a) => apiserver::apiserver(a),
         Cmd::Image(a) => image::image(a, &workspace_root()),
         Cmd::VmTest(a) => vm::vm_test(a, &workspace_root()),
