@@ -154,8 +154,8 @@ fn reference_ruleset(services: usize, endpoints: usize) -> String {
     s
 }
 
-/// Runs `bench sync`.
-pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
+/// Builds the release binaries of weir-proxy and the test tools (weir-probe, weir-load).
+pub(crate) fn build_release(root: &Path) -> Result<()> {
     eprintln!("==> building release binaries");
     let st = Command::new("cargo")
         .current_dir(root)
@@ -172,6 +172,12 @@ pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
     if !st.success() {
         bail!("cargo build --release failed");
     }
+    Ok(())
+}
+
+/// Runs `bench sync`.
+pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
+    build_release(root)?;
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));

@@ -979,22 +979,7 @@ fn fmt_dur(secs: f64) -> String {
 /// Builds the release binaries and runs every step; returns the report.
 fn run(args: &CompareArgs, root: &Path) -> Result<Report> {
     crate::toolchain::ensure_ebpf()?;
-    eprintln!("==> building release binaries");
-    let st = Command::new("cargo")
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "weir-proxy",
-            "-p",
-            "weir-e2e",
-            "--bins",
-        ])
-        .status()?;
-    if !st.success() {
-        bail!("cargo build --release failed");
-    }
+    crate::bench::build_release(root)?;
     if !weir_e2e::require_privileges() {
         bail!("bench compare needs root and network namespaces");
     }

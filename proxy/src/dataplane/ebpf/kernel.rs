@@ -402,38 +402,11 @@ impl MapStore for KernelMaps {
     }
 
     fn dump(&mut self) -> Result<MapContents, EbpfError> {
-        let mut out = MapContents::default();
-        let services: HashMap<&MapData, ServiceKey, ServiceValue> = self
-            .ebpf
-            .map(SERVICES_MAP)
-            .ok_or_else(|| missing_map(SERVICES_MAP))?
-            .try_into()
-            .map_err(map_err("open", SERVICES_MAP, &""))?;
-        for kv in services.iter() {
-            let (k, v) = kv.map_err(map_err("iterate", SERVICES_MAP, &""))?;
-            out.services.insert(k, v);
-        }
-        let backends: HashMap<&MapData, BackendKey, Backend> = self
-            .ebpf
-            .map(BACKENDS_MAP)
-            .ok_or_else(|| missing_map(BACKENDS_MAP))?
-            .try_into()
-            .map_err(map_err("open", BACKENDS_MAP, &""))?;
-        for kv in backends.iter() {
-            let (k, v) = kv.map_err(map_err("iterate", BACKENDS_MAP, &""))?;
-            out.backends.insert(k, v);
-        }
-        let maglev: HashMap<&MapData, BackendKey, u32> = self
-            .ebpf
-            .map(MAGLEV_MAP)
-            .ok_or_else(|| missing_map(MAGLEV_MAP))?
-            .try_into()
-            .map_err(map_err("open", MAGLEV_MAP, &""))?;
-        for kv in maglev.iter() {
-            let (k, v) = kv.map_err(map_err("iterate", MAGLEV_MAP, &""))?;
-            out.maglev.insert(k, v);
-        }
-        Ok(out)
+        Ok(MapContents {
+            services: read_map(&self.ebpf, SERVICES_MAP)?,
+            backends: read_map(&self.ebpf, BACKENDS_MAP)?,
+            maglev: read_map(&self.ebpf, MAGLEV_MAP)?,
+        })
     }
 
     fn apply(&mut self, plan: &MapPlan) -> Result<(), EbpfError> {
@@ -484,6 +457,23 @@ impl MapStore for KernelMaps {
         }
         Ok(())
     }
+}
+
+/// Every entry of the hash map `name`.
+fn read_map<K, V, C>(ebpf: &Ebpf, name: &'static str) -> Result<C, EbpfError>
+where
+    K: aya::Pod,
+    V: aya::Pod,
+    C: FromIterator<(K, V)>,
+{
+    let map: HashMap<&MapData, K, V> = ebpf
+        .map(name)
+        .ok_or_else(|| missing_map(name))?
+        .try_into()
+        .map_err(map_err("open", name, &""))?;
+    map.iter()
+        .map(|kv| kv.map_err(map_err("iterate", name, &"")))
+        .collect()
 }
 
 fn missing_map(map: &'static str) -> EbpfError {
