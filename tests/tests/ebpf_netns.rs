@@ -130,7 +130,7 @@ fn verifier_accepts_every_program() {
     match load(&bpf.0, level) {
         Ok(ebpf) => {
             let names = program_names(&ebpf);
-            assert_eq!(names.len(), 10, "{names:?}");
+            assert_eq!(names.len(), 11, "{names:?}");
         }
         Err(e) => panic!("the verifier rejected a program:\n{e}"),
     }
@@ -216,7 +216,7 @@ fn a_restarted_daemon_adopts_the_maps_and_cleanup_leaves_no_programs_or_pins() {
     let pins: Vec<_> = std::fs::read_dir(&env.bpf.0).unwrap().flatten().collect();
     assert!(
         pins.len() >= 10,
-        "8 links and the maps are pinned: {pins:?}"
+        "9 links and the maps are pinned: {pins:?}"
     );
     let bin = workspace_bin("weir-proxy");
     let netns = format!("--net=/run/netns/{}", env.topo.node.name());
@@ -370,9 +370,9 @@ fn etp_local_nodeport_preserves_the_source_and_uses_only_local_endpoints() {
 /// Empties the tc path's connection-tracking map (as if every flow had aged out).
 fn flush_ct(bpf: &Path) {
     let data = aya::maps::MapData::from_pin(bpf.join("WEIR_CT")).unwrap();
-    let mut ct: aya::maps::HashMap<_, [u8; 16], [u8; 12]> =
+    let mut ct: aya::maps::HashMap<_, [u8; 40], [u8; 36]> =
         aya::maps::Map::LruHashMap(data).try_into().unwrap();
-    let keys: Vec<[u8; 16]> = ct.keys().flatten().collect();
+    let keys: Vec<[u8; 40]> = ct.keys().flatten().collect();
     for k in keys {
         let _ = ct.remove(&k);
     }
@@ -625,4 +625,183 @@ fn a_remote_endpoint_is_reached_with_the_node_address_as_source_and_replies_come
     let r = env.external(&["udp-each", &format!("{NODE_IP}:30053"), "20"]);
     assert_eq!(errors(&r, "wrong_source"), 0, "{r}");
     assert_eq!(total(&r), 20, "{r}");
+}
+
+/// A single-stack IPv6 NodePort Service `name` (ClusterIP `cluster_ip`, `protocol` `port`
+/// -> 8080 (TCP) or 5353 (UDP), NodePort `node_port`) with IPv6 endpoints `(pod, node)`.
+fn service6(
+    name: &str,
+    cluster_ip: &str,
+    protocol: &str,
+    port: u16,
+    node_port: u16,
+    endpoints: &[(usize, &str)],
+) -> String {
+    let target = if protocol == "UDP" { 5353 } else { 8080 };
+    let eps: String = endpoints
+        .iter()
+        .map(|(pod, node)| {
+            format!(
+                "- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}\n",
+                pod_ip6(*pod)
+            )
+        })
+        .collect();
+    let eps = if eps.is_empty() {
+        " []\n".to_owned()
+    } else {
+        format!("\n{eps}")
+    };
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: \"{cluster_ip}\"\n  ipFamilies: [IPv6]\n  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}, nodePort: {node_port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv6\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints:{eps}"
+    )
+}
+
+/// [`setup_with`] on a dual-stack node (IPv6 addressing, the Node's InternalIPs
+/// [`NODE_IP`] and [`NODE_IP6`], the IPv6 pod and Service ranges).
+fn setup_ipv6(backends: usize, manifests: &str, extra: &[&str]) -> Option<Env> {
+    if !require_privileges() {
+        return None;
+    }
+    let mut topo = Topology::new(backends + 1).expect("topology");
+    topo.add_ipv6().expect("IPv6 addressing");
+    let echo = Path::new(env!("CARGO_BIN_EXE_weir-echo"));
+    for i in 0..backends {
+        topo.start_echo(i, echo, &format!("pod-{i}")).expect("echo");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_manifests_with_node(dir.path(), &[], &[NODE_IP, NODE_IP6], manifests).expect("manifests");
+    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    extra.extend(
+        [
+            "--cluster-cidr",
+            "fd00:10:244::/56",
+            "--service-cluster-ip-range",
+            "fd00:10:96::/112",
+        ]
+        .map(String::from),
+    );
+    let mut env = Env {
+        topo,
+        dir,
+        cgroup: Cgroup::new().unwrap(),
+        bpf: BpfDir::unique(),
+        proxy: 0,
+        extra,
+    };
+    let flags = env.proxy_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    env.proxy =
+        start_proxy_with(&mut env.topo.node, env.dir.path(), METRICS, &flags).expect("weir-proxy");
+    Some(env)
+}
+
+#[test]
+fn ipv6_nodeport_reaches_a_remote_endpoint_masqueraded_to_the_node_ipv6_address() {
+    // pod-1 stands for another node's endpoint (its veth is an external interface), pod-0
+    // is a local one.
+    let mut m = service6(
+        "remote6",
+        "fd00:10:96::10",
+        "TCP",
+        80,
+        30080,
+        &[(1, "node2")],
+    );
+    m.push_str(&service6(
+        "dns6",
+        "fd00:10:96::53",
+        "UDP",
+        53,
+        30053,
+        &[(1, "node2")],
+    ));
+    m.push_str(&service6(
+        "local6",
+        "fd00:10:96::20",
+        "TCP",
+        80,
+        30081,
+        &[(0, NODE_NAME), (1, "node2")],
+    ));
+    let Some(env) = setup_ipv6(2, &m, &["--ebpf-interfaces", "eth0,veth1"]) else {
+        return;
+    };
+    let nodeport = format!("[{NODE_IP6}]:30080");
+    let r = env.external(&["tcp", &nodeport, "20"]);
+    assert_eq!(total(&r), 20, "{r}");
+    assert_eq!(names(&r), vec!["pod-1".to_string()], "{r}");
+    let r = env.external(&["peer", &nodeport]);
+    assert_eq!(
+        r["peer"].as_str(),
+        Some(NODE_IP6),
+        "masqueraded to the node's IPv6 address: {r}"
+    );
+    // UDP: every reply comes back from the NodePort the client sent to.
+    let r = env.external(&["udp-each", &format!("[{NODE_IP6}]:30053"), "20"]);
+    assert_eq!(errors(&r, "wrong_source"), 0, "{r}");
+    assert_eq!(total(&r), 20, "{r}");
+    // A local endpoint sees the client's own IPv6 address; both endpoints answer.
+    let r = env.external(&["tcp", &format!("[{NODE_IP6}]:30081"), "60"]);
+    assert_eq!(total(&r), 60, "{r}");
+    assert_eq!(names(&r), ["pod-0", "pod-1"], "{r}");
+    // The IPv6 ClusterIP routed to the node from outside keeps the client's source.
+    let r = env.external(&["tcp", "[fd00:10:96::10]:80", "10"]);
+    assert_eq!(total(&r), 10, "{r}");
+}
+
+#[test]
+fn frontends_without_endpoints_are_rejected_from_outside_as_in_nftables_mode() {
+    // An external IP and ClusterIPs (IPv4 and IPv6, routed to the node by the client)
+    // without endpoints: the tc program answers TCP RST / ICMP port unreachable itself.
+    let mut m = service(
+        "empty",
+        "10.96.0.20",
+        &["externalIPs: [192.0.2.91]"],
+        "TCP",
+        80,
+        30082,
+        &[],
+    );
+    m.push_str(&service(
+        "empty-udp",
+        "10.96.0.21",
+        &["externalIPs: [192.0.2.91]"],
+        "UDP",
+        53,
+        30054,
+        &[],
+    ));
+    m.push_str(&service6("empty6", "fd00:10:96::20", "TCP", 80, 30084, &[]));
+    m.push_str(&service6(
+        "empty6-udp",
+        "fd00:10:96::21",
+        "UDP",
+        53,
+        30055,
+        &[],
+    ));
+    let Some(env) = setup_ipv6(1, &m, &[]) else {
+        return;
+    };
+    env.topo.client_route_via_node("192.0.2.91").unwrap();
+    for dst in ["192.0.2.91:80", "10.96.0.20:80", "[fd00:10:96::20]:80"] {
+        let r = env.external(&["tcp", dst, "3"]);
+        assert_eq!(
+            errors(&r, "refused"),
+            3,
+            "{dst}: rejected, not dropped: {r}"
+        );
+    }
+    for dst in ["192.0.2.91:53", "10.96.0.21:53", "[fd00:10:96::21]:53"] {
+        let r = env.external(&["udp", dst, "3"]);
+        assert_eq!(total(&r), 0, "{dst}: {r}");
+        assert!(
+            errors(&r, "refused") >= 1 && errors(&r, "timeout") == 0,
+            "{dst}: ICMP port unreachable: {r}"
+        );
+    }
+    // The NodePorts are answered by the node's stack, as before.
+    let r = env.external(&["tcp", &format!("[{NODE_IP6}]:30084"), "2"]);
+    assert_eq!(errors(&r, "refused"), 2, "{r}");
 }

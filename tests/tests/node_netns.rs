@@ -11,16 +11,19 @@
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Duration;
+use weir_e2e::mode::{Dataplane, Mode};
 use weir_e2e::*;
 
 const METRICS: u16 = 10249;
 const WAIT: Duration = Duration::from_secs(15);
 
 struct Env {
+    // Field order is drop order: the processes go before the eBPF cgroup and pins.
     topo: Topology,
     dir: tempfile::TempDir,
     proxy: u32,
     node_addresses: Vec<String>,
+    dp: Dataplane,
 }
 
 /// How the node is set up before weir-proxy starts.
@@ -34,6 +37,8 @@ struct Opts<'a> {
     flags: &'a [&'a str],
     /// Extra addresses (`ADDR/LEN`) on the node's client-facing `eth0`.
     node_eth0_addresses: &'a [&'a str],
+    /// eBPF mode instead of nftables mode (see [`weir_e2e::mode`]).
+    ebpf: bool,
 }
 
 /// `pods` pods answering `pod-I` (TCP 8080, UDP 5353), the manifests and weir-proxy.
@@ -60,14 +65,22 @@ fn setup(pods: usize, opts: Opts, services: &str) -> Option<Env> {
         opts.node_addresses.iter().map(|a| a.to_string()).collect()
     };
     let dir = tempfile::tempdir().expect("tempdir");
+    let mode = if opts.ebpf {
+        Mode::Ebpf
+    } else {
+        Mode::Nftables
+    };
     let mut env = Env {
         topo,
         dir,
         proxy: 0,
         node_addresses,
+        dp: Dataplane::new(mode).expect("dataplane"),
     };
     env.write(services);
-    env.proxy = start_proxy_with(&mut env.topo.node, env.dir.path(), METRICS, opts.flags)
+    env.proxy = env
+        .dp
+        .start_proxy(&mut env.topo.node, env.dir.path(), METRICS, opts.flags)
         .expect("weir-proxy");
     Some(env)
 }
@@ -98,7 +111,9 @@ impl Env {
     /// Stops weir-proxy and starts it again with `flags`; returns once it has synced.
     fn restart(&mut self, flags: &[&str]) {
         self.topo.node.stop(self.proxy);
-        self.proxy = start_proxy_with(&mut self.topo.node, self.dir.path(), METRICS, flags)
+        self.proxy = self
+            .dp
+            .start_proxy(&mut self.topo.node, self.dir.path(), METRICS, flags)
             .expect("weir-proxy restart");
     }
 
@@ -463,8 +478,9 @@ fn dual_stack_web() -> String {
     )
 }
 
-#[test]
-fn ipv6_clusterip_and_nodeport_reach_ipv6_endpoints() {
+in_both_modes!(ipv6_clusterip_and_nodeport_reach_ipv6_endpoints);
+
+fn ipv6_clusterip_and_nodeport_reach_ipv6_endpoints(mode: Mode) {
     // pod-3 is no endpoint: the in-cluster client.
     let opts = Opts {
         ipv6: true,
@@ -475,49 +491,73 @@ fn ipv6_clusterip_and_nodeport_reach_ipv6_endpoints() {
             "--service-cluster-ip-range",
             "fd00:10:96::/112",
         ],
+        ebpf: mode == Mode::Ebpf,
         ..Opts::default()
     };
     let Some(env) = setup(4, opts, &dual_stack_web()) else {
         return;
     };
-    let table6 = env.table("ip6");
-    for want in [
-        "fd00:10:96::10 . tcp . 80".to_owned(),
-        format!("{NODE_IP6} . tcp . 30080"),
-        format!("{} . 8080", pod_ip6(1)),
-        format!("{} . 8080", pod_ip6(2)),
-    ] {
-        assert!(table6.contains(&want), "ip6 weir has {want}:\n{table6}");
+    if mode == Mode::Nftables {
+        let table6 = env.table("ip6");
+        for want in [
+            "fd00:10:96::10 . tcp . 80".to_owned(),
+            format!("{NODE_IP6} . tcp . 30080"),
+            format!("{} . 8080", pod_ip6(1)),
+            format!("{} . 8080", pod_ip6(2)),
+        ] {
+            assert!(table6.contains(&want), "ip6 weir has {want}:\n{table6}");
+        }
+        assert!(!table6.contains(&pod_ip6(0)), "{table6}");
     }
-    assert!(!table6.contains(&pod_ip6(0)), "{table6}");
 
     let pod = &env.topo.pods[3];
     let client = &env.topo.client;
+    let local = |dst: &str, args: &[&str]| {
+        let mut a = args.to_vec();
+        a.insert(1, dst);
+        env.dp.probe(pod, &a).unwrap()
+    };
     let cluster_ip6 = "[fd00:10:96::10]:80";
     let nodeport6 = format!("[{NODE_IP6}]:30080");
-    let r = tcp(pod, cluster_ip6, 60);
+    let r = local(cluster_ip6, &["tcp", "60"]);
     assert_eq!(total(&r), 60, "{r}");
     assert_eq!(names(&r), ["pod-1", "pod-2"], "the IPv6 endpoints: {r}");
     assert_eq!(
-        peer(pod, cluster_ip6),
+        local(cluster_ip6, &["peer"])["peer"]
+            .as_str()
+            .unwrap_or_default(),
         pod_ip6(3),
         "a pod's source is kept (inside --cluster-cidr)"
     );
     let r = tcp(client, &nodeport6, 60);
     assert_eq!(total(&r), 60, "{r}");
     assert_eq!(names(&r), ["pod-1", "pod-2"], "the IPv6 endpoints: {r}");
-    assert_eq!(
-        peer(client, &nodeport6),
-        NODE_IP6,
-        "NodePort traffic is masqueraded"
-    );
+    if mode == Mode::Ebpf {
+        // eBPF mode: a backend on this node sees the external client's own address.
+        assert_eq!(peer(client, &nodeport6), CLIENT_IP6);
+        // The tc path also serves the IPv6 ClusterIP routed from outside.
+        let r = tcp(client, cluster_ip6, 30);
+        assert_eq!(total(&r), 30, "{r}");
+        assert_eq!(names(&r), ["pod-1", "pod-2"], "{r}");
+    } else {
+        assert_eq!(
+            peer(client, &nodeport6),
+            NODE_IP6,
+            "NodePort traffic is masqueraded"
+        );
+    }
 
     // IPv4 still uses the IPv4 endpoints.
-    for (ns, dst) in [
-        (pod, "10.96.0.10:80".to_owned()),
-        (client, format!("{NODE_IP}:30080")),
+    for (dst, r) in [
+        (
+            "10.96.0.10:80".to_owned(),
+            local("10.96.0.10:80", &["tcp", "60"]),
+        ),
+        (
+            format!("{NODE_IP}:30080"),
+            tcp(client, &format!("{NODE_IP}:30080"), 60),
+        ),
     ] {
-        let r = tcp(ns, &dst, 60);
         assert_eq!(total(&r), 60, "{dst}: {r}");
         assert_eq!(names(&r), ["pod-0", "pod-1"], "{dst}: {r}");
     }

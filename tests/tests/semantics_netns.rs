@@ -112,6 +112,7 @@ impl Env {
 
 in_both_modes!(
     external_ip_reaches_endpoints_from_outside_and_is_masqueraded,
+    load_balancer_ip_honours_source_ranges,
     etp_local_nodeport_preserves_client_source_and_uses_only_local_endpoints,
     etp_local_without_local_endpoints_drops_external_traffic_but_pods_still_reach_the_service,
     session_affinity_client_ip_keeps_one_endpoint,
@@ -190,17 +191,14 @@ fn external_ip_reaches_endpoints_from_outside_and_is_masqueraded(mode: Mode) {
     );
 }
 
-// nftables only: eBPF mode does not support loadBalancerSourceRanges yet.
-#[test]
-fn load_balancer_ip_honours_source_ranges() {
-    let mode = Mode::Nftables;
-    let lb = |range: &str| {
+fn load_balancer_ip_honours_source_ranges(mode: Mode) {
+    let lb = |ranges: &str| {
         service(
             "lb",
             "10.96.0.80",
             &[
                 "type: LoadBalancer",
-                &format!("loadBalancerSourceRanges: [{range}]"),
+                &format!("loadBalancerSourceRanges: [{ranges}]"),
             ],
             "port: 80, targetPort: 8080, nodePort: 30080",
         ) + "status:\n  loadBalancer:\n    ingress: [{ip: 192.0.2.80}, {ip: 192.0.2.81, ipMode: Proxy}]\n"
@@ -211,13 +209,23 @@ fn load_balancer_ip_honours_source_ranges() {
                 &[ep(0, NODE_NAME, ""), ep(1, NODE_NAME, "")],
             )
     };
-    let Some(env) = setup(mode, 2, &lb(&format!("{CLIENT_IP}/32"))) else {
+    // pod-2 is no endpoint: the in-cluster client.
+    let Some(env) = setup(mode, 3, &lb(&format!("{CLIENT_IP}/32"))) else {
         return;
     };
+    let pod = &env.topo.pods[2];
     env.topo.client_route_via_node("192.0.2.80").unwrap();
     env.topo.client_route_via_node("192.0.2.81").unwrap();
     let r = tcp(&env.topo.client, "192.0.2.80:80", 10);
     assert_eq!(total(&r), 10, "the client is in the source ranges: {r}");
+    assert_eq!(names(&r), ["pod-0", "pod-1"], "{r}");
+    // A pod outside the ranges: its connection to the load-balancer IP is dropped.
+    let r = env.tcp_local(pod, "192.0.2.80:80", 1);
+    assert_eq!(
+        errors(&r, "timeout"),
+        1,
+        "the pod is not in the ranges: {r}"
+    );
 
     // ipMode Proxy: the load balancer delivers to the node itself; no DNAT.
     assert!(!env.table().contains("192.0.2.81"), "{}", env.table());
@@ -227,15 +235,19 @@ fn load_balancer_ip_honours_source_ranges() {
         "no pod answers a Proxy-mode IP: {r}"
     );
 
-    // A range without the client: the load-balancer IP drops it.
-    env.rewrite(&[], &lb("203.0.113.0/24"), |t| {
+    // Ranges without the client but with the pod: the load-balancer IP drops the client
+    // and serves the pod.
+    let ranges = format!("203.0.113.0/24, {}/32", pod_ip(2));
+    env.rewrite(&[], &lb(&ranges), |t| {
         t.contains("203.0.113.0/24") && !t.contains(CLIENT_IP)
     });
     let r = tcp(&env.topo.client, "192.0.2.80:80", 2);
     assert!(answers(&r).is_empty(), "{r}");
     assert_eq!(errors(&r, "timeout"), 2, "dropped, not rejected: {r}");
+    let r = env.tcp_local(pod, "192.0.2.80:80", 10);
+    assert_eq!(total(&r), 10, "the pod is in the ranges: {r}");
     // The ClusterIP from a pod and the NodePort are not firewalled.
-    let r = env.tcp_local(&env.topo.pods[0], "10.96.0.80:80", 10);
+    let r = env.tcp_local(pod, "10.96.0.80:80", 10);
     assert_eq!(total(&r), 10, "ClusterIP from a pod: {r}");
     let r = tcp(&env.topo.client, &format!("{NODE_IP}:30080"), 10);
     assert_eq!(total(&r), 10, "NodePort: {r}");
@@ -463,12 +475,7 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready(mode: Mode) {
     });
     let r = tcp(&env.topo.client, "10.96.0.10:80", 3);
     assert!(answers(&r).is_empty(), "{r}");
-    if mode == Mode::Ebpf {
-        // eBPF mode: the tc path drops a ClusterIP without endpoints from outside.
-        assert_eq!(errors(&r, "timeout"), 3, "dropped: {r}");
-    } else {
-        assert_eq!(errors(&r, "refused") + errors(&r, "unreachable"), 3, "{r}");
-    }
+    assert_eq!(errors(&r, "refused") + errors(&r, "unreachable"), 3, "{r}");
 }
 
 fn topology_hints_keep_traffic_in_the_node_zone(mode: Mode) {

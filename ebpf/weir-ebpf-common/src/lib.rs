@@ -24,6 +24,9 @@ pub const BACKENDS_MAP: &str = "WEIR_BACKENDS";
 /// [`RevNatValue`].
 pub const REVNAT_MAP: &str = "WEIR_REVNAT";
 
+/// Name of the source ranges map (an LPM trie): `(prefix length, [`SourceRange`])` -> 1.
+pub const SOURCE_RANGES_MAP: &str = "WEIR_SOURCE_RANGES";
+
 /// Name of the Maglev lookup tables: [`BackendKey`] (frontend, table index) -> slot (`u32`).
 pub const MAGLEV_MAP: &str = "WEIR_MAGLEV";
 /// Name of the tc path's connection-tracking map (LRU, written by the programs): [`CtKey`]
@@ -43,6 +46,9 @@ pub const MAGLEV_MAX: u32 = 1 << 21;
 pub const CT_MAX: u32 = 262_144;
 /// Capacity of the session affinity map.
 pub const AFFINITY_MAX: u32 = 65_536;
+
+/// Capacity of the source ranges map (allowed prefixes over all frontends).
+pub const SOURCE_RANGES_MAX: u32 = 65_536;
 
 /// Capacity of the services map (frontends).
 pub const SERVICES_MAX: u32 = 65_536;
@@ -80,6 +86,11 @@ pub const FLAG_NODE_LOCAL: u32 = 2;
 /// (the [`MAGLEV_MAP`]) by a hash of the packet's 5-tuple instead of at random.
 pub const FLAG_MAGLEV: u32 = 4;
 
+/// [`ServiceValue::flags`]: the frontend (a load-balancer IP with
+/// `loadBalancerSourceRanges`) accepts new flows only from sources inside one of its
+/// prefixes in the [`SOURCE_RANGES_MAP`]; others are dropped.
+pub const FLAG_SOURCE_RANGES: u32 = 8;
+
 /// What a frontend leads to: `count` backends in slots `0..count` of the backends map,
 /// keyed by this frontend. `count == 0` means the Service has no endpoints (refused).
 #[repr(C)]
@@ -87,18 +98,19 @@ pub const FLAG_MAGLEV: u32 = 4;
 pub struct ServiceValue {
     /// Number of backend slots.
     pub count: u32,
-    /// [`FLAG_DROP`], [`FLAG_NODE_LOCAL`], [`FLAG_MAGLEV`] or 0.
+    /// [`FLAG_DROP`], [`FLAG_NODE_LOCAL`], [`FLAG_MAGLEV`], [`FLAG_SOURCE_RANGES`] or 0.
     pub flags: u32,
     /// ClientIP session affinity timeout in seconds; 0 without affinity.
     pub affinity_timeout: u32,
-    /// The node's IPv4 address (network byte order) that the tc path puts as the source
-    /// of flows to a remote backend ([`BACKEND_REMOTE`]); 0 where nothing is masqueraded.
-    pub snat_v4: u32,
+    /// The node's address of the frontend's family (network byte order, see the crate
+    /// docs) that the tc path puts as the source of flows to a remote backend
+    /// ([`BACKEND_REMOTE`]); all zero where nothing is masqueraded.
+    pub snat: [u32; 4],
 }
 
 /// [`Backend`]'s `proto` in the backends map: the endpoint is on another node and the
 /// frontend's external traffic policy is Cluster, so the tc path masquerades flows to it
-/// (source -> the frontend's `snat_v4`). 0 otherwise.
+/// (source -> the frontend's `snat`). 0 otherwise.
 pub const BACKEND_REMOTE: u8 = 1;
 
 /// One backend slot of a frontend: the backends map's key.
@@ -130,20 +142,39 @@ pub struct RevNatKey {
 /// The frontend a socket's backend stands for (`proto` 0).
 pub type RevNatValue = AddrPort;
 
+/// The data of a source ranges map key: a frontend and a source address. The map's
+/// prefix length covers the whole frontend ([`SOURCE_RANGE_FRONTEND_BITS`]) plus the
+/// source prefix's length, so a lookup with the full length finds an allowed prefix of
+/// that frontend holding the source, if there is one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    /// The frontend (as in the services map).
+    pub frontend: ServiceKey,
+    /// The source prefix's address (host bits zero; network byte order, an IPv4 address
+    /// in the first word).
+    pub source: [u32; 4],
+}
+
+/// Bits of a [`SourceRange`] key taken by the frontend.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 160;
+/// Bits of a whole [`SourceRange`] key (a lookup's prefix length).
+pub const SOURCE_RANGE_BITS: u32 = 288;
+
 /// `CtKey::dir` of a client's packet to a frontend (the entry holds the backend).
 pub const CT_FORWARD: u8 = 0;
 /// `CtKey::dir` of a backend's reply to a client (the entry holds the frontend).
 pub const CT_REPLY: u8 = 1;
 
-/// An IPv4 flow as the tc path sees it on the wire (addresses and ports in network byte
-/// order).
+/// An IPv4 or IPv6 flow as the tc path sees it on the wire (addresses and ports in
+/// network byte order; an IPv4 address uses the first word).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CtKey {
     /// Source address.
-    pub saddr: u32,
+    pub saddr: [u32; 4],
     /// Destination address.
-    pub daddr: u32,
+    pub daddr: [u32; 4],
     /// Source port.
     pub sport: u16,
     /// Destination port.
@@ -152,8 +183,10 @@ pub struct CtKey {
     pub proto: u8,
     /// [`CT_FORWARD`] or [`CT_REPLY`].
     pub dir: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
     /// Padding (zero).
-    pub pad: u16,
+    pub pad: u8,
 }
 
 /// A tracked flow's translation: for [`CT_FORWARD`] the backend (new destination), for
@@ -162,14 +195,14 @@ pub struct CtKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CtValue {
     /// The address.
-    pub addr: u32,
+    pub addr: [u32; 4],
+    /// With [`CT_SNAT`]: for [`CT_FORWARD`] the new source address (the node's); for
+    /// [`CT_REPLY`] the client's address (the reply's new destination).
+    pub snat: [u32; 4],
     /// The port.
     pub port: u16,
     /// [`CT_SNAT`] or 0.
     pub flags: u16,
-    /// With [`CT_SNAT`]: for [`CT_FORWARD`] the new source address (the node's); for
-    /// [`CT_REPLY`] the client's address (the reply's new destination).
-    pub snat: u32,
 }
 
 /// [`CtValue::flags`]: the flow is masqueraded (a remote backend). Its reply arrives
@@ -226,6 +259,9 @@ mod user {
     unsafe impl aya::Pod for super::CtKey {}
     // SAFETY: as above.
     #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::SourceRange {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::CtValue {}
     // SAFETY: as above.
     #[allow(unsafe_code)]
@@ -242,12 +278,20 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<AddrPort>(), 20);
-        assert_eq!(core::mem::size_of::<ServiceValue>(), 16);
-        assert_eq!(core::mem::size_of::<CtKey>(), 16);
-        assert_eq!(core::mem::size_of::<CtValue>(), 12);
+        assert_eq!(core::mem::size_of::<ServiceValue>(), 28);
+        assert_eq!(core::mem::size_of::<CtKey>(), 40);
+        assert_eq!(core::mem::size_of::<CtValue>(), 36);
         assert_eq!(core::mem::size_of::<AffinityKey>(), 40);
         assert_eq!(core::mem::size_of::<AffinityValue>(), 32);
         assert_eq!(core::mem::size_of::<BackendKey>(), 24);
         assert_eq!(core::mem::size_of::<RevNatKey>(), 32);
+        assert_eq!(
+            core::mem::size_of::<SourceRange>() as u32 * 8,
+            SOURCE_RANGE_BITS
+        );
+        assert_eq!(
+            core::mem::size_of::<AddrPort>() as u32 * 8,
+            SOURCE_RANGE_FRONTEND_BITS
+        );
     }
 }

@@ -10,14 +10,16 @@ use aya_ebpf::helpers::generated::{
     bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
     bpf_set_retval,
 };
-use aya_ebpf::macros::{cgroup_sock_addr, map};
+use aya_ebpf::macros::{cgroup_skb, cgroup_sock_addr, map};
+use aya_ebpf::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya_ebpf::maps::{HashMap, LruHashMap};
-use aya_ebpf::programs::SockAddrContext;
+use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
 use weir_ebpf_common::{
     AddrPort, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, RevNatKey,
-    RevNatValue, ServiceKey, ServiceValue, AFFINITY_MAX, BACKENDS_MAX, CLIENT_NETNS, CT_MAX,
-    FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_MAGLEV, MAGLEV_MAX, MAGLEV_TABLE_SIZE, PROTO_TCP,
-    PROTO_UDP, REVNAT_MAX, SERVICES_MAX,
+    RevNatValue, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAX, BACKENDS_MAX, CLIENT_NETNS,
+    CT_MAX, FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_MAGLEV, FLAG_SOURCE_RANGES, MAGLEV_MAX,
+    MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, REVNAT_MAX, SERVICES_MAX, SOURCE_RANGES_MAX,
+    SOURCE_RANGE_BITS,
 };
 
 /// Frontends.
@@ -44,6 +46,28 @@ pub(crate) static WEIR_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MA
 #[map(name = "WEIR_AFFINITY")]
 static WEIR_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
 
+/// Allowed source prefixes of frontends with `loadBalancerSourceRanges`.
+#[map(name = "WEIR_SOURCE_RANGES")]
+static WEIR_SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(SOURCE_RANGES_MAX, 0);
+
+/// Whether `source` may open a flow to frontend `key` (whose value is `v`): always, unless
+/// the frontend has [`FLAG_SOURCE_RANGES`] and no allowed prefix of it holds `source`. A
+/// function of its own (a BPF-to-BPF call) to keep the callers' stacks small.
+#[inline(never)]
+pub(crate) fn source_allowed(key: &ServiceKey, v: &ServiceValue, source: &[u32; 4]) -> bool {
+    if v.flags & FLAG_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let k = LpmKey::new(
+        SOURCE_RANGE_BITS,
+        SourceRange {
+            frontend: *key,
+            source: *source,
+        },
+    );
+    WEIR_SOURCE_RANGES.get(&k).is_some()
+}
+
 /// Looks a frontend up.
 #[inline(always)]
 pub(crate) fn service(key: &ServiceKey) -> Option<ServiceValue> {
@@ -54,14 +78,18 @@ pub(crate) fn service(key: &ServiceKey) -> Option<ServiceValue> {
 /// Picks a backend of frontend `key` (whose value is `v`, with `count > 0`): the client's
 /// affinity entry while it is fresh and its slot still holds that backend; else the
 /// Maglev table entry for `hash` (Maglev frontends) or a random slot. Records the choice
-/// for the client when the frontend has affinity.
-#[inline(always)]
+/// for the client when the frontend has affinity. A function of its own (a BPF-to-BPF
+/// call) to keep the callers' stacks small.
+#[inline(never)]
 pub(crate) fn pick(
     key: &ServiceKey,
     v: &ServiceValue,
     hash: u32,
     client: &AffinityKey,
 ) -> Option<Backend> {
+    if v.count == 0 {
+        return None;
+    }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if v.affinity_timeout != 0 {
@@ -99,7 +127,8 @@ pub(crate) fn pick(
         unsafe { bpf_get_prandom_u32() }
     };
     if slot >= v.count {
-        slot %= v.count;
+        // `count` is not 0 (checked above): no division by zero.
+        slot = slot.checked_rem(v.count).unwrap_or(0);
     }
     let bkey = BackendKey {
         service: *key,
@@ -322,6 +351,71 @@ pub fn weir_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn weir_getpeername6(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, Family::V6)
+}
+
+const SKB_PASS: i32 = 1;
+const SKB_DROP: i32 = 0;
+
+/// Egress of sockets in the cgroup: a packet the socket hooks sent to a backend of a
+/// frontend with source ranges (found through the socket's reverse translation) is
+/// dropped when its source, now known, is outside the ranges: the connect hooks run before
+/// the kernel picks the source address. TCP is checked on its SYN (later packets of a
+/// refused connection never exist), UDP on every datagram.
+#[cgroup_skb(egress)]
+pub fn weir_egress_source_ranges(ctx: SkBuffContext) -> i32 {
+    match egress_allowed(&ctx) {
+        Some(false) => SKB_DROP,
+        _ => SKB_PASS,
+    }
+}
+
+/// `Some(false)` when the packet must be dropped; `None` when it is not one to check.
+#[inline(always)]
+fn egress_allowed(ctx: &SkBuffContext) -> Option<bool> {
+    let ver: u8 = ctx.load(0).ok()?;
+    let (saddr, daddr, proto, l4, family) = match ver >> 4 {
+        4 => {
+            let ihl = ((ver & 0x0f) as usize) * 4;
+            let proto: u8 = ctx.load(9).ok()?;
+            let s: u32 = ctx.load(12).ok()?;
+            let d: u32 = ctx.load(16).ok()?;
+            ([s, 0, 0, 0], [d, 0, 0, 0], proto, ihl, FAMILY_V4)
+        }
+        6 => {
+            let proto: u8 = ctx.load(6).ok()?;
+            let s: [u32; 4] = ctx.load(8).ok()?;
+            let d: [u32; 4] = ctx.load(24).ok()?;
+            (s, d, proto, 40, FAMILY_V6)
+        }
+        _ => return None,
+    };
+    if proto == PROTO_TCP {
+        // SYN without ACK: a new connection.
+        let flags: u8 = ctx.load(l4 + 13).ok()?;
+        if flags & 0x12 != 0x02 {
+            return None;
+        }
+    } else if proto != PROTO_UDP {
+        return None;
+    }
+    let dport: u16 = ctx.load(l4 + 2).ok()?;
+    let rkey = RevNatKey {
+        // SAFETY: bpf_get_socket_cookie is allowed in cgroup_skb programs and takes the
+        // skb.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
+        backend: AddrPort {
+            addr: daddr,
+            port: dport,
+            family,
+            proto: 0,
+        },
+        pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let front = unsafe { WEIR_REVNAT.get(&rkey) }.copied()?;
+    let key = AddrPort { proto, ..front };
+    let v = service(&key)?;
+    Some(source_allowed(&key, &v, &saddr))
 }
 
 #[cfg(not(test))]

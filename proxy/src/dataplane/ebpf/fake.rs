@@ -1,6 +1,8 @@
-//! A fake of the services and backends maps that behaves like BPF hash maps: a fixed
-//! capacity (inserting a new key into a full map fails with E2BIG), deleting a missing key
-//! fails (ENOENT), and writes are applied one by one (a failed plan stays half applied).
+//! A fake of the services, backends, Maglev and source ranges maps that behaves like BPF
+//! hash maps and an LPM trie: a fixed capacity (inserting a new key into a full map fails
+//! with E2BIG, ENOSPC for the trie), a prefix longer than the trie's key fails (EINVAL),
+//! deleting a missing key fails (ENOENT), and writes are applied one by one (a failed plan
+//! stays half applied).
 
 use super::kernel::EbpfError;
 use super::render::{MapContents, MapOp, MapPlan};
@@ -126,6 +128,35 @@ impl MapStore for FakeMaps {
                 MapOp::DeleteMaglev(k) => {
                     if m.maglev.remove(k).is_none() {
                         return Err(missing("maglev", k));
+                    }
+                }
+                MapOp::InsertSourceRange(len, k) => {
+                    // An LPM trie refuses a prefix longer than its key (EINVAL) and a new
+                    // prefix when full (ENOSPC).
+                    if *len > weir_ebpf_common::SOURCE_RANGE_BITS {
+                        return Err(EbpfError::Map {
+                            op: "update",
+                            map: "source_ranges",
+                            key: format!("{len} {k:?}"),
+                            message: "prefix longer than the key (EINVAL)".into(),
+                        });
+                    }
+                    let entry = (*len, *k);
+                    if !m.source_ranges.contains(&entry)
+                        && m.source_ranges.len() >= weir_ebpf_common::SOURCE_RANGES_MAX as usize
+                    {
+                        return Err(EbpfError::Map {
+                            op: "update",
+                            map: "source_ranges",
+                            key: format!("{entry:?}"),
+                            message: "map is full (ENOSPC)".into(),
+                        });
+                    }
+                    m.source_ranges.insert(entry);
+                }
+                MapOp::DeleteSourceRange(len, k) => {
+                    if !m.source_ranges.remove(&(*len, *k)) {
+                        return Err(missing("source_ranges", &(len, k)));
                     }
                 }
             }

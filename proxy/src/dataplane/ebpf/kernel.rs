@@ -5,17 +5,21 @@
 
 use super::render::{MapContents, MapOp, MapPlan};
 use super::MapStore;
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData};
 use aya::programs::links::LinkOrder;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, Program, SchedClassifier, TcAttachType};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkbAttachType, Program, SchedClassifier, TcAttachType,
+};
 use aya::{Ebpf, EbpfLoader, VerifierLogLevel};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use weir_ebpf_common::{
-    Backend, BackendKey, ServiceKey, ServiceValue, BACKENDS_MAP, MAGLEV_MAP, SERVICES_MAP,
+    Backend, BackendKey, ServiceKey, ServiceValue, SourceRange, BACKENDS_MAP, MAGLEV_MAP,
+    SERVICES_MAP, SOURCE_RANGES_MAP,
 };
 
 /// The tc program for an external interface's ingress (frontend -> backend).
@@ -187,6 +191,7 @@ pub fn load(bpffs_dir: &Path, log: VerifierLogLevel) -> Result<Ebpf, EbpfError> 
     for (name, program) in ebpf.programs_mut() {
         let loaded = match program {
             Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSkb(p) => p.load(),
             Program::SchedClassifier(p) => p.load(),
             _ => {
                 return Err(EbpfError::Load {
@@ -254,26 +259,32 @@ impl KernelMaps {
         let cgroup = std::fs::File::open(&s.cgroup).map_err(|e| cg_err(format!("open: {e}")))?;
         let mut links = Vec::new();
         for (name, program) in ebpf.programs_mut() {
-            if !matches!(program, Program::CgroupSockAddr(_)) {
-                continue;
-            }
             let attach_err = |message: String| EbpfError::Attach {
                 program: name.to_owned(),
                 cgroup: s.cgroup.clone(),
                 message,
             };
-            let p: &mut CgroupSockAddr = program
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| attach_err(chain(&e)))?;
             // A cgroup bpf_link takes no flags (the kernel attaches links as
             // BPF_F_ALLOW_MULTI, beside other programs): `Single` passes none.
-            let id = p
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| attach_err(chain(&e)))?;
-            let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
-            let link: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| attach_err(chain(&e)))?;
+            let link_err = |e: aya::programs::links::LinkError| attach_err(chain(&e));
+            let link: FdLink = match program {
+                Program::CgroupSockAddr(p) => {
+                    let id = p
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|e| attach_err(chain(&e)))?;
+                    let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
+                    link.try_into().map_err(link_err)?
+                }
+                Program::CgroupSkb(p) => {
+                    let ty = CgroupSkbAttachType::Egress;
+                    let id = p
+                        .attach(&cgroup, ty, CgroupAttachMode::Single)
+                        .map_err(|e| attach_err(chain(&e)))?;
+                    let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
+                    link.try_into().map_err(link_err)?
+                }
+                _ => continue,
+            };
             let path = link_path(&s.bpffs_dir, name);
             let pin_err = |message: String| EbpfError::Pin {
                 path: path.clone(),
@@ -406,13 +417,21 @@ impl MapStore for KernelMaps {
             services: read_map(&self.ebpf, SERVICES_MAP)?,
             backends: read_map(&self.ebpf, BACKENDS_MAP)?,
             maglev: read_map(&self.ebpf, MAGLEV_MAP)?,
+            source_ranges: read_source_ranges(&self.ebpf)?,
         })
     }
 
     fn apply(&mut self, plan: &MapPlan) -> Result<(), EbpfError> {
-        let [s, b, m] = self
-            .ebpf
-            .maps_disjoint_mut([SERVICES_MAP, BACKENDS_MAP, MAGLEV_MAP]);
+        let [s, b, m, r] = self.ebpf.maps_disjoint_mut([
+            SERVICES_MAP,
+            BACKENDS_MAP,
+            MAGLEV_MAP,
+            SOURCE_RANGES_MAP,
+        ]);
+        let mut ranges: LpmTrie<&mut MapData, SourceRange, u32> = r
+            .ok_or_else(|| missing_map(SOURCE_RANGES_MAP))?
+            .try_into()
+            .map_err(map_err("open", SOURCE_RANGES_MAP, &""))?;
         let mut maglev: HashMap<&mut MapData, BackendKey, u32> = m
             .ok_or_else(|| missing_map(MAGLEV_MAP))?
             .try_into()
@@ -453,6 +472,12 @@ impl MapStore for KernelMaps {
                 MapOp::DeleteMaglev(k) => {
                     maglev.remove(k).map_err(map_err("delete", MAGLEV_MAP, k))?
                 }
+                MapOp::InsertSourceRange(len, k) => ranges
+                    .insert(&LpmKey::new(*len, *k), 1, 0)
+                    .map_err(map_err("update", SOURCE_RANGES_MAP, &(len, k)))?,
+                MapOp::DeleteSourceRange(len, k) => ranges
+                    .remove(&LpmKey::new(*len, *k))
+                    .map_err(map_err("delete", SOURCE_RANGES_MAP, &(len, k)))?,
             }
         }
         Ok(())
@@ -473,6 +498,26 @@ where
         .map_err(map_err("open", name, &""))?;
     map.iter()
         .map(|kv| kv.map_err(map_err("iterate", name, &"")))
+        .collect()
+}
+
+/// Every entry of the source ranges map (an LPM trie).
+fn read_source_ranges(
+    ebpf: &Ebpf,
+) -> Result<std::collections::BTreeSet<(u32, SourceRange)>, EbpfError> {
+    let map: LpmTrie<&MapData, SourceRange, u32> = ebpf
+        .map(SOURCE_RANGES_MAP)
+        .ok_or_else(|| missing_map(SOURCE_RANGES_MAP))?
+        .try_into()
+        .map_err(map_err("open", SOURCE_RANGES_MAP, &""))?;
+    map.iter()
+        .map(|kv| {
+            kv.map(|(k, _)| (k.prefix_len(), k.data())).map_err(map_err(
+                "iterate",
+                SOURCE_RANGES_MAP,
+                &"",
+            ))
+        })
         .collect()
 }
 

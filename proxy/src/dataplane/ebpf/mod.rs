@@ -2,12 +2,14 @@
 //! backend at connect/sendmsg time (TCP and UDP), and back for UDP replies and
 //! getpeername; tc programs on the node's external interfaces translate NodePorts,
 //! external and load-balancer IPs (and ClusterIPs routed to the node) per packet, with a
-//! connection-tracking map for replies and SNAT to the node for remote backends (IPv4). Backends are picked at random or by Maglev,
-//! with ClientIP session affinity. [`render`] turns the desired state into map contents and
-//! diffs them (pure), [`kernel`] loads, attaches and pins the programs and writes the maps
-//! with aya, [`fake`] behaves like BPF hash maps for tests.
+//! connection-tracking map for replies, SNAT to the node for remote backends and
+//! TCP RST / ICMP rejects for frontends without endpoints (IPv4 and IPv6); a cgroup_skb
+//! egress program and the tc path enforce `loadBalancerSourceRanges`. Backends are picked
+//! at random or by Maglev, with ClientIP session affinity. [`render`] turns the desired
+//! state into map contents and diffs them (pure), [`kernel`] loads, attaches and pins the
+//! programs and writes the maps with aya, [`fake`] behaves like BPF maps for tests.
 //!
-//! Not yet: IPv6 on the tc path, loadBalancerSourceRanges, SCTP.
+//! Not yet: SCTP, ICMP errors translated back, TCP state in the tc connection tracking.
 
 pub mod fake;
 pub mod kernel;

@@ -4,11 +4,13 @@
 //! missing slot.
 
 use crate::model::{DesiredState, Endpoint, Protocol};
-use std::collections::BTreeMap;
+use ipnetwork::IpNetwork;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use weir_ebpf_common::{
-    AddrPort, Backend, BackendKey, ServiceKey, ServiceValue, BACKEND_REMOTE, FAMILY_V4, FAMILY_V6,
-    FLAG_DROP, FLAG_MAGLEV, FLAG_NODE_LOCAL, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP,
+    AddrPort, Backend, BackendKey, ServiceKey, ServiceValue, SourceRange, BACKEND_REMOTE,
+    FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_MAGLEV, FLAG_NODE_LOCAL, FLAG_SOURCE_RANGES,
+    MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, SOURCE_RANGE_FRONTEND_BITS,
 };
 
 /// `--ebpf-lb-algorithm`: how a frontend's backend is picked for a new flow.
@@ -34,12 +36,15 @@ pub struct MapContents {
     pub backends: BTreeMap<BackendKey, Backend>,
     /// (frontend, Maglev table index) -> slot, for frontends with [`FLAG_MAGLEV`].
     pub maglev: BTreeMap<BackendKey, u32>,
+    /// The source ranges map's entries (prefix length, frontend and source prefix), for
+    /// frontends with [`FLAG_SOURCE_RANGES`].
+    pub source_ranges: BTreeSet<(u32, SourceRange)>,
 }
 
 impl MapContents {
-    /// Entries in both maps.
+    /// Entries in all maps.
     pub fn len(&self) -> usize {
-        self.services.len() + self.backends.len() + self.maglev.len()
+        self.services.len() + self.backends.len() + self.maglev.len() + self.source_ranges.len()
     }
 
     /// Whether both maps are empty.
@@ -63,6 +68,10 @@ pub enum MapOp {
     UpsertMaglev(BackendKey, u32),
     /// Delete a Maglev table entry.
     DeleteMaglev(BackendKey),
+    /// Insert an allowed source prefix of a frontend (prefix length, key data).
+    InsertSourceRange(u32, SourceRange),
+    /// Delete an allowed source prefix of a frontend.
+    DeleteSourceRange(u32, SourceRange),
 }
 
 /// Map writes, in the order they must be applied.
@@ -122,10 +131,13 @@ pub fn render(desired: &DesiredState) -> MapContents {
 /// - each cluster IP, whose slots are the endpoints of that IP's family in slot order
 ///   (`internalTrafficPolicy: Local` uses only this node's);
 /// - the NodePort on each of the node's addresses ([`FLAG_NODE_LOCAL`]), each external IP
-///   and each load-balancer IP without `loadBalancerSourceRanges` (those are not enforced
-///   by the eBPF programs, so such IPs are left out), whose slots are the endpoints for
-///   external traffic (`externalTrafficPolicy: Local` uses only this node's).
+///   and each load-balancer IP, whose slots are the endpoints for external traffic
+///   (`externalTrafficPolicy: Local` uses only this node's). A load-balancer IP of a
+///   Service with `loadBalancerSourceRanges` carries [`FLAG_SOURCE_RANGES`] and its
+///   [`allowed_sources`] in the source ranges map.
 ///
+/// External frontends masquerade flows to remote endpoints ([`BACKEND_REMOTE`]) to the
+/// node's address of their family (`snat`) unless the external traffic policy is Local.
 /// A frontend without endpoints has `count` 0 (refused); with endpoints elsewhere but none
 /// usable here it also carries [`FLAG_DROP`]. `affinity_timeout` is the ClientIP affinity
 /// timeout. With [`LbAlgorithm::Maglev`] each frontend with endpoints carries
@@ -150,38 +162,57 @@ pub fn render_with(desired: &DesiredState, algorithm: LbAlgorithm) -> MapContent
         } else {
             &sp.endpoints
         };
-        // External traffic to remote endpoints is masqueraded to the node's IPv4 address
-        // (ETP Cluster); ClusterIP traffic from outside keeps its source.
-        let snat = match desired.node_ips.iter().find(|ip| ip.is_ipv4()) {
-            Some(IpAddr::V4(v4)) if !info.external_local => u32::from_ne_bytes(v4.octets()),
-            _ => 0,
-        };
-        let mut frontends: Vec<(IpAddr, u16, &[Endpoint], u32, u32)> = info
+        // External traffic to remote endpoints is masqueraded to the node's address of
+        // the frontend's family (ETP Cluster); ClusterIP traffic from outside keeps its
+        // source.
+        let masq = !info.external_local;
+        let mut frontends: Vec<(IpAddr, u16, &[Endpoint], u32, bool)> = info
             .cluster_ips
             .iter()
-            .map(|ip| (*ip, info.port, internal, 0, 0))
+            .map(|ip| (*ip, info.port, internal, 0, false))
             .collect();
         if let Some(np) = info.node_port {
             for ip in &desired.node_ips {
-                frontends.push((*ip, np, external, FLAG_NODE_LOCAL, snat));
+                frontends.push((*ip, np, external, FLAG_NODE_LOCAL, masq));
             }
         }
         for ip in &info.external_ips {
-            frontends.push((*ip, info.port, external, 0, snat));
+            frontends.push((*ip, info.port, external, 0, masq));
         }
-        if info.source_ranges.is_empty() {
-            for ip in &info.load_balancer_ips {
-                frontends.push((*ip, info.port, external, 0, snat));
-            }
+        let firewalled = if info.source_ranges.is_empty() {
+            0
+        } else {
+            FLAG_SOURCE_RANGES
+        };
+        for ip in &info.load_balancer_ips {
+            frontends.push((*ip, info.port, external, firewalled, masq));
         }
-        for (ip, port, eps, flags, snat_v4) in frontends {
+        for (ip, port, eps, flags, masq) in frontends {
             let key = addr_port(ip, port, proto);
+            let snat = if masq {
+                snat_address(desired, &ip)
+            } else {
+                [0; 4]
+            };
+            if flags & FLAG_SOURCE_RANGES != 0 {
+                let allowed = allowed_sources(&ip, &info.source_ranges, &desired.node_ips);
+                out.source_ranges.extend(allowed.into_iter().map(|source| {
+                    let entry = SourceRange {
+                        frontend: key,
+                        source: addr_port(source.network(), 0, 0).addr,
+                    };
+                    (
+                        SOURCE_RANGE_FRONTEND_BITS + u32::from(source.prefix()),
+                        entry,
+                    )
+                }));
+            }
             let eps: Vec<&Endpoint> = eps
                 .iter()
                 .filter(|e| e.ip.is_ipv4() == ip.is_ipv4())
                 .collect();
             for (slot, e) in (0u32..).zip(&eps) {
-                let remote = if snat_v4 != 0 && !e.is_local {
+                let remote = if snat != [0; 4] && !e.is_local {
                     BACKEND_REMOTE
                 } else {
                     0
@@ -216,12 +247,55 @@ pub fn render_with(desired: &DesiredState, algorithm: LbAlgorithm) -> MapContent
                     count,
                     flags,
                     affinity_timeout: info.affinity_timeout.unwrap_or(0),
-                    snat_v4,
+                    snat,
                 },
             );
         }
     }
     out
+}
+
+/// The source prefixes allowed to reach load-balancer IP `frontend`, as nftables mode
+/// allows them: its family's `ranges`, and every node address of that family when a range
+/// holds one of them (the node reaching its own load balancer from any of its addresses).
+/// No prefix covered by another is kept.
+pub fn allowed_sources(
+    frontend: &IpAddr,
+    ranges: &[IpNetwork],
+    node_ips: &[IpAddr],
+) -> Vec<IpNetwork> {
+    let same_family = |ip: &IpAddr| ip.is_ipv4() == frontend.is_ipv4();
+    let mut allowed: Vec<IpNetwork> = ranges
+        .iter()
+        .filter(|r| same_family(&r.ip()))
+        .filter_map(|r| IpNetwork::new(r.network(), r.prefix()).ok())
+        .collect();
+    let node: Vec<&IpAddr> = node_ips.iter().filter(|ip| same_family(ip)).collect();
+    if node
+        .iter()
+        .any(|ip| ranges.iter().any(|r| r.contains(**ip)))
+    {
+        allowed.extend(node.into_iter().map(|ip| IpNetwork::from(*ip)));
+    }
+    allowed.sort_by_key(|n| (n.prefix(), n.network()));
+    let mut kept: Vec<IpNetwork> = Vec::new();
+    for n in allowed {
+        if !kept.iter().any(|k| k.contains(n.network())) {
+            kept.push(n);
+        }
+    }
+    kept
+}
+
+/// The node's first address of `frontend`'s family as the maps hold it (all zero when the
+/// node has none): the source of masqueraded flows to remote backends.
+fn snat_address(desired: &DesiredState, frontend: &IpAddr) -> [u32; 4] {
+    desired
+        .node_ips
+        .iter()
+        .find(|n| n.is_ipv4() == frontend.is_ipv4())
+        .map(|n| addr_port(*n, 0, 0).addr)
+        .unwrap_or_default()
 }
 
 /// 64-bit FNV-1a of `bytes` after `seed` (stable across builds and runs, unlike std's
@@ -275,10 +349,11 @@ pub fn maglev_table(backends: &[String], size: u32) -> Vec<u32> {
 }
 
 /// The writes that turn `current` into `desired`, touching only changed keys: new and
-/// changed backend slots and Maglev entries first, then frontends (so a grown count never
-/// points at a missing slot), then deleted frontends, then deleted Maglev entries and
-/// slots (a shrunk count stops using them first; a Maglev entry past the count is taken
-/// modulo the count by the programs).
+/// changed backend slots, Maglev entries and allowed source prefixes first, then frontends
+/// (so a grown count never points at a missing slot, and a newly firewalled frontend
+/// already finds its prefixes), then deleted frontends, then deleted Maglev entries,
+/// source prefixes and slots (a shrunk count stops using them first; a Maglev entry past
+/// the count is taken modulo the count by the programs).
 pub fn diff(current: &MapContents, desired: &MapContents) -> MapPlan {
     let mut ops = Vec::new();
     for (k, v) in &desired.backends {
@@ -290,6 +365,9 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> MapPlan {
         if current.maglev.get(k) != Some(v) {
             ops.push(MapOp::UpsertMaglev(*k, *v));
         }
+    }
+    for (len, k) in desired.source_ranges.difference(&current.source_ranges) {
+        ops.push(MapOp::InsertSourceRange(*len, *k));
     }
     for (k, v) in &desired.services {
         if current.services.get(k) != Some(v) {
@@ -305,6 +383,9 @@ pub fn diff(current: &MapContents, desired: &MapContents) -> MapPlan {
         if !desired.maglev.contains_key(k) {
             ops.push(MapOp::DeleteMaglev(*k));
         }
+    }
+    for (len, k) in current.source_ranges.difference(&desired.source_ranges) {
+        ops.push(MapOp::DeleteSourceRange(*len, *k));
     }
     for k in current.backends.keys() {
         if !desired.backends.contains_key(k) {
@@ -407,7 +488,7 @@ mod tests {
                 count: 0,
                 flags: 0,
                 affinity_timeout: 0,
-                snat_v4: 0
+                snat: [0; 4]
             }
         );
         assert!(m.backends.is_empty());
@@ -469,7 +550,7 @@ mod tests {
                         count: 2,
                         flags: 0,
                         affinity_timeout: 0,
-                        snat_v4: 0
+                        snat: [0; 4]
                     }
                 ),
                 MapOp::DeleteBackend(BackendKey {
@@ -605,7 +686,7 @@ mod tests {
                 count: 1,
                 flags: FLAG_NODE_LOCAL,
                 affinity_timeout: 30,
-                snat_v4: 0
+                snat: [0; 4]
             },
             "ETP Local: only the local endpoint"
         );
@@ -619,13 +700,97 @@ mod tests {
         let mut fake = FakeMaps::default();
         fake.apply(&diff(&MapContents::default(), &m)).unwrap();
         assert_eq!(fake.contents(), m);
-        // Source ranges are not enforced by the programs: such load-balancer IPs are left out.
+        // Source ranges: the load-balancer IP is firewalled, with its allowed prefixes;
+        // the external IP is not.
         let sp = d.services.values_mut().next().unwrap();
         let mut info = (*sp.info).clone();
-        info.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+        info.source_ranges = vec![
+            "198.51.100.7/24".parse().unwrap(),
+            "fd00::/64".parse().unwrap(),
+        ];
         sp.info = std::sync::Arc::new(info);
         let m = render_with(&d, LbAlgorithm::Random);
-        assert!(!m.services.contains_key(&frontend("192.0.2.80", PROTO_TCP)));
+        let lb = frontend("192.0.2.80", PROTO_TCP);
+        assert_eq!(m.services[&lb].flags, FLAG_SOURCE_RANGES);
+        assert_eq!(m.services[&frontend("192.0.2.90", PROTO_TCP)].flags, 0);
+        let net = addr_port("198.51.100.0".parse().unwrap(), 0, 0).addr;
+        assert_eq!(
+            m.source_ranges.iter().collect::<Vec<_>>(),
+            [&(
+                SOURCE_RANGE_FRONTEND_BITS + 24,
+                SourceRange {
+                    frontend: lb,
+                    source: net
+                }
+            )],
+            "the IPv4 range, host bits cleared"
+        );
+        let mut fake = FakeMaps::default();
+        fake.apply(&diff(&MapContents::default(), &m)).unwrap();
+        assert_eq!(fake.contents(), m);
+        // Ranges gone: the prefixes are deleted after the frontend stops using them.
+        let sp = d.services.values_mut().next().unwrap();
+        let mut info = (*sp.info).clone();
+        info.source_ranges.clear();
+        sp.info = std::sync::Arc::new(info);
+        let plan = diff(&fake.contents(), &render_with(&d, LbAlgorithm::Random));
+        assert!(matches!(
+            plan.ops.as_slice(),
+            [MapOp::UpsertService(..), MapOp::DeleteSourceRange(..)]
+        ));
+        fake.apply(&plan).unwrap();
+        assert!(fake.contents().source_ranges.is_empty());
+    }
+
+    #[test]
+    fn node_addresses_are_allowed_when_a_source_range_holds_one() {
+        let ranges: Vec<IpNetwork> = vec![
+            "192.168.0.0/16".parse().unwrap(),
+            "192.168.77.0/24".parse().unwrap(),
+            "fd00:77::/64".parse().unwrap(),
+        ];
+        let nodes: Vec<IpAddr> = vec![
+            "192.168.77.10".parse().unwrap(),
+            "10.0.0.1".parse().unwrap(),
+            "fd00:77::10".parse().unwrap(),
+        ];
+        let v4 = allowed_sources(&"192.0.2.80".parse().unwrap(), &ranges, &nodes);
+        assert_eq!(v4, vec!["192.168.0.0/16".parse::<IpNetwork>().unwrap()]);
+        let nodes: Vec<IpAddr> = vec![
+            "198.51.100.1".parse().unwrap(),
+            "192.168.77.10".parse().unwrap(),
+        ];
+        let ranges: Vec<IpNetwork> = vec!["198.51.100.0/24".parse().unwrap()];
+        let v4 = allowed_sources(&"192.0.2.80".parse().unwrap(), &ranges, &nodes);
+        assert_eq!(
+            v4,
+            vec![
+                "198.51.100.0/24".parse::<IpNetwork>().unwrap(),
+                "192.168.77.10/32".parse().unwrap()
+            ],
+            "a range holds one node address: all of them are allowed"
+        );
+        let ranges: Vec<IpNetwork> = vec!["203.0.113.0/24".parse().unwrap()];
+        let v4 = allowed_sources(&"192.0.2.80".parse().unwrap(), &ranges, &nodes);
+        assert_eq!(v4, ranges, "no node address in a range: none added");
+        let ranges: Vec<IpNetwork> = vec![
+            "203.0.113.0/24".parse().unwrap(),
+            "fd00:77::/64".parse().unwrap(),
+        ];
+        let nodes: Vec<IpAddr> = vec!["fd00:77::10".parse().unwrap()];
+        let v6 = allowed_sources(&"fd00:1::80".parse().unwrap(), &ranges, &nodes);
+        assert_eq!(v6, vec!["fd00:77::/64".parse::<IpNetwork>().unwrap()]);
+        // Every kept prefix fits the trie's key.
+        let mut fake = FakeMaps::default();
+        let e = fake
+            .apply(&MapPlan {
+                ops: vec![MapOp::InsertSourceRange(
+                    weir_ebpf_common::SOURCE_RANGE_BITS + 1,
+                    SourceRange::default(),
+                )],
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("EINVAL"), "{e}");
     }
 
     #[test]
@@ -646,12 +811,12 @@ mod tests {
         d.services.insert(name("web", Protocol::Tcp), sp);
         let m = render(&d);
         let np = addr_port("192.168.77.10".parse().unwrap(), 30080, PROTO_TCP);
-        assert_eq!(m.services[&np].snat_v4.to_ne_bytes(), [192, 168, 77, 10]);
+        assert_eq!(m.services[&np].snat[0].to_ne_bytes(), [192, 168, 77, 10]);
         let slot = |service, slot| m.backends[&BackendKey { service, slot }].proto;
         assert_eq!((slot(np, 0), slot(np, 1)), (0, BACKEND_REMOTE));
         let cip = frontend("10.96.0.10", PROTO_TCP);
         assert_eq!(
-            m.services[&cip].snat_v4, 0,
+            m.services[&cip].snat, [0; 4],
             "ClusterIP traffic keeps its source"
         );
         assert_eq!((slot(cip, 0), slot(cip, 1)), (0, 0));
