@@ -755,7 +755,14 @@ mod tests {
             "fd00:77::10".parse().unwrap(),
         ];
         let v4 = allowed_sources(&"192.0.2.80".parse().unwrap(), &ranges, &nodes);
-        assert_eq!(v4, vec!["192.168.0.0/16".parse::<IpNetwork>().unwrap()]);
+        assert_eq!(
+            v4,
+            vec![
+                "192.168.0.0/16".parse::<IpNetwork>().unwrap(),
+                "10.0.0.1/32".parse().unwrap()
+            ],
+            "the covered /24 and node address go, the other node address is added"
+        );
         let nodes: Vec<IpAddr> = vec![
             "198.51.100.1".parse().unwrap(),
             "192.168.77.10".parse().unwrap(),
