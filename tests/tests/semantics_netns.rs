@@ -310,13 +310,7 @@ fn etp_local_without_local_endpoints_drops_external_traffic_but_pods_still_reach
     assert!(answers(&r).is_empty(), "{r}");
     assert_eq!(errors(&r, "timeout"), 2, "dropped, not refused: {r}");
     let r = env.tcp_local(&env.topo.pods[2], &nodeport, 20);
-    if mode == Mode::Ebpf {
-        // eBPF mode: the socket hooks apply the NodePort's drop to pods too, and the
-        // connect fails at once (EPERM, "other") instead of using every endpoint.
-        assert_eq!(errors(&r, "other"), 20, "{r}");
-    } else {
-        assert_eq!(total(&r), 20, "a pod uses every endpoint: {r}");
-    }
+    assert_eq!(total(&r), 20, "a pod uses every endpoint: {r}");
     let r = env.tcp_local(&env.topo.pods[2], "10.96.0.10:80", 20);
     assert_eq!(total(&r), 20, "ClusterIP: {r}");
 }

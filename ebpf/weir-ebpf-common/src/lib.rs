@@ -86,10 +86,19 @@ pub const FLAG_NODE_LOCAL: u32 = 2;
 /// (the [`MAGLEV_MAP`]) by a hash of the packet's 5-tuple instead of at random.
 pub const FLAG_MAGLEV: u32 = 4;
 
+/// [`ServiceValue::flags`]: an external frontend (NodePort, external or load-balancer IP)
+/// of an `externalTrafficPolicy: Local` Service, whose slots are only this node's
+/// endpoints. The socket hooks (the node's own processes and pods, which use every
+/// endpoint) look up its [`SOCKET_VIEW`] twin instead.
+pub const FLAG_EXTERNAL_LOCAL: u32 = 8;
+/// Set in a [`ServiceKey`]'s `proto` for the socket hooks' twin of a
+/// [`FLAG_EXTERNAL_LOCAL`] frontend: same address and port, slots over all endpoints. No
+/// packet carries such a protocol, so the tc path never finds it.
+pub const SOCKET_VIEW: u8 = 0x80;
 /// [`ServiceValue::flags`]: the frontend (a load-balancer IP with
 /// `loadBalancerSourceRanges`) accepts new flows only from sources inside one of its
 /// prefixes in the [`SOURCE_RANGES_MAP`]; others are dropped.
-pub const FLAG_SOURCE_RANGES: u32 = 8;
+pub const FLAG_SOURCE_RANGES: u32 = 16;
 
 /// What a frontend leads to: `count` backends in slots `0..count` of the backends map,
 /// keyed by this frontend. `count == 0` means the Service has no endpoints (refused).

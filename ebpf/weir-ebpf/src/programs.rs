@@ -17,9 +17,9 @@ use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
 use weir_ebpf_common::{
     AddrPort, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, RevNatKey,
     RevNatValue, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAX, BACKENDS_MAX, CLIENT_NETNS,
-    CT_MAX, FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_MAGLEV, FLAG_SOURCE_RANGES, MAGLEV_MAX,
-    MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, REVNAT_MAX, SERVICES_MAX, SOURCE_RANGES_MAX,
-    SOURCE_RANGE_BITS,
+    CT_MAX, FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_EXTERNAL_LOCAL, FLAG_MAGLEV, FLAG_SOURCE_RANGES,
+    MAGLEV_MAX, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, REVNAT_MAX, SERVICES_MAX, SOCKET_VIEW,
+    SOURCE_RANGES_MAX, SOURCE_RANGE_BITS,
 };
 
 /// Frontends.
@@ -245,12 +245,21 @@ fn translate(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
             return ALLOW;
         }
     }
-    let mut key = read_addr(ctx, family);
-    key.proto = proto;
-    let v = match service(&key) {
+    let front = read_addr(ctx, family);
+    let mut key = AddrPort { proto, ..front };
+    let mut v = match service(&key) {
         Some(v) => v,
         None => return ALLOW,
     };
+    // An externalTrafficPolicy: Local frontend: the node's processes and pods use every
+    // endpoint, listed under the frontend's socket view.
+    if v.flags & FLAG_EXTERNAL_LOCAL != 0 {
+        key.proto |= SOCKET_VIEW;
+        v = match service(&key) {
+            Some(v) => v,
+            None => return ALLOW,
+        };
+    }
     if v.count == 0 {
         if v.flags & FLAG_DROP == 0 {
             // SAFETY: bpf_set_retval is allowed in cgroup hooks; the call fails with it.
@@ -281,7 +290,6 @@ fn translate(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
         },
         pad: 0,
     };
-    let front = AddrPort { proto: 0, ..key };
     // A full map only costs the reverse translation of old sockets (LRU).
     let _ = WEIR_REVNAT.insert(&rkey, &front, 0);
     write_addr(ctx, family, &backend);

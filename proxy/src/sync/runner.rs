@@ -4,7 +4,9 @@
 //! happens before the source has delivered its first complete view.
 
 use crate::dataplane::conntrack::FlowFilter;
-use crate::dataplane::ebpf::render::{diff as ebpf_diff, render_with as ebpf_render, LbAlgorithm};
+use crate::dataplane::ebpf::render::{
+    diff as ebpf_diff, render_with as ebpf_render, update_ports as ebpf_update_ports, LbAlgorithm,
+};
 use crate::dataplane::ebpf::{EbpfError, MapContents, MapStore};
 use crate::dataplane::nft::diff::plan_state;
 use crate::dataplane::nft::incremental::Incremental;
@@ -414,9 +416,13 @@ impl<K: NftBackend> Runner<K> {
         oldest: Option<SystemTime>,
     ) -> bool {
         let mut was_full = full || ebpf.current.is_none() || changes.nodes;
+        let mut incremental = None;
         if !was_full {
-            self.recompute_changed(&changes.services);
+            let deltas = self.recompute_changed(&changes.services);
             was_full = self.desired.needs_full_compute();
+            if !was_full {
+                incremental = Some(deltas);
+            }
         }
         if was_full {
             let flows = &mut self.pending_flows;
@@ -433,25 +439,36 @@ impl<K: NftBackend> Runner<K> {
         self.metrics
             .invalid_objects
             .set(self.store.invalid_objects() as i64);
-        let desired = ebpf_render(&self.desired, ebpf.algorithm);
         let node_ips = self.desired.node_ips.clone();
         if let Err(e) = with_maps(&ebpf.maps, move |m| m.attach_interfaces(&node_ips)).await {
             warn!(error = %e, "attaching the tc programs failed; retrying");
             self.metrics.ebpf_sync_failures.inc();
             return false;
         }
-        let current = match ebpf.current.take() {
-            Some(c) if !was_full => c,
-            _ => match with_maps(&ebpf.maps, |m| m.dump()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "reading the eBPF maps failed; retrying");
-                    self.metrics.ebpf_sync_failures.inc();
-                    return false;
+        // Incremental: re-render only the changed ports and update what the maps hold as
+        // of the last sync. Full: render everything and diff against a fresh read.
+        let (plan, desired) = match (ebpf.current.take(), incremental) {
+            (Some(mut current), Some(deltas)) => {
+                let plan = ebpf_update_ports(
+                    &mut current,
+                    &deltas,
+                    &self.desired.node_ips,
+                    ebpf.algorithm,
+                );
+                (plan, current)
+            }
+            _ => {
+                let desired = ebpf_render(&self.desired, ebpf.algorithm);
+                match with_maps(&ebpf.maps, |m| m.dump()).await {
+                    Ok(current) => (ebpf_diff(&current, &desired), desired),
+                    Err(e) => {
+                        warn!(error = %e, "reading the eBPF maps failed; retrying");
+                        self.metrics.ebpf_sync_failures.inc();
+                        return false;
+                    }
                 }
-            },
+            }
         };
-        let plan = ebpf_diff(&current, &desired);
         let writes = plan.ops.len();
         let planned = started.elapsed();
         if !plan.is_empty() {

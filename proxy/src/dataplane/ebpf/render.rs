@@ -3,14 +3,17 @@
 //! only the keys that change, in an order that never leaves a frontend pointing at a
 //! missing slot.
 
-use crate::model::{DesiredState, Endpoint, Protocol};
+use crate::model::{
+    DesiredState, Endpoint, Protocol, ServiceDelta, ServicePortName, ServicePortState,
+};
 use ipnetwork::IpNetwork;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use weir_ebpf_common::{
     AddrPort, Backend, BackendKey, ServiceKey, ServiceValue, SourceRange, BACKEND_REMOTE,
-    FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_MAGLEV, FLAG_NODE_LOCAL, FLAG_SOURCE_RANGES,
-    MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, SOURCE_RANGE_FRONTEND_BITS,
+    FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_EXTERNAL_LOCAL, FLAG_MAGLEV, FLAG_NODE_LOCAL,
+    FLAG_SOURCE_RANGES, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, SOCKET_VIEW,
+    SOURCE_RANGE_FRONTEND_BITS,
 };
 
 /// `--ebpf-lb-algorithm`: how a frontend's backend is picked for a new flow.
@@ -50,6 +53,37 @@ impl MapContents {
     /// Whether both maps are empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Applies a plan's writes, as the maps would.
+    pub fn apply(&mut self, plan: &MapPlan) {
+        for op in &plan.ops {
+            match op {
+                MapOp::UpsertBackend(k, v) => {
+                    self.backends.insert(*k, *v);
+                }
+                MapOp::UpsertService(k, v) => {
+                    self.services.insert(*k, *v);
+                }
+                MapOp::DeleteService(k) => {
+                    self.services.remove(k);
+                }
+                MapOp::DeleteBackend(k) => {
+                    self.backends.remove(k);
+                }
+                MapOp::UpsertMaglev(k, v) => {
+                    self.maglev.insert(*k, *v);
+                }
+                MapOp::DeleteMaglev(k) => {
+                    self.maglev.remove(k);
+                }
+                MapOp::InsertSourceRange(len, k) => {
+                    self.source_ranges.insert((*len, *k));
+                }
+                MapOp::DeleteSourceRange(len, k) => {
+                    self.source_ranges.remove(&(*len, *k));
+                }
+            }
+        }
     }
 }
 
@@ -127,13 +161,22 @@ pub fn render(desired: &DesiredState) -> MapContents {
     render_with(desired, LbAlgorithm::Random)
 }
 
-/// The maps' contents for every TCP and UDP Service port, one frontend per address:
+/// The maps' contents for every TCP and UDP Service port (see [`render_port`]).
+pub fn render_with(desired: &DesiredState, algorithm: LbAlgorithm) -> MapContents {
+    let mut out = MapContents::default();
+    for sp in desired.services.values() {
+        render_port(sp, &desired.node_ips, algorithm, &mut out);
+    }
+    out
+}
+
+/// Adds one Service port's frontends to `out`, one frontend per address:
 /// - each cluster IP, whose slots are the endpoints of that IP's family in slot order
 ///   (`internalTrafficPolicy: Local` uses only this node's);
-/// - the NodePort on each of the node's addresses ([`FLAG_NODE_LOCAL`]), each external IP
-///   and each load-balancer IP, whose slots are the endpoints for external traffic
-///   (`externalTrafficPolicy: Local` uses only this node's). A load-balancer IP of a
-///   Service with `loadBalancerSourceRanges` carries [`FLAG_SOURCE_RANGES`] and its
+/// - the NodePort on each of the node's addresses `node_ips` ([`FLAG_NODE_LOCAL`]), each
+///   external IP and each load-balancer IP, whose slots are the endpoints for external
+///   traffic (`externalTrafficPolicy: Local` uses only this node's). A load-balancer IP of
+///   a Service with `loadBalancerSourceRanges` carries [`FLAG_SOURCE_RANGES`] and its
 ///   [`allowed_sources`] in the source ranges map.
 ///
 /// External frontends masquerade flows to remote endpoints ([`BACKEND_REMOTE`]) to the
@@ -141,118 +184,131 @@ pub fn render(desired: &DesiredState) -> MapContents {
 /// A frontend without endpoints has `count` 0 (refused); with endpoints elsewhere but none
 /// usable here it also carries [`FLAG_DROP`]. `affinity_timeout` is the ClientIP affinity
 /// timeout. With [`LbAlgorithm::Maglev`] each frontend with endpoints carries
-/// [`FLAG_MAGLEV`] and its [`maglev_table`]. SCTP ports are left out (the programs do not
-/// handle SCTP yet).
-pub fn render_with(desired: &DesiredState, algorithm: LbAlgorithm) -> MapContents {
-    let mut out = MapContents::default();
-    for sp in desired.services.values() {
-        let proto = match sp.info.name.protocol {
-            Protocol::Tcp => PROTO_TCP,
-            Protocol::Udp => PROTO_UDP,
-            Protocol::Sctp => continue,
-        };
-        let info = &sp.info;
-        let internal: &[Endpoint] = if info.internal_local {
-            &sp.local_endpoints
-        } else {
-            &sp.endpoints
-        };
-        let external: &[Endpoint] = if info.external_local {
-            &sp.local_endpoints
-        } else {
-            &sp.endpoints
-        };
-        // External traffic to remote endpoints is masqueraded to the node's address of
-        // the frontend's family (ETP Cluster); ClusterIP traffic from outside keeps its
-        // source.
-        let masq = !info.external_local;
-        let mut frontends: Vec<(IpAddr, u16, &[Endpoint], u32, bool)> = info
-            .cluster_ips
-            .iter()
-            .map(|ip| (*ip, info.port, internal, 0, false))
-            .collect();
-        if let Some(np) = info.node_port {
-            for ip in &desired.node_ips {
-                frontends.push((*ip, np, external, FLAG_NODE_LOCAL, masq));
-            }
-        }
-        for ip in &info.external_ips {
-            frontends.push((*ip, info.port, external, 0, masq));
-        }
-        let firewalled = if info.source_ranges.is_empty() {
-            0
-        } else {
-            FLAG_SOURCE_RANGES
-        };
-        for ip in &info.load_balancer_ips {
-            frontends.push((*ip, info.port, external, firewalled, masq));
-        }
-        for (ip, port, eps, flags, masq) in frontends {
-            let key = addr_port(ip, port, proto);
-            let snat = if masq {
-                snat_address(desired, &ip)
-            } else {
-                [0; 4]
-            };
-            if flags & FLAG_SOURCE_RANGES != 0 {
-                let allowed = allowed_sources(&ip, &info.source_ranges, &desired.node_ips);
-                out.source_ranges.extend(allowed.into_iter().map(|source| {
-                    let entry = SourceRange {
-                        frontend: key,
-                        source: addr_port(source.network(), 0, 0).addr,
-                    };
-                    (
-                        SOURCE_RANGE_FRONTEND_BITS + u32::from(source.prefix()),
-                        entry,
-                    )
-                }));
-            }
-            let eps: Vec<&Endpoint> = eps
-                .iter()
-                .filter(|e| e.ip.is_ipv4() == ip.is_ipv4())
-                .collect();
-            for (slot, e) in (0u32..).zip(&eps) {
-                let remote = if snat != [0; 4] && !e.is_local {
-                    BACKEND_REMOTE
-                } else {
-                    0
-                };
-                out.backends.insert(
-                    BackendKey { service: key, slot },
-                    addr_port(e.ip, e.port, remote),
-                );
-            }
-            let count = eps.len() as u32;
-            let mut flags = flags;
-            if count == 0 && sp.has_endpoints_for(&ip) {
-                flags |= FLAG_DROP;
-            }
-            if algorithm == LbAlgorithm::Maglev && count > 0 {
-                flags |= FLAG_MAGLEV;
-                let names: Vec<String> =
-                    eps.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect();
-                for (index, slot) in (0u32..).zip(maglev_table(&names, MAGLEV_TABLE_SIZE)) {
-                    out.maglev.insert(
-                        BackendKey {
-                            service: key,
-                            slot: index,
-                        },
-                        slot,
-                    );
-                }
-            }
-            out.services.insert(
-                key,
-                ServiceValue {
-                    count,
-                    flags,
-                    affinity_timeout: info.affinity_timeout.unwrap_or(0),
-                    snat,
-                },
-            );
+/// [`FLAG_MAGLEV`] and its [`maglev_table`]. An external frontend of an
+/// `externalTrafficPolicy: Local` port carries [`FLAG_EXTERNAL_LOCAL`] and has a
+/// [`socket_view`] twin whose slots are all the port's endpoints: the socket hooks serve
+/// the node's own processes and pods, which (as in nftables mode and kube-proxy) use every
+/// endpoint. SCTP ports are left out (the programs do not handle SCTP yet).
+///
+/// The result depends only on the port's state, `node_ips` and `algorithm`, so a sync can
+/// re-render just the ports that changed.
+pub fn render_port(
+    sp: &ServicePortState,
+    node_ips: &[IpAddr],
+    algorithm: LbAlgorithm,
+    out: &mut MapContents,
+) {
+    let proto = match sp.info.name.protocol {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+        Protocol::Sctp => return,
+    };
+    let info = &sp.info;
+    let internal: &[Endpoint] = if info.internal_local {
+        &sp.local_endpoints
+    } else {
+        &sp.endpoints
+    };
+    let external: &[Endpoint] = if info.external_local {
+        &sp.local_endpoints
+    } else {
+        &sp.endpoints
+    };
+    // External traffic to remote endpoints is masqueraded to the node's address of the
+    // frontend's family (ETP Cluster); ClusterIP traffic from outside keeps its source.
+    let masq = !info.external_local;
+    let ext_flags = if info.external_local {
+        FLAG_EXTERNAL_LOCAL
+    } else {
+        0
+    };
+    let mut frontends: Vec<(AddrPort, &[Endpoint], u32, bool)> = info
+        .cluster_ips
+        .iter()
+        .map(|ip| (addr_port(*ip, info.port, proto), internal, 0, false))
+        .collect();
+    let mut external_keys = Vec::new();
+    if let Some(np) = info.node_port {
+        for ip in node_ips {
+            external_keys.push((addr_port(*ip, np, proto), FLAG_NODE_LOCAL | ext_flags));
         }
     }
-    out
+    for ip in &info.external_ips {
+        external_keys.push((addr_port(*ip, info.port, proto), ext_flags));
+    }
+    let firewalled = if info.source_ranges.is_empty() {
+        0
+    } else {
+        FLAG_SOURCE_RANGES
+    };
+    for ip in &info.load_balancer_ips {
+        external_keys.push((addr_port(*ip, info.port, proto), ext_flags | firewalled));
+    }
+    for (key, flags) in external_keys {
+        frontends.push((key, external, flags, masq));
+        if info.external_local {
+            frontends.push((socket_view(key), &sp.endpoints, 0, false));
+        }
+    }
+    for (key, eps, flags, masq) in frontends {
+        let v4 = key.family == FAMILY_V4;
+        let snat = if masq {
+            snat_address(node_ips, v4)
+        } else {
+            [0; 4]
+        };
+        if flags & FLAG_SOURCE_RANGES != 0 {
+            let ip = socket_addr(&key).ip();
+            for source in allowed_sources(&ip, &info.source_ranges, node_ips) {
+                let entry = SourceRange {
+                    frontend: key,
+                    source: addr_port(source.network(), 0, 0).addr,
+                };
+                let len = SOURCE_RANGE_FRONTEND_BITS + u32::from(source.prefix());
+                out.source_ranges.insert((len, entry));
+            }
+        }
+        let eps: Vec<&Endpoint> = eps.iter().filter(|e| e.ip.is_ipv4() == v4).collect();
+        for (slot, e) in (0u32..).zip(&eps) {
+            let remote = if snat != [0; 4] && !e.is_local {
+                BACKEND_REMOTE
+            } else {
+                0
+            };
+            out.backends.insert(
+                BackendKey { service: key, slot },
+                addr_port(e.ip, e.port, remote),
+            );
+        }
+        let count = eps.len() as u32;
+        let mut flags = flags;
+        if count == 0 && sp.has_endpoints_for(&socket_addr(&key).ip()) {
+            flags |= FLAG_DROP;
+        }
+        // The socket view is only ever used by the socket hooks, which pick at random.
+        if algorithm == LbAlgorithm::Maglev && count > 0 && key.proto & SOCKET_VIEW == 0 {
+            flags |= FLAG_MAGLEV;
+            let names: Vec<String> = eps.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect();
+            for (index, slot) in (0u32..).zip(maglev_table(&names, MAGLEV_TABLE_SIZE)) {
+                out.maglev.insert(
+                    BackendKey {
+                        service: key,
+                        slot: index,
+                    },
+                    slot,
+                );
+            }
+        }
+        out.services.insert(
+            key,
+            ServiceValue {
+                count,
+                flags,
+                affinity_timeout: info.affinity_timeout.unwrap_or(0),
+                snat,
+            },
+        );
+    }
 }
 
 /// The source prefixes allowed to reach load-balancer IP `frontend`, as nftables mode
@@ -287,15 +343,58 @@ pub fn allowed_sources(
     kept
 }
 
-/// The node's first address of `frontend`'s family as the maps hold it (all zero when the
-/// node has none): the source of masqueraded flows to remote backends.
-fn snat_address(desired: &DesiredState, frontend: &IpAddr) -> [u32; 4] {
-    desired
-        .node_ips
+/// The node's first address of the IPv4 (`v4`) or IPv6 family as the maps hold it (all
+/// zero when the node has none): the source of masqueraded flows to remote backends.
+fn snat_address(node_ips: &[IpAddr], v4: bool) -> [u32; 4] {
+    node_ips
         .iter()
-        .find(|n| n.is_ipv4() == frontend.is_ipv4())
+        .find(|n| n.is_ipv4() == v4)
         .map(|n| addr_port(*n, 0, 0).addr)
         .unwrap_or_default()
+}
+
+/// The key of an external frontend's twin that the socket hooks use (see [`render_port`]):
+/// the same address and port with [`SOCKET_VIEW`] set in `proto`, a value no packet has.
+pub fn socket_view(key: ServiceKey) -> ServiceKey {
+    ServiceKey {
+        proto: key.proto | SOCKET_VIEW,
+        ..key
+    }
+}
+
+/// The writes for the Service ports that changed in `deltas` (the desired state was
+/// already updated), with `current` (what the maps hold) updated to match: only those
+/// ports are re-rendered, before and after, and only the keys whose values differ are
+/// written. Their frontends are owned by one port at a time, so rendering the old and new
+/// states of all changed ports together and diffing them is exact even when a frontend
+/// moves from one port to another.
+pub fn update_ports(
+    current: &mut MapContents,
+    deltas: &[ServiceDelta],
+    node_ips: &[IpAddr],
+    algorithm: LbAlgorithm,
+) -> MapPlan {
+    // A port changed twice counts once: its first old state to its last new state.
+    let mut changed: BTreeMap<
+        &ServicePortName,
+        (Option<&ServicePortState>, Option<&ServicePortState>),
+    > = BTreeMap::new();
+    for d in deltas {
+        changed.entry(&d.name).or_insert((d.old.as_ref(), None)).1 = d.new.as_ref();
+    }
+    let mut before = MapContents::default();
+    let mut after = MapContents::default();
+    for (old, new) in changed.into_values() {
+        if let Some(old) = old {
+            render_port(old, node_ips, algorithm, &mut before);
+        }
+        if let Some(new) = new {
+            render_port(new, node_ips, algorithm, &mut after);
+        }
+    }
+    let plan = diff(&before, &after);
+    current.apply(&plan);
+    plan
 }
 
 /// 64-bit FNV-1a of `bytes` after `seed` (stable across builds and runs, unlike std's
@@ -400,7 +499,7 @@ mod tests {
     use super::*;
     use crate::dataplane::ebpf::fake::FakeMaps;
     use crate::dataplane::ebpf::MapStore;
-    use crate::model::{ServiceInfo, ServicePortName, ServicePortState};
+    use crate::model::ServiceInfo;
 
     fn name(n: &str, protocol: Protocol) -> ServicePortName {
         ServicePortName {
@@ -684,7 +783,7 @@ mod tests {
             m.services[&np],
             ServiceValue {
                 count: 1,
-                flags: FLAG_NODE_LOCAL,
+                flags: FLAG_NODE_LOCAL | FLAG_EXTERNAL_LOCAL,
                 affinity_timeout: 30,
                 snat: [0; 4]
             },
@@ -695,7 +794,10 @@ mod tests {
         assert_eq!(m.services[&frontend("192.0.2.80", PROTO_TCP)].count, 1);
         assert!(m.maglev.is_empty());
         let m = render_with(&d, LbAlgorithm::Maglev);
-        assert_eq!(m.services[&np].flags, FLAG_NODE_LOCAL | FLAG_MAGLEV);
+        assert_eq!(
+            m.services[&np].flags,
+            FLAG_NODE_LOCAL | FLAG_EXTERNAL_LOCAL | FLAG_MAGLEV
+        );
         assert_eq!(m.maglev.len(), 4 * MAGLEV_TABLE_SIZE as usize);
         let mut fake = FakeMaps::default();
         fake.apply(&diff(&MapContents::default(), &m)).unwrap();
@@ -711,8 +813,14 @@ mod tests {
         sp.info = std::sync::Arc::new(info);
         let m = render_with(&d, LbAlgorithm::Random);
         let lb = frontend("192.0.2.80", PROTO_TCP);
-        assert_eq!(m.services[&lb].flags, FLAG_SOURCE_RANGES);
-        assert_eq!(m.services[&frontend("192.0.2.90", PROTO_TCP)].flags, 0);
+        assert_eq!(
+            m.services[&lb].flags,
+            FLAG_EXTERNAL_LOCAL | FLAG_SOURCE_RANGES
+        );
+        assert_eq!(
+            m.services[&frontend("192.0.2.90", PROTO_TCP)].flags,
+            FLAG_EXTERNAL_LOCAL
+        );
         let net = addr_port("198.51.100.0".parse().unwrap(), 0, 0).addr;
         assert_eq!(
             m.source_ranges.iter().collect::<Vec<_>>(),
@@ -798,6 +906,129 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().contains("EINVAL"), "{e}");
+    }
+
+    /// One Service `svc-<n>` with a TCP port on ClusterIP `10.96.0.<ip>` (shared between
+    /// Services, so frontends conflict and move), endpoints `10.244.1.<e>` (local when
+    /// even), a NodePort and ETP Local when asked.
+    fn port_state(n: u8, ip: u8, eps: &[u8], node_port: bool, local: bool) -> ServicePortState {
+        let mut info = ServiceInfo::new(
+            name(&format!("svc-{n}"), Protocol::Tcp),
+            vec![format!("10.96.0.{ip}").parse().unwrap()],
+            80,
+        );
+        if node_port {
+            info.node_port = Some(30000 + u16::from(n));
+            info.external_ips = vec![format!("192.0.2.{ip}").parse().unwrap()];
+        }
+        info.external_local = local;
+        let eps = eps
+            .iter()
+            .map(|e| Endpoint {
+                ip: format!("10.244.1.{e}").parse().unwrap(),
+                port: 8080,
+                is_local: e % 2 == 0,
+            })
+            .collect();
+        ServicePortState::from_endpoints(info, eps)
+    }
+
+    /// A change of one Service: (n, ip, endpoints, node port, ETP Local, deleted).
+    type Change = (u8, u8, std::collections::BTreeSet<u8>, bool, bool, bool);
+
+    fn change() -> impl proptest::strategy::Strategy<Value = Change> {
+        (
+            0u8..6,
+            1u8..8,
+            proptest::collection::btree_set(0u8..12, 0..5),
+            proptest::bool::ANY,
+            proptest::bool::ANY,
+            proptest::bool::weighted(0.2),
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        #[test]
+        fn updating_only_changed_ports_equals_rendering_everything(
+            // Each batch of changes is one sync (frontends may move between Services
+            // within a batch).
+            batches in proptest::collection::vec(proptest::collection::vec(change(), 1..4), 1..15),
+            maglev in proptest::bool::weighted(0.25),
+        ) {
+            let algorithm = if maglev { LbAlgorithm::Maglev } else { LbAlgorithm::Random };
+            let mut d = DesiredState {
+                node_ips: vec!["192.168.77.10".parse().unwrap()],
+                ..DesiredState::default()
+            };
+            let mut current = MapContents::default();
+            let mut fake = FakeMaps::default();
+            for batch in batches {
+                let mut deltas = Vec::new();
+                for (n, ip, eps, node_port, local, delete) in batch {
+                    let key = crate::model::ObjectKey {
+                        namespace: "d".into(),
+                        name: format!("svc-{n}"),
+                    };
+                    let eps: Vec<u8> = eps.into_iter().collect();
+                    let ports = if delete {
+                        Vec::new()
+                    } else {
+                        vec![port_state(n, ip, &eps, node_port, local)]
+                    };
+                    deltas.extend(d.replace_service(&key, ports).0);
+                }
+                if d.needs_full_compute() {
+                    // A contested frontend was released: the runner syncs in full.
+                    return Ok(());
+                }
+                let plan = update_ports(&mut current, &deltas, &d.node_ips, algorithm);
+                fake.apply(&plan).unwrap();
+                proptest::prop_assert_eq!(&current, &render_with(&d, algorithm));
+                proptest::prop_assert_eq!(fake.contents(), current.clone());
+            }
+        }
+    }
+
+    #[test]
+    fn an_etp_local_frontend_has_a_socket_view_over_every_endpoint() {
+        let d = DesiredState {
+            node_ips: vec!["192.168.77.10".parse().unwrap()],
+            services: [(
+                name("svc-1", Protocol::Tcp),
+                port_state(1, 10, &[1, 3], true, true),
+            )]
+            .into(),
+            ..DesiredState::default()
+        };
+        let m = render(&d);
+        let np = addr_port("192.168.77.10".parse().unwrap(), 30001, PROTO_TCP);
+        // No local endpoint: outside traffic is dropped, the node's own sockets use both.
+        assert_eq!(m.services[&np].count, 0);
+        assert_eq!(
+            m.services[&np].flags,
+            FLAG_NODE_LOCAL | FLAG_EXTERNAL_LOCAL | FLAG_DROP
+        );
+        let view = socket_view(np);
+        assert_eq!(view.proto, PROTO_TCP | SOCKET_VIEW);
+        assert_eq!(m.services[&view].count, 2);
+        assert_eq!(m.services[&view].flags, 0);
+        assert_eq!(m.services[&view].snat, [0; 4]);
+        let ext = socket_view(frontend("192.0.2.10", PROTO_TCP));
+        assert_eq!(m.services[&ext].count, 2);
+        // ETP Cluster: no twins.
+        let d = DesiredState {
+            node_ips: d.node_ips.clone(),
+            services: [(
+                name("svc-1", Protocol::Tcp),
+                port_state(1, 10, &[1, 3], true, false),
+            )]
+            .into(),
+            ..DesiredState::default()
+        };
+        let m = render(&d);
+        assert!(m.services.keys().all(|k| k.proto & SOCKET_VIEW == 0));
+        assert_eq!(m.services[&np].flags, FLAG_NODE_LOCAL);
     }
 
     #[test]
