@@ -370,7 +370,7 @@ fn etp_local_nodeport_preserves_the_source_and_uses_only_local_endpoints() {
 /// Empties the tc path's connection-tracking map (as if every flow had aged out).
 fn flush_ct(bpf: &Path) {
     let data = aya::maps::MapData::from_pin(bpf.join("WEIR_CT")).unwrap();
-    let mut ct: aya::maps::HashMap<_, [u8; 40], [u8; 36]> =
+    let mut ct: aya::maps::HashMap<_, [u8; 40], [u8; 48]> =
         aya::maps::Map::LruHashMap(data).try_into().unwrap();
     let keys: Vec<[u8; 40]> = ct.keys().flatten().collect();
     for k in keys {
@@ -804,4 +804,23 @@ fn frontends_without_endpoints_are_rejected_from_outside_as_in_nftables_mode() {
     // The NodePorts are answered by the node's stack, as before.
     let r = env.external(&["tcp", &format!("[{NODE_IP6}]:30084"), "2"]);
     assert_eq!(errors(&r, "refused"), 2, "{r}");
+}
+
+#[test]
+fn a_closed_tcp_flow_whose_5_tuple_is_reused_picks_a_backend_anew() {
+    let eps = on_node1(&[0, 1, 2]);
+    let m = service("web", "10.96.0.10", &[], "TCP", 80, 30080, &eps);
+    let Some(env) = setup_with(3, &m, &[]) else {
+        return;
+    };
+    // Every connection comes from source port 40080 and is closed (the backend's FIN, the
+    // client's RST) before the next one: each new SYN on the same 5-tuple is a new flow,
+    // placed at random again instead of following the closed flow's entry.
+    let nodeport = format!("{NODE_IP}:30080");
+    let r = env.external(&["tcp", &nodeport, "30", "--source-port", "40080"]);
+    assert_eq!(total(&r), 30, "{r}");
+    assert!(
+        names(&r).len() > 1,
+        "one 5-tuple reaches several backends once each flow is closed: {r}"
+    );
 }

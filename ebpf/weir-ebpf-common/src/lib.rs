@@ -210,13 +210,28 @@ pub struct CtValue {
     pub snat: [u32; 4],
     /// The port.
     pub port: u16,
-    /// [`CT_SNAT`] or 0.
+    /// [`CT_SNAT`], [`CT_CLOSED`] or 0.
     pub flags: u16,
+    /// Padding (zero).
+    pub pad: u32,
+    /// [`CT_FORWARD`]: `bpf_ktime_get_ns` of the flow's last packet from the client. An
+    /// entry idle longer than its timeout ([`CT_TCP_TIMEOUT_S`], [`CT_TCP_CLOSED_TIMEOUT_S`],
+    /// [`CT_UDP_TIMEOUT_S`]) is not used: the next packet picks a backend anew.
+    pub last_seen: u64,
 }
 
 /// [`CtValue::flags`]: the flow is masqueraded (a remote backend). Its reply arrives
 /// addressed to the node and is matched on ingress.
 pub const CT_SNAT: u16 = 1;
+/// [`CtValue::flags`] of a [`CT_FORWARD`] entry: a TCP FIN or RST was seen in either
+/// direction. A new SYN on the same 5-tuple then picks a backend anew.
+pub const CT_CLOSED: u16 = 2;
+/// Idle timeout of an open TCP flow's entry, in seconds.
+pub const CT_TCP_TIMEOUT_S: u64 = 6 * 3600;
+/// Idle timeout of a TCP flow's entry after a FIN or RST, in seconds.
+pub const CT_TCP_CLOSED_TIMEOUT_S: u64 = 10;
+/// Idle timeout of a UDP flow's entry, in seconds.
+pub const CT_UDP_TIMEOUT_S: u64 = 120;
 
 /// `AffinityKey::kind` when `client` is an IP address (the tc path).
 pub const CLIENT_IP: u32 = 0;
@@ -289,7 +304,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AddrPort>(), 20);
         assert_eq!(core::mem::size_of::<ServiceValue>(), 28);
         assert_eq!(core::mem::size_of::<CtKey>(), 40);
-        assert_eq!(core::mem::size_of::<CtValue>(), 36);
+        assert_eq!(core::mem::size_of::<CtValue>(), 48);
         assert_eq!(core::mem::size_of::<AffinityKey>(), 40);
         assert_eq!(core::mem::size_of::<AffinityValue>(), 32);
         assert_eq!(core::mem::size_of::<BackendKey>(), 24);

@@ -30,7 +30,7 @@ use aya_ebpf::bindings::{
     BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
 };
 use aya_ebpf::helpers::generated::{
-    bpf_csum_diff, bpf_csum_level, bpf_redirect, bpf_skb_change_tail,
+    bpf_csum_diff, bpf_csum_level, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail,
 };
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
@@ -38,7 +38,9 @@ use weir_ebpf_common::{
     AddrPort, AffinityKey, Backend, CtKey, CtValue, ServiceValue, CLIENT_IP, CT_FORWARD, CT_REPLY,
     FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_NODE_LOCAL,
 };
-use weir_ebpf_common::{BACKEND_REMOTE, CT_SNAT};
+use weir_ebpf_common::{
+    BACKEND_REMOTE, CT_CLOSED, CT_SNAT, CT_TCP_CLOSED_TIMEOUT_S, CT_TCP_TIMEOUT_S, CT_UDP_TIMEOUT_S,
+};
 
 const ETH_HLEN: usize = 14;
 const IP_CSUM: usize = ETH_HLEN + 10;
@@ -61,7 +63,14 @@ const BPF_F_IPV6: u64 = 1 << 7;
 struct Packet {
     key: CtKey,
     l4: usize,
+    /// A TCP packet's flags (0 for UDP).
+    tcp_flags: u8,
 }
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 impl Packet {
     #[inline(always)]
@@ -142,6 +151,11 @@ fn parse_packet(ctx: &TcContext) -> Option<Packet> {
     if proto != TCP && proto != UDP {
         return None;
     }
+    let tcp_flags = if proto == TCP {
+        ctx.load(l4 + 13).ok()?
+    } else {
+        0
+    };
     Some(Packet {
         key: CtKey {
             saddr,
@@ -154,6 +168,7 @@ fn parse_packet(ctx: &TcContext) -> Option<Packet> {
             pad: 0,
         },
         l4,
+        tcp_flags,
     })
 }
 
@@ -266,9 +281,21 @@ fn rewrite_fields(
 /// own (a BPF-to-BPF call) to keep the ingress program's stack small.
 #[inline(never)]
 fn backend(p: &Packet) -> Result<CtValue, i32> {
-    // SAFETY: copied out at once.
-    if let Some(ct) = unsafe { WEIR_CT.get(&p.key) }.copied() {
-        return Ok(ct);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(ct) = WEIR_CT.get_ptr_mut(&p.key) {
+        // SAFETY: the map's value for this key; the fields are written in place (another
+        // CPU may do the same; a lost update only costs a refresh).
+        let ct = unsafe { &mut *ct };
+        let new_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if fresh(p, ct, now) && !(new_syn && ct.flags & CT_CLOSED != 0) {
+            if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                ct.flags |= CT_CLOSED;
+            }
+            ct.last_seen = now;
+            return Ok(*ct);
+        }
+        // Idle past its timeout, or a closed flow's 5-tuple reused: a new flow.
     }
     let k = &p.key;
     let front = AddrPort {
@@ -296,14 +323,56 @@ fn backend(p: &Packet) -> Result<CtValue, i32> {
         service: front,
     };
     let b = pick(&front, &v, hash(k), &client).ok_or(TC_ACT_SHOT as i32)?;
-    Ok(track(p, &v, &b))
+    Ok(track(p, &v, &b, now))
+}
+
+/// Whether a flow's forward entry is still within its idle timeout.
+#[inline(always)]
+fn fresh(p: &Packet, ct: &CtValue, now: u64) -> bool {
+    let timeout_s = if p.key.proto != TCP {
+        CT_UDP_TIMEOUT_S
+    } else if ct.flags & CT_CLOSED != 0 {
+        CT_TCP_CLOSED_TIMEOUT_S
+    } else {
+        CT_TCP_TIMEOUT_S
+    };
+    now.wrapping_sub(ct.last_seen) < timeout_s * 1_000_000_000
+}
+
+/// A backend's FIN or RST (packet `p`, whose reply entry is `front`) closes the flow: its
+/// forward entry (the client's 5-tuple, rebuilt from the reply) is marked [`CT_CLOSED`].
+/// A function of its own (a BPF-to-BPF call) to keep the callers' stacks small.
+#[inline(never)]
+fn close_from_reply(p: &Packet, front: &CtValue) {
+    if p.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+        return;
+    }
+    let k = &p.key;
+    let forward = CtKey {
+        saddr: if front.flags & CT_SNAT != 0 {
+            front.snat
+        } else {
+            k.daddr
+        },
+        daddr: front.addr,
+        sport: k.dport,
+        dport: front.port,
+        proto: k.proto,
+        dir: CT_FORWARD,
+        family: k.family,
+        pad: 0,
+    };
+    if let Some(ct) = WEIR_CT.get_ptr_mut(&forward) {
+        // SAFETY: the map's value for this key, one field written in place.
+        unsafe { (*ct).flags |= CT_CLOSED };
+    }
 }
 
 /// Records a new flow of `p` to backend `b` of a frontend whose value is `v` in both
 /// directions and returns its forward translation. A function of its own (a BPF-to-BPF
 /// call, after `pick` returned) to keep the deepest call chain's stack small.
 #[inline(never)]
-fn track(p: &Packet, v: &ServiceValue, b: &Backend) -> CtValue {
+fn track(p: &Packet, v: &ServiceValue, b: &Backend, now: u64) -> CtValue {
     let k = &p.key;
     let snat = b.proto == BACKEND_REMOTE && v.snat != [0; 4];
     let ct = CtValue {
@@ -311,6 +380,8 @@ fn track(p: &Packet, v: &ServiceValue, b: &Backend) -> CtValue {
         port: b.port,
         flags: if snat { CT_SNAT } else { 0 },
         snat: if snat { v.snat } else { [0; 4] },
+        pad: 0,
+        last_seen: now,
     };
     // A masqueraded flow's reply comes to the node's address, else to the client.
     let reply = CtKey {
@@ -328,6 +399,8 @@ fn track(p: &Packet, v: &ServiceValue, b: &Backend) -> CtValue {
         port: k.dport,
         flags: ct.flags,
         snat: if snat { k.saddr } else { [0; 4] },
+        pad: 0,
+        last_seen: now,
     };
     // A full map evicts the least recently used flows.
     let _ = WEIR_CT.insert(&reply, &front, 0);
@@ -463,7 +536,7 @@ fn build_reject(ctx: &TcContext, p: &Packet) -> Result<i32, i64> {
         let ack: u32 = ctx.load(l4 + 8)?;
         let off_flags: [u8; 2] = ctx.load(l4 + 12)?;
         let flags = off_flags[1];
-        if flags & 0x04 != 0 {
+        if flags & TCP_RST != 0 {
             // Never answer a RST.
             return Ok(TC_ACT_SHOT as i32);
         }
@@ -625,6 +698,7 @@ fn masqueraded_reply(skb: *mut __sk_buff, p: &Packet) -> Option<i32> {
     if front.flags & CT_SNAT == 0 {
         return None;
     }
+    close_from_reply(p, &front);
     let mut r = rewrite(skb, p, End::Destination, &front.snat, p.key.dport);
     if r == 0 {
         r = rewrite(skb, p, End::Source, &front.addr, front.port);
@@ -654,6 +728,7 @@ pub fn weir_tc_egress(ctx: TcContext) -> i32 {
     if front.flags & CT_SNAT != 0 {
         return TC_ACT_OK as i32;
     }
+    close_from_reply(&p, &front);
     if rewrite(ctx.skb.skb, &p, End::Source, &front.addr, front.port) == 0 {
         TC_ACT_OK as i32
     } else {

@@ -1,5 +1,7 @@
 //! Test client, run inside a network namespace:
-//! - `weir-probe tcp ADDR:PORT COUNT`: COUNT HTTP GETs, one connection each;
+//! - `weir-probe tcp ADDR:PORT COUNT [--source-port N]`: COUNT HTTP GETs, one connection
+//!   each (with `--source-port`, each bound to local port N with SO_REUSEADDR and closed
+//!   with a RST, so every connection has the same 5-tuple and leaves no TIME_WAIT);
 //! - `weir-probe udp ADDR:PORT COUNT [--source-port N]`: COUNT datagrams from one socket
 //!   (bound to local port N, with SO_REUSEADDR, so successive probes are one UDP flow);
 //! - `weir-probe udp-each ADDR:PORT COUNT`: COUNT datagrams, each from a new unconnected
@@ -49,6 +51,34 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
+
+/// One HTTP GET of `/` from local port `port` (SO_REUSEADDR), closed with a RST: the next
+/// call uses the same 5-tuple. Answers the body.
+fn http_get_from(addr: SocketAddr, port: u16) -> std::io::Result<String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let any: IpAddr = if addr.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::new(any, port).into())?;
+    s.connect_timeout(&addr.into(), TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_linger(Some(Duration::ZERO))?;
+    let mut s: TcpStream = s.into();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n"
     )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
@@ -234,8 +264,8 @@ fn main() -> anyhow::Result<()> {
         .map(|p| p.parse())
         .transpose()?;
     let mode = args.get(1).map(String::as_str).unwrap_or("");
-    if source_port.is_some() && mode != "udp" {
-        anyhow::bail!("--source-port is for udp");
+    if source_port.is_some() && mode != "udp" && mode != "tcp" {
+        anyhow::bail!("--source-port is for tcp and udp");
     }
     let addr: SocketAddr = args.get(2).map(|a| a.parse()).transpose()?.ok_or_else(|| {
         anyhow::anyhow!("usage: weir-probe tcp|udp|hold|get|http|peer ADDR:PORT N")
@@ -319,7 +349,10 @@ fn main() -> anyhow::Result<()> {
                         let n = s.recv(&mut buf)?;
                         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
                     }),
-                    None => http_get(addr, "/"),
+                    None => match source_port {
+                        Some(port) => http_get_from(addr, port),
+                        None => http_get(addr, "/"),
+                    },
                 };
                 match r {
                     Ok(name) => {
