@@ -824,3 +824,23 @@ fn a_closed_tcp_flow_whose_5_tuple_is_reused_picks_a_backend_anew() {
         "one 5-tuple reaches several backends once each flow is closed: {r}"
     );
 }
+
+#[test]
+fn a_backends_icmp_port_unreachable_reaches_the_client_from_the_frontend() {
+    // The endpoint's UDP port 5399 has no listener: the backend answers ICMP port
+    // unreachable, which the tc program makes come from the NodePort and quote it.
+    let eps = on_node1(&[0]);
+    let m = service("closed", "10.96.0.53", &[], "UDP", 53, 30056, &eps)
+        .replace("targetPort: 5353", "targetPort: 5399")
+        .replace("port: 5353}", "port: 5399}");
+    assert!(m.contains("5399"), "{m}");
+    let Some(env) = setup_with(1, &m, &[]) else {
+        return;
+    };
+    let r = env.external(&["udp", &format!("{NODE_IP}:30056"), "1"]);
+    assert_eq!(
+        errors(&r, "refused"),
+        1,
+        "the client's socket got the backend's ICMP error: {r}"
+    );
+}

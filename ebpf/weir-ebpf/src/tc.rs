@@ -16,6 +16,11 @@
 //! forwards it to the client. Two clients using the same source port towards the same
 //! remote backend share one reply entry (the later one wins).
 //!
+//! Connection tracking keeps a little TCP state: a FIN or RST in either direction marks
+//! the flow closed, and a new SYN on its 5-tuple is a new flow (a backend is picked anew);
+//! an entry idle past its timeout is not used. An ICMP error a local backend sends about
+//! a translated IPv4 flow leaves with the frontend as its source and quoted destination.
+//!
 //! A frontend without endpoints is answered as a closed port (TCP RST, ICMP or ICMPv6 port
 //! unreachable), as nftables mode's reject does: on a node address (NodePort) by the
 //! node's stack (the packet is passed on), elsewhere (external, load-balancer and cluster
@@ -715,7 +720,7 @@ fn masqueraded_reply(skb: *mut __sk_buff, p: &Packet) -> Option<i32> {
 pub fn weir_tc_egress(ctx: TcContext) -> i32 {
     let mut p = Packet::default();
     if !parse(ctx.skb.skb, &mut p) {
-        return TC_ACT_OK as i32;
+        return icmp_error_to_client(ctx.skb.skb);
     }
     let reply = CtKey {
         dir: CT_REPLY,
@@ -734,4 +739,97 @@ pub fn weir_tc_egress(ctx: TcContext) -> i32 {
     } else {
         TC_ACT_SHOT as i32
     }
+}
+
+/// Egress: an ICMP error (destination unreachable, e.g. port unreachable or fragmentation
+/// needed; time exceeded) that a backend on this node sends about a translated flow (IPv4)
+/// is made to come from the frontend, quoting the packet the client sent (to the
+/// frontend), so the client's stack matches it to its socket. Anything else passes.
+#[inline(never)]
+fn icmp_error_to_client(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    match translate_icmp_error(&ctx) {
+        Some(Err(_)) => TC_ACT_SHOT as i32,
+        _ => TC_ACT_OK as i32,
+    }
+}
+
+#[inline(always)]
+fn translate_icmp_error(ctx: &TcContext) -> Option<Result<(), i64>> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return None;
+    }
+    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    if vihl != 0x45 || proto != 1 {
+        return None;
+    }
+    let icmp = ETH_HLEN + 20;
+    let ty: u8 = ctx.load(icmp).ok()?;
+    if ty != 3 && ty != 11 {
+        return None;
+    }
+    // The quoted packet: the client's, as the backend received it (client -> backend).
+    let inner = icmp + 8;
+    let ivihl: u8 = ctx.load(inner).ok()?;
+    if ivihl != 0x45 {
+        return None;
+    }
+    let iproto: u8 = ctx.load(inner + 9).ok()?;
+    if iproto != TCP && iproto != UDP {
+        return None;
+    }
+    let client: u32 = ctx.load(inner + 12).ok()?;
+    let backend: u32 = ctx.load(inner + 16).ok()?;
+    let csport: u16 = ctx.load(inner + 20).ok()?;
+    let bport: u16 = ctx.load(inner + 22).ok()?;
+    let reply = CtKey {
+        saddr: [backend, 0, 0, 0],
+        daddr: [client, 0, 0, 0],
+        sport: bport,
+        dport: csport,
+        proto: iproto,
+        dir: CT_REPLY,
+        family: FAMILY_V4,
+        pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let front = unsafe { WEIR_CT.get(&reply) }.copied()?;
+    if front.flags & CT_SNAT != 0 {
+        return None;
+    }
+    Some(rewrite_icmp_error(ctx, icmp, backend, bport, &front))
+}
+
+/// Rewrites an IPv4 ICMP error from `backend` to come from `front` (its source, and the
+/// quoted packet's destination and port), fixing the IPv4, quoted IPv4 and ICMP
+/// checksums. The quoted transport checksum is left as it is (no stack checks it).
+#[inline(always)]
+fn rewrite_icmp_error(
+    ctx: &TcContext,
+    icmp: usize,
+    backend: u32,
+    bport: u16,
+    front: &CtValue,
+) -> Result<(), i64> {
+    let inner = icmp + 8;
+    let icsum_off = inner + 10;
+    let f = front.addr[0];
+    // The outer source: only the IPv4 header checksum covers it.
+    ctx.l3_csum_replace(IP_CSUM, backend as u64, f as u64, 4)?;
+    ctx.store(IP_SADDR, &f, 0)?;
+    // The quoted destination: the quoted header's checksum and the ICMP checksum.
+    let old_icsum: u16 = ctx.load(icsum_off)?;
+    ctx.l3_csum_replace(icsum_off, backend as u64, f as u64, 4)?;
+    let new_icsum: u16 = ctx.load(icsum_off)?;
+    ctx.store(inner + 16, &f, 0)?;
+    ctx.l4_csum_replace(icmp + 2, backend as u64, f as u64, 4)?;
+    ctx.l4_csum_replace(icmp + 2, old_icsum as u64, new_icsum as u64, 2)?;
+    // The quoted destination port.
+    if bport != front.port {
+        ctx.store(inner + 22, &front.port, 0)?;
+        ctx.l4_csum_replace(icmp + 2, bport as u64, front.port as u64, 2)?;
+    }
+    Ok(())
 }

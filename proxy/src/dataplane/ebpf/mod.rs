@@ -9,7 +9,8 @@
 //! state into map contents and diffs them (pure), [`kernel`] loads, attaches and pins the
 //! programs and writes the maps with aya, [`fake`] behaves like BPF maps for tests.
 //!
-//! Not yet: SCTP, ICMP errors translated back, TCP state in the tc connection tracking.
+//! Not yet: SCTP; ICMP errors translated back for IPv6, masqueraded flows and towards
+//! backends.
 
 pub mod fake;
 pub mod kernel;
