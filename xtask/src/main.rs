@@ -6,6 +6,7 @@
 //! - `cargo xtask demo --nodes 3`: three nodes on one machine, weir-cni pods, host-gw routes.
 //! - `cargo xtask bench sync`: control-plane numbers at scale.
 //! - `cargo xtask bench compare`: weir against upstream-shaped rulesets, CSV/JSON/plots.
+//! - `cargo xtask bench datapath`: ClusterIP against pod IP per mode and service count.
 //! - `cargo xtask bench check`: a quick compare against the committed baseline, by ratio.
 //! - `cargo xtask bench policy`: the NetworkPolicy table at scale (build, render, apply).
 //! - `cargo xtask vm-test ipvs`: the IPVS suite inside a qemu guest (Debian's kernel).
@@ -13,9 +14,12 @@
 
 mod apiserver;
 mod bench;
+mod bench_check;
 mod bench_compare;
+mod bench_datapath;
 mod bench_plot;
 mod bench_policy;
+mod bench_rig;
 mod demo;
 mod image;
 mod multinode;
@@ -67,9 +71,13 @@ enum BenchCmd {
     /// shapes: control plane and data path at 1k/10k/30k services, CSV/JSON/PNG under
     /// docs/bench (about 10 minutes; --quick for one small size).
     Compare(bench_compare::CompareArgs),
+    /// ClusterIP against the same backend pods by pod IP (connect and request p50/p99,
+    /// requests per second), per mode and service count, measured interleaved; ratios,
+    /// CSV/JSON under docs/bench.
+    Datapath(bench_datapath::DatapathArgs),
     /// A quick compare checked against docs/bench/baseline.json by ratio (weir against the
     /// references of the same run); fails only on a regression above --tolerance.
-    Check(bench_compare::CheckArgs),
+    Check(bench_check::CheckArgs),
 }
 
 fn step(title: &str, program: &str, args: &[&str], envs: &[(&str, String)]) -> Result<()> {
@@ -176,7 +184,8 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Policy(a)) => bench_policy::policy(a),
         Cmd::Bench(BenchCmd::Compare(a)) => bench_compare::compare(a, &workspace_root()),
-        Cmd::Bench(BenchCmd::Check(a)) => bench_compare::check(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Datapath(a)) => bench_datapath::datapath(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Check(a)) => bench_check::check(a, &workspace_root()),
         Cmd::Apiserver(a) => apiserver::apiserver(a),
         Cmd::Image(a) => image::image(a, &workspace_root()),
         Cmd::VmTest(a) => vm::vm_test(a, &workspace_root()),
