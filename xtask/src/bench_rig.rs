@@ -71,11 +71,17 @@ pub fn release_dir(root: &Path) -> PathBuf {
         .join("release")
 }
 
-/// The median of `v` (the upper one of an even count); None when empty.
+/// The median of `v` (NaN ignored; the mean of the middle two of an even count); None
+/// when empty.
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| !x.is_nan());
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+    let mid = v.len() / 2;
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[mid]),
+        _ => Some((v[mid - 1] + v[mid]) / 2.0),
+    }
 }
 
 // ---------------------------------------------------------------- the cluster's objects
@@ -520,9 +526,9 @@ mod tests {
     }
 
     #[test]
-    fn median_ignores_nan_and_takes_the_upper_middle() {
+    fn median_ignores_nan_and_averages_the_middle_two_of_an_even_count() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0, f64::NAN, 2.0, 3.0]), Some(3.0));
+        assert_eq!(median(vec![4.0, 1.0, f64::NAN, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
     }
 

@@ -27,7 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// Unmeasured connections per group before the measured ones.
 const WARM_UP: usize = 20;
 /// Length of one throughput slice when several groups alternate.
-const SLICE: Duration = Duration::from_millis(250);
+const SLICE: Duration = Duration::from_millis(100);
 
 /// One connection: (connect time, total time).
 fn request(addr: SocketAddr) -> std::io::Result<(Duration, Duration)> {
