@@ -32,7 +32,7 @@ use std::time::Duration;
 use weir_e2e::Netns;
 
 /// Options of `bench check`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, PartialEq)]
 pub struct CheckArgs {
     /// The committed baseline (written by `bench check --update`).
     #[arg(long, default_value = "docs/bench/baseline.json")]
@@ -54,17 +54,40 @@ pub struct CheckArgs {
     save: Option<PathBuf>,
 }
 
+impl Default for CheckArgs {
+    /// The command line's defaults (what `cargo xtask test` runs).
+    fn default() -> CheckArgs {
+        CheckArgs {
+            baseline: PathBuf::from("docs/bench/baseline.json"),
+            tolerance: 0.25,
+            update: false,
+            services: 5000,
+            reps: 3,
+            save: None,
+        }
+    }
+}
+
 /// One repetition's ratios, by name.
 pub type Sample = BTreeMap<String, f64>;
 
 /// The ratios that fail the check when they regress beyond the tolerance: those whose
-/// spread over repeated runs on the shared 2-core VM stayed well inside it.
+/// median over three repetitions moved well inside it between runs with no code change on
+/// the shared 2-core VM at load 7-9 (at most 4 %). The CPU and wall-clock ratios moved
+/// up to 36 % there, so they are printed only (docs/bench/README.md has the numbers).
 pub const GATED: &[&str] = &[
-    "nftables sync CPU / iptables-restore CPU",
-    "ebpf sync CPU / iptables-restore CPU",
+    "nftables ClusterIP p50 / pod IP p50",
+    "ebpf ClusterIP p50 / pod IP p50",
     "nftables peak RSS (MiB)",
     "ebpf peak RSS (MiB)",
 ];
+
+/// Whether a gated ratio depends on the machine's shape, not only on its speed: peak RSS
+/// follows the number of cores (a runtime worker thread and allocator arena per core), so
+/// it is gated only against a baseline from a machine with as many cores.
+fn needs_same_cores(what: &str) -> bool {
+    what.contains("RSS")
+}
 
 /// A committed baseline, or one run of the check.
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -147,8 +170,13 @@ impl Verdict {
     }
 }
 
-/// The ratios present in both the baseline and this run, compared.
-pub fn verdicts(base: &BTreeMap<String, f64>, now: &BTreeMap<String, Spread>) -> Vec<Verdict> {
+/// The ratios present in both the baseline and this run, compared; `same_cores`: whether
+/// the baseline's machine had as many cores as this one.
+pub fn verdicts(
+    base: &BTreeMap<String, f64>,
+    now: &BTreeMap<String, Spread>,
+    same_cores: bool,
+) -> Vec<Verdict> {
     now.iter()
         .filter_map(|(what, s)| {
             let b = *base.get(what)?;
@@ -156,7 +184,7 @@ pub fn verdicts(base: &BTreeMap<String, f64>, now: &BTreeMap<String, Spread>) ->
                 what: what.clone(),
                 base: b,
                 now: *s,
-                gated: GATED.contains(&what.as_str()),
+                gated: GATED.contains(&what.as_str()) && (same_cores || !needs_same_cores(what)),
                 change: s.median / b - 1.0,
             })
         })
@@ -435,7 +463,14 @@ pub fn check(args: CheckArgs, root: &Path) -> Result<()> {
         );
     }
     let mut run = measure(&args, root)?;
-    let mut v = verdicts(&base.medians, &spreads(&run.samples));
+    let same_cores = base.machine.cores == run.machine.cores;
+    if !same_cores {
+        eprintln!(
+            "the baseline comes from a machine with {} cores, this one has {}: peak RSS is shown, not gated",
+            base.machine.cores, run.machine.cores
+        );
+    }
+    let mut v = verdicts(&base.medians, &spreads(&run.samples), same_cores);
     if v.is_empty() {
         bail!("nothing to compare: the baseline and this run have no ratio in common");
     }
@@ -446,7 +481,7 @@ pub fn check(args: CheckArgs, root: &Path) -> Result<()> {
         let more = measure(&args, root)?;
         run.samples.extend(more.samples);
         run.load_after = more.load_after;
-        v = verdicts(&base.medians, &spreads(&run.samples));
+        v = verdicts(&base.medians, &spreads(&run.samples), same_cores);
     }
     if let Some(save) = &args.save {
         run.medians = spreads(&run.samples)
@@ -515,18 +550,39 @@ mod tests {
             .into_iter()
             .collect();
         let now = |g: f64, n: f64| spreads(&[sample(&[(gated, g), ("noisy", n), ("new", 1.0)])]);
-        let v = verdicts(&base, &now(1.2, 3.0));
+        let v = verdicts(&base, &now(1.2, 3.0), true);
         assert_eq!(
             v.len(),
             2,
             "a ratio missing from the baseline is not compared"
         );
         assert_eq!(failures(&v, 0.25), 0, "{v:?}");
-        let v = verdicts(&base, &now(1.3, 1.0));
+        let v = verdicts(&base, &now(1.3, 1.0), true);
         assert_eq!(failures(&v, 0.25), 1);
         let table = render(&v, 0.25);
         assert!(table.contains("REGRESSION"), "{table}");
         // Better than the baseline never fails.
-        assert_eq!(failures(&verdicts(&base, &now(0.1, 0.1)), 0.25), 0);
+        assert_eq!(failures(&verdicts(&base, &now(0.1, 0.1), true), 0.25), 0);
+    }
+
+    #[test]
+    fn the_default_arguments_are_the_command_lines() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CheckArgs,
+        }
+        assert_eq!(Cli::parse_from(["check"]).args, CheckArgs::default());
+    }
+
+    #[test]
+    fn peak_rss_is_gated_only_against_a_baseline_with_as_many_cores() {
+        let rss = "nftables peak RSS (MiB)";
+        assert!(GATED.contains(&rss));
+        let base: BTreeMap<String, f64> = [(rss.to_string(), 50.0)].into_iter().collect();
+        let now = spreads(&[sample(&[(rss, 80.0)])]);
+        assert_eq!(failures(&verdicts(&base, &now, true), 0.25), 1);
+        assert_eq!(failures(&verdicts(&base, &now, false), 0.25), 0);
     }
 }

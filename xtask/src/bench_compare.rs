@@ -55,6 +55,34 @@ pub struct CompareArgs {
     /// Where results go (compare.csv, compare.json, the PNG plots).
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
+    /// Re-measure only these sections (control-plane, datapath) and merge them into the
+    /// compare.json already under --out: the other numbers are kept, and the run is noted.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Only these dataplanes (direct, weir-nftables, weir-ebpf, kube-proxy-iptables,
+    /// kube-proxy-nftables), merged into the existing compare.json like --only.
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
+}
+
+/// The parts of a comparison that `--only` can re-measure on their own.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    /// Full sync, startup, one endpoint change, peak RSS, CPU.
+    ControlPlane,
+    /// ClusterIP and NodePort traffic (the rules are still loaded first).
+    Datapath,
+}
+
+impl CompareArgs {
+    /// Whether this run re-measures only part of the comparison (and merges).
+    fn partial(&self) -> bool {
+        !self.only.is_empty() || !self.modes.is_empty()
+    }
+
+    fn measures(&self, s: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&s)
+    }
 }
 
 /// The dataplanes compared.
@@ -98,6 +126,51 @@ pub struct Report {
     pub(crate) load_before: String,
     pub(crate) load_after: String,
     pub(crate) rows: Vec<Row>,
+    /// Later partial re-runs merged into this report (`--only`, `--modes`): what, when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) partial_runs: Vec<String>,
+}
+
+/// `old` with the rows of a partial run `new` merged in: for a (size, dataplane) both
+/// have, the re-measured sections' numbers replace the old ones (and the status, when the
+/// control plane was re-measured or the new run failed); other rows are added.
+pub fn merge(old: &Report, new: &Report, control_plane: bool, datapath: bool) -> Report {
+    let mut out = old.clone();
+    for n in &new.rows {
+        let Some(o) = out
+            .rows
+            .iter_mut()
+            .find(|o| o.services == n.services && o.mode == n.mode)
+        else {
+            out.rows.push(n.clone());
+            continue;
+        };
+        if control_plane {
+            o.full_sync_s = n.full_sync_s;
+            o.startup_s = n.startup_s;
+            o.change_ms = n.change_ms;
+            o.peak_rss_mib = n.peak_rss_mib;
+            o.cpu_s = n.cpu_s;
+        }
+        if datapath {
+            o.clusterip = n.clusterip.clone();
+            o.nodeport = n.nodeport.clone();
+            o.nodeport_note = n.nodeport_note.clone();
+        }
+        if control_plane || n.status != "ok" {
+            o.status = n.status.clone();
+        }
+    }
+    out.rows.sort_by_key(|r| {
+        (
+            r.services,
+            MODES
+                .iter()
+                .position(|m| *m == r.mode)
+                .unwrap_or(MODES.len()),
+        )
+    });
+    out
 }
 
 /// The Services whose first endpoint the change steps remove (never the measured one).
@@ -435,6 +508,10 @@ struct Ctx {
     requests: usize,
     rps_millis: u64,
     changes: usize,
+    /// Whether the endpoint changes are measured.
+    control_plane: bool,
+    /// Whether traffic is sent.
+    datapath: bool,
     work: tempfile::TempDir,
 }
 
@@ -521,7 +598,8 @@ fn weir(ctx: &Ctx, n: usize, mode: &str) -> Result<Row> {
     let mut removed = Vec::new();
     let mut times = Vec::new();
     let mut last = metric(bin, &topo.node, LAST).unwrap_or(0.0);
-    for svc in changed_services(n, ctx.changes) {
+    let changes = if ctx.control_plane { ctx.changes } else { 0 };
+    for svc in changed_services(n, changes) {
         let sum0 = metric(bin, &topo.node, PARTIAL_SUM).unwrap_or(0.0);
         let count0 = metric(bin, &topo.node, PARTIAL_COUNT).unwrap_or(0.0);
         removed.push(svc);
@@ -546,13 +624,15 @@ fn weir(ctx: &Ctx, n: usize, mode: &str) -> Result<Row> {
     }
     row.change_ms = median(times);
     row.peak_rss_mib = status_kib(pid, "VmHWM:").map(|k| k as f64 / 1024.0);
-    data_path(
-        ctx,
-        &topo,
-        n,
-        scratch.as_ref().map(|s| s.cgroup.as_path()),
-        &mut row,
-    );
+    if ctx.datapath {
+        data_path(
+            ctx,
+            &topo,
+            n,
+            scratch.as_ref().map(|s| s.cgroup.as_path()),
+            &mut row,
+        );
+    }
     drop(child);
     drop(topo);
     drop(scratch);
@@ -593,7 +673,8 @@ fn reference(ctx: &Ctx, n: usize, kind: &str) -> Result<Row> {
     };
     row.full_sync_s = Some(secs);
     let mut times = Vec::new();
-    for svc in changed_services(n, ctx.changes) {
+    let changes = if ctx.control_plane { ctx.changes } else { 0 };
+    for svc in changed_services(n, changes) {
         let change = ctx.work.path().join(format!("{kind}-{n}-change.rules"));
         let c = change.display().to_string();
         let t = if iptables {
@@ -612,7 +693,9 @@ fn reference(ctx: &Ctx, n: usize, kind: &str) -> Result<Row> {
         }
     }
     row.change_ms = median(times);
-    data_path(ctx, &topo, n, None, &mut row);
+    if ctx.datapath {
+        data_path(ctx, &topo, n, None, &mut row);
+    }
     let _ = std::fs::remove_file(&file);
     Ok(row)
 }
@@ -635,7 +718,7 @@ fn fmt_dur(secs: f64) -> String {
 }
 
 /// Builds the release binaries and runs every step; returns the report.
-fn run(args: &CompareArgs, root: &Path) -> Result<Report> {
+fn run(args: &CompareArgs, root: &Path, old: Option<&Report>) -> Result<Report> {
     crate::toolchain::ensure_ebpf()?;
     crate::bench::build_release(root)?;
     if !weir_e2e::require_privileges() {
@@ -648,6 +731,8 @@ fn run(args: &CompareArgs, root: &Path) -> Result<Report> {
         requests: if args.quick { 300 } else { 1000 },
         rps_millis: if args.quick { 700 } else { 1500 },
         changes: if args.quick { 5 } else { 3 },
+        control_plane: args.measures(Section::ControlPlane),
+        datapath: args.measures(Section::Datapath),
         work: tempfile::Builder::new().prefix("weir-bench-").tempdir()?,
     };
     let sizes = if args.quick {
@@ -659,10 +744,26 @@ fn run(args: &CompareArgs, root: &Path) -> Result<Report> {
         bail!("sizes must be between 2 and 40,000 services (NodePort and address plan)");
     }
     let limit = args.limit as f64;
+    if let Some(m) = args.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
+        bail!(
+            "--modes: unknown dataplane {m:?} (one of {})",
+            MODES.join(", ")
+        );
+    }
     let steps: Vec<(usize, &str)> = sizes
         .iter()
         .flat_map(|&n| MODES.iter().map(move |&m| (n, m)))
+        .filter(|(_, m)| args.modes.is_empty() || args.modes.iter().any(|x| x == m))
         .collect();
+    // A data-path-only run does not wait again for loads that were cut off before.
+    let cut_off = |n: usize, mode: &str| {
+        !ctx.control_plane
+            && old.is_some_and(|o| {
+                o.rows
+                    .iter()
+                    .any(|r| r.services == n && r.mode == mode && r.status.starts_with('>'))
+            })
+    };
     let total: f64 = steps.iter().map(|&(n, m)| estimate(m, n, limit)).sum();
     let mut report = Report {
         date: now_utc(),
@@ -698,7 +799,7 @@ fn run(args: &CompareArgs, root: &Path) -> Result<Report> {
                 status: "not measured (needs the VM: this kernel has no IPVS)".into(),
                 ..Row::default()
             })
-        } else if skip.contains(&mode) {
+        } else if skip.contains(&mode) || cut_off(n, mode) {
             Ok(Row {
                 services: n,
                 endpoints: ctx.eps,
@@ -790,6 +891,9 @@ fn csv(report: &Report) -> String {
         report.load_before,
         report.load_after
     );
+    for p in &report.partial_runs {
+        let _ = writeln!(s, "# then {p}");
+    }
     for r in &report.rows {
         let t = |t: &Option<Traffic>| match t {
             Some(t) => format!(
@@ -821,10 +925,54 @@ fn csv(report: &Report) -> String {
 
 /// `bench compare`: the run, its CSV/JSON and plots under `--out`.
 pub fn compare(args: CompareArgs, root: &Path) -> Result<()> {
-    let report = run(&args, root)?;
     let out = root.join(&args.out);
-    std::fs::create_dir_all(&out)?;
     let stem = if args.quick { "quick" } else { "compare" };
+    let old: Option<Report> = if args.partial() {
+        let path = out.join(format!("{stem}.json"));
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "--only/--modes merge into {}: run a whole comparison first",
+                path.display()
+            )
+        })?;
+        Some(serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?)
+    } else {
+        None
+    };
+    let fresh = run(&args, root, old.as_ref())?;
+    let report = match &old {
+        Some(old) => {
+            let mut merged = merge(
+                old,
+                &fresh,
+                args.measures(Section::ControlPlane),
+                args.measures(Section::Datapath),
+            );
+            let modes: std::collections::BTreeSet<&str> =
+                fresh.rows.iter().map(|r| r.mode.as_str()).collect();
+            let what = match args.only.as_slice() {
+                [] => "everything".to_string(),
+                only => only
+                    .iter()
+                    .map(|s| match s {
+                        Section::ControlPlane => "control plane",
+                        Section::Datapath => "data path",
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+            };
+            merged.partial_runs.push(format!(
+                "{}: {what} of {} re-measured (load {} -> {})",
+                fresh.date,
+                modes.into_iter().collect::<Vec<_>>().join(", "),
+                fresh.load_before,
+                fresh.load_after
+            ));
+            merged
+        }
+        None => fresh,
+    };
+    std::fs::create_dir_all(&out)?;
     std::fs::write(
         out.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&report)? + "\n",
@@ -856,6 +1004,9 @@ pub fn markdown(report: &Report) -> String {
         report.load_before,
         report.load_after
     );
+    for p in &report.partial_runs {
+        let _ = writeln!(s, "then {p}\n");
+    }
     s.push_str("| services | dataplane | full sync (s) | 1 endpoint change (ms) | peak RSS (MiB) | CPU (s) | ClusterIP connect p50 (µs) | ClusterIP req p50 / p99 (µs) | ClusterIP req/s | NodePort req p50 / p99 (µs) | NodePort req/s | note |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for r in &report.rows {
         let full = match (r.full_sync_s, r.status.starts_with('>')) {
@@ -948,6 +1099,48 @@ mod tests {
         let change = iptables_change(3, 2, 1);
         assert!(change.contains(&format!("-X {}", ipt_sep(1, 0))));
         assert!(nftables_change(3, 2, 1).contains("numgen random mod 1 vmap"));
+    }
+
+    #[test]
+    fn a_data_path_rerun_replaces_only_traffic_numbers_and_keeps_the_rest() {
+        let row = |mode: &str, full: f64, p50: f64| Row {
+            services: 1000,
+            endpoints: 10,
+            mode: mode.into(),
+            status: "ok".into(),
+            full_sync_s: Some(full),
+            clusterip: Some(Traffic {
+                p50_us: p50,
+                ..Traffic::default()
+            }),
+            ..Row::default()
+        };
+        let old = Report {
+            rows: vec![row("weir-ebpf", 0.1, 100.0), row("direct", 0.0, 90.0)],
+            ..Report::default()
+        };
+        let new = Report {
+            rows: vec![
+                row("weir-ebpf", 9.9, 80.0),
+                Row {
+                    services: 30000,
+                    ..row("weir-ebpf", 1.0, 70.0)
+                },
+            ],
+            ..Report::default()
+        };
+        let merged = merge(&old, &new, false, true);
+        let ebpf = &merged.rows[1];
+        assert_eq!(ebpf.mode, "weir-ebpf");
+        assert_eq!(ebpf.full_sync_s, Some(0.1), "control plane kept");
+        assert_eq!(ebpf.clusterip.as_ref().map(|t| t.p50_us), Some(80.0));
+        assert_eq!(
+            merged.rows[0].mode, "direct",
+            "rows stay in the table's order"
+        );
+        assert_eq!(merged.rows.len(), 3, "a new size is added");
+        let both = merge(&old, &new, true, true);
+        assert_eq!(both.rows[1].full_sync_s, Some(9.9));
     }
 
     #[test]

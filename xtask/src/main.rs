@@ -1,7 +1,7 @@
 //! `cargo xtask`: the project's developer commands.
 //!
 //! - `cargo xtask test`: every test tier (fmt, clippy, unit, fake dataplane, netns, the
-//!   IPVS suite in a VM).
+//!   benchmark regression check, the IPVS suite in a VM).
 //! - `cargo xtask demo`: weir-proxy on a namespace topology with real traffic.
 //! - `cargo xtask demo --nodes 3`: three nodes on one machine, weir-cni pods, host-gw routes.
 //! - `cargo xtask bench sync`: control-plane numbers at scale.
@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every test tier: fmt check, clippy -D warnings, build, unit + fake + netns tests,
-    /// then the IPVS suite inside a qemu guest.
+    /// the benchmark regression check, then the IPVS suite inside a qemu guest.
     Test,
     /// The main job on an embedded default: a namespace topology, a Service from YAML,
     /// real traffic through its ClusterIP and NodePort, an endpoint removed, cleanup.
@@ -75,8 +75,9 @@ enum BenchCmd {
     /// requests per second), per mode and service count, measured interleaved; ratios,
     /// CSV/JSON under docs/bench.
     Datapath(bench_datapath::DatapathArgs),
-    /// A quick compare checked against docs/bench/baseline.json by ratio (weir against the
-    /// references of the same run); fails only on a regression above --tolerance.
+    /// Repeated same-run ratios (weir against kube-proxy's iptables load, ClusterIP against
+    /// pod IP, peak RSS) compared by median with docs/bench/baseline.json; fails only when a
+    /// gated ratio regresses beyond --tolerance.
     Check(bench_check::CheckArgs),
 }
 
@@ -133,6 +134,12 @@ fn test() -> Result<()> {
         &["test", "--workspace"],
         &[("WEIR_PROXY_BIN", proxy_bin)],
     )?;
+    // The benchmark regression check: release binaries, about four minutes; fails only
+    // when a gated ratio (ClusterIP ÷ pod IP latency, peak RSS) is more than 25% worse than
+    // docs/bench/baseline.json, never on an absolute time (docs/bench/README.md).
+    eprintln!("\n==> benchmark regression check: cargo xtask bench check");
+    bench_check::check(bench_check::CheckArgs::default(), &root)
+        .context("the benchmark regression check (cargo xtask bench check)")?;
     // IPVS: the host kernel has none, so the suite runs in a qemu guest (Debian's
     // kernel). A failing suite always fails; a guest that cannot be prepared or booted
     // (no qemu, no network for the kernel package) fails only under CI=true.
