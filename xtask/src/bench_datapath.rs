@@ -62,8 +62,9 @@ pub struct DatapathArgs {
     /// Endpoints (backend pods) of the measured Service.
     #[arg(long, default_value_t = 10)]
     endpoints: usize,
-    /// weir-load runs per (mode, service count); medians are reported.
-    #[arg(long, default_value_t = 3)]
+    /// weir-load runs per (mode, service count); medians are reported (a burst of load
+    /// can skew one round's ratio; it takes three of five to move the median).
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Sequential connections per side and round (latencies).
     #[arg(long, default_value_t = 500)]
