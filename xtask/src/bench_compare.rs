@@ -49,7 +49,7 @@ pub struct CompareArgs {
     /// stopped and reported as "> limit"; larger sizes of it are then skipped.
     #[arg(long, default_value_t = 120)]
     limit: u64,
-    /// The quick run `bench check` uses: 2,000 services, shorter traffic phases.
+    /// One size (2,000 services), shorter traffic phases; results in quick.csv/quick.json.
     #[arg(long)]
     quick: bool,
     /// Where results go (compare.csv, compare.json, the PNG plots).
