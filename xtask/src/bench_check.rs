@@ -261,9 +261,10 @@ fn reference(ctx: &Ctx) -> Result<(f64, f64, f64)> {
     Ok((full.cpu, wall, median(changes).unwrap_or(f64::NAN)))
 }
 
-/// weir in `mode`: (CPU to the first full sync s, full-sync metric s, partial-sync ms
-/// median, CPU per change ms median, peak RSS MiB, ClusterIP ÷ pod IP request p50,
-/// ClusterIP ÷ pod IP requests/s).
+/// weir in `mode` on a fresh topology: its CPU to the first full sync, full-sync metric,
+/// median partial sync and CPU per endpoint change, peak RSS, and the ClusterIP against
+/// pod IP latency and throughput ratios of one interleaved weir-load run, keyed
+/// `"<mode> <what>"`.
 fn weir(ctx: &Ctx, mode: &str, rep: usize) -> Result<Sample> {
     let (n, eps, bin) = (ctx.services, ctx.eps, &ctx.bin);
     let topo = topology(bin, eps)?;
