@@ -20,7 +20,7 @@
 use crate::bench_compare::{changed_services, iptables_change, iptables_ruleset, timed};
 use crate::bench_rig::{
     cpu_seconds_precise, load, loadavg, machine, measured_targets, median, metric, now_utc,
-    release_dir, start_weir, status_kib, topology, wait_metric, write_manifests, EbpfScratch,
+    profile_dir, start_weir, status_kib, topology, wait_metric, write_manifests, EbpfScratch,
     LoadSpec, Machine, FULL, LAST, PARTIAL_COUNT, PARTIAL_SUM,
 };
 use anyhow::{bail, Context, Result};
@@ -52,6 +52,22 @@ pub struct CheckArgs {
     /// Also write this run (every repetition's ratios) to this JSON file.
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Measure the debug binaries `cargo build` made instead of building release ones
+    /// (what `cargo xtask test` does, right after its build step). The gated latency
+    /// ratios are the kernel's data path and do not depend on weir's build; peak RSS is
+    /// gated only against a baseline of the same profile.
+    #[arg(long)]
+    debug: bool,
+}
+
+impl CheckArgs {
+    /// What `cargo xtask test` runs: the defaults, on the debug binaries it just built.
+    pub fn on_debug_build() -> CheckArgs {
+        CheckArgs {
+            debug: true,
+            ..CheckArgs::default()
+        }
+    }
 }
 
 impl Default for CheckArgs {
@@ -64,6 +80,7 @@ impl Default for CheckArgs {
             services: 5000,
             reps: 3,
             save: None,
+            debug: false,
         }
     }
 }
@@ -97,10 +114,17 @@ pub struct CheckRun {
     pub(crate) load_before: String,
     pub(crate) load_after: String,
     pub(crate) services: usize,
+    /// The build profile of the weir binaries measured ("release" or "debug").
+    #[serde(default = "release")]
+    pub(crate) profile: String,
     /// Every repetition's ratios.
     pub(crate) samples: Vec<Sample>,
     /// Their medians, what is compared.
     pub(crate) medians: BTreeMap<String, f64>,
+}
+
+fn release() -> String {
+    "release".into()
 }
 
 /// The median, lowest and highest value of a ratio over the repetitions.
@@ -375,12 +399,15 @@ fn repetition(ctx: &Ctx, rep: usize) -> Result<Sample> {
 /// `reps` repetitions.
 fn measure(args: &CheckArgs, root: &Path) -> Result<CheckRun> {
     crate::toolchain::ensure_ebpf()?;
-    crate::bench::build_release(root)?;
+    let profile = if args.debug { "debug" } else { "release" };
+    if !args.debug {
+        crate::bench::build_release(root)?;
+    }
     if !weir_e2e::require_privileges() {
         bail!("bench check needs root and network namespaces");
     }
     let ctx = Ctx {
-        bin: release_dir(root),
+        bin: profile_dir(root, profile),
         services: args.services,
         eps: 10,
         changes: 5,
@@ -398,6 +425,7 @@ fn measure(args: &CheckArgs, root: &Path) -> Result<CheckRun> {
         machine: machine(),
         load_before: loadavg(),
         services: args.services,
+        profile: profile.into(),
         ..CheckRun::default()
     };
     eprintln!(
@@ -464,11 +492,12 @@ pub fn check(args: CheckArgs, root: &Path) -> Result<()> {
         );
     }
     let mut run = measure(&args, root)?;
-    let same_cores = base.machine.cores == run.machine.cores;
+    let same_cores = base.machine.cores == run.machine.cores && base.profile == run.profile;
     if !same_cores {
         eprintln!(
-            "the baseline comes from a machine with {} cores, this one has {}: peak RSS is shown, not gated",
-            base.machine.cores, run.machine.cores
+            "the baseline measured {} binaries on a machine with {} cores, this run {} binaries \
+             with {} cores: peak RSS is shown, not gated",
+            base.profile, base.machine.cores, run.profile, run.machine.cores
         );
     }
     let mut v = verdicts(&base.medians, &spreads(&run.samples), same_cores);

@@ -65,10 +65,15 @@ pub fn now_utc() -> String {
 
 /// Where the release binaries are: `$CARGO_TARGET_DIR/release`, else `target/release`.
 pub fn release_dir(root: &Path) -> PathBuf {
+    profile_dir(root, "release")
+}
+
+/// Where a profile's binaries are: `$CARGO_TARGET_DIR/<profile>`, else `target/<profile>`.
+pub fn profile_dir(root: &Path, profile: &str) -> PathBuf {
     std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"))
-        .join("release")
+        .join(profile)
 }
 
 /// The median of `v` (NaN ignored; the mean of the middle two of an even count); None

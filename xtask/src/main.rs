@@ -123,6 +123,39 @@ fn test() -> Result<()> {
         ],
         &[],
     )?;
+    // The eBPF programs are not a default member (they build only for the BPF target, as
+    // proxy/build.rs does): linted for that target with the nightly, flags as aya-build's.
+    step(
+        "clippy (eBPF programs, bpfel-unknown-none)",
+        "rustup",
+        &[
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "weir-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[
+            (
+                "CARGO_ENCODED_RUSTFLAGS",
+                format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+            ),
+            (
+                "CARGO_TARGET_DIR",
+                target.join("bpf-clippy").display().to_string(),
+            ),
+        ],
+    )?;
     step("build", "cargo", &["build", "--workspace", "--bins"], &[])?;
     // The API server tier's binaries: built once from Debian's packages (minutes), then
     // cached; built here so the tests do not each wait for it.
@@ -134,11 +167,12 @@ fn test() -> Result<()> {
         &["test", "--workspace"],
         &[("WEIR_PROXY_BIN", proxy_bin)],
     )?;
-    // The benchmark regression check: release binaries, about four minutes; fails only
+    // The benchmark regression check: the debug binaries just built (no release build),
+    // a few minutes; fails only
     // when a gated ratio (ClusterIP ÷ pod IP latency, peak RSS) is more than 25% worse than
     // docs/bench/baseline.json, never on an absolute time (docs/bench/README.md).
     eprintln!("\n==> benchmark regression check: cargo xtask bench check");
-    bench_check::check(bench_check::CheckArgs::default(), &root)
+    bench_check::check(bench_check::CheckArgs::on_debug_build(), &root)
         .context("the benchmark regression check (cargo xtask bench check)")?;
     // IPVS: the host kernel has none, so the suite runs in a qemu guest (Debian's
     // kernel). A failing suite always fails; a guest that cannot be prepared or booted
