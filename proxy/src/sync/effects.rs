@@ -110,13 +110,13 @@ impl SideEffects {
         }
     }
 
-    /// Programs IPVS for `state` (IPVS mode; nothing otherwise). Returns false when the
-    /// runner should sync again soon (a failure).
-    pub async fn sync_ipvs(&mut self, state: &DesiredState) -> bool {
+    /// Programs IPVS for `state` (IPVS mode; nothing otherwise); a `full` sync reads the
+    /// kernel back first. Returns false when the runner should sync again soon (a failure).
+    pub async fn sync_ipvs(&mut self, state: &DesiredState, full: bool) -> bool {
         let Some(ipvs) = &mut self.ipvs else {
             return true;
         };
-        match ipvs.sync(state).await {
+        match ipvs.sync(state, full).await {
             Ok(r) => {
                 self.ipvs_draining = r.draining;
                 r.failed == 0

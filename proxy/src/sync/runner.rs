@@ -326,9 +326,10 @@ impl<K: NftBackend> Runner<K> {
         }
         self.incremental = Some(next);
         // IPVS mode: the virtual servers follow the nftables rules (masquerade marks and
-        // rejects) within the same sync; a failure or a draining real server asks for
-        // another sync soon.
-        let ipvs_done = self.effects.sync_ipvs(&self.desired).await;
+        // rejects) within the same sync, reading IPVS back only when this sync is a full
+        // one (or after a failure, or while real servers drain); a failure or a draining
+        // real server asks for another sync soon.
+        let ipvs_done = self.effects.sync_ipvs(&self.desired, was_full).await;
         self.finish_sync(started, oldest, was_full, changes_applied, ops, planned)
             .await;
         ipvs_done

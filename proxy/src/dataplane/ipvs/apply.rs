@@ -1,20 +1,23 @@
 //! The side effects of an IPVS sync: the dummy interface [`DUMMY_INTERFACE`] with the
 //! Service addresses (rtnetlink), IPVS sysctls and timeouts, and the virtual/real servers (generic
-//! netlink through [`KernelIpvs`]). Each sync dumps IPVS and applies only the difference
-//! ([`diff::plan`]), so drift is repaired every time and a restart adopts what is there.
+//! netlink through [`KernelIpvs`]). Each sync applies only the difference ([`diff::plan`]);
+//! full syncs, syncs after a failure and syncs while real servers drain read the kernel
+//! back first ([`super::program`]), so drift is repaired and a restart adopts what is
+//! there, while an idle sync sends nothing and reads nothing.
 
-use super::diff::{self, Terminating};
+use super::diff;
 use super::netlink::KernelIpvs;
+use super::program::{Ownership, Programmer};
 use super::render::{bound_addresses, desired, IpvsConfig};
 use super::{IpvsBackend, IpvsError, Op, Timeouts, DUMMY_INTERFACE};
 use crate::model::DesiredState;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::LinkDummy;
+use rtnetlink::{AddressMessageBuilder, LinkDummy};
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::info;
 
 /// How long a removed real server may drain before it is deleted anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -207,18 +210,57 @@ impl Link {
             }
         }
         for ip in want.difference(&present) {
-            let len = if ip.is_ipv4() { 32 } else { 128 };
+            self.add_address(index, *ip).await?;
+        }
+        Ok(())
+    }
+
+    /// Turns the interface's addresses from `have` (as the last sync left them) into
+    /// `want`, without listing them.
+    async fn change_addresses(
+        &self,
+        index: u32,
+        have: &BTreeSet<IpAddr>,
+        want: &BTreeSet<IpAddr>,
+    ) -> Result<(), IpvsSyncError> {
+        for ip in have.difference(want) {
+            let m = match ip {
+                IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
+                    .index(index)
+                    .address(*a, 32)
+                    .build(),
+                IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new()
+                    .index(index)
+                    .address(*a, 128)
+                    .build(),
+            };
             self.handle
                 .address()
-                .add(index, *ip, len)
+                .del(m)
                 .execute()
                 .await
                 .map_err(|source| IpvsSyncError::Link {
-                    op: format!("adding address {ip}"),
+                    op: format!("deleting address {ip}"),
                     source,
                 })?;
         }
+        for ip in want.difference(have) {
+            self.add_address(index, *ip).await?;
+        }
         Ok(())
+    }
+
+    async fn add_address(&self, index: u32, ip: IpAddr) -> Result<(), IpvsSyncError> {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        self.handle
+            .address()
+            .add(index, ip, len)
+            .execute()
+            .await
+            .map_err(|source| IpvsSyncError::Link {
+                op: format!("adding address {ip}"),
+                source,
+            })
     }
 
     async fn delete(&self) -> Result<bool, IpvsSyncError> {
@@ -248,26 +290,22 @@ pub fn set_sysctls(strict_arp: bool) -> Result<(), IpvsSyncError> {
     Ok(())
 }
 
-/// What one sync did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyncReport {
-    /// IPVS operations applied.
-    pub ops: usize,
-    /// Operations the kernel refused.
-    pub failed: usize,
-    /// Whether removed real servers are still draining (another sync is needed).
-    pub draining: bool,
-}
+pub use super::program::SyncReport;
 
 /// IPVS programming for the sync runner (inside a tokio runtime).
 pub struct IpvsSync {
     kernel: KernelIpvs,
     link: Link,
     cfg: IpvsConfig,
-    terminating: Terminating,
+    program: Programmer,
     /// Every node address NodePorts were served on since start: a virtual server on one of
     /// them in the NodePort range is weir's.
     node_ips: BTreeSet<IpAddr>,
+    /// The dummy interface's index, as of the last sync that succeeded.
+    index: Option<u32>,
+    /// The addresses on the dummy interface after the last sync that succeeded (`None`:
+    /// read them from the kernel next time).
+    bound: Option<BTreeSet<IpAddr>>,
 }
 
 impl std::fmt::Debug for IpvsSync {
@@ -286,47 +324,80 @@ impl IpvsSync {
             kernel,
             link: Link::open()?,
             cfg,
-            terminating: Terminating::new(DRAIN_TIMEOUT),
+            program: Programmer::new(DRAIN_TIMEOUT),
             node_ips: BTreeSet::new(),
+            index: None,
+            bound: None,
         })
     }
 
     /// Brings the dummy interface's addresses and IPVS to `state`. Operations the kernel
     /// refuses are logged and counted; the rest proceed.
-    pub async fn sync(&mut self, state: &DesiredState) -> Result<SyncReport, IpvsSyncError> {
-        let index = self.link.ensure().await?;
-        // What weir owns is decided before the addresses change: a Service address still
-        // bound marks a virtual server left by a removed Service (or a previous run).
-        let mut bound: BTreeSet<IpAddr> = self
-            .link
-            .addresses(Some(index))
-            .await?
-            .into_iter()
-            .map(|(ip, _)| ip)
-            .collect();
-        let want_bound = bound_addresses(state);
-        bound.extend(want_bound.iter().copied());
+    ///
+    /// The kernel is read back (the dummy interface, its addresses, every virtual and real
+    /// server) only on a `full` sync, after a failure and while real servers drain; other
+    /// syncs diff against what the last successful sync left and send only the changes.
+    pub async fn sync(
+        &mut self,
+        state: &DesiredState,
+        full: bool,
+    ) -> Result<SyncReport, IpvsSyncError> {
+        let r = self.sync_inner(state, full).await;
+        if !matches!(&r, Ok(report) if report.failed == 0) {
+            self.index = None;
+            self.bound = None;
+            self.program.invalidate();
+        }
+        r
+    }
+
+    async fn sync_inner(
+        &mut self,
+        state: &DesiredState,
+        full: bool,
+    ) -> Result<SyncReport, IpvsSyncError> {
         self.node_ips.extend(state.node_ips.iter().copied());
-        self.link.sync_addresses(index, &want_bound).await?;
-        let want = desired(state, &self.cfg);
-        let have = diff::managed(self.kernel.dump()?, &want, &bound, &self.node_ips);
-        let ops = diff::plan(&want, &have, &mut self.terminating, Instant::now());
-        let mut report = SyncReport {
-            ops: ops.len(),
-            ..Default::default()
+        let want_bound = bound_addresses(state);
+        let read = self.program.needs_dump(full) || self.bound.is_none() || self.index.is_none();
+        let mut owned = Ownership {
+            bound: BTreeSet::new(),
+            node_ips: self.node_ips.clone(),
         };
-        for op in &ops {
-            if let Err(e) = self.kernel.apply(op) {
-                warn!(error = %e, "IPVS operation failed");
-                report.failed += 1;
+        match (read, self.index, self.bound.take()) {
+            (false, Some(index), Some(last)) => {
+                self.link
+                    .change_addresses(index, &last, &want_bound)
+                    .await?;
+                owned.bound = last;
+            }
+            _ => {
+                let index = self.link.ensure().await?;
+                // What weir owns is decided before the addresses change: a Service address
+                // still bound marks a virtual server left by a removed Service (or a
+                // previous run).
+                owned.bound = self
+                    .link
+                    .addresses(Some(index))
+                    .await?
+                    .into_iter()
+                    .map(|(ip, _)| ip)
+                    .collect();
+                self.link.sync_addresses(index, &want_bound).await?;
+                self.index = Some(index);
             }
         }
-        report.draining = diff::draining(&self.terminating);
-        if !ops.is_empty() {
+        owned.bound.extend(want_bound.iter().copied());
+        self.bound = Some(want_bound);
+        let want = desired(state, &self.cfg);
+        let report = self
+            .program
+            .sync(&mut self.kernel, want, read, &owned, Instant::now())?;
+        if report.ops > 0 {
             info!(
-                ops = ops.len(),
+                ops = report.ops,
                 failed = report.failed,
                 draining = report.draining,
+                dumped = report.dumped,
                 "synced IPVS"
             );
         }
