@@ -111,12 +111,13 @@ impl SideEffects {
     }
 
     /// Programs IPVS for `state` (IPVS mode; nothing otherwise); a `full` sync reads the
-    /// kernel back first. Returns false when the runner should sync again soon (a failure).
-    pub async fn sync_ipvs(&mut self, state: &DesiredState, full: bool) -> bool {
+    /// kernel back first, and a sync in which no Service port `changed` may have nothing
+    /// to do. Returns false when the runner should sync again soon (a failure).
+    pub async fn sync_ipvs(&mut self, state: &DesiredState, full: bool, changed: bool) -> bool {
         let Some(ipvs) = &mut self.ipvs else {
             return true;
         };
-        match ipvs.sync(state, full).await {
+        match ipvs.sync(state, full, changed).await {
             Ok(r) => {
                 self.ipvs_draining = r.draining;
                 r.failed == 0

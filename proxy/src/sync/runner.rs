@@ -224,8 +224,11 @@ impl<K: NftBackend> Runner<K> {
             _ => None,
         };
         let mut planned = None;
+        // Whether any Service port's desired state changed (a full compute assumes so).
+        let mut services_changed = true;
         if let Some(mut incs) = incremental {
             let deltas = self.recompute_changed(&changes.services);
+            services_changed = !deltas.is_empty();
             // A released frontend another Service wanted: only a full compute hands it over.
             if !self.desired.needs_full_compute() {
                 let plans = incs
@@ -329,7 +332,10 @@ impl<K: NftBackend> Runner<K> {
         // rejects) within the same sync, reading IPVS back only when this sync is a full
         // one (or after a failure, or while real servers drain); a failure or a draining
         // real server asks for another sync soon.
-        let ipvs_done = self.effects.sync_ipvs(&self.desired, was_full).await;
+        let ipvs_done = self
+            .effects
+            .sync_ipvs(&self.desired, was_full, services_changed)
+            .await;
         self.finish_sync(started, oldest, was_full, changes_applied, ops, planned)
             .await;
         ipvs_done

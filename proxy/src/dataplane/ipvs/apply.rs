@@ -337,11 +337,17 @@ impl IpvsSync {
     /// The kernel is read back (the dummy interface, its addresses, every virtual and real
     /// server) only on a `full` sync, after a failure and while real servers drain; other
     /// syncs diff against what the last successful sync left and send only the changes.
+    /// When no Service port `changed` either, there is nothing to render or send.
     pub async fn sync(
         &mut self,
         state: &DesiredState,
         full: bool,
+        changed: bool,
     ) -> Result<SyncReport, IpvsSyncError> {
+        let read = self.program.needs_dump(full) || self.bound.is_none() || self.index.is_none();
+        if !read && !changed {
+            return Ok(SyncReport::default());
+        }
         let r = self.sync_inner(state, full).await;
         if !matches!(&r, Ok(report) if report.failed == 0) {
             self.index = None;
