@@ -738,8 +738,9 @@ fn ipvs_sync_cost() {
         return;
     }
     use std::time::Instant;
-    use weir_proxy::dataplane::ipvs::apply::{IpvsOptions, IpvsSync};
+    use weir_proxy::dataplane::ipvs::apply::{Changed, IpvsOptions, IpvsSync};
     use weir_proxy::dataplane::ipvs::render::IpvsConfig;
+    use weir_proxy::model::ServiceDelta;
     for n in [1_000u32, 10_000] {
         let ns = Netns::new("cost").expect("netns");
         let path = format!("/run/netns/{}", ns.name());
@@ -756,13 +757,13 @@ fn ipvs_sync_cost() {
                         IpvsSync::new(IpvsConfig::default(), IpvsOptions::default()).unwrap();
                     let base = many_services(n, 0);
                     let t = Instant::now();
-                    let r = sync.sync(&base, true, true).await.unwrap();
+                    let r = sync.sync(&base, true, Changed::Everything).await.unwrap();
                     let first = t.elapsed();
                     assert_eq!(r.failed, 0);
                     let rounds = 5u32;
                     let t = Instant::now();
                     for _ in 0..rounds {
-                        let r = sync.sync(&base, false, false).await.unwrap();
+                        let r = sync.sync(&base, false, Changed::Nothing).await.unwrap();
                         assert!(!r.dumped && r.ops == 0, "{r:?}");
                     }
                     let idle = t.elapsed() / rounds;
@@ -770,25 +771,46 @@ fn ipvs_sync_cost() {
                     // diff of every Service, without a dump.
                     let t = Instant::now();
                     for _ in 0..rounds {
-                        let r = sync.sync(&base, false, true).await.unwrap();
+                        let r = sync.sync(&base, false, Changed::Everything).await.unwrap();
                         assert!(!r.dumped && r.ops == 0, "{r:?}");
                     }
                     let rendered = t.elapsed() / rounds;
                     let t = Instant::now();
                     for _ in 0..2 {
-                        let r = sync.sync(&base, true, true).await.unwrap();
+                        let r = sync.sync(&base, true, Changed::Everything).await.unwrap();
                         assert!(r.dumped && r.ops == 0, "{r:?}");
                     }
                     let dumping = t.elapsed() / 2;
                     // Each round adds one endpoint to one more Service (a removal would
-                    // start a drain, during which syncs dump to read the counters).
-                    let states: Vec<_> = (1..=rounds).map(|k| many_services(n, k)).collect();
+                    // start a drain, during which syncs dump to read the counters), as the
+                    // runner reports it: that one Service port's change.
+                    let states: Vec<_> = (0..=rounds).map(|k| many_services(n, k)).collect();
+                    let deltas: Vec<Vec<ServiceDelta>> = (1..=rounds as usize)
+                        .map(|k| {
+                            let want = format!("s{}", k - 1);
+                            let name = states[k].services.keys().find(|n| n.name == want).unwrap();
+                            vec![ServiceDelta {
+                                name: name.clone(),
+                                old: Some(states[k - 1].services[name].clone()),
+                                new: Some(states[k].services[name].clone()),
+                            }]
+                        })
+                        .collect();
                     let t = Instant::now();
-                    for s in &states {
-                        let r = sync.sync(s, false, true).await.unwrap();
+                    for (k, d) in deltas.iter().enumerate() {
+                        let r = sync
+                            .sync(&states[k + 1], false, Changed::Ports(d))
+                            .await
+                            .unwrap();
                         assert_eq!((r.dumped, r.ops, r.failed), (false, 1, 0), "{r:?}");
                     }
                     let change = t.elapsed() / rounds;
+                    // The kernel holds what a full render wants.
+                    let r = sync
+                        .sync(&states[rounds as usize], true, Changed::Everything)
+                        .await
+                        .unwrap();
+                    assert_eq!((r.dumped, r.ops), (true, 0), "{r:?}");
                     format!(
                         "ipvs_sync_cost: {n} services x 10 endpoints: first sync {first:?}, \
                          idle sync {idle:?}, no-op sync rendering every Service {rendered:?}, \

@@ -6,6 +6,7 @@
 use crate::dataplane::conntrack::FlowFilter;
 use crate::dataplane::ebpf::render::{diff as ebpf_diff, render_with as ebpf_render, LbAlgorithm};
 use crate::dataplane::ebpf::{EbpfError, MapContents, MapStore};
+use crate::dataplane::ipvs::apply::Changed;
 use crate::dataplane::nft::diff::plan_state;
 use crate::dataplane::nft::incremental::Incremental;
 use crate::dataplane::nft::kernel::KernelError;
@@ -224,11 +225,10 @@ impl<K: NftBackend> Runner<K> {
             _ => None,
         };
         let mut planned = None;
-        // Whether any Service port's desired state changed (a full compute assumes so).
-        let mut services_changed = true;
+        // The Service ports whose desired state changed (`None`: a full compute).
+        let mut port_deltas = None;
         if let Some(mut incs) = incremental {
             let deltas = self.recompute_changed(&changes.services);
-            services_changed = !deltas.is_empty();
             // A released frontend another Service wanted: only a full compute hands it over.
             if !self.desired.needs_full_compute() {
                 let plans = incs
@@ -236,6 +236,7 @@ impl<K: NftBackend> Runner<K> {
                     .map(|inc| inc.update(&deltas, &self.desired.node_ips))
                     .collect();
                 planned = Some((plans, incs));
+                port_deltas = Some(deltas);
             }
         }
         let was_full = planned.is_none();
@@ -332,9 +333,14 @@ impl<K: NftBackend> Runner<K> {
         // rejects) within the same sync, reading IPVS back only when this sync is a full
         // one (or after a failure, or while real servers drain); a failure or a draining
         // real server asks for another sync soon.
+        let changed = match &port_deltas {
+            Some(d) if d.is_empty() => Changed::Nothing,
+            Some(d) => Changed::Ports(d),
+            None => Changed::Everything,
+        };
         let ipvs_done = self
             .effects
-            .sync_ipvs(&self.desired, was_full, services_changed)
+            .sync_ipvs(&self.desired, was_full, changed)
             .await;
         self.finish_sync(started, oldest, was_full, changes_applied, ops, planned)
             .await;

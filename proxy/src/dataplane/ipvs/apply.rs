@@ -8,9 +8,9 @@
 use super::diff;
 use super::netlink::KernelIpvs;
 use super::program::{Ownership, Programmer};
-use super::render::{bound_addresses, desired, IpvsConfig};
+use super::render::{IpvsConfig, Rendered};
 use super::{IpvsBackend, IpvsError, Op, Timeouts, DUMMY_INTERFACE};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, ServiceDelta};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::{AddressMessageBuilder, LinkDummy};
@@ -65,6 +65,10 @@ pub enum IpvsSyncError {
         /// The kernel's answer.
         source: rtnetlink::Error,
     },
+    /// A sync of changed Service ports without the state of a previous sync (a bug:
+    /// such syncs are full ones).
+    #[error("no previous IPVS state to apply Service port changes to")]
+    Stale,
     /// A sysctl could not be written.
     #[error("setting {key}: {source}")]
     Sysctl {
@@ -215,23 +219,22 @@ impl Link {
         Ok(())
     }
 
-    /// Turns the interface's addresses from `have` (as the last sync left them) into
-    /// `want`, without listing them.
+    /// Removes `unbind` from the interface and adds `bind`, without listing its addresses.
     async fn change_addresses(
         &self,
         index: u32,
-        have: &BTreeSet<IpAddr>,
-        want: &BTreeSet<IpAddr>,
+        unbind: impl IntoIterator<Item = IpAddr>,
+        bind: impl IntoIterator<Item = IpAddr>,
     ) -> Result<(), IpvsSyncError> {
-        for ip in have.difference(want) {
+        for ip in unbind {
             let m = match ip {
                 IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
                     .index(index)
-                    .address(*a, 32)
+                    .address(a, 32)
                     .build(),
                 IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new()
                     .index(index)
-                    .address(*a, 128)
+                    .address(a, 128)
                     .build(),
             };
             self.handle
@@ -244,8 +247,8 @@ impl Link {
                     source,
                 })?;
         }
-        for ip in want.difference(have) {
-            self.add_address(index, *ip).await?;
+        for ip in bind {
+            self.add_address(index, ip).await?;
         }
         Ok(())
     }
@@ -306,6 +309,9 @@ pub struct IpvsSync {
     /// The addresses on the dummy interface after the last sync that succeeded (`None`:
     /// read them from the kernel next time).
     bound: Option<BTreeSet<IpAddr>>,
+    /// The desired state as of the last sync that succeeded (`None`: render it all next
+    /// time).
+    rendered: Option<Rendered>,
 }
 
 impl std::fmt::Debug for IpvsSync {
@@ -328,33 +334,77 @@ impl IpvsSync {
             node_ips: BTreeSet::new(),
             index: None,
             bound: None,
+            rendered: None,
         })
     }
 
-    /// Brings the dummy interface's addresses and IPVS to `state`. Operations the kernel
-    /// refuses are logged and counted; the rest proceed.
+    /// Brings the dummy interface's addresses and IPVS to `state`, of which `changed` says
+    /// what changed since the last call. Operations the kernel refuses are logged and
+    /// counted; the rest proceed.
     ///
     /// The kernel is read back (the dummy interface, its addresses, every virtual and real
     /// server) only on a `full` sync, after a failure and while real servers drain; other
-    /// syncs diff against what the last successful sync left and send only the changes.
-    /// When no Service port `changed` either, there is nothing to render or send.
+    /// syncs send only the changes: those of the changed Service ports when `changed`
+    /// names them (nothing at all when nothing changed), else the difference between the
+    /// whole rendered state and what the last successful sync left.
     pub async fn sync(
         &mut self,
         state: &DesiredState,
         full: bool,
-        changed: bool,
+        changed: Changed<'_>,
     ) -> Result<SyncReport, IpvsSyncError> {
         let read = self.program.needs_dump(full) || self.bound.is_none() || self.index.is_none();
-        if !read && !changed {
-            return Ok(SyncReport::default());
-        }
-        let r = self.sync_inner(state, full).await;
+        let r = match changed {
+            Changed::Nothing if !read => return Ok(SyncReport::default()),
+            Changed::Ports(deltas) if !read && self.rendered.is_some() => {
+                self.sync_ports(deltas).await
+            }
+            _ => self.sync_inner(state, full).await,
+        };
         if !matches!(&r, Ok(report) if report.failed == 0) {
             self.index = None;
             self.bound = None;
+            self.rendered = None;
             self.program.invalidate();
         }
         r
+    }
+
+    /// Applies the changes of some Service ports to the rendered state, the dummy
+    /// interface and IPVS, touching nothing else.
+    async fn sync_ports(&mut self, deltas: &[ServiceDelta]) -> Result<SyncReport, IpvsSyncError> {
+        let (Some(rendered), Some(index), Some(mut bound)) =
+            (self.rendered.as_mut(), self.index, self.bound.take())
+        else {
+            return Err(IpvsSyncError::Stale);
+        };
+        let touched = rendered.update(deltas, &self.cfg);
+        self.link
+            .change_addresses(
+                index,
+                touched.unbind.iter().copied(),
+                touched.bind.iter().copied(),
+            )
+            .await?;
+        for ip in &touched.unbind {
+            bound.remove(ip);
+        }
+        bound.extend(touched.bind.iter().copied());
+        let node_ips = &self.node_ips;
+        let bound_ref = &bound;
+        let report = self.program.sync_touched(
+            &mut self.kernel,
+            &rendered.servers,
+            &touched.keys,
+            || Ownership {
+                bound: bound_ref.clone(),
+                node_ips: node_ips.clone(),
+            },
+            Instant::now(),
+        )?;
+        self.bound = Some(bound);
+        log_report(&report);
+        Ok(report)
     }
 
     async fn sync_inner(
@@ -363,7 +413,8 @@ impl IpvsSync {
         full: bool,
     ) -> Result<SyncReport, IpvsSyncError> {
         self.node_ips.extend(state.node_ips.iter().copied());
-        let want_bound = bound_addresses(state);
+        let rendered = Rendered::new(state, &self.cfg);
+        let want_bound = rendered.bound();
         let read = self.program.needs_dump(full) || self.bound.is_none() || self.index.is_none();
         let mut owned = Ownership {
             bound: BTreeSet::new(),
@@ -371,9 +422,9 @@ impl IpvsSync {
         };
         match (read, self.index, self.bound.take()) {
             (false, Some(index), Some(last)) => {
-                self.link
-                    .change_addresses(index, &last, &want_bound)
-                    .await?;
+                let unbind = last.difference(&want_bound).copied();
+                let bind = want_bound.difference(&last).copied();
+                self.link.change_addresses(index, unbind, bind).await?;
                 owned.bound = last;
             }
             _ => {
@@ -394,21 +445,37 @@ impl IpvsSync {
         }
         owned.bound.extend(want_bound.iter().copied());
         self.bound = Some(want_bound);
-        let want = desired(state, &self.cfg);
+        let want = rendered.servers.clone();
+        self.rendered = Some(rendered);
         let report = self
             .program
             .sync(&mut self.kernel, want, read, &owned, Instant::now())?;
-        if report.ops > 0 {
-            info!(
-                ops = report.ops,
-                failed = report.failed,
-                draining = report.draining,
-                dumped = report.dumped,
-                "synced IPVS"
-            );
-        }
+        log_report(&report);
         Ok(report)
     }
+}
+
+fn log_report(report: &SyncReport) {
+    if report.ops > 0 {
+        info!(
+            ops = report.ops,
+            failed = report.failed,
+            draining = report.draining,
+            dumped = report.dumped,
+            "synced IPVS"
+        );
+    }
+}
+
+/// What changed since the last [`IpvsSync::sync`].
+#[derive(Clone, Copy, Debug)]
+pub enum Changed<'a> {
+    /// No Service port.
+    Nothing,
+    /// These Service ports (the node's addresses did not change).
+    Ports(&'a [ServiceDelta]),
+    /// Anything may have (a full compute of the desired state).
+    Everything,
 }
 
 /// `--cleanup`: deletes weir's virtual servers (those on an address of the dummy
