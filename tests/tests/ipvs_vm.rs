@@ -5,9 +5,9 @@
 //! and the VM runs them with `--include-ignored`; run anywhere else, they fail.
 //!
 //! Building namespaces and starting processes is what costs time under TCG, so the suite
-//! builds one topology (node, client, three pods with weir-echo) and keeps one weir-proxy
-//! running on it: each test adds its own Services (own ClusterIPs and NodePorts, own
-//! manifest file) and removes them when it ends. weir-proxy is restarted only when a test
+//! builds one dual-stack topology (node, client, three pods with weir-echo) and keeps one
+//! weir-proxy running on it: each test adds its own Services (own ClusterIPs and NodePorts,
+//! own manifest file) and removes them when it ends. weir-proxy is restarted only when a test
 //! needs other flags. Tests about node-wide settings (sysctls, IPVS timeouts, `--cleanup`)
 //! use a bare node namespace of their own.
 
@@ -76,12 +76,14 @@ fn env(file: &str, flags: &[&str]) -> Env {
     let mut guard = NODE.lock().unwrap_or_else(|e| e.into_inner());
     if guard.is_none() {
         let mut topo = Topology::new(PODS).expect("topology");
+        // Dual-stack addressing: the IPv6 test uses it, the others ignore it.
+        topo.add_ipv6().expect("IPv6 addressing");
         let echo = Path::new(env!("CARGO_BIN_EXE_weir-echo"));
         for i in 0..PODS {
             topo.start_echo(i, echo, &format!("pod-{i}")).expect("echo");
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        write_manifests(dir.path(), "").expect("manifests");
+        write_manifests_with_node(dir.path(), &[], &[NODE_IP, NODE_IP6], "").expect("manifests");
         let ipvs = ipvs_of(&topo.node);
         *guard = Some(Node {
             topo,
@@ -96,7 +98,17 @@ fn env(file: &str, flags: &[&str]) -> Env {
         if let Some((pid, _)) = node.proxy.take() {
             node.topo.node.stop(pid);
         }
-        let mut all = vec!["--proxy-mode", "ipvs", "--network-policy", "false"];
+        let mut all = vec![
+            "--proxy-mode",
+            "ipvs",
+            "--network-policy",
+            "false",
+            // The IPv6 ranges beside the IPv4 ones the harness passes.
+            "--cluster-cidr",
+            "fd00:10:244::/56",
+            "--service-cluster-ip-range",
+            "fd00:10:96::/112",
+        ];
         all.extend_from_slice(flags);
         let pid = start_proxy_with(&mut node.topo.node, node.dir.path(), METRICS, &all)
             .expect("weir-proxy");
@@ -413,6 +425,143 @@ fn etp_local_nodeport_reaches_only_this_nodes_endpoints() {
     );
 }
 
+/// A LoadBalancer Service on 192.0.2.90 (ClusterIP 10.96.9.10, NodePort 30089) with pods 0
+/// and 1 behind it, admitting only `range`.
+fn load_balancer(range: &str) -> String {
+    service_yaml("lb", "10.96.9.10", "TCP", 80, Some(30089), 8080, &[0, 1])
+        .replace(
+            "  type: NodePort\n",
+            &format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [\"{range}\"]\n"),
+        )
+        .replacen(
+            "\n---\napiVersion: discovery.k8s.io/v1",
+            "\nstatus:\n  loadBalancer:\n    ingress: [{ip: 192.0.2.90}]\n---\napiVersion: discovery.k8s.io/v1",
+            1,
+        )
+}
+
+#[test]
+#[ignore = "runs inside the IPVS VM: cargo xtask vm-test ipvs"]
+fn load_balancer_ip_admits_only_clients_in_its_source_ranges() {
+    if !in_vm() {
+        return;
+    }
+    let mut env = env("lb", &[]);
+    // The external client reaches the load-balancer IP through the node (as if the load
+    // balancer delivered it there); pod-2, no endpoint, is the other client.
+    let _ = env.node().topo.client_route_via_node("192.0.2.90/32");
+    env.services(&load_balancer(&format!("{CLIENT_IP}/32")));
+    let lb = tcp_key("192.0.2.90", 80);
+    env.wait_ipvs("the load-balancer virtual server", |t| {
+        t.get(&lb).is_some_and(|s| s.dests.len() == 2)
+    });
+    let both = ["pod-0", "pod-1"];
+    wait_answers(env.client(), "192.0.2.90:80", 10, &both);
+    let pod2 = &env.node().topo.pods[2];
+    let r = tcp(pod2, "192.0.2.90:80", 2);
+    assert!(answers(&r).is_empty(), "pod-2 is outside the range: {r}");
+    assert_eq!(errors(&r, "timeout"), 2, "dropped, not rejected: {r}");
+    // The ClusterIP is not firewalled.
+    let r = tcp(pod2, "10.96.9.10:80", 10);
+    assert_eq!(total(&r), 10, "ClusterIP from pod-2: {r}");
+
+    // Now only pod-2's address is in the range: the roles swap.
+    env.services(&load_balancer(&format!("{}/32", pod_ip(2))));
+    let pod2 = &env.node().topo.pods[2];
+    wait_answers(pod2, "192.0.2.90:80", 10, &both);
+    let r = tcp(env.client(), "192.0.2.90:80", 2);
+    assert!(
+        answers(&r).is_empty(),
+        "the client is outside the range: {r}"
+    );
+    assert_eq!(errors(&r, "timeout"), 2, "dropped, not rejected: {r}");
+    let r = tcp(env.client(), &format!("{NODE_IP}:30089"), 10);
+    assert_eq!(total(&r), 10, "the NodePort is not firewalled: {r}");
+}
+
+/// An IPv6 single-stack Service: ClusterIP fd00:10:96::20, NodePort 30090, pods 0 and 1's
+/// IPv6 addresses behind it.
+fn ipv6_service() -> String {
+    let eps: String = [0, 1]
+        .iter()
+        .map(|i| {
+            format!(
+                "- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
+                pod_ip6(*i)
+            )
+        })
+        .collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web6, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: \"fd00:10:96::20\"\n  clusterIPs: [\"fd00:10:96::20\"]\n  ipFamilies: [IPv6]\n  ports: [{{name: p, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30090}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web6-1, namespace: demo, labels: {{kubernetes.io/service-name: web6}}}}\naddressType: IPv6\nports: [{{name: p, protocol: TCP, port: 8080}}]\nendpoints:\n{eps}"
+    )
+}
+
+#[test]
+#[ignore = "runs inside the IPVS VM: cargo xtask vm-test ipvs"]
+fn ipv6_clusterip_and_nodeport_reach_ipv6_endpoints() {
+    if !in_vm() {
+        return;
+    }
+    let mut env = env("web6", &[]);
+    env.services(&ipv6_service());
+    let vip = tcp_key("fd00:10:96::20", 80);
+    let np = tcp_key(NODE_IP6, 30090);
+    let t = env.wait_ipvs("the IPv6 virtual servers", |t| {
+        [vip, np]
+            .iter()
+            .all(|k| t.get(k).is_some_and(|s| s.dests.len() == 2))
+    });
+    let want: Vec<SocketAddr> = [0, 1]
+        .iter()
+        .map(|i| SocketAddr::new(pod_ip6(*i).parse().unwrap(), 8080))
+        .collect();
+    assert_eq!(t[&vip].dests.keys().copied().collect::<Vec<_>>(), want);
+    // No IPv4 virtual server for a single-stack IPv6 Service.
+    assert!(!t.contains_key(&tcp_key(NODE_IP, 30090)), "{t:#?}");
+    let node = &env.node().topo.node;
+    let addrs = node
+        .exec(&["ip", "-o", "-6", "addr", "show", "dev", "weir-ipvs0"])
+        .unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout);
+    assert!(addrs.contains("fd00:10:96::20/128"), "{addrs}");
+    let both = ["pod-0", "pod-1"];
+    let r = wait_answers(env.client(), "[fd00:10:96::20]:80", 20, &both);
+    assert_eq!(total(&r), 20, "{r}");
+    let r = wait_answers(env.client(), &format!("[{NODE_IP6}]:30090"), 20, &both);
+    assert_eq!(total(&r), 20, "{r}");
+    // From a pod (pod-2 is no endpoint), inside the IPv6 cluster CIDR.
+    let pod2 = &env.node().topo.pods[2];
+    let r = wait_answers(pod2, "[fd00:10:96::20]:80", 20, &both);
+    assert_eq!(total(&r), 20, "{r}");
+}
+
+#[test]
+#[ignore = "runs inside the IPVS VM: cargo xtask vm-test ipvs"]
+fn pod_reaches_itself_through_its_own_service_hairpin() {
+    if !in_vm() {
+        return;
+    }
+    let mut env = env("hairpin", &[]);
+    env.services(&service_yaml(
+        "hairpin",
+        "10.96.10.10",
+        "TCP",
+        80,
+        None,
+        8080,
+        &[0],
+    ));
+    let vip = tcp_key("10.96.10.10", 80);
+    env.wait_ipvs("the hairpin virtual server", |t| {
+        t.get(&vip).is_some_and(|s| s.dests.len() == 1)
+    });
+    // pod-0 is the only endpoint: IPVS sends its connection back to itself, and only a
+    // masquerade (to the node's address) makes the answer come back through the node.
+    let pod0 = &env.node().topo.pods[0];
+    let r = wait_answers(pod0, "10.96.10.10:80", 10, &["pod-0"]);
+    assert_eq!(total(&r), 10, "{r}");
+}
+
 /// A node namespace without pods or client: for node-wide settings.
 struct BareNode {
     ns: Netns,
@@ -541,4 +690,139 @@ fn virtual_servers_that_are_not_weirs_survive_syncs_and_cleanup() {
     let addrs = n.ns.exec(&["ip", "-o", "addr"]).unwrap();
     let addrs = String::from_utf8_lossy(&addrs.stdout);
     assert!(addrs.contains(NODE_IP), "{addrs}");
+}
+
+/// `services` ClusterIP Services (10.96.x.y:80) with ten endpoints each; the first `extra`
+/// have an eleventh.
+fn many_services(services: u32, extra: u32) -> weir_proxy::model::DesiredState {
+    use weir_proxy::model::{
+        DesiredState, Endpoint, ServiceInfo, ServicePortName, ServicePortState,
+    };
+    let mut state = DesiredState::default();
+    for i in 0..services {
+        let name = ServicePortName {
+            namespace: "cost".into(),
+            name: format!("s{i}"),
+            port: "p".into(),
+            protocol: Protocol::Tcp,
+        };
+        let ip = std::net::Ipv4Addr::from(u32::from_be_bytes([10, 96, 0, 0]) + 256 + i);
+        let info = ServiceInfo::new(name.clone(), vec![ip.into()], 80);
+        let count = if i < extra { 11 } else { 10 };
+        let eps = (0..count)
+            .map(|d| Endpoint {
+                ip: std::net::Ipv4Addr::new(10, 244, (i % 250) as u8, d as u8 + 1).into(),
+                port: 8080,
+                is_local: false,
+            })
+            .collect();
+        state
+            .services
+            .insert(name, ServicePortState::from_endpoints(info, eps));
+    }
+    state
+}
+
+/// Not a behaviour test: what an idle sync and a one-endpoint change cost against the
+/// guest kernel's IPVS at 1,000 and 10,000 Services x 10 endpoints, next to an idle sync
+/// that dumps (what every sync did before). It runs only when asked for by name (the suite
+/// stays fast): `cargo xtask vm-test ipvs --filter ipvs_sync_cost`.
+#[test]
+#[ignore = "runs inside the IPVS VM: cargo xtask vm-test ipvs"]
+fn ipvs_sync_cost() {
+    if !in_vm() {
+        return;
+    }
+    if !std::env::args().any(|a| a.contains("ipvs_sync_cost")) {
+        eprintln!("ipvs_sync_cost: a measurement; run it with --filter ipvs_sync_cost");
+        return;
+    }
+    use std::time::Instant;
+    use weir_proxy::dataplane::ipvs::apply::{Changed, IpvsOptions, IpvsSync};
+    use weir_proxy::dataplane::ipvs::render::IpvsConfig;
+    use weir_proxy::model::ServiceDelta;
+    for n in [1_000u32, 10_000] {
+        let ns = Netns::new("cost").expect("netns");
+        let path = format!("/run/netns/{}", ns.name());
+        let line = std::thread::scope(|s| {
+            s.spawn(|| {
+                let f = std::fs::File::open(&path).unwrap();
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let mut sync =
+                        IpvsSync::new(IpvsConfig::default(), IpvsOptions::default()).unwrap();
+                    let base = many_services(n, 0);
+                    let t = Instant::now();
+                    let r = sync.sync(&base, true, Changed::Everything).await.unwrap();
+                    let first = t.elapsed();
+                    assert_eq!(r.failed, 0);
+                    let rounds = 5u32;
+                    let t = Instant::now();
+                    for _ in 0..rounds {
+                        let r = sync.sync(&base, false, Changed::Nothing).await.unwrap();
+                        assert!(!r.dumped && r.ops == 0, "{r:?}");
+                    }
+                    let idle = t.elapsed() / rounds;
+                    // A sync told that something changed when nothing did: the render and
+                    // diff of every Service, without a dump.
+                    let t = Instant::now();
+                    for _ in 0..rounds {
+                        let r = sync.sync(&base, false, Changed::Everything).await.unwrap();
+                        assert!(!r.dumped && r.ops == 0, "{r:?}");
+                    }
+                    let rendered = t.elapsed() / rounds;
+                    let t = Instant::now();
+                    for _ in 0..2 {
+                        let r = sync.sync(&base, true, Changed::Everything).await.unwrap();
+                        assert!(r.dumped && r.ops == 0, "{r:?}");
+                    }
+                    let dumping = t.elapsed() / 2;
+                    // Each round adds one endpoint to one more Service (a removal would
+                    // start a drain, during which syncs dump to read the counters), as the
+                    // runner reports it: that one Service port's change.
+                    let states: Vec<_> = (0..=rounds).map(|k| many_services(n, k)).collect();
+                    let deltas: Vec<Vec<ServiceDelta>> = (1..=rounds as usize)
+                        .map(|k| {
+                            let want = format!("s{}", k - 1);
+                            let name = states[k].services.keys().find(|n| n.name == want).unwrap();
+                            vec![ServiceDelta {
+                                name: name.clone(),
+                                old: Some(states[k - 1].services[name].clone()),
+                                new: Some(states[k].services[name].clone()),
+                            }]
+                        })
+                        .collect();
+                    let t = Instant::now();
+                    for (k, d) in deltas.iter().enumerate() {
+                        let r = sync
+                            .sync(&states[k + 1], false, Changed::Ports(d))
+                            .await
+                            .unwrap();
+                        assert_eq!((r.dumped, r.ops, r.failed), (false, 1, 0), "{r:?}");
+                    }
+                    let change = t.elapsed() / rounds;
+                    // The kernel holds what a full render wants.
+                    let r = sync
+                        .sync(&states[rounds as usize], true, Changed::Everything)
+                        .await
+                        .unwrap();
+                    assert_eq!((r.dumped, r.ops), (true, 0), "{r:?}");
+                    format!(
+                        "ipvs_sync_cost: {n} services x 10 endpoints: first sync {first:?}, \
+                         idle sync {idle:?}, no-op sync rendering every Service {rendered:?}, \
+                         the same with a dump {dumping:?}, one endpoint added {change:?}"
+                    )
+                })
+            })
+            .join()
+            .unwrap()
+        });
+        // Straight to stderr: libtest captures eprintln! of passing tests.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }
 }

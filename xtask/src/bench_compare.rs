@@ -25,9 +25,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use weir_e2e::{pod_ip, Netns, Topology, NODE_IP};
+use weir_e2e::{Netns, Topology, NODE_IP};
+
+use crate::bench_rig::{
+    cpu_seconds, endpoint_ip, load, loadavg, machine, measured_targets, median, metric, node_port,
+    now_utc, release_dir, service_ip, start_weir, status_kib, topology, wait_metric,
+    write_manifests, EbpfScratch, LoadSpec, Machine, Traffic, Weir, FULL, LAST, LAST_NODEPORT,
+    PARTIAL_COUNT, PARTIAL_SUM,
+};
 
 /// Options of `bench compare`.
 #[derive(clap::Args, Debug, Clone)]
@@ -42,26 +49,40 @@ pub struct CompareArgs {
     /// stopped and reported as "> limit"; larger sizes of it are then skipped.
     #[arg(long, default_value_t = 120)]
     limit: u64,
-    /// The quick run `bench check` uses: 2,000 services, shorter traffic phases.
+    /// One size (2,000 services), shorter traffic phases; results in quick.csv/quick.json.
     #[arg(long)]
     quick: bool,
     /// Where results go (compare.csv, compare.json, the PNG plots).
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
+    /// Re-measure only these sections (control-plane, datapath) and merge them into the
+    /// compare.json already under --out: the other numbers are kept, and the run is noted.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Only these dataplanes (direct, weir-nftables, weir-ebpf, kube-proxy-iptables,
+    /// kube-proxy-nftables), merged into the existing compare.json like --only.
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
 }
 
-/// Options of `bench check`.
-#[derive(clap::Args, Debug)]
-pub struct CheckArgs {
-    /// The committed baseline (a `bench compare --quick` result).
-    #[arg(long, default_value = "docs/bench/baseline.json")]
-    baseline: PathBuf,
-    /// Largest tolerated regression, as a fraction (0.25: 25% worse than the baseline).
-    #[arg(long, default_value_t = 0.25)]
-    tolerance: f64,
-    /// Write this run as the new baseline instead of comparing.
-    #[arg(long)]
-    update: bool,
+/// The parts of a comparison that `--only` can re-measure on their own.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    /// Full sync, startup, one endpoint change, peak RSS, CPU.
+    ControlPlane,
+    /// ClusterIP and NodePort traffic (the rules are still loaded first).
+    Datapath,
+}
+
+impl CompareArgs {
+    /// Whether this run re-measures only part of the comparison (and merges).
+    fn partial(&self) -> bool {
+        !self.only.is_empty() || !self.modes.is_empty()
+    }
+
+    fn measures(&self, s: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&s)
+    }
 }
 
 /// The dataplanes compared.
@@ -73,17 +94,6 @@ const MODES: [&str; 6] = [
     "kube-proxy-iptables",
     "kube-proxy-nftables",
 ];
-
-/// Traffic numbers through one frontend.
-#[derive(Serialize, Deserialize, Clone, Debug, Default)]
-pub struct Traffic {
-    pub(crate) connect_p50_us: f64,
-    pub(crate) connect_p99_us: f64,
-    pub(crate) p50_us: f64,
-    pub(crate) p99_us: f64,
-    pub(crate) rps: f64,
-    pub(crate) errors: u64,
-}
 
 /// One dataplane at one size.
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -116,129 +126,55 @@ pub struct Report {
     pub(crate) load_before: String,
     pub(crate) load_after: String,
     pub(crate) rows: Vec<Row>,
+    /// Later partial re-runs merged into this report (`--only`, `--modes`): what, when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) partial_runs: Vec<String>,
 }
 
-/// Where it ran.
-#[derive(Serialize, Deserialize, Clone, Debug, Default)]
-pub struct Machine {
-    pub(crate) kernel: String,
-    pub(crate) cpu: String,
-    pub(crate) cores: usize,
-    pub(crate) nft: String,
-    pub(crate) iptables: String,
-}
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn machine() -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    Machine {
-        kernel: sh("uname", &["-r"]),
-        cpu: cpuinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("model name"))
-            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-            .unwrap_or_default(),
-        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        nft: sh("nft", &["--version"]),
-        iptables: sh("iptables-legacy", &["--version"]),
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-// ---------------------------------------------------------------- the cluster's objects
-
-/// Backend pods per topology; the last-added Service's endpoints are these pods.
-fn service_ip(i: usize) -> String {
-    format!("10.96.{}.{}", i / 250, i % 250 + 1)
-}
-
-/// Endpoint e of Service i: the real pods for the last Service, else an address nothing
-/// answers on (no traffic goes there).
-fn endpoint_ip(n: usize, i: usize, e: usize) -> String {
-    if i + 1 == n {
-        return pod_ip(e);
-    }
-    let k = i * 64 + e;
-    format!("10.{}.{}.{}", 128 + k / 65536, (k / 256) % 256, k % 256)
-}
-
-/// The measured NodePort (the last-added Service's).
-const LAST_NODEPORT: u16 = 32700;
-
-/// Every 20th Service and the last one are NodePorts (up to 2,700 of them fit the range).
-fn node_port(n: usize, i: usize) -> Option<u16> {
-    if i + 1 == n {
-        Some(LAST_NODEPORT)
-    } else if i.is_multiple_of(20) && i / 20 < 2700 {
-        Some(30000 + (i / 20) as u16)
-    } else {
-        None
-    }
-}
-
-/// Manifests, one file per 500 services; `removed` Services lack their first endpoint.
-/// With `only_changed`, only the files holding a removed Service are rewritten.
-fn write_manifests(
-    dir: &Path,
-    n: usize,
-    eps: usize,
-    removed: &[usize],
-    only_changed: bool,
-) -> Result<()> {
-    std::fs::write(
-        dir.join("node.yaml"),
-        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nstatus: {{addresses: [{{type: InternalIP, address: {NODE_IP}}}]}}\n"),
-    )?;
-    for chunk in 0..n.div_ceil(500) {
-        if only_changed && removed.iter().all(|c| c / 500 != chunk) {
+/// `old` with the rows of a partial run `new` merged in: for a (size, dataplane) both
+/// have, the re-measured sections' numbers replace the old ones (and the status, when the
+/// control plane was re-measured or the new run failed); other rows are added.
+pub fn merge(old: &Report, new: &Report, control_plane: bool, datapath: bool) -> Report {
+    let mut out = old.clone();
+    for n in &new.rows {
+        let Some(o) = out
+            .rows
+            .iter_mut()
+            .find(|o| o.services == n.services && o.mode == n.mode)
+        else {
+            out.rows.push(n.clone());
             continue;
+        };
+        if control_plane {
+            o.full_sync_s = n.full_sync_s;
+            o.startup_s = n.startup_s;
+            o.change_ms = n.change_ms;
+            o.peak_rss_mib = n.peak_rss_mib;
+            o.cpu_s = n.cpu_s;
         }
-        let mut y = String::new();
-        for i in chunk * 500..((chunk + 1) * 500).min(n) {
-            let list: Vec<String> = (0..eps)
-                .filter(|e| !removed.contains(&i) || *e != 0)
-                .map(|e| {
-                    format!(
-                        "{{addresses: [\"{}\"], nodeName: node1}}",
-                        endpoint_ip(n, i, e)
-                    )
-                })
-                .collect();
-            let ty = match node_port(n, i) {
-                Some(np) => format!("NodePort, ports: [{{name: p, port: 80, nodePort: {np}}}]"),
-                None => "ClusterIP, ports: [{name: p, port: 80}]".into(),
-            };
-            let _ = write!(
-                y,
-                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec: {{clusterIP: {}, type: {ty}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-a, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{}]\n",
-                service_ip(i),
-                list.join(", ")
-            );
+        if datapath {
+            o.clusterip = n.clusterip.clone();
+            o.nodeport = n.nodeport.clone();
+            o.nodeport_note = n.nodeport_note.clone();
         }
-        let tmp = dir.join(format!(".c{chunk}.tmp"));
-        std::fs::write(&tmp, y)?;
-        std::fs::rename(&tmp, dir.join(format!("c{chunk:03}.yaml")))?;
+        if control_plane || n.status != "ok" {
+            o.status = n.status.clone();
+        }
     }
-    Ok(())
+    out.rows.sort_by_key(|r| {
+        (
+            r.services,
+            MODES
+                .iter()
+                .position(|m| *m == r.mode)
+                .unwrap_or(MODES.len()),
+        )
+    });
+    out
 }
 
 /// The Services whose first endpoint the change steps remove (never the measured one).
-fn changed_services(n: usize, count: usize) -> Vec<usize> {
+pub(crate) fn changed_services(n: usize, count: usize) -> Vec<usize> {
     (0..count).map(|k| (n / 3 + k * 97) % (n - 1)).collect()
 }
 
@@ -320,7 +256,7 @@ fn ipt_service_rules(s: &mut String, n: usize, i: usize, eps: &[usize]) {
 }
 
 /// kube-proxy's iptables mode, nat table, for `iptables-legacy-restore`.
-fn iptables_ruleset(n: usize, eps: usize) -> String {
+pub(crate) fn iptables_ruleset(n: usize, eps: usize) -> String {
     let all: Vec<usize> = (0..eps).collect();
     let mut s = String::from("*nat\n");
     for c in [
@@ -384,7 +320,7 @@ fn iptables_ruleset(n: usize, eps: usize) -> String {
 
 /// What kube-proxy's iptables mode (partial sync) restores with `--noflush` when Service
 /// i loses endpoint 0: the service chain rewritten, the endpoint chain flushed and deleted.
-fn iptables_change(n: usize, eps: usize, i: usize) -> String {
+pub(crate) fn iptables_change(n: usize, eps: usize, i: usize) -> String {
     let left: Vec<usize> = (1..eps).collect();
     let mut s = String::from("*nat\n");
     let _ = writeln!(s, ":{} - [0:0]", ipt_svc(i));
@@ -431,7 +367,7 @@ fn nft_service_body(n: usize, i: usize, eps: &[usize]) -> [String; 2] {
 }
 
 /// kube-proxy's nftables mode, for `nft -f`.
-fn nftables_ruleset(n: usize, eps: usize) -> String {
+pub(crate) fn nftables_ruleset(n: usize, eps: usize) -> String {
     let all: Vec<usize> = (0..eps).collect();
     let mut s = String::from("table ip kube-proxy {\n  comment \"rules for kube-proxy\"\n");
     s.push_str("  chain mark-for-masquerade { meta mark set meta mark or 0x4000; }\n");
@@ -491,7 +427,7 @@ fn nftables_ruleset(n: usize, eps: usize) -> String {
 }
 
 /// What kube-proxy's nftables mode sends when Service i loses endpoint 0.
-fn nftables_change(n: usize, eps: usize, i: usize) -> String {
+pub(crate) fn nftables_change(n: usize, eps: usize, i: usize) -> String {
     let left: Vec<usize> = (1..eps).collect();
     let svc = nft_svc(i);
     let [a, b] = nft_service_body(n, i, &left);
@@ -502,33 +438,6 @@ fn nftables_change(n: usize, eps: usize, i: usize) -> String {
 }
 
 // ---------------------------------------------------------------- processes
-
-/// A child process killed (and reaped) on drop, whatever else happens.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// User + system CPU seconds of a live process.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
-}
 
 fn children_cpu() -> f64 {
     use nix::sys::resource::{getrusage, UsageWho};
@@ -541,14 +450,14 @@ fn children_cpu() -> f64 {
 }
 
 /// One run of a loader: wall seconds (None past the limit), CPU seconds, peak RSS MiB.
-struct Timed {
-    secs: Option<f64>,
-    cpu: f64,
-    rss_mib: f64,
+pub(crate) struct Timed {
+    pub(crate) secs: Option<f64>,
+    pub(crate) cpu: f64,
+    pub(crate) rss_mib: f64,
 }
 
 /// Runs `cmd` inside `ns` with a time limit, sampling its peak RSS.
-fn timed(ns: &Netns, cmd: &[&str], limit: Duration) -> Result<Timed> {
+pub(crate) fn timed(ns: &Netns, cmd: &[&str], limit: Duration) -> Result<Timed> {
     let cpu0 = children_cpu();
     let t = Instant::now();
     let mut child = Command::new("ip")
@@ -591,11 +500,6 @@ fn timed(ns: &Netns, cmd: &[&str], limit: Duration) -> Result<Timed> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
-}
-
 /// The binaries, and the per-run settings.
 struct Ctx {
     bin: PathBuf,
@@ -604,83 +508,35 @@ struct Ctx {
     requests: usize,
     rps_millis: u64,
     changes: usize,
+    /// Whether the endpoint changes are measured.
+    control_plane: bool,
+    /// Whether traffic is sent.
+    datapath: bool,
     work: tempfile::TempDir,
 }
 
 impl Ctx {
-    fn bin(&self, name: &str) -> String {
-        self.bin.join(name).display().to_string()
+    fn load(&self, ns: &Netns, cgroup: Option<&Path>, target: &str) -> Result<Traffic> {
+        let spec = LoadSpec {
+            requests: self.requests,
+            concurrency: 4,
+            millis: self.rps_millis,
+        };
+        let mut t = load(&self.bin, ns, cgroup, &[target], spec)?;
+        t.pop().context("weir-load reported no group")
     }
-}
-
-/// A topology with `eps` backend pods (weir-echo on 8080) and one client pod (the last).
-fn topology(ctx: &Ctx) -> Result<Topology> {
-    let mut topo = Topology::new(ctx.eps + 1)?;
-    let echo = ctx.bin.join("weir-echo");
-    for i in 0..ctx.eps {
-        topo.start_echo(i, &echo, &format!("pod-{i}"))?;
-    }
-    Ok(topo)
-}
-
-/// weir-load from inside `ns` (in `cgroup` when given) to `target`.
-fn load(ctx: &Ctx, ns: &Netns, cgroup: Option<&Path>, target: &str) -> Result<Traffic> {
-    let netns = format!("--net=/run/netns/{}", ns.name());
-    let bin = ctx.bin("weir-load");
-    let (req, ms) = (ctx.requests.to_string(), ctx.rps_millis.to_string());
-    let load_args = [bin.as_str(), target, &req, "4", &ms];
-    let out = match cgroup {
-        Some(cg) => {
-            let script = format!(
-                "echo $$ > {} && exec \"$@\"",
-                cg.join("cgroup.procs").display()
-            );
-            let mut args = vec!["-c", &script, "sh", "nsenter", &netns];
-            args.extend_from_slice(&load_args);
-            Command::new("sh").args(&args).output()?
-        }
-        None => Command::new("nsenter")
-            .arg(&netns)
-            .args(load_args)
-            .output()?,
-    };
-    if !out.status.success() {
-        bail!(
-            "weir-load {target}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let t = Traffic {
-        connect_p50_us: f("connect_p50_us"),
-        connect_p99_us: f("connect_p99_us"),
-        p50_us: f("p50_us"),
-        p99_us: f("p99_us"),
-        rps: f("rps"),
-        errors: v["errors"].as_u64().unwrap_or(0),
-    };
-    if v["ok"].as_u64().unwrap_or(0) == 0 {
-        bail!("no answer from {target} ({} errors)", t.errors);
-    }
-    Ok(t)
 }
 
 /// ClusterIP from the client pod, NodePort from the external client.
 fn data_path(ctx: &Ctx, topo: &Topology, n: usize, cgroup: Option<&Path>, row: &mut Row) {
     let client = topo.pods.last();
-    match client.map(|c| load(ctx, c, cgroup, &format!("{}:80", service_ip(n - 1)))) {
+    match client.map(|c| ctx.load(c, cgroup, &format!("{}:80", service_ip(n - 1)))) {
         Some(Ok(t)) => row.clusterip = Some(t),
         Some(Err(e)) => row.status = format!("ClusterIP traffic failed: {e:#}"),
         None => {}
     }
     if row.nodeport_note.is_none() {
-        match load(
-            ctx,
-            &topo.client,
-            None,
-            &format!("{NODE_IP}:{LAST_NODEPORT}"),
-        ) {
+        match ctx.load(&topo.client, None, &format!("{NODE_IP}:{LAST_NODEPORT}")) {
             Ok(t) => row.nodeport = Some(t),
             Err(e) => row.nodeport_note = Some(format!("failed: {e:#}")),
         }
@@ -688,7 +544,7 @@ fn data_path(ctx: &Ctx, topo: &Topology, n: usize, cgroup: Option<&Path>, row: &
 }
 
 fn direct(ctx: &Ctx, n: usize) -> Result<Row> {
-    let topo = topology(ctx)?;
+    let topo = topology(&ctx.bin, ctx.eps)?;
     let mut row = Row {
         services: n,
         endpoints: ctx.eps,
@@ -699,93 +555,11 @@ fn direct(ctx: &Ctx, n: usize) -> Result<Row> {
     };
     if let Some(client) = topo.pods.last() {
         // Every backend pod in turn, as the Service spreads over them.
-        let pods: Vec<String> = (0..ctx.eps)
-            .map(|e| format!("{}:8080", pod_ip(e)))
-            .collect();
-        row.clusterip = Some(load(ctx, client, None, &pods.join(","))?);
+        let (_, pods) = measured_targets(n, ctx.eps);
+        row.clusterip = Some(ctx.load(client, None, &pods)?);
     }
     Ok(row)
 }
-
-/// The cgroup v2 mount point.
-fn cgroup2_root() -> Result<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            if post.split(' ').next() != Some("cgroup2") {
-                return None;
-            }
-            pre.split(' ').nth(4).map(PathBuf::from)
-        })
-        .context("no cgroup v2 mount (eBPF mode needs one)")
-}
-
-/// A scratch cgroup and bpffs directory for eBPF mode, removed on drop.
-struct EbpfScratch {
-    cgroup: PathBuf,
-    bpffs: PathBuf,
-}
-
-impl EbpfScratch {
-    fn new(tag: &str) -> Result<EbpfScratch> {
-        let id = format!("weir-bench-{}-{tag}", std::process::id());
-        let cgroup = cgroup2_root()?.join(&id);
-        std::fs::create_dir(&cgroup)?;
-        Ok(EbpfScratch {
-            cgroup,
-            bpffs: PathBuf::from("/sys/fs/bpf").join(id),
-        })
-    }
-}
-
-impl Drop for EbpfScratch {
-    fn drop(&mut self) {
-        let _ = weir_proxy::dataplane::ebpf::kernel::cleanup(&self.bpffs);
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.cgroup).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-fn metric(ctx: &Ctx, ns: &Netns, name: &str) -> Option<f64> {
-    let out = ns
-        .exec(&[&ctx.bin("weir-probe"), "get", "127.0.0.1:10249", "/metrics"])
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn wait_metric(
-    ctx: &Ctx,
-    ns: &Netns,
-    child: &mut Proc,
-    name: &str,
-    above: f64,
-    limit: Duration,
-) -> Result<Option<f64>> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(st) = child.0.try_wait()? {
-            bail!("weir-proxy exited ({st}); its log is in the bench work directory");
-        }
-        if let Some(v) = metric(ctx, ns, name).filter(|v| *v > above) {
-            return Ok(Some(v));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(None)
-}
-
-const FULL: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_sum";
-const PARTIAL_SUM: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum";
-const PARTIAL_COUNT: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_count";
-const LAST: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
 
 fn weir(ctx: &Ctx, n: usize, mode: &str) -> Result<Row> {
     let ebpf = mode == "ebpf";
@@ -797,7 +571,7 @@ fn weir(ctx: &Ctx, n: usize, mode: &str) -> Result<Row> {
         nodeport_note: ebpf.then(|| "n/a: eBPF mode has no NodePort path yet".into()),
         ..Row::default()
     };
-    let topo = topology(ctx)?;
+    let topo = topology(&ctx.bin, ctx.eps)?;
     let dir = ctx.work.path().join(format!("weir-{mode}-{n}"));
     std::fs::create_dir_all(&dir)?;
     write_manifests(&dir, n, ctx.eps, &[], false)?;
@@ -806,53 +580,14 @@ fn weir(ctx: &Ctx, n: usize, mode: &str) -> Result<Row> {
     } else {
         None
     };
-    let source = format!("dir:{}", dir.display());
-    let proxy = ctx.bin("weir-proxy");
-    let mut args: Vec<String> = [
-        proxy.as_str(),
-        "--proxy-mode",
-        mode,
-        "--source",
-        &source,
-        "--hostname-override",
-        "node1",
-        "--cluster-cidr",
-        "10.244.0.0/16",
-        "--service-cluster-ip-range",
-        "10.96.0.0/16",
-        "--metrics-bind-address",
-        "127.0.0.1:10249",
-        "--healthz-bind-address",
-        "127.0.0.1:10256",
-        "--min-sync-period",
-        "200ms",
-        "--sync-period",
-        "1h",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Some(s) = &scratch {
-        args.extend([
-            "--ebpf-cgroup".into(),
-            s.cgroup.display().to_string(),
-            "--bpffs-dir".into(),
-            s.bpffs.display().to_string(),
-        ]);
-    }
-    let log = std::fs::File::create(ctx.work.path().join(format!("weir-{mode}-{n}.log")))?;
-    // nsenter keeps the host's mounts (cgroup2, bpffs) that `ip netns exec` would hide.
-    let started = Instant::now();
-    let mut child = Proc(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", topo.node.name()))
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?,
-    );
-    let pid = child.0.id();
-    let Some(full) = wait_metric(ctx, &topo.node, &mut child, FULL, 0.0, ctx.limit)? else {
+    let log = ctx.work.path().join(format!("weir-{mode}-{n}.log"));
+    let Weir {
+        mut child,
+        pid,
+        started,
+    } = start_weir(&ctx.bin, &topo.node, mode, &dir, scratch.as_ref(), &log)?;
+    let bin = &ctx.bin;
+    let Some(full) = wait_metric(bin, &topo.node, &mut child, FULL, 0.0, ctx.limit)? else {
         row.status = format!("> {} s", ctx.limit.as_secs());
         return Ok(row);
     };
@@ -862,14 +597,15 @@ fn weir(ctx: &Ctx, n: usize, mode: &str) -> Result<Row> {
     // One endpoint of one Service removed, a few times; the median sync is reported.
     let mut removed = Vec::new();
     let mut times = Vec::new();
-    let mut last = metric(ctx, &topo.node, LAST).unwrap_or(0.0);
-    for svc in changed_services(n, ctx.changes) {
-        let sum0 = metric(ctx, &topo.node, PARTIAL_SUM).unwrap_or(0.0);
-        let count0 = metric(ctx, &topo.node, PARTIAL_COUNT).unwrap_or(0.0);
+    let mut last = metric(bin, &topo.node, LAST).unwrap_or(0.0);
+    let changes = if ctx.control_plane { ctx.changes } else { 0 };
+    for svc in changed_services(n, changes) {
+        let sum0 = metric(bin, &topo.node, PARTIAL_SUM).unwrap_or(0.0);
+        let count0 = metric(bin, &topo.node, PARTIAL_COUNT).unwrap_or(0.0);
         removed.push(svc);
         write_manifests(&dir, n, ctx.eps, &removed, true)?;
         let Some(t) = wait_metric(
-            ctx,
+            bin,
             &topo.node,
             &mut child,
             LAST,
@@ -880,21 +616,23 @@ fn weir(ctx: &Ctx, n: usize, mode: &str) -> Result<Row> {
             bail!("weir-proxy did not sync the endpoint change within 60 s");
         };
         last = t;
-        let sum = metric(ctx, &topo.node, PARTIAL_SUM).unwrap_or(f64::NAN);
-        let count = metric(ctx, &topo.node, PARTIAL_COUNT).unwrap_or(f64::NAN);
+        let sum = metric(bin, &topo.node, PARTIAL_SUM).unwrap_or(f64::NAN);
+        let count = metric(bin, &topo.node, PARTIAL_COUNT).unwrap_or(f64::NAN);
         if count > count0 {
             times.push((sum - sum0) / (count - count0) * 1000.0);
         }
     }
     row.change_ms = median(times);
     row.peak_rss_mib = status_kib(pid, "VmHWM:").map(|k| k as f64 / 1024.0);
-    data_path(
-        ctx,
-        &topo,
-        n,
-        scratch.as_ref().map(|s| s.cgroup.as_path()),
-        &mut row,
-    );
+    if ctx.datapath {
+        data_path(
+            ctx,
+            &topo,
+            n,
+            scratch.as_ref().map(|s| s.cgroup.as_path()),
+            &mut row,
+        );
+    }
     drop(child);
     drop(topo);
     drop(scratch);
@@ -910,7 +648,7 @@ fn reference(ctx: &Ctx, n: usize, kind: &str) -> Result<Row> {
         status: "ok".into(),
         ..Row::default()
     };
-    let topo = topology(ctx)?;
+    let topo = topology(&ctx.bin, ctx.eps)?;
     let file = ctx.work.path().join(format!("{kind}-{n}.rules"));
     let f = file.display().to_string();
     let iptables = kind == "iptables";
@@ -935,7 +673,8 @@ fn reference(ctx: &Ctx, n: usize, kind: &str) -> Result<Row> {
     };
     row.full_sync_s = Some(secs);
     let mut times = Vec::new();
-    for svc in changed_services(n, ctx.changes) {
+    let changes = if ctx.control_plane { ctx.changes } else { 0 };
+    for svc in changed_services(n, changes) {
         let change = ctx.work.path().join(format!("{kind}-{n}-change.rules"));
         let c = change.display().to_string();
         let t = if iptables {
@@ -954,7 +693,9 @@ fn reference(ctx: &Ctx, n: usize, kind: &str) -> Result<Row> {
         }
     }
     row.change_ms = median(times);
-    data_path(ctx, &topo, n, None, &mut row);
+    if ctx.datapath {
+        data_path(ctx, &topo, n, None, &mut row);
+    }
     let _ = std::fs::remove_file(&file);
     Ok(row)
 }
@@ -977,22 +718,21 @@ fn fmt_dur(secs: f64) -> String {
 }
 
 /// Builds the release binaries and runs every step; returns the report.
-fn run(args: &CompareArgs, root: &Path) -> Result<Report> {
+fn run(args: &CompareArgs, root: &Path, old: Option<&Report>) -> Result<Report> {
     crate::toolchain::ensure_ebpf()?;
     crate::bench::build_release(root)?;
     if !weir_e2e::require_privileges() {
         bail!("bench compare needs root and network namespaces");
     }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
     let ctx = Ctx {
-        bin: target.join("release"),
+        bin: release_dir(root),
         limit: Duration::from_secs(args.limit),
         eps: args.endpoints,
         requests: if args.quick { 300 } else { 1000 },
         rps_millis: if args.quick { 700 } else { 1500 },
         changes: if args.quick { 5 } else { 3 },
+        control_plane: args.measures(Section::ControlPlane),
+        datapath: args.measures(Section::Datapath),
         work: tempfile::Builder::new().prefix("weir-bench-").tempdir()?,
     };
     let sizes = if args.quick {
@@ -1004,13 +744,29 @@ fn run(args: &CompareArgs, root: &Path) -> Result<Report> {
         bail!("sizes must be between 2 and 40,000 services (NodePort and address plan)");
     }
     let limit = args.limit as f64;
+    if let Some(m) = args.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
+        bail!(
+            "--modes: unknown dataplane {m:?} (one of {})",
+            MODES.join(", ")
+        );
+    }
     let steps: Vec<(usize, &str)> = sizes
         .iter()
         .flat_map(|&n| MODES.iter().map(move |&m| (n, m)))
+        .filter(|(_, m)| args.modes.is_empty() || args.modes.iter().any(|x| x == m))
         .collect();
+    // A data-path-only run does not wait again for loads that were cut off before.
+    let cut_off = |n: usize, mode: &str| {
+        !ctx.control_plane
+            && old.is_some_and(|o| {
+                o.rows
+                    .iter()
+                    .any(|r| r.services == n && r.mode == mode && r.status.starts_with('>'))
+            })
+    };
     let total: f64 = steps.iter().map(|&(n, m)| estimate(m, n, limit)).sum();
     let mut report = Report {
-        date: sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        date: now_utc(),
         machine: machine(),
         quick: args.quick,
         limit_s: args.limit,
@@ -1043,7 +799,7 @@ fn run(args: &CompareArgs, root: &Path) -> Result<Report> {
                 status: "not measured (needs the VM: this kernel has no IPVS)".into(),
                 ..Row::default()
             })
-        } else if skip.contains(&mode) {
+        } else if skip.contains(&mode) || cut_off(n, mode) {
             Ok(Row {
                 services: n,
                 endpoints: ctx.eps,
@@ -1135,6 +891,9 @@ fn csv(report: &Report) -> String {
         report.load_before,
         report.load_after
     );
+    for p in &report.partial_runs {
+        let _ = writeln!(s, "# then {p}");
+    }
     for r in &report.rows {
         let t = |t: &Option<Traffic>| match t {
             Some(t) => format!(
@@ -1166,10 +925,54 @@ fn csv(report: &Report) -> String {
 
 /// `bench compare`: the run, its CSV/JSON and plots under `--out`.
 pub fn compare(args: CompareArgs, root: &Path) -> Result<()> {
-    let report = run(&args, root)?;
     let out = root.join(&args.out);
-    std::fs::create_dir_all(&out)?;
     let stem = if args.quick { "quick" } else { "compare" };
+    let old: Option<Report> = if args.partial() {
+        let path = out.join(format!("{stem}.json"));
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "--only/--modes merge into {}: run a whole comparison first",
+                path.display()
+            )
+        })?;
+        Some(serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?)
+    } else {
+        None
+    };
+    let fresh = run(&args, root, old.as_ref())?;
+    let report = match &old {
+        Some(old) => {
+            let mut merged = merge(
+                old,
+                &fresh,
+                args.measures(Section::ControlPlane),
+                args.measures(Section::Datapath),
+            );
+            let modes: std::collections::BTreeSet<&str> =
+                fresh.rows.iter().map(|r| r.mode.as_str()).collect();
+            let what = match args.only.as_slice() {
+                [] => "everything".to_string(),
+                only => only
+                    .iter()
+                    .map(|s| match s {
+                        Section::ControlPlane => "control plane",
+                        Section::Datapath => "data path",
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+            };
+            merged.partial_runs.push(format!(
+                "{}: {what} of {} re-measured (load {} -> {})",
+                fresh.date,
+                modes.into_iter().collect::<Vec<_>>().join(", "),
+                fresh.load_before,
+                fresh.load_after
+            ));
+            merged
+        }
+        None => fresh,
+    };
+    std::fs::create_dir_all(&out)?;
     std::fs::write(
         out.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&report)? + "\n",
@@ -1201,6 +1004,9 @@ pub fn markdown(report: &Report) -> String {
         report.load_before,
         report.load_after
     );
+    for p in &report.partial_runs {
+        let _ = writeln!(s, "then {p}\n");
+    }
     s.push_str("| services | dataplane | full sync (s) | 1 endpoint change (ms) | peak RSS (MiB) | CPU (s) | ClusterIP connect p50 (µs) | ClusterIP req p50 / p99 (µs) | ClusterIP req/s | NodePort req p50 / p99 (µs) | NodePort req/s | note |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for r in &report.rows {
         let full = match (r.full_sync_s, r.status.starts_with('>')) {
@@ -1245,172 +1051,6 @@ pub fn markdown(report: &Report) -> String {
     s
 }
 
-/// One ratio checked against the baseline: higher is worse.
-struct Check {
-    what: String,
-    /// Whether a regression fails the check. Only CPU, endpoint-change and RSS ratios do:
-    /// wall-clock full-sync and data-path ratios are shown, as on a shared 2-core machine
-    /// their run-to-run noise was above 25% with no code change.
-    gate: bool,
-    now: f64,
-    base: f64,
-}
-
-fn row<'a>(r: &'a Report, n: usize, mode: &str) -> Option<&'a Row> {
-    r.rows
-        .iter()
-        .find(|x| x.services == n && x.mode == mode && !x.status.starts_with("error"))
-}
-
-/// The ratios `bench check` compares: weir against a reference measured in the same run,
-/// so the machine's speed cancels out.
-fn ratios(r: &Report) -> Vec<(String, f64)> {
-    let mut out = Vec::new();
-    let sizes: Vec<usize> = r
-        .rows
-        .iter()
-        .map(|x| x.services)
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    for n in sizes {
-        let reference = row(r, n, "kube-proxy-nftables");
-        let direct = row(r, n, "direct").and_then(|d| d.clusterip.as_ref());
-        for mode in ["weir-nftables", "weir-ebpf"] {
-            let Some(w) = row(r, n, mode) else { continue };
-            let mut push = |what: &str, v: Option<f64>| {
-                if let Some(v) = v.filter(|v| v.is_finite() && *v > 0.0) {
-                    out.push((format!("{n} {mode} {what}"), v));
-                }
-            };
-            let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
-            push(
-                "full sync / kube-proxy nftables load",
-                div(w.full_sync_s, reference.and_then(|r| r.full_sync_s)),
-            );
-            push(
-                "endpoint change / kube-proxy nftables change",
-                div(w.change_ms, reference.and_then(|r| r.change_ms)),
-            );
-            push(
-                "CPU / kube-proxy nftables CPU",
-                div(w.cpu_s, reference.and_then(|r| r.cpu_s)),
-            );
-            // Memory does not depend on the machine's speed: compared as is.
-            push("peak RSS (MiB)", w.peak_rss_mib);
-            let cip = w.clusterip.as_ref();
-            push(
-                "ClusterIP request p50 / pod IP p50",
-                div(cip.map(|t| t.p50_us), direct.map(|t| t.p50_us)),
-            );
-            push(
-                "pod IP req/s / ClusterIP req/s",
-                div(direct.map(|t| t.rps), cip.map(|t| t.rps)),
-            );
-        }
-    }
-    out
-}
-
-/// `bench check`: a quick run compared with the committed baseline by ratio.
-pub fn check(args: CheckArgs, root: &Path) -> Result<()> {
-    let quick = CompareArgs {
-        sizes: vec![],
-        endpoints: 10,
-        limit: 60,
-        quick: true,
-        out: PathBuf::from("target/bench-check"),
-    };
-    let baseline_path = root.join(&args.baseline);
-    if args.update {
-        let report = run(&quick, root)?;
-        std::fs::write(
-            &baseline_path,
-            serde_json::to_string_pretty(&report)? + "\n",
-        )?;
-        println!("{}", markdown(&report));
-        eprintln!("baseline written to {}", baseline_path.display());
-        return Ok(());
-    }
-    let base: Report = serde_json::from_str(
-        &std::fs::read_to_string(&baseline_path)
-            .with_context(|| format!("reading {}", baseline_path.display()))?,
-    )?;
-    let before = ratios(&base);
-    // A shared machine has bursts: a ratio that looks regressed is measured once more, and
-    // the better of the two runs counts.
-    let mut best: Vec<(String, f64)> = Vec::new();
-    for attempt in 1..=2 {
-        let report = run(&quick, root)?;
-        println!(
-            "run {attempt}: load average {} → {} (baseline: {} → {})",
-            report.load_before, report.load_after, base.load_before, base.load_after
-        );
-        for (what, v) in ratios(&report) {
-            match best.iter_mut().find(|(w, _)| *w == what) {
-                Some(b) => b.1 = b.1.min(v),
-                None => best.push((what, v)),
-            }
-        }
-        let checks: Vec<Check> = best
-            .iter()
-            .filter_map(|(what, now)| {
-                let base = before.iter().find(|(w, _)| w == what)?.1;
-                Some(Check {
-                    gate: ["CPU", "endpoint change", "RSS"]
-                        .iter()
-                        .any(|k| what.contains(k)),
-                    what: what.clone(),
-                    now: *now,
-                    base,
-                })
-            })
-            .collect();
-        if checks.is_empty() {
-            bail!("nothing to compare: the baseline and this run have no ratio in common");
-        }
-        let failed = checks
-            .iter()
-            .filter(|c| c.gate && c.now / c.base - 1.0 > args.tolerance)
-            .count();
-        if failed == 0 || attempt == 2 {
-            println!(
-                "{:<70} {:>10} {:>10} {:>8}",
-                "ratio (lower is better)", "baseline", "now", "change"
-            );
-            for c in &checks {
-                let change = c.now / c.base - 1.0;
-                println!(
-                    "{:<70} {:>10.3} {:>10.3} {:>+7.0}%{}",
-                    c.what,
-                    c.base,
-                    c.now,
-                    change * 100.0,
-                    match (change > args.tolerance, c.gate) {
-                        (true, true) => "  REGRESSION",
-                        (true, false) => "  (worse; not gated: noisy)",
-                        _ => "",
-                    }
-                );
-            }
-            if failed > 0 {
-                bail!(
-                    "{failed} ratio(s) regressed by more than {:.0}% against {} in both runs",
-                    args.tolerance * 100.0,
-                    baseline_path.display()
-                );
-            }
-            break;
-        }
-        eprintln!("{failed} ratio(s) look regressed; measuring once more");
-    }
-    println!(
-        "no ratio regressed by more than {:.0}%",
-        args.tolerance * 100.0
-    );
-    Ok(())
-}
-
 /// The report's rows of one mode with a value, as (services, value) points.
 pub fn series(report: &Report, mode: &str, value: impl Fn(&Row) -> Option<f64>) -> Vec<(f64, f64)> {
     report
@@ -1441,6 +1081,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weir_e2e::pod_ip;
 
     #[test]
     fn reference_rulesets_put_the_measured_service_on_real_pods_last() {
@@ -1458,6 +1099,48 @@ mod tests {
         let change = iptables_change(3, 2, 1);
         assert!(change.contains(&format!("-X {}", ipt_sep(1, 0))));
         assert!(nftables_change(3, 2, 1).contains("numgen random mod 1 vmap"));
+    }
+
+    #[test]
+    fn a_data_path_rerun_replaces_only_traffic_numbers_and_keeps_the_rest() {
+        let row = |mode: &str, full: f64, p50: f64| Row {
+            services: 1000,
+            endpoints: 10,
+            mode: mode.into(),
+            status: "ok".into(),
+            full_sync_s: Some(full),
+            clusterip: Some(Traffic {
+                p50_us: p50,
+                ..Traffic::default()
+            }),
+            ..Row::default()
+        };
+        let old = Report {
+            rows: vec![row("weir-ebpf", 0.1, 100.0), row("direct", 0.0, 90.0)],
+            ..Report::default()
+        };
+        let new = Report {
+            rows: vec![
+                row("weir-ebpf", 9.9, 80.0),
+                Row {
+                    services: 30000,
+                    ..row("weir-ebpf", 1.0, 70.0)
+                },
+            ],
+            ..Report::default()
+        };
+        let merged = merge(&old, &new, false, true);
+        let ebpf = &merged.rows[1];
+        assert_eq!(ebpf.mode, "weir-ebpf");
+        assert_eq!(ebpf.full_sync_s, Some(0.1), "control plane kept");
+        assert_eq!(ebpf.clusterip.as_ref().map(|t| t.p50_us), Some(80.0));
+        assert_eq!(
+            merged.rows[0].mode, "direct",
+            "rows stay in the table's order"
+        );
+        assert_eq!(merged.rows.len(), 3, "a new size is added");
+        let both = merge(&old, &new, true, true);
+        assert_eq!(both.rows[1].full_sync_s, Some(9.9));
     }
 
     #[test]

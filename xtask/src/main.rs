@@ -1,11 +1,12 @@
 //! `cargo xtask`: the project's developer commands.
 //!
 //! - `cargo xtask test`: every test tier (fmt, clippy, unit, fake dataplane, netns, the
-//!   IPVS suite in a VM).
+//!   benchmark regression check, the IPVS suite in a VM).
 //! - `cargo xtask demo`: weir-proxy on a namespace topology with real traffic.
 //! - `cargo xtask demo --nodes 3`: three nodes on one machine, weir-cni pods, host-gw routes.
 //! - `cargo xtask bench sync`: control-plane numbers at scale.
 //! - `cargo xtask bench compare`: weir against upstream-shaped rulesets, CSV/JSON/plots.
+//! - `cargo xtask bench datapath`: ClusterIP against pod IP per mode and service count.
 //! - `cargo xtask bench check`: a quick compare against the committed baseline, by ratio.
 //! - `cargo xtask bench policy`: the NetworkPolicy table at scale (build, render, apply).
 //! - `cargo xtask vm-test ipvs`: the IPVS suite inside a qemu guest (Debian's kernel).
@@ -13,9 +14,12 @@
 
 mod apiserver;
 mod bench;
+mod bench_check;
 mod bench_compare;
+mod bench_datapath;
 mod bench_plot;
 mod bench_policy;
+mod bench_rig;
 mod demo;
 mod image;
 mod multinode;
@@ -36,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every test tier: fmt check, clippy -D warnings, build, unit + fake + netns tests,
-    /// then the IPVS suite inside a qemu guest.
+    /// the benchmark regression check, then the IPVS suite inside a qemu guest.
     Test,
     /// The main job on an embedded default: a namespace topology, a Service from YAML,
     /// real traffic through its ClusterIP and NodePort, an endpoint removed, cleanup.
@@ -67,9 +71,14 @@ enum BenchCmd {
     /// shapes: control plane and data path at 1k/10k/30k services, CSV/JSON/PNG under
     /// docs/bench (about 10 minutes; --quick for one small size).
     Compare(bench_compare::CompareArgs),
-    /// A quick compare checked against docs/bench/baseline.json by ratio (weir against the
-    /// references of the same run); fails only on a regression above --tolerance.
-    Check(bench_compare::CheckArgs),
+    /// ClusterIP against the same backend pods by pod IP (connect and request p50/p99,
+    /// requests per second), per mode and service count, measured interleaved; ratios,
+    /// CSV/JSON under docs/bench.
+    Datapath(bench_datapath::DatapathArgs),
+    /// Repeated same-run ratios (weir against kube-proxy's iptables load, ClusterIP against
+    /// pod IP, peak RSS) compared by median with docs/bench/baseline.json; fails only when a
+    /// gated ratio regresses beyond --tolerance.
+    Check(bench_check::CheckArgs),
 }
 
 fn step(title: &str, program: &str, args: &[&str], envs: &[(&str, String)]) -> Result<()> {
@@ -114,6 +123,39 @@ fn test() -> Result<()> {
         ],
         &[],
     )?;
+    // The eBPF programs are not a default member (they build only for the BPF target, as
+    // proxy/build.rs does): linted for that target with the nightly, flags as aya-build's.
+    step(
+        "clippy (eBPF programs, bpfel-unknown-none)",
+        "rustup",
+        &[
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "weir-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[
+            (
+                "CARGO_ENCODED_RUSTFLAGS",
+                format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+            ),
+            (
+                "CARGO_TARGET_DIR",
+                target.join("bpf-clippy").display().to_string(),
+            ),
+        ],
+    )?;
     step("build", "cargo", &["build", "--workspace", "--bins"], &[])?;
     // The API server tier's binaries: built once from Debian's packages (minutes), then
     // cached; built here so the tests do not each wait for it.
@@ -125,6 +167,13 @@ fn test() -> Result<()> {
         &["test", "--workspace"],
         &[("WEIR_PROXY_BIN", proxy_bin)],
     )?;
+    // The benchmark regression check: the debug binaries just built (no release build),
+    // a few minutes; fails only
+    // when a gated ratio (ClusterIP ÷ pod IP latency, peak RSS) is more than 25% worse than
+    // docs/bench/baseline.json, never on an absolute time (docs/bench/README.md).
+    eprintln!("\n==> benchmark regression check: cargo xtask bench check");
+    bench_check::check(bench_check::CheckArgs::on_debug_build(), &root)
+        .context("the benchmark regression check (cargo xtask bench check)")?;
     // IPVS: the host kernel has none, so the suite runs in a qemu guest (Debian's
     // kernel). A failing suite always fails; a guest that cannot be prepared or booted
     // (no qemu, no network for the kernel package) fails only under CI=true.
@@ -176,7 +225,8 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Policy(a)) => bench_policy::policy(a),
         Cmd::Bench(BenchCmd::Compare(a)) => bench_compare::compare(a, &workspace_root()),
-        Cmd::Bench(BenchCmd::Check(a)) => bench_compare::check(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Datapath(a)) => bench_datapath::datapath(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Check(a)) => bench_check::check(a, &workspace_root()),
         Cmd::Apiserver(a) => apiserver::apiserver(a),
         Cmd::Image(a) => image::image(a, &workspace_root()),
         Cmd::VmTest(a) => vm::vm_test(a, &workspace_root()),

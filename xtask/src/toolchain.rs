@@ -1,5 +1,5 @@
 //! The eBPF toolchain weir-proxy's build script needs: a nightly with `rust-src` (to build
-//! `core` for the BPF target) and bpf-linker 0.10.4 (needs no system LLVM). Installed when
+//! `core` for the BPF target; and clippy, to lint the programs for that target) and bpf-linker 0.10.4 (needs no system LLVM). Installed when
 //! missing, as `.ci/run` does, so the README's commands work on a fresh machine.
 
 use anyhow::{bail, Result};
@@ -34,8 +34,15 @@ pub fn ensure_ebpf() -> Result<()> {
         )?;
     }
     run(
-        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
-        "rustup component add rust-src",
+        Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "clippy",
+            "--toolchain",
+            "nightly",
+        ]),
+        "rustup component add rust-src clippy",
     )?;
     if !ok(Command::new("bpf-linker").arg("--version")) {
         crate::demo::say("installing bpf-linker 0.10.4 (2-3 minutes)");

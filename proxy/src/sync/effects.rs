@@ -3,7 +3,7 @@
 //! health-check ports, which counts) are functions of the desired state.
 
 use crate::dataplane::conntrack::{filters_for_change, Conntrack, FlowFilter};
-use crate::dataplane::ipvs::apply::IpvsSync;
+use crate::dataplane::ipvs::apply::{Changed, IpvsSync};
 use crate::http::healthcheck::{HealthCheckServer, HealthCheckService};
 use crate::http::metrics::{label, Metrics};
 use crate::model::{DesiredState, ObjectKey, Protocol, ServiceDelta, ServicePortState, Store};
@@ -110,13 +110,19 @@ impl SideEffects {
         }
     }
 
-    /// Programs IPVS for `state` (IPVS mode; nothing otherwise). Returns false when the
-    /// runner should sync again soon (a failure).
-    pub async fn sync_ipvs(&mut self, state: &DesiredState) -> bool {
+    /// Programs IPVS for `state` (IPVS mode; nothing otherwise); a `full` sync reads the
+    /// kernel back first, other syncs apply what `changed`. Returns false when the runner
+    /// should sync again soon (a failure).
+    pub async fn sync_ipvs(
+        &mut self,
+        state: &DesiredState,
+        full: bool,
+        changed: Changed<'_>,
+    ) -> bool {
         let Some(ipvs) = &mut self.ipvs else {
             return true;
         };
-        match ipvs.sync(state).await {
+        match ipvs.sync(state, full, changed).await {
             Ok(r) => {
                 self.ipvs_draining = r.draining;
                 r.failed == 0

@@ -8,6 +8,7 @@ use crate::dataplane::ebpf::render::{
     diff as ebpf_diff, render_with as ebpf_render, update_ports as ebpf_update_ports, LbAlgorithm,
 };
 use crate::dataplane::ebpf::{EbpfError, MapContents, MapStore};
+use crate::dataplane::ipvs::apply::Changed;
 use crate::dataplane::nft::diff::plan_state;
 use crate::dataplane::nft::incremental::Incremental;
 use crate::dataplane::nft::kernel::KernelError;
@@ -226,6 +227,8 @@ impl<K: NftBackend> Runner<K> {
             _ => None,
         };
         let mut planned = None;
+        // The Service ports whose desired state changed (`None`: a full compute).
+        let mut port_deltas = None;
         if let Some(mut incs) = incremental {
             let deltas = self.recompute_changed(&changes.services);
             // A released frontend another Service wanted: only a full compute hands it over.
@@ -235,6 +238,7 @@ impl<K: NftBackend> Runner<K> {
                     .map(|inc| inc.update(&deltas, &self.desired.node_ips))
                     .collect();
                 planned = Some((plans, incs));
+                port_deltas = Some(deltas);
             }
         }
         let was_full = planned.is_none();
@@ -328,9 +332,18 @@ impl<K: NftBackend> Runner<K> {
         }
         self.incremental = Some(next);
         // IPVS mode: the virtual servers follow the nftables rules (masquerade marks and
-        // rejects) within the same sync; a failure or a draining real server asks for
-        // another sync soon.
-        let ipvs_done = self.effects.sync_ipvs(&self.desired).await;
+        // rejects) within the same sync, reading IPVS back only when this sync is a full
+        // one (or after a failure, or while real servers drain); a failure or a draining
+        // real server asks for another sync soon.
+        let changed = match &port_deltas {
+            Some(d) if d.is_empty() => Changed::Nothing,
+            Some(d) => Changed::Ports(d),
+            None => Changed::Everything,
+        };
+        let ipvs_done = self
+            .effects
+            .sync_ipvs(&self.desired, was_full, changed)
+            .await;
         self.finish_sync(started, oldest, was_full, changes_applied, ops, planned)
             .await;
         ipvs_done

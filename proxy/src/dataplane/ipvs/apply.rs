@@ -1,20 +1,23 @@
 //! The side effects of an IPVS sync: the dummy interface [`DUMMY_INTERFACE`] with the
 //! Service addresses (rtnetlink), IPVS sysctls and timeouts, and the virtual/real servers (generic
-//! netlink through [`KernelIpvs`]). Each sync dumps IPVS and applies only the difference
-//! ([`diff::plan`]), so drift is repaired every time and a restart adopts what is there.
+//! netlink through [`KernelIpvs`]). Each sync applies only the difference ([`diff::plan`]);
+//! full syncs, syncs after a failure and syncs while real servers drain read the kernel
+//! back first ([`super::program`]), so drift is repaired and a restart adopts what is
+//! there, while an idle sync sends nothing and reads nothing.
 
-use super::diff::{self, Terminating};
+use super::diff;
 use super::netlink::KernelIpvs;
-use super::render::{bound_addresses, desired, IpvsConfig};
+use super::program::{Ownership, Programmer};
+use super::render::{IpvsConfig, Rendered};
 use super::{IpvsBackend, IpvsError, Op, Timeouts, DUMMY_INTERFACE};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, ServiceDelta};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::LinkDummy;
+use rtnetlink::{AddressMessageBuilder, LinkDummy};
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::info;
 
 /// How long a removed real server may drain before it is deleted anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -62,6 +65,10 @@ pub enum IpvsSyncError {
         /// The kernel's answer.
         source: rtnetlink::Error,
     },
+    /// A sync of changed Service ports without the state of a previous sync (a bug:
+    /// such syncs are full ones).
+    #[error("no previous IPVS state to apply Service port changes to")]
+    Stale,
     /// A sysctl could not be written.
     #[error("setting {key}: {source}")]
     Sysctl {
@@ -207,18 +214,56 @@ impl Link {
             }
         }
         for ip in want.difference(&present) {
-            let len = if ip.is_ipv4() { 32 } else { 128 };
+            self.add_address(index, *ip).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes `unbind` from the interface and adds `bind`, without listing its addresses.
+    async fn change_addresses(
+        &self,
+        index: u32,
+        unbind: impl IntoIterator<Item = IpAddr>,
+        bind: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<(), IpvsSyncError> {
+        for ip in unbind {
+            let m = match ip {
+                IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
+                    .index(index)
+                    .address(a, 32)
+                    .build(),
+                IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new()
+                    .index(index)
+                    .address(a, 128)
+                    .build(),
+            };
             self.handle
                 .address()
-                .add(index, *ip, len)
+                .del(m)
                 .execute()
                 .await
                 .map_err(|source| IpvsSyncError::Link {
-                    op: format!("adding address {ip}"),
+                    op: format!("deleting address {ip}"),
                     source,
                 })?;
         }
+        for ip in bind {
+            self.add_address(index, ip).await?;
+        }
         Ok(())
+    }
+
+    async fn add_address(&self, index: u32, ip: IpAddr) -> Result<(), IpvsSyncError> {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        self.handle
+            .address()
+            .add(index, ip, len)
+            .execute()
+            .await
+            .map_err(|source| IpvsSyncError::Link {
+                op: format!("adding address {ip}"),
+                source,
+            })
     }
 
     async fn delete(&self) -> Result<bool, IpvsSyncError> {
@@ -248,26 +293,25 @@ pub fn set_sysctls(strict_arp: bool) -> Result<(), IpvsSyncError> {
     Ok(())
 }
 
-/// What one sync did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyncReport {
-    /// IPVS operations applied.
-    pub ops: usize,
-    /// Operations the kernel refused.
-    pub failed: usize,
-    /// Whether removed real servers are still draining (another sync is needed).
-    pub draining: bool,
-}
+pub use super::program::SyncReport;
 
 /// IPVS programming for the sync runner (inside a tokio runtime).
 pub struct IpvsSync {
     kernel: KernelIpvs,
     link: Link,
     cfg: IpvsConfig,
-    terminating: Terminating,
+    program: Programmer,
     /// Every node address NodePorts were served on since start: a virtual server on one of
     /// them in the NodePort range is weir's.
     node_ips: BTreeSet<IpAddr>,
+    /// The dummy interface's index, as of the last sync that succeeded.
+    index: Option<u32>,
+    /// The addresses on the dummy interface after the last sync that succeeded (`None`:
+    /// read them from the kernel next time).
+    bound: Option<BTreeSet<IpAddr>>,
+    /// The desired state as of the last sync that succeeded (`None`: render it all next
+    /// time).
+    rendered: Option<Rendered>,
 }
 
 impl std::fmt::Debug for IpvsSync {
@@ -286,52 +330,152 @@ impl IpvsSync {
             kernel,
             link: Link::open()?,
             cfg,
-            terminating: Terminating::new(DRAIN_TIMEOUT),
+            program: Programmer::new(DRAIN_TIMEOUT),
             node_ips: BTreeSet::new(),
+            index: None,
+            bound: None,
+            rendered: None,
         })
     }
 
-    /// Brings the dummy interface's addresses and IPVS to `state`. Operations the kernel
-    /// refuses are logged and counted; the rest proceed.
-    pub async fn sync(&mut self, state: &DesiredState) -> Result<SyncReport, IpvsSyncError> {
-        let index = self.link.ensure().await?;
-        // What weir owns is decided before the addresses change: a Service address still
-        // bound marks a virtual server left by a removed Service (or a previous run).
-        let mut bound: BTreeSet<IpAddr> = self
-            .link
-            .addresses(Some(index))
-            .await?
-            .into_iter()
-            .map(|(ip, _)| ip)
-            .collect();
-        let want_bound = bound_addresses(state);
-        bound.extend(want_bound.iter().copied());
-        self.node_ips.extend(state.node_ips.iter().copied());
-        self.link.sync_addresses(index, &want_bound).await?;
-        let want = desired(state, &self.cfg);
-        let have = diff::managed(self.kernel.dump()?, &want, &bound, &self.node_ips);
-        let ops = diff::plan(&want, &have, &mut self.terminating, Instant::now());
-        let mut report = SyncReport {
-            ops: ops.len(),
-            ..Default::default()
-        };
-        for op in &ops {
-            if let Err(e) = self.kernel.apply(op) {
-                warn!(error = %e, "IPVS operation failed");
-                report.failed += 1;
+    /// Brings the dummy interface's addresses and IPVS to `state`, of which `changed` says
+    /// what changed since the last call. Operations the kernel refuses are logged and
+    /// counted; the rest proceed.
+    ///
+    /// The kernel is read back (the dummy interface, its addresses, every virtual and real
+    /// server) only on a `full` sync, after a failure and while real servers drain; other
+    /// syncs send only the changes: those of the changed Service ports when `changed`
+    /// names them (nothing at all when nothing changed), else the difference between the
+    /// whole rendered state and what the last successful sync left.
+    pub async fn sync(
+        &mut self,
+        state: &DesiredState,
+        full: bool,
+        changed: Changed<'_>,
+    ) -> Result<SyncReport, IpvsSyncError> {
+        let read = self.program.needs_dump(full) || self.bound.is_none() || self.index.is_none();
+        let r = match changed {
+            Changed::Nothing if !read => return Ok(SyncReport::default()),
+            Changed::Ports(deltas) if !read && self.rendered.is_some() => {
+                self.sync_ports(deltas).await
             }
+            _ => self.sync_inner(state, full).await,
+        };
+        if !matches!(&r, Ok(report) if report.failed == 0) {
+            self.index = None;
+            self.bound = None;
+            self.rendered = None;
+            self.program.invalidate();
         }
-        report.draining = diff::draining(&self.terminating);
-        if !ops.is_empty() {
-            info!(
-                ops = ops.len(),
-                failed = report.failed,
-                draining = report.draining,
-                "synced IPVS"
-            );
+        r
+    }
+
+    /// Applies the changes of some Service ports to the rendered state, the dummy
+    /// interface and IPVS, touching nothing else.
+    async fn sync_ports(&mut self, deltas: &[ServiceDelta]) -> Result<SyncReport, IpvsSyncError> {
+        let (Some(rendered), Some(index), Some(mut bound)) =
+            (self.rendered.as_mut(), self.index, self.bound.take())
+        else {
+            return Err(IpvsSyncError::Stale);
+        };
+        let touched = rendered.update(deltas, &self.cfg);
+        self.link
+            .change_addresses(
+                index,
+                touched.unbind.iter().copied(),
+                touched.bind.iter().copied(),
+            )
+            .await?;
+        for ip in &touched.unbind {
+            bound.remove(ip);
         }
+        bound.extend(touched.bind.iter().copied());
+        let node_ips = &self.node_ips;
+        let bound_ref = &bound;
+        let report = self.program.sync_touched(
+            &mut self.kernel,
+            &rendered.servers,
+            &touched.keys,
+            || Ownership {
+                bound: bound_ref.clone(),
+                node_ips: node_ips.clone(),
+            },
+            Instant::now(),
+        )?;
+        self.bound = Some(bound);
+        log_report(&report);
         Ok(report)
     }
+
+    async fn sync_inner(
+        &mut self,
+        state: &DesiredState,
+        full: bool,
+    ) -> Result<SyncReport, IpvsSyncError> {
+        self.node_ips.extend(state.node_ips.iter().copied());
+        let rendered = Rendered::new(state, &self.cfg);
+        let want_bound = rendered.bound();
+        let read = self.program.needs_dump(full) || self.bound.is_none() || self.index.is_none();
+        let mut owned = Ownership {
+            bound: BTreeSet::new(),
+            node_ips: self.node_ips.clone(),
+        };
+        match (read, self.index, self.bound.take()) {
+            (false, Some(index), Some(last)) => {
+                let unbind = last.difference(&want_bound).copied();
+                let bind = want_bound.difference(&last).copied();
+                self.link.change_addresses(index, unbind, bind).await?;
+                owned.bound = last;
+            }
+            _ => {
+                let index = self.link.ensure().await?;
+                // What weir owns is decided before the addresses change: a Service address
+                // still bound marks a virtual server left by a removed Service (or a
+                // previous run).
+                owned.bound = self
+                    .link
+                    .addresses(Some(index))
+                    .await?
+                    .into_iter()
+                    .map(|(ip, _)| ip)
+                    .collect();
+                self.link.sync_addresses(index, &want_bound).await?;
+                self.index = Some(index);
+            }
+        }
+        owned.bound.extend(want_bound.iter().copied());
+        self.bound = Some(want_bound);
+        let want = rendered.servers.clone();
+        self.rendered = Some(rendered);
+        let report = self
+            .program
+            .sync(&mut self.kernel, want, read, &owned, Instant::now())?;
+        log_report(&report);
+        Ok(report)
+    }
+}
+
+fn log_report(report: &SyncReport) {
+    if report.ops > 0 {
+        info!(
+            ops = report.ops,
+            failed = report.failed,
+            draining = report.draining,
+            dumped = report.dumped,
+            "synced IPVS"
+        );
+    }
+}
+
+/// What changed since the last [`IpvsSync::sync`].
+#[derive(Clone, Copy, Debug)]
+pub enum Changed<'a> {
+    /// No Service port.
+    Nothing,
+    /// These Service ports (the node's addresses did not change).
+    Ports(&'a [ServiceDelta]),
+    /// Anything may have (a full compute of the desired state).
+    Everything,
 }
 
 /// `--cleanup`: deletes weir's virtual servers (those on an address of the dummy

@@ -15,6 +15,8 @@ pub struct FakeIpvs {
     state: IpvsState,
     /// Operations applied so far.
     pub applied: usize,
+    /// Dumps answered so far (what an idle sync should not need).
+    pub dumps: usize,
 }
 
 fn refused(op: &'static str, target: String, errno: i32) -> IpvsError {
@@ -51,6 +53,7 @@ impl FakeIpvs {
 
 impl IpvsBackend for FakeIpvs {
     fn dump(&mut self) -> Result<IpvsState, IpvsError> {
+        self.dumps += 1;
         Ok(self.state.clone())
     }
 

@@ -11,12 +11,15 @@
 //!   termination of removed real servers.
 //! - [`netlink`]: the kernel, through the generic netlink family `IPVS`.
 //! - [`fake`]: an in-memory IPVS that rejects what the kernel rejects.
+//! - [`program`]: one sync against any [`IpvsBackend`], dumping only when the last applied
+//!   state cannot be trusted.
 //! - [`apply`]: the side effects of one sync (dummy interface, addresses, ops).
 
 pub mod apply;
 pub mod diff;
 pub mod fake;
 pub mod netlink;
+pub mod program;
 pub mod render;
 
 use crate::model::Protocol;

@@ -701,6 +701,32 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_real_servers_carry_sixteen_address_bytes_and_their_family() {
+        let d = RealServer::new("[fd00:10:244:1::10]:8080".parse().unwrap(), 1);
+        let Attr::Nested(_, attrs) = dest_attrs(&d) else {
+            panic!("not nested")
+        };
+        assert_eq!(bytes(&attrs, DEST_ADDR).map(<[u8]>::len), Some(16));
+        assert_eq!(
+            get_u16_ne(&attrs, DEST_ADDR_FAMILY),
+            Some(libc::AF_INET6 as u16)
+        );
+        let parsed = parse_dest(&[Attr::Nested(CMD_ATTR_DEST, attrs)], libc::AF_INET6 as u16);
+        assert_eq!(parsed, Some(d));
+        // A v6 virtual server: AF_INET6 and a /128 netmask.
+        let vs = VirtualServer {
+            key: key("fd00:10:96::20", 80),
+            scheduler: "rr".into(),
+            persistent_timeout: None,
+        };
+        let Attr::Nested(_, s) = service_attrs(&vs) else {
+            panic!("not nested")
+        };
+        assert_eq!(get_u16_ne(&s, SVC_AF), Some(libc::AF_INET6 as u16));
+        assert_eq!(get_u32(&s, SVC_NETMASK), Some(128));
+    }
+
+    #[test]
     fn ports_travel_in_network_byte_order_and_dests_use_nat() {
         let d = RealServer::new("10.244.1.10:8080".parse().unwrap(), 1);
         let Attr::Nested(_, attrs) = dest_attrs(&d) else {

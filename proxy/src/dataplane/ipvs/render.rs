@@ -10,7 +10,7 @@
 //! the affinity timeout.
 
 use super::{IpvsState, RealServer, Scheduler, ServiceKey, ServiceState, VirtualServer};
-use crate::model::{DesiredState, Endpoint, ServicePortState};
+use crate::model::{DesiredState, Endpoint, ServiceDelta, ServicePortState};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
@@ -116,6 +116,112 @@ pub fn bound_addresses(state: &DesiredState) -> BTreeSet<IpAddr> {
     out
 }
 
+/// The addresses one Service port puts on the dummy interface (node addresses included;
+/// [`Rendered`] leaves those out).
+fn port_addresses(sp: &ServicePortState) -> impl Iterator<Item = IpAddr> + '_ {
+    let info = &sp.info;
+    info.cluster_ips
+        .iter()
+        .chain(&info.external_ips)
+        .chain(&info.load_balancer_ips)
+        .copied()
+}
+
+/// What [`Rendered::update`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Virtual servers added, changed or removed.
+    pub keys: BTreeSet<ServiceKey>,
+    /// Addresses the dummy interface gains.
+    pub bind: BTreeSet<IpAddr>,
+    /// Addresses the dummy interface loses.
+    pub unbind: BTreeSet<IpAddr>,
+}
+
+/// The desired virtual servers and dummy-interface addresses, kept up to date one changed
+/// Service port at a time, so that a sync renders only what changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rendered {
+    /// Every desired virtual server ([`desired`] of the state).
+    pub servers: IpvsState,
+    /// How many Service ports use each Service address.
+    refs: BTreeMap<IpAddr, usize>,
+    /// The node's addresses (never bound to the dummy interface).
+    node_ips: BTreeSet<IpAddr>,
+}
+
+impl Rendered {
+    /// Renders every Service port of `state`.
+    pub fn new(state: &DesiredState, cfg: &IpvsConfig) -> Self {
+        let mut r = Rendered {
+            servers: desired(state, cfg),
+            refs: BTreeMap::new(),
+            node_ips: state.node_ips.iter().copied().collect(),
+        };
+        for sp in state.services.values() {
+            for ip in port_addresses(sp) {
+                *r.refs.entry(ip).or_default() += 1;
+            }
+        }
+        r
+    }
+
+    /// The addresses bound to the dummy interface (as [`bound_addresses`]).
+    pub fn bound(&self) -> BTreeSet<IpAddr> {
+        self.refs
+            .keys()
+            .filter(|ip| !self.node_ips.contains(ip))
+            .copied()
+            .collect()
+    }
+
+    /// Applies the changes of Service ports (the node's addresses unchanged) and returns
+    /// what they touched.
+    pub fn update(&mut self, deltas: &[ServiceDelta], cfg: &IpvsConfig) -> Touched {
+        let node_ips: Vec<IpAddr> = self.node_ips.iter().copied().collect();
+        let mut touched = Touched::default();
+        let mut before: BTreeMap<IpAddr, bool> = BTreeMap::new();
+        for d in deltas {
+            if let Some(old) = &d.old {
+                for key in service_port(old, &node_ips, cfg).into_keys() {
+                    self.servers.remove(&key);
+                    touched.keys.insert(key);
+                }
+                for ip in port_addresses(old) {
+                    let n = self.refs.entry(ip).or_default();
+                    before.entry(ip).or_insert(*n > 0);
+                    *n = n.saturating_sub(1);
+                }
+            }
+            if let Some(new) = &d.new {
+                let servers = service_port(new, &node_ips, cfg);
+                touched.keys.extend(servers.keys().copied());
+                self.servers.extend(servers);
+                for ip in port_addresses(new) {
+                    let n = self.refs.entry(ip).or_default();
+                    before.entry(ip).or_insert(*n > 0);
+                    *n += 1;
+                }
+            }
+        }
+        for (ip, was) in before {
+            let now = self.refs.get(&ip).is_some_and(|n| *n > 0);
+            if !now {
+                self.refs.remove(&ip);
+            }
+            if self.node_ips.contains(&ip) || was == now {
+                continue;
+            }
+            if now {
+                touched.bind.insert(ip);
+            } else {
+                touched.unbind.insert(ip);
+            }
+        }
+        touched
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -211,5 +317,56 @@ mod tests {
         assert_eq!(node.server.persistent_timeout, Some(60));
         assert_eq!(node.server.scheduler, "sh");
         assert_eq!(node.server.key.protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn rendering_changed_ports_matches_rendering_everything() {
+        let web = |ports: &[u16], eps: &[&str]| -> Vec<ServicePortState> {
+            ports
+                .iter()
+                .map(|p| {
+                    let mut n = name("web", Protocol::Tcp);
+                    n.port = p.to_string();
+                    let mut info = ServiceInfo::new(n, vec!["10.96.0.10".parse().unwrap()], *p);
+                    info.load_balancer_ips = vec!["192.0.2.10".parse().unwrap()];
+                    let eps = eps.iter().map(|e| ep(e, true)).collect();
+                    ServicePortState::from_endpoints(info, eps)
+                })
+                .collect()
+        };
+        let before = state(web(&[80, 443], &["10.244.1.10"]));
+        let cfg = IpvsConfig::default();
+        let mut r = Rendered::new(&before, &cfg);
+        assert_eq!(r.bound(), bound_addresses(&before));
+        // Port 80 gains an endpoint, port 443 goes: its ClusterIP stays bound (port 80
+        // still uses it).
+        let after = state(web(&[80], &["10.244.1.10", "10.244.1.11"]));
+        let deltas: Vec<ServiceDelta> = before
+            .services
+            .iter()
+            .map(|(n, old)| ServiceDelta {
+                name: n.clone(),
+                old: Some(old.clone()),
+                new: after.services.get(n).cloned(),
+            })
+            .collect();
+        let t = r.update(&deltas, &cfg);
+        assert_eq!(r, Rendered::new(&after, &cfg));
+        assert_eq!(t.keys.len(), 4, "two frontends of each port: {t:?}");
+        assert!(t.bind.is_empty() && t.unbind.is_empty(), "{t:?}");
+        // The last port goes: both addresses are unbound.
+        let gone: Vec<ServiceDelta> = after
+            .services
+            .iter()
+            .map(|(n, old)| ServiceDelta {
+                name: n.clone(),
+                old: Some(old.clone()),
+                new: None,
+            })
+            .collect();
+        let t = r.update(&gone, &cfg);
+        assert_eq!(r, Rendered::new(&state(vec![]), &cfg));
+        assert_eq!(t.unbind.len(), 2, "{t:?}");
+        assert!(r.bound().is_empty());
     }
 }

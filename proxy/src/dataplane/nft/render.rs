@@ -626,6 +626,17 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
             );
         }
     }
+    // Hairpin: a pod sent to its own Service and was DNATed back to itself. IPVS does its
+    // DNAT without marking the conntrack entry as DNATed (`ct status dnat` stays unset), so
+    // in IPVS mode the pair alone decides: a packet whose source and destination are the
+    // same local endpoint reaches the node only after a Service's DNAT.
+    let mut hairpin_match = vec![Match::InSet {
+        key: vec![KeyExpr::SAddr, KeyExpr::DAddr],
+        set: HAIRPIN.into(),
+    }];
+    if !cfg.ipvs {
+        hairpin_match.insert(0, Match::CtStatusDnat);
+    }
     chains.insert(
         "nat_postrouting".into(),
         Chain {
@@ -635,16 +646,7 @@ pub fn skeleton(counts: &Counts, cfg: &RenderConfig, family: Family) -> Table {
                     vec![Match::MarkHas(MASQ_MARK)],
                     vec![Stmt::MarkXor(MASQ_MARK), Stmt::Masquerade],
                 ),
-                Rule::new(
-                    vec![
-                        Match::CtStatusDnat,
-                        Match::InSet {
-                            key: vec![KeyExpr::SAddr, KeyExpr::DAddr],
-                            set: HAIRPIN.into(),
-                        },
-                    ],
-                    vec![Stmt::Masquerade],
-                ),
+                Rule::new(hairpin_match, vec![Stmt::Masquerade]),
             ],
         },
     );
@@ -741,5 +743,40 @@ fn family_of(net: &IpNetwork) -> Family {
     match net {
         IpNetwork::V4(_) => Family::Ip,
         IpNetwork::V6(_) => Family::Ip6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn postrouting(ipvs: bool) -> Vec<Rule> {
+        let cfg = RenderConfig {
+            ipvs,
+            ..RenderConfig::default()
+        };
+        let t = skeleton(&Counts::default(), &cfg, Family::Ip);
+        t.chains["nat_postrouting"].rules.clone()
+    }
+
+    fn hairpin_rule(rules: &[Rule]) -> Option<&Rule> {
+        rules.iter().find(|r| {
+            r.matches
+                .iter()
+                .any(|m| matches!(m, Match::InSet { set, .. } if set == names::HAIRPIN))
+        })
+    }
+
+    #[test]
+    fn hairpin_masquerade_needs_no_dnat_status_in_ipvs_mode() {
+        // nftables mode: only connections nftables DNATed are hairpin.
+        let nft = postrouting(false);
+        let rule = hairpin_rule(&nft).expect("a hairpin rule");
+        assert!(rule.matches.contains(&Match::CtStatusDnat), "{rule:?}");
+        // IPVS mode: IPVS's DNAT leaves `ct status dnat` unset; the pair alone decides.
+        let ipvs = postrouting(true);
+        let rule = hairpin_rule(&ipvs).expect("a hairpin rule");
+        assert!(!rule.matches.contains(&Match::CtStatusDnat), "{rule:?}");
+        assert_eq!(rule.stmts, vec![Stmt::Masquerade]);
     }
 }
