@@ -102,13 +102,13 @@ pub(crate) fn pick(
                     slot: a.slot,
                 };
                 // SAFETY: copied out at once.
-                if let Some(b) = unsafe { WEIR_BACKENDS.get(&bkey) }.copied() {
+                if let Some(b) = unsafe { WEIR_BACKENDS.get(bkey) }.copied() {
                     if b == a.backend {
                         let fresh = AffinityValue {
                             last_seen: now,
                             ..a
                         };
-                        let _ = WEIR_AFFINITY.insert(client, &fresh, 0);
+                        let _ = WEIR_AFFINITY.insert(client, fresh, 0);
                         return Some(b);
                     }
                 }
@@ -121,7 +121,7 @@ pub(crate) fn pick(
             slot: hash % MAGLEV_TABLE_SIZE,
         };
         // SAFETY: copied out at once.
-        unsafe { WEIR_MAGLEV.get(&mkey) }.copied().unwrap_or(hash)
+        unsafe { WEIR_MAGLEV.get(mkey) }.copied().unwrap_or(hash)
     } else {
         // SAFETY: a helper without arguments.
         unsafe { bpf_get_prandom_u32() }
@@ -135,14 +135,14 @@ pub(crate) fn pick(
         slot,
     };
     // SAFETY: copied out at once.
-    let backend = unsafe { WEIR_BACKENDS.get(&bkey) }.copied()?;
+    let backend = unsafe { WEIR_BACKENDS.get(bkey) }.copied()?;
     if v.affinity_timeout != 0 {
         let a = AffinityValue {
             backend,
             slot,
             last_seen: now,
         };
-        let _ = WEIR_AFFINITY.insert(client, &a, 0);
+        let _ = WEIR_AFFINITY.insert(client, a, 0);
     }
     Some(backend)
 }
@@ -291,7 +291,7 @@ fn translate(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
         pad: 0,
     };
     // A full map only costs the reverse translation of old sockets (LRU).
-    let _ = WEIR_REVNAT.insert(&rkey, &front, 0);
+    let _ = WEIR_REVNAT.insert(rkey, front, 0);
     write_addr(ctx, family, &backend);
     ALLOW
 }
@@ -306,7 +306,7 @@ fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
         pad: 0,
     };
     // SAFETY: copied out at once.
-    if let Some(front) = unsafe { WEIR_REVNAT.get(&rkey) } {
+    if let Some(front) = unsafe { WEIR_REVNAT.get(rkey) } {
         let front = *front;
         write_addr(ctx, family, &front);
     }
@@ -420,7 +420,7 @@ fn egress_allowed(ctx: &SkBuffContext) -> Option<bool> {
         pad: 0,
     };
     // SAFETY: copied out at once.
-    let front = unsafe { WEIR_REVNAT.get(&rkey) }.copied()?;
+    let front = unsafe { WEIR_REVNAT.get(rkey) }.copied()?;
     let key = AddrPort { proto, ..front };
     let v = service(&key)?;
     Some(source_allowed(&key, &v, &saddr))

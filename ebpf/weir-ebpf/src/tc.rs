@@ -288,7 +288,7 @@ fn rewrite_fields(
 fn backend(p: &Packet) -> Result<CtValue, i32> {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(ct) = WEIR_CT.get_ptr_mut(&p.key) {
+    if let Some(ct) = WEIR_CT.get_ptr_mut(p.key) {
         // SAFETY: the map's value for this key; the fields are written in place (another
         // CPU may do the same; a lost update only costs a refresh).
         let ct = unsafe { &mut *ct };
@@ -309,16 +309,16 @@ fn backend(p: &Packet) -> Result<CtValue, i32> {
         family: k.family,
         proto: k.proto,
     };
-    let v = service(&front).ok_or(TC_ACT_OK as i32)?;
+    let v = service(&front).ok_or(TC_ACT_OK)?;
     if !source_allowed(&front, &v, &k.saddr) {
-        return Err(TC_ACT_SHOT as i32);
+        return Err(TC_ACT_SHOT);
     }
     if v.count == 0 {
         if v.flags & FLAG_DROP != 0 {
-            return Err(TC_ACT_SHOT as i32);
+            return Err(TC_ACT_SHOT);
         }
         if v.flags & FLAG_NODE_LOCAL != 0 {
-            return Err(TC_ACT_OK as i32);
+            return Err(TC_ACT_OK);
         }
         return Err(REJECT);
     }
@@ -327,7 +327,7 @@ fn backend(p: &Packet) -> Result<CtValue, i32> {
         kind: CLIENT_IP,
         service: front,
     };
-    let b = pick(&front, &v, hash(k), &client).ok_or(TC_ACT_SHOT as i32)?;
+    let b = pick(&front, &v, hash(k), &client).ok_or(TC_ACT_SHOT)?;
     Ok(track(p, &v, &b, now))
 }
 
@@ -367,7 +367,7 @@ fn close_from_reply(p: &Packet, front: &CtValue) {
         family: k.family,
         pad: 0,
     };
-    if let Some(ct) = WEIR_CT.get_ptr_mut(&forward) {
+    if let Some(ct) = WEIR_CT.get_ptr_mut(forward) {
         // SAFETY: the map's value for this key, one field written in place.
         unsafe { (*ct).flags |= CT_CLOSED };
     }
@@ -408,8 +408,8 @@ fn track(p: &Packet, v: &ServiceValue, b: &Backend, now: u64) -> CtValue {
         last_seen: now,
     };
     // A full map evicts the least recently used flows.
-    let _ = WEIR_CT.insert(&reply, &front, 0);
-    let _ = WEIR_CT.insert(k, &ct, 0);
+    let _ = WEIR_CT.insert(reply, front, 0);
+    let _ = WEIR_CT.insert(k, ct, 0);
     ct
 }
 
@@ -525,7 +525,7 @@ fn pseudo_sum(
 #[inline(never)]
 fn reject(skb: *mut __sk_buff, p: &Packet) -> i32 {
     let ctx = TcContext::new(skb);
-    build_reject(&ctx, p).unwrap_or(TC_ACT_SHOT as i32)
+    build_reject(&ctx, p).unwrap_or(TC_ACT_SHOT)
 }
 
 #[inline(always)]
@@ -533,7 +533,7 @@ fn build_reject(ctx: &TcContext, p: &Packet) -> Result<i32, i64> {
     let k = &p.key;
     let l4 = p.l4;
     if !p.v6() && l4 != ETH_HLEN + 20 {
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(TC_ACT_SHOT);
     }
     let eth: [u16; 6] = ctx.load(0)?;
     let reply_len = if k.proto == TCP {
@@ -543,7 +543,7 @@ fn build_reject(ctx: &TcContext, p: &Packet) -> Result<i32, i64> {
         let flags = off_flags[1];
         if flags & TCP_RST != 0 {
             // Never answer a RST.
-            return Ok(TC_ACT_SHOT as i32);
+            return Ok(TC_ACT_SHOT);
         }
         let doff = ((off_flags[0] >> 4) as u32) * 4;
         let total: u16 = if p.v6() {
@@ -668,7 +668,7 @@ pub fn weir_tc_ingress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
     let mut p = Packet::default();
     if !parse(skb, &mut p) {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     if let Some(action) = masqueraded_reply(skb, &p) {
         return action;
@@ -683,9 +683,9 @@ pub fn weir_tc_ingress(ctx: TcContext) -> i32 {
         r = rewrite(skb, &p, End::Source, &to.snat, p.key.sport);
     }
     if r == 0 {
-        TC_ACT_OK as i32
+        TC_ACT_OK
     } else {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     }
 }
 
@@ -699,7 +699,7 @@ fn masqueraded_reply(skb: *mut __sk_buff, p: &Packet) -> Option<i32> {
         ..p.key
     };
     // SAFETY: copied out at once.
-    let front = unsafe { WEIR_CT.get(&reply) }.copied()?;
+    let front = unsafe { WEIR_CT.get(reply) }.copied()?;
     if front.flags & CT_SNAT == 0 {
         return None;
     }
@@ -708,11 +708,7 @@ fn masqueraded_reply(skb: *mut __sk_buff, p: &Packet) -> Option<i32> {
     if r == 0 {
         r = rewrite(skb, p, End::Source, &front.addr, front.port);
     }
-    Some(if r == 0 {
-        TC_ACT_OK as i32
-    } else {
-        TC_ACT_SHOT as i32
-    })
+    Some(if r == 0 { TC_ACT_OK } else { TC_ACT_SHOT })
 }
 
 /// Egress on an external interface: a backend's reply gets the frontend as its source.
@@ -727,17 +723,17 @@ pub fn weir_tc_egress(ctx: TcContext) -> i32 {
         ..p.key
     };
     // SAFETY: copied out at once.
-    let Some(front) = unsafe { WEIR_CT.get(&reply) }.copied() else {
-        return TC_ACT_OK as i32;
+    let Some(front) = unsafe { WEIR_CT.get(reply) }.copied() else {
+        return TC_ACT_OK;
     };
     if front.flags & CT_SNAT != 0 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     close_from_reply(&p, &front);
     if rewrite(ctx.skb.skb, &p, End::Source, &front.addr, front.port) == 0 {
-        TC_ACT_OK as i32
+        TC_ACT_OK
     } else {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     }
 }
 
@@ -749,8 +745,8 @@ pub fn weir_tc_egress(ctx: TcContext) -> i32 {
 fn icmp_error_to_client(skb: *mut __sk_buff) -> i32 {
     let ctx = TcContext::new(skb);
     match translate_icmp_error(&ctx) {
-        Some(Err(_)) => TC_ACT_SHOT as i32,
-        _ => TC_ACT_OK as i32,
+        Some(Err(_)) => TC_ACT_SHOT,
+        _ => TC_ACT_OK,
     }
 }
 
@@ -795,7 +791,7 @@ fn translate_icmp_error(ctx: &TcContext) -> Option<Result<(), i64>> {
         pad: 0,
     };
     // SAFETY: copied out at once.
-    let front = unsafe { WEIR_CT.get(&reply) }.copied()?;
+    let front = unsafe { WEIR_CT.get(reply) }.copied()?;
     if front.flags & CT_SNAT != 0 {
         return None;
     }
