@@ -243,6 +243,25 @@ fn a_restarted_daemon_adopts_the_maps_and_cleanup_leaves_no_programs_or_pins() {
     assert_eq!(total(&r), 0, "{r}");
 }
 
+#[test]
+fn pinned_maps_of_another_layout_are_replaced_on_start() {
+    let Some(mut env) = setup(2) else { return };
+    env.topo.node.stop(env.proxy);
+    // What an upgrade that changed a key type leaves: a map of another layout pinned under
+    // the connection-tracking map's name (here the affinity map, moved there).
+    let pin = |name: &str| env.bpf.0.join(name);
+    std::fs::remove_file(pin("WEIR_CT")).unwrap();
+    std::fs::rename(pin("WEIR_AFFINITY"), pin("WEIR_CT")).unwrap();
+    let flags = env.proxy_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let pid = start_proxy_with(&mut env.topo.node, env.dir.path(), METRICS + 1, &flags)
+        .expect("weir-proxy starts over a stale pin");
+    let r = env.probe(&["tcp", "10.96.0.10:80", "10"]);
+    assert_eq!(total(&r), 10, "{r}");
+    assert!(pin("WEIR_AFFINITY").exists() && pin("WEIR_CT").exists());
+    env.topo.node.stop(pid);
+}
+
 /// A Service `name` (namespace demo) with ClusterIP `cluster_ip`, the extra `spec` lines,
 /// one port `protocol` `port` -> 8080 (TCP) or 5353 (UDP) with NodePort `node_port`, and
 /// endpoints `(pod, node)`.

@@ -183,6 +183,7 @@ pub fn load(bpffs_dir: &Path, log: VerifierLogLevel) -> Result<Ebpf, EbpfError> 
                 .to_owned(),
         ));
     }
+    drop_incompatible_pins(bpffs_dir, super::OBJECT)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(bpffs_dir)
         .verifier_log_level(log)
@@ -206,6 +207,67 @@ pub fn load(bpffs_dir: &Path, log: VerifierLogLevel) -> Result<Ebpf, EbpfError> 
         })?;
     }
     Ok(ebpf)
+}
+
+/// A pinned map whose layout differs from the object's map of that name.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StaleLayout {
+    /// The map's name (and pin file).
+    pub map: String,
+    /// (key size, value size, max entries) of the pinned map.
+    pub pinned: (u32, u32, u32),
+    /// (key size, value size, max entries) the object wants.
+    pub wanted: (u32, u32, u32),
+}
+
+/// The pinned maps whose key size, value size or capacity differ from what `object`
+/// defines (`pinned` gives a pin's layout by map name, `None` when not pinned). Pure: the
+/// caller reads the pins.
+pub fn stale_layouts(
+    object: &[u8],
+    mut pinned: impl FnMut(&str) -> Option<(u32, u32, u32)>,
+) -> Result<Vec<StaleLayout>, EbpfError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| EbpfError::Object(chain(&e)))?;
+    let mut stale: Vec<StaleLayout> = obj
+        .maps
+        .iter()
+        .filter_map(|(name, m)| {
+            let wanted = (m.key_size(), m.value_size(), m.max_entries());
+            let have = pinned(name)?;
+            (have != wanted).then(|| StaleLayout {
+                map: name.clone(),
+                pinned: have,
+                wanted,
+            })
+        })
+        .collect();
+    stale.sort_by(|a, b| a.map.cmp(&b.map));
+    Ok(stale)
+}
+
+/// Removes pinned maps left by a weir-proxy whose map layouts differ (an upgrade that
+/// changed a key or value type): reusing them would fail the verifier or, worse, read
+/// their entries with the wrong layout. The flows they translated lose their state; the
+/// first sync refills the services and backends.
+fn drop_incompatible_pins(dir: &Path, object: &[u8]) -> Result<(), EbpfError> {
+    let stale = stale_layouts(object, |name| {
+        let info = aya::maps::MapInfo::from_pin(dir.join(name)).ok()?;
+        Some((info.key_size(), info.value_size(), info.max_entries()))
+    })?;
+    for s in stale {
+        let path = dir.join(&s.map);
+        tracing::warn!(
+            map = %s.map,
+            pinned = ?s.pinned,
+            wanted = ?s.wanted,
+            "a pinned map has another layout (left by an older weir-proxy): unpinning it"
+        );
+        std::fs::remove_file(&path).map_err(|e| EbpfError::Pin {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// The programs' names in the object.
@@ -564,4 +626,47 @@ pub fn cleanup(bpffs_dir: &Path) -> Result<usize, EbpfError> {
         message: format!("rmdir: {e}"),
     })?;
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_whose_layout_differs_from_the_object_are_found() {
+        if super::super::OBJECT.is_empty() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI builds the eBPF object"
+            );
+            return;
+        }
+        let obj = aya_obj::Object::parse(super::super::OBJECT).unwrap();
+        let layout = |name: &str| {
+            let m = &obj.maps[name];
+            (m.key_size(), m.value_size(), m.max_entries())
+        };
+        let ct = layout("WEIR_CT");
+        // Every map pinned as the object wants it, or not pinned: nothing stale.
+        let none = stale_layouts(super::super::OBJECT, |n| Some(layout(n))).unwrap();
+        assert!(none.is_empty(), "{none:?}");
+        assert!(stale_layouts(super::super::OBJECT, |_| None)
+            .unwrap()
+            .is_empty());
+        // The connection-tracking map pinned by an older build with a smaller key.
+        let old = (16, 12, ct.2);
+        let stale = stale_layouts(super::super::OBJECT, |n| {
+            Some(if n == "WEIR_CT" { old } else { layout(n) })
+        })
+        .unwrap();
+        assert_eq!(
+            stale,
+            vec![StaleLayout {
+                map: "WEIR_CT".into(),
+                pinned: old,
+                wanted: ct,
+            }]
+        );
+    }
 }
