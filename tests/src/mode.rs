@@ -24,16 +24,19 @@ static N: AtomicU32 = AtomicU32::new(0);
 
 /// The cgroup v2 mount point (`/sys/fs/cgroup` or, on hybrid hosts, `.../unified`).
 pub fn cgroup2_root() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            if post.split(' ').next() != Some("cgroup2") {
-                return None;
-            }
-            pre.split(' ').nth(4).map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+    cgroup2_mount().unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
+/// Where cgroup v2 is mounted, from /proc/self/mountinfo; `None` without a cgroup2 mount.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split(' ').next() != Some("cgroup2") {
+            return None;
+        }
+        pre.split(' ').nth(4).map(PathBuf::from)
+    })
 }
 
 /// A child cgroup of the v2 mount, removed on drop (once its processes have exited).

@@ -568,7 +568,6 @@ fn weir(ctx: &Ctx, n: usize, mode: &str) -> Result<Row> {
         endpoints: ctx.eps,
         mode: format!("weir-{mode}"),
         status: "ok".into(),
-        nodeport_note: ebpf.then(|| "n/a: eBPF mode has no NodePort path yet".into()),
         ..Row::default()
     };
     let topo = topology(&ctx.bin, ctx.eps)?;

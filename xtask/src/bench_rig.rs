@@ -343,16 +343,7 @@ pub fn load(
 
 /// The cgroup v2 mount point.
 pub fn cgroup2_root() -> Result<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            if post.split(' ').next() != Some("cgroup2") {
-                return None;
-            }
-            pre.split(' ').nth(4).map(PathBuf::from)
-        })
-        .context("no cgroup v2 mount (eBPF mode needs one)")
+    weir_e2e::mode::cgroup2_mount().context("no cgroup v2 mount (eBPF mode needs one)")
 }
 
 /// A scratch cgroup and bpffs directory for eBPF mode, removed on drop (drop it after

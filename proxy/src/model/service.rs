@@ -57,6 +57,42 @@ impl ServiceInfo {
         }
     }
 
+    /// The source prefixes of the IPv4 (`v4`) or IPv6 family allowed to reach this port's
+    /// load-balancer IPs when it has `loadBalancerSourceRanges`: the ranges (host bits
+    /// cleared) and, when a range holds one of the node's addresses `node_ips`, the
+    /// load-balancer IPs themselves, as upstream allows them (a node that routes its own
+    /// load balancer's VIP locally reaches it from that VIP). No prefix covered by another
+    /// is kept, so the result loads into an interval set or an LPM trie as is.
+    pub fn allowed_lb_sources(&self, node_ips: &[IpAddr], v4: bool) -> Vec<IpNetwork> {
+        let in_family = |ip: &IpAddr| ip.is_ipv4() == v4;
+        let ranges: Vec<IpNetwork> = self
+            .source_ranges
+            .iter()
+            .filter(|r| in_family(&r.ip()))
+            .filter_map(|r| IpNetwork::new(r.network(), r.prefix()).ok())
+            .collect();
+        let mut allowed = ranges.clone();
+        let from_node = node_ips
+            .iter()
+            .any(|ip| in_family(ip) && ranges.iter().any(|r| r.contains(*ip)));
+        if from_node {
+            allowed.extend(
+                self.load_balancer_ips
+                    .iter()
+                    .filter(|ip| in_family(ip))
+                    .map(|ip| IpNetwork::from(*ip)),
+            );
+        }
+        allowed.sort_by_key(|n| (n.prefix(), n.network()));
+        let mut kept: Vec<IpNetwork> = Vec::new();
+        for n in allowed {
+            if !kept.iter().any(|k| k.contains(n.network())) {
+                kept.push(n);
+            }
+        }
+        kept
+    }
+
     /// Whether traffic from outside reaches the Service (NodePort, external or
     /// load-balancer IPs).
     pub fn externally_accessible(&self) -> bool {
@@ -355,6 +391,63 @@ fn valid_port(p: i32) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lb(ranges: &[&str], lb_ips: &[&str]) -> ServiceInfo {
+        let mut info = ServiceInfo::new(
+            ServicePortName {
+                namespace: "d".into(),
+                name: "lb".into(),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            },
+            vec!["10.96.0.10".parse().unwrap()],
+            80,
+        );
+        info.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+        info.load_balancer_ips = lb_ips.iter().map(|i| i.parse().unwrap()).collect();
+        info
+    }
+
+    fn nets(v: &[&str]) -> Vec<IpNetwork> {
+        v.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn load_balancer_ips_are_allowed_sources_when_a_range_holds_a_node_address() {
+        let info = lb(
+            &[
+                "192.168.0.0/16",
+                "192.168.77.0/24",
+                "10.1.2.3/8",
+                "fd00:77::/64",
+            ],
+            &["192.0.2.80", "fd00:1::80"],
+        );
+        let nodes: Vec<IpAddr> = vec!["192.168.77.10".parse().unwrap()];
+        assert_eq!(
+            info.allowed_lb_sources(&nodes, true),
+            nets(&["10.0.0.0/8", "192.168.0.0/16", "192.0.2.80/32"]),
+            "host bits cleared, the covered /24 dropped, the VIP added"
+        );
+        assert_eq!(
+            info.allowed_lb_sources(&nodes, false),
+            nets(&["fd00:77::/64"]),
+            "no IPv6 node address in an IPv6 range: the IPv6 VIP is not added"
+        );
+        let nodes: Vec<IpAddr> = vec![
+            "203.0.113.1".parse().unwrap(),
+            "fd00:77::10".parse().unwrap(),
+        ];
+        assert_eq!(
+            info.allowed_lb_sources(&nodes, true),
+            nets(&["10.0.0.0/8", "192.168.0.0/16"]),
+            "no node address in a range: the ranges only"
+        );
+        assert_eq!(
+            info.allowed_lb_sources(&nodes, false),
+            nets(&["fd00:77::/64", "fd00:1::80/128"])
+        );
+    }
 
     fn svc(yaml: &str) -> Service {
         serde_yaml_ng::from_str(yaml).unwrap()

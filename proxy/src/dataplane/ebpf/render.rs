@@ -6,7 +6,6 @@
 use crate::model::{
     DesiredState, Endpoint, Protocol, ServiceDelta, ServicePortName, ServicePortState,
 };
-use ipnetwork::IpNetwork;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use weir_ebpf_common::{
@@ -177,7 +176,7 @@ pub fn render_with(desired: &DesiredState, algorithm: LbAlgorithm) -> MapContent
 ///   external IP and each load-balancer IP, whose slots are the endpoints for external
 ///   traffic (`externalTrafficPolicy: Local` uses only this node's). A load-balancer IP of
 ///   a Service with `loadBalancerSourceRanges` carries [`FLAG_SOURCE_RANGES`] and its
-///   [`allowed_sources`] in the source ranges map.
+///   [`ServiceInfo::allowed_lb_sources`] in the source ranges map.
 ///
 /// External frontends masquerade flows to remote endpoints ([`BACKEND_REMOTE`]) to the
 /// node's address of their family (`snat`) unless the external traffic policy is Local.
@@ -258,8 +257,7 @@ pub fn render_port(
             [0; 4]
         };
         if flags & FLAG_SOURCE_RANGES != 0 {
-            let ip = socket_addr(&key).ip();
-            for source in allowed_sources(&ip, &info.source_ranges, node_ips) {
+            for source in info.allowed_lb_sources(node_ips, v4) {
                 let entry = SourceRange {
                     frontend: key,
                     source: addr_port(source.network(), 0, 0).addr,
@@ -309,38 +307,6 @@ pub fn render_port(
             },
         );
     }
-}
-
-/// The source prefixes allowed to reach load-balancer IP `frontend`, as nftables mode
-/// allows them: its family's `ranges`, and every node address of that family when a range
-/// holds one of them (the node reaching its own load balancer from any of its addresses).
-/// No prefix covered by another is kept.
-pub fn allowed_sources(
-    frontend: &IpAddr,
-    ranges: &[IpNetwork],
-    node_ips: &[IpAddr],
-) -> Vec<IpNetwork> {
-    let same_family = |ip: &IpAddr| ip.is_ipv4() == frontend.is_ipv4();
-    let mut allowed: Vec<IpNetwork> = ranges
-        .iter()
-        .filter(|r| same_family(&r.ip()))
-        .filter_map(|r| IpNetwork::new(r.network(), r.prefix()).ok())
-        .collect();
-    let node: Vec<&IpAddr> = node_ips.iter().filter(|ip| same_family(ip)).collect();
-    if node
-        .iter()
-        .any(|ip| ranges.iter().any(|r| r.contains(**ip)))
-    {
-        allowed.extend(node.into_iter().map(|ip| IpNetwork::from(*ip)));
-    }
-    allowed.sort_by_key(|n| (n.prefix(), n.network()));
-    let mut kept: Vec<IpNetwork> = Vec::new();
-    for n in allowed {
-        if !kept.iter().any(|k| k.contains(n.network())) {
-            kept.push(n);
-        }
-    }
-    kept
 }
 
 /// The node's first address of the IPv4 (`v4`) or IPv6 family as the maps hold it (all
@@ -851,50 +817,7 @@ mod tests {
     }
 
     #[test]
-    fn node_addresses_are_allowed_when_a_source_range_holds_one() {
-        let ranges: Vec<IpNetwork> = vec![
-            "192.168.0.0/16".parse().unwrap(),
-            "192.168.77.0/24".parse().unwrap(),
-            "fd00:77::/64".parse().unwrap(),
-        ];
-        let nodes: Vec<IpAddr> = vec![
-            "192.168.77.10".parse().unwrap(),
-            "10.0.0.1".parse().unwrap(),
-            "fd00:77::10".parse().unwrap(),
-        ];
-        let v4 = allowed_sources(&"192.0.2.80".parse().unwrap(), &ranges, &nodes);
-        assert_eq!(
-            v4,
-            vec![
-                "192.168.0.0/16".parse::<IpNetwork>().unwrap(),
-                "10.0.0.1/32".parse().unwrap()
-            ],
-            "the covered /24 and node address go, the other node address is added"
-        );
-        let nodes: Vec<IpAddr> = vec![
-            "198.51.100.1".parse().unwrap(),
-            "192.168.77.10".parse().unwrap(),
-        ];
-        let ranges: Vec<IpNetwork> = vec!["198.51.100.0/24".parse().unwrap()];
-        let v4 = allowed_sources(&"192.0.2.80".parse().unwrap(), &ranges, &nodes);
-        assert_eq!(
-            v4,
-            vec![
-                "198.51.100.0/24".parse::<IpNetwork>().unwrap(),
-                "192.168.77.10/32".parse().unwrap()
-            ],
-            "a range holds one node address: all of them are allowed"
-        );
-        let ranges: Vec<IpNetwork> = vec!["203.0.113.0/24".parse().unwrap()];
-        let v4 = allowed_sources(&"192.0.2.80".parse().unwrap(), &ranges, &nodes);
-        assert_eq!(v4, ranges, "no node address in a range: none added");
-        let ranges: Vec<IpNetwork> = vec![
-            "203.0.113.0/24".parse().unwrap(),
-            "fd00:77::/64".parse().unwrap(),
-        ];
-        let nodes: Vec<IpAddr> = vec!["fd00:77::10".parse().unwrap()];
-        let v6 = allowed_sources(&"fd00:1::80".parse().unwrap(), &ranges, &nodes);
-        assert_eq!(v6, vec!["fd00:77::/64".parse::<IpNetwork>().unwrap()]);
+    fn the_source_ranges_trie_refuses_a_prefix_longer_than_its_key() {
         // Every kept prefix fits the trie's key.
         let mut fake = FakeMaps::default();
         let e = fake

@@ -258,31 +258,11 @@ impl Contribution {
     }
 
     /// `loadBalancerSourceRanges` for one load-balancer frontend: the frontend is
-    /// firewalled and each range allowed. When a range holds one of the node's addresses,
-    /// the node's addresses are allowed too (the node reaching its own load balancer).
-    fn firewall(&mut self, key: &Key, ranges: &[IpNetwork], node_ips: &[IpAddr], family: Family) {
+    /// firewalled and each of [`ServiceInfo::allowed_lb_sources`] allowed.
+    fn firewall(&mut self, key: &Key, allowed: Vec<IpNetwork>) {
         self.elements
             .push((MapName::Firewalled, key.clone(), Data::None));
-        let mut allowed: Vec<IpNetwork> = ranges
-            .iter()
-            .filter(|r| family_of(r) == family)
-            .copied()
-            .collect();
-        let node: Vec<IpNetwork> = node_ips
-            .iter()
-            .filter(|ip| family.contains(ip) && ranges.iter().any(|r| r.contains(**ip)))
-            .map(|ip| IpNetwork::from(*ip))
-            .collect();
-        allowed.extend(node);
-        // Interval sets refuse overlapping elements: keep only ranges no other covers.
-        allowed.sort_by_key(|n| (n.prefix(), n.network()));
-        let mut kept: Vec<IpNetwork> = Vec::new();
         for n in allowed {
-            if !kept.iter().any(|k| k.contains(n.network())) {
-                kept.push(n);
-            }
-        }
-        for n in kept {
             let mut k = key.0.clone();
             k.push(Atom::prefix(n));
             self.elements
@@ -320,7 +300,10 @@ pub fn contribution(sp: &ServicePortState, node_ips: &[IpAddr], family: Family) 
     for (ip, port, reach) in frontends {
         let key = Key(vec![Atom::Addr(ip), proto.clone(), Atom::Port(port)]);
         if reach == Reach::LoadBalancer && !info.source_ranges.is_empty() {
-            c.firewall(&key, &info.source_ranges, node_ips, family);
+            c.firewall(
+                &key,
+                info.allowed_lb_sources(node_ips, family == Family::Ip),
+            );
         }
         if !sp.has_endpoints_for(&ip) {
             // No usable endpoint anywhere: reject (ICMP port unreachable), as upstream.
