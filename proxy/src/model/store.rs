@@ -55,6 +55,9 @@ pub struct Store {
     names: BTreeSet<std::sync::Arc<str>>,
     /// Invalid versions received: (Services, EndpointSlices).
     invalid_received: (u64, u64),
+    /// Records held that failed validation (Services plus EndpointSlices), kept up to
+    /// date on every upsert and deletion so reading it costs nothing per sync.
+    invalid_held: usize,
 }
 
 fn node_record(node: &Node) -> NodeRecord {
@@ -204,19 +207,35 @@ impl Store {
                 return false;
             }
         }
+        let was_invalid = self
+            .services
+            .objects()
+            .get(&key)
+            .is_some_and(Result::is_err);
+        let is_invalid = r.is_err();
         let changed = self.services.upsert(key.clone(), r, now);
         if changed {
+            self.count_invalid(was_invalid, is_invalid);
             self.changed_services.insert(key);
         }
         changed
     }
 
     fn delete_service(&mut self, key: &ObjectKey, now: SystemTime) -> bool {
+        let was_invalid = self.services.objects().get(key).is_some_and(Result::is_err);
         let changed = self.services.delete(key, now);
         if changed {
+            self.count_invalid(was_invalid, false);
             self.changed_services.insert(key.clone());
         }
         changed
+    }
+
+    /// Updates the count of invalid records held after one record went from
+    /// `was_invalid` to `is_invalid` (absent counts as valid).
+    fn count_invalid(&mut self, was_invalid: bool, is_invalid: bool) {
+        self.invalid_held =
+            (self.invalid_held + usize::from(is_invalid)).saturating_sub(usize::from(was_invalid));
     }
 
     fn unindex_slice(&mut self, key: &ObjectKey) {
@@ -252,6 +271,8 @@ impl Store {
         if self.slices.objects().get(&key) == Some(&r) {
             return false;
         }
+        let was_invalid = self.slices.objects().get(&key).is_some_and(Result::is_err);
+        let is_invalid = r.is_err();
         self.unindex_slice(&key);
         if let Some(svc) = slice_service(&r).cloned() {
             self.slices_by_service
@@ -260,12 +281,21 @@ impl Store {
                 .insert(key.clone());
             self.changed_services.insert(svc);
         }
-        self.slices.upsert(key, r, now)
+        let changed = self.slices.upsert(key, r, now);
+        if changed {
+            self.count_invalid(was_invalid, is_invalid);
+        }
+        changed
     }
 
     fn delete_slice(&mut self, key: &ObjectKey, now: SystemTime) -> bool {
+        let was_invalid = self.slices.objects().get(key).is_some_and(Result::is_err);
         self.unindex_slice(key);
-        self.slices.delete(key, now)
+        let changed = self.slices.delete(key, now);
+        if changed {
+            self.count_invalid(was_invalid, false);
+        }
+        changed
     }
 
     /// Clears and returns what changed.
@@ -347,8 +377,14 @@ impl Store {
         (self.services.pending().len(), self.slices.pending().len())
     }
 
-    /// Number of objects that failed validation.
+    /// Number of objects that failed validation (kept up to date as records change).
     pub fn invalid_objects(&self) -> usize {
+        self.invalid_held
+    }
+
+    /// [`Self::invalid_objects`] counted over every record, for tests.
+    #[cfg(test)]
+    fn count_invalid_objects(&self) -> usize {
         self.services
             .objects()
             .values()
@@ -463,5 +499,63 @@ mod tests {
         s.record(SourceUpdate::RelistDone, t);
         assert!(s.take_changes().services.is_empty());
         assert_eq!(s.services().len(), 1);
+    }
+    /// A slice whose only address does not parse.
+    fn bad_slice(name: &str, service: &str) -> Object {
+        Object::EndpointSlice(serde_yaml_ng::from_str(&format!("{{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: {name}, namespace: d, labels: {{kubernetes.io/service-name: {service}}}}}, addressType: IPv4, endpoints: [{{addresses: [10.244.1.999]}}]}}")).unwrap())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        #[test]
+        fn the_invalid_object_count_kept_per_change_equals_counting_every_record(
+            batches in proptest::collection::vec(
+                proptest::collection::vec(
+                    (proptest::bool::ANY, 0u8..5, proptest::bool::weighted(0.6), proptest::bool::weighted(0.2)),
+                    1..8,
+                ),
+                1..10,
+            ),
+            relist_every in 0usize..4,
+        ) {
+            let t = SystemTime::UNIX_EPOCH;
+            let mut s = Store::default();
+            for (i, batch) in batches.into_iter().enumerate() {
+                // Some batches arrive as a whole relist (what is not listed goes).
+                let relist = relist_every > 0 && i % relist_every == 0;
+                if relist {
+                    s.record(SourceUpdate::RelistStart, t);
+                }
+                // (a Service or a slice, which one, valid or not, deleted or not)
+                for (is_service, n, valid, delete) in batch {
+                    let (name, owner) = (format!("o{n}"), format!("o{}", n % 3));
+                    let update = match (is_service, valid, delete) {
+                        (true, _, true) => SourceUpdate::Delete(ObjectRef {
+                            kind: Kind::Service,
+                            key: ObjectKey::new("d", name),
+                        }),
+                        (false, _, true) => SourceUpdate::Delete(ObjectRef {
+                            kind: Kind::EndpointSlice,
+                            key: ObjectKey::new("d", name),
+                        }),
+                        (true, true, false) => SourceUpdate::Upsert(svc(&name, &format!("10.96.0.{n}"))),
+                        (true, false, false) => SourceUpdate::Upsert(svc(&name, "10.96.0.300")),
+                        (false, true, false) => SourceUpdate::Upsert(slice(&name, &owner)),
+                        (false, false, false) => SourceUpdate::Upsert(bad_slice(&name, &owner)),
+                    };
+                    let update = match update {
+                        SourceUpdate::Upsert(o) if relist => SourceUpdate::RelistItem(o),
+                        u => u,
+                    };
+                    s.record(update, t);
+                    proptest::prop_assert_eq!(s.invalid_objects(), s.count_invalid_objects());
+                }
+                if relist {
+                    s.record(SourceUpdate::RelistDone, t);
+                }
+                proptest::prop_assert_eq!(s.invalid_objects(), s.count_invalid_objects());
+                s.take_changes();
+            }
+        }
     }
 }

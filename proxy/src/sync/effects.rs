@@ -1,14 +1,16 @@
 //! What a sync does besides programming nftables: healthCheckNodePort servers, stale UDP
-//! conntrack cleanup and the per-Service gauges. The pure parts (which flows, which
-//! health-check ports, which counts) are functions of the desired state.
+//! conntrack cleanup and the per-Service gauges. The pure parts are functions of the
+//! desired state: which flows here, which health-check ports and counts in
+//! [`crate::sync::tally`].
 
 use crate::dataplane::conntrack::{filters_for_change, Conntrack, FlowFilter};
 use crate::dataplane::ipvs::apply::{Changed, IpvsSync};
-use crate::http::healthcheck::{HealthCheckServer, HealthCheckService};
+use crate::http::healthcheck::HealthCheckServer;
 use crate::http::metrics::{label, Metrics};
-use crate::model::{DesiredState, ObjectKey, Protocol, ServiceDelta, ServicePortState, Store};
+use crate::model::{DesiredState, Protocol, ServiceDelta, ServicePortState, Store};
 use crate::routes::{desired_routes, PodRoute, RouteController};
-use std::collections::{BTreeMap, BTreeSet};
+use crate::sync::tally::ServiceTally;
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -25,8 +27,8 @@ pub struct SideEffects {
     /// IPVS mode: the virtual servers and the dummy interface's addresses.
     pub ipvs: Option<IpvsSync>,
     ipvs_draining: bool,
-    /// What the health-check servers were last given.
-    last_health: BTreeMap<ObjectKey, HealthCheckService>,
+    /// The tally's health version the health-check servers were last given (None: never).
+    last_health: Option<u64>,
     /// The pod routes last installed.
     last_routes: Option<BTreeSet<PodRoute>>,
     /// Where this node's pod CIDRs are written for weir-cni (`--cni-pod-cidrs-file`).
@@ -44,7 +46,7 @@ impl SideEffects {
             routes: None,
             ipvs: None,
             ipvs_draining: false,
-            last_health: BTreeMap::new(),
+            last_health: None,
             last_routes: None,
             cni_cidrs_file: None,
             last_cni_cidrs: None,
@@ -141,8 +143,9 @@ impl SideEffects {
     }
 
     /// Runs after the rules for `state` are in place: deletes the flows `filters` select
-    /// and brings the health-check servers and gauges up to date.
-    pub fn after_sync(&mut self, state: &DesiredState, filters: &[FlowFilter], metrics: &Metrics) {
+    /// and brings the health-check servers and gauges up to date from `tally` (the
+    /// servers are given new contents only when the tally's health version moved).
+    pub fn after_sync(&mut self, tally: &ServiceTally, filters: &[FlowFilter], metrics: &Metrics) {
         if let (Some(ct), false) = (&mut self.conntrack, filters.is_empty()) {
             match ct.delete_matching(filters) {
                 Ok(n) => {
@@ -159,18 +162,18 @@ impl SideEffects {
             }
         }
         if let Some(hc) = &self.healthcheck {
-            let want = health_check_services(state);
-            if want != self.last_health {
-                for e in hc.sync(want.clone()) {
+            let version = tally.health_version();
+            if self.last_health != Some(version) {
+                for e in hc.sync(tally.health_services().clone()) {
                     warn!(error = %e, "healthCheckNodePort server");
                 }
-                self.last_health = want;
+                self.last_health = Some(version);
             }
             metrics
                 .healthcheck_listeners
                 .set(hc.listening_ports().len() as i64);
         }
-        let g = gauges(state);
+        let g = tally.gauges();
         metrics.service_ports.set(g.service_ports as i64);
         metrics.endpoints.set(g.endpoints as i64);
         metrics
@@ -250,61 +253,11 @@ pub fn flow_filters(d: &ServiceDelta) -> Vec<FlowFilter> {
     filters_for_change(&old, &new, &fronts, sp.info.name.protocol)
 }
 
-/// The health-check server each Service with a `healthCheckNodePort` needs, with its
-/// number of local endpoints (distinct addresses over its ports).
-pub fn health_check_services(state: &DesiredState) -> BTreeMap<ObjectKey, HealthCheckService> {
-    let mut local: BTreeMap<ObjectKey, (u16, BTreeSet<IpAddr>)> = BTreeMap::new();
-    for sp in state.services.values() {
-        let Some(port) = sp.info.health_check_node_port else {
-            continue;
-        };
-        let key = ObjectKey::new(sp.info.name.namespace.clone(), sp.info.name.name.clone());
-        let entry = local.entry(key).or_insert_with(|| (port, BTreeSet::new()));
-        entry.1.extend(sp.local_endpoints.iter().map(|e| e.ip));
-    }
-    local
-        .into_iter()
-        .map(|(k, (port, ips))| {
-            let svc = HealthCheckService {
-                port,
-                local_endpoints: ips.len(),
-            };
-            (k, svc)
-        })
-        .collect()
-}
-
-/// Per-sync counts for the gauges.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Gauges {
-    /// Service ports programmed.
-    pub service_ports: usize,
-    /// Endpoint entries over all ports (the cluster-wide plus the local list).
-    pub endpoints: usize,
-    /// Ports with `internalTrafficPolicy: Local` and no local endpoint.
-    pub no_local_internal: usize,
-    /// Ports with `externalTrafficPolicy: Local` and no local endpoint.
-    pub no_local_external: usize,
-}
-
-/// Counts for the gauges, as upstream counts them.
-pub fn gauges(state: &DesiredState) -> Gauges {
-    let mut g = Gauges::default();
-    for sp in state.services.values() {
-        g.service_ports += 1;
-        g.endpoints += sp.endpoints.len() + sp.local_endpoints.len();
-        if sp.local_endpoints.is_empty() {
-            g.no_local_internal += usize::from(sp.info.internal_local);
-            g.no_local_external += usize::from(sp.info.external_local);
-        }
-    }
-    g
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Endpoint, ServiceInfo, ServicePortName};
+    use crate::sync::tally::{gauges, health_check_services};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -4,3 +4,4 @@
 pub mod effects;
 pub mod policy;
 pub mod runner;
+pub mod tally;

@@ -23,6 +23,7 @@ use crate::model::{
 };
 use crate::source::SourceUpdate;
 use crate::sync::effects::{flow_filters, SideEffects};
+use crate::sync::tally::ServiceTally;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -60,6 +61,8 @@ pub struct Runner<K: NftBackend> {
     health: Arc<ProxyHealth>,
     /// The desired state as of the last successful sync.
     desired: DesiredState,
+    /// Health-check contents and gauge counts of `desired`, kept up to date with it.
+    tally: ServiceTally,
     /// Incremental render state matching what the kernel holds; `None` forces a full sync
     /// (re-reading the kernel's table) next time.
     incremental: Option<Vec<Incremental>>,
@@ -96,6 +99,7 @@ impl<K: NftBackend> Runner<K> {
             metrics,
             health,
             desired: DesiredState::default(),
+            tally: ServiceTally::default(),
             incremental: None,
             effects: SideEffects::default(),
             pending_flows: Vec::new(),
@@ -263,6 +267,7 @@ impl<K: NftBackend> Runner<K> {
                 ) {
                     warn!(error = %e, "skipping invalid object");
                 }
+                self.tally.rebuild(&self.desired);
                 if self.desired.node_ips.is_empty()
                     && self
                         .desired
@@ -377,8 +382,7 @@ impl<K: NftBackend> Runner<K> {
         let mut flows = std::mem::take(&mut self.pending_flows);
         flows.sort();
         flows.dedup();
-        self.effects
-            .after_sync(&self.desired, &flows, &self.metrics);
+        self.effects.after_sync(&self.tally, &flows, &self.metrics);
         self.effects
             .sync_routes(&self.store, &self.cfg.model.node_name, was_full)
             .await;
@@ -397,7 +401,7 @@ impl<K: NftBackend> Runner<K> {
     }
 
     /// Recomputes the desired state of the changed Services only, noting the stale flows
-    /// of every change; returns the changes.
+    /// of every change and bringing the tally along; returns the changes.
     fn recompute_changed(&mut self, services: &BTreeSet<ObjectKey>) -> Vec<ServiceDelta> {
         let mut deltas = Vec::new();
         for key in services {
@@ -411,6 +415,7 @@ impl<K: NftBackend> Runner<K> {
             }
             for delta in &d {
                 self.pending_flows.extend(flow_filters(delta));
+                self.tally.apply(delta);
             }
             deltas.extend(d);
         }
@@ -448,6 +453,7 @@ impl<K: NftBackend> Runner<K> {
             ) {
                 warn!(error = %e, "skipping invalid object");
             }
+            self.tally.rebuild(&self.desired);
         }
         self.metrics
             .invalid_objects
@@ -862,5 +868,59 @@ mod tests {
         settle().await;
         assert!(fake.applies() > 0);
         assert_eq!(backends(&fake), 1);
+    }
+
+    /// The value of an unlabelled metric line `name` in `text`.
+    fn metric_value(text: &str, name: &str) -> Option<i64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn gauges_after_incremental_syncs_equal_those_of_a_full_sync_of_the_same_objects() {
+        use crate::sync::tally::gauges;
+        let (_fake, tx, metrics) = start_with_metrics(10);
+        let mut objects = svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]);
+        objects.extend(svc("b", "10.96.0.2", &["10.244.1.3"]));
+        objects.extend(svc("c", "10.96.0.3", &[]));
+        tx.try_send(SourceUpdate::Replace(objects)).unwrap();
+        settle().await;
+        // Incremental syncs: an endpoint added, a Service deleted, one added.
+        let mut now: Vec<Object> = svc(
+            "a",
+            "10.96.0.1",
+            &["10.244.1.1", "10.244.1.2", "10.244.1.4"],
+        );
+        now.extend(svc("d", "10.96.0.4", &["10.244.1.5"]));
+        for o in now.iter().cloned() {
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        tx.try_send(SourceUpdate::Delete(crate::source::ObjectRef {
+            kind: crate::source::Kind::Service,
+            key: ObjectKey::new("d", "b"),
+        }))
+        .unwrap();
+        settle().await;
+        // The same objects computed from scratch.
+        let mut store = Store::default();
+        let mut all = now;
+        all.extend(svc("b", "10.96.0.2", &["10.244.1.3"]).into_iter().skip(1));
+        all.extend(svc("c", "10.96.0.3", &[]));
+        store.record(SourceUpdate::Replace(all), SystemTime::now());
+        let mut full = DesiredState::default();
+        recompute_with(&store, &cfg(10).model, &mut full, &mut |_| {});
+        let want = gauges(&full);
+        assert_eq!((want.service_ports, want.endpoints), (3, 4));
+        let text = metrics.encode().unwrap();
+        assert_eq!(
+            metric_value(&text, "weir_service_ports"),
+            Some(want.service_ports as i64),
+            "{text}"
+        );
+        assert_eq!(
+            metric_value(&text, "weir_endpoints"),
+            Some(want.endpoints as i64),
+            "{text}"
+        );
     }
 }
