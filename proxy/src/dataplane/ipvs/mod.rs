@@ -221,6 +221,9 @@ pub enum IpvsError {
 pub trait IpvsBackend {
     /// Every virtual server with its real servers (and their connection counts).
     fn dump(&mut self) -> Result<IpvsState, IpvsError>;
+    /// One virtual server with its real servers (and their connection counts); `None`
+    /// when IPVS has no such virtual server.
+    fn read_service(&mut self, key: &ServiceKey) -> Result<Option<ServiceState>, IpvsError>;
     /// Applies one operation.
     fn apply(&mut self, op: &Op) -> Result<(), IpvsError>;
 }

@@ -630,6 +630,40 @@ impl IpvsBackend for KernelIpvs {
         Ok(state)
     }
 
+    fn read_service(&mut self, key: &ServiceKey) -> Result<Option<ServiceState>, IpvsError> {
+        let g = self.ipvs(IpvsMessage {
+            cmd: cmd::GET_SERVICE,
+            attrs: vec![Attr::Nested(CMD_ATTR_SERVICE, service_id(key))],
+        });
+        let seq = self.send(g, NLM_F_REQUEST | NLM_F_ACK)?;
+        let mut server = None;
+        let answer = self.replies::<IpvsMessage>(seq, |m| server = parse_service(&m.attrs))?;
+        match answer {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+            Err(source) => {
+                return Err(IpvsError::Refused {
+                    op: "IPVS_CMD_GET_SERVICE",
+                    target: key.to_string(),
+                    source,
+                })
+            }
+            Ok(()) => {}
+        }
+        let Some(server) = server else {
+            return Ok(None);
+        };
+        let dests = self
+            .dump_cmd(IpvsMessage {
+                cmd: cmd::GET_DEST,
+                attrs: vec![Attr::Nested(CMD_ATTR_SERVICE, service_id(key))],
+            })?
+            .iter()
+            .filter_map(|d| parse_dest(&d.attrs, af(&key.addr)))
+            .map(|d| (d.addr, d))
+            .collect();
+        Ok(Some(ServiceState { server, dests }))
+    }
+
     fn apply(&mut self, op: &Op) -> Result<(), IpvsError> {
         let (m, name, target) = request(op);
         let g = self.ipvs(m);
