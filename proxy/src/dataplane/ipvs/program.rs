@@ -118,12 +118,7 @@ impl Programmer {
             dumped,
             ..Default::default()
         };
-        for op in &ops {
-            if let Err(e) = backend.apply(op) {
-                warn!(error = %e, "IPVS operation failed");
-                report.failed += 1;
-            }
-        }
+        report.failed = apply_logged(backend, &ops);
         report.draining = diff::draining(&self.terminating);
         // With every operation applied, IPVS holds `want` (and the draining real servers,
         // read again before the next use).
@@ -162,12 +157,7 @@ impl Programmer {
             ops: ops.len(),
             ..Default::default()
         };
-        for op in &ops {
-            if let Err(e) = backend.apply(op) {
-                warn!(error = %e, "IPVS operation failed");
-                report.failed += 1;
-            }
-        }
+        report.failed = apply_logged(backend, &ops);
         report.draining = diff::draining(&self.terminating);
         if report.failed == 0 {
             for k in &keys {
@@ -180,6 +170,18 @@ impl Programmer {
         }
         Ok(report)
     }
+}
+
+/// Applies `ops`, logging each refused one; returns how many were refused.
+fn apply_logged<B: IpvsBackend>(backend: &mut B, ops: &[super::Op]) -> usize {
+    let mut failed = 0;
+    for r in backend.apply_all(ops) {
+        if let Err(e) = r {
+            warn!(error = %e, "IPVS operation failed");
+            failed += 1;
+        }
+    }
+    failed
 }
 
 #[cfg(test)]
