@@ -332,6 +332,30 @@ fn a_removed_endpoint_gets_no_new_connections() {
 
 #[test]
 #[ignore = "runs inside the IPVS VM: cargo xtask vm-test ipvs"]
+fn a_removed_endpoint_without_connections_is_deleted_after_its_drain_check() {
+    if !in_vm() {
+        return;
+    }
+    let mut env = env("drained", &[]);
+    let svc = |pods: &[usize]| service_yaml("drained", "10.96.4.30", "TCP", 80, None, 8080, pods);
+    env.services(&svc(&[0, 1, 2]));
+    let vip = tcp_key("10.96.4.30", 80);
+    env.wait_ipvs("three real servers", |t| {
+        t.get(&vip).is_some_and(|s| s.dests.len() == 3)
+    });
+    // No traffic: the removed real server goes to weight 0, and the re-check sync (which
+    // reads only this virtual server back) finds no connection and deletes it.
+    env.services(&svc(&[0, 1]));
+    env.wait_ipvs("pod-2's real server deleted, the others kept", |t| {
+        t.get(&vip).is_some_and(|s| {
+            s.dests.keys().copied().collect::<Vec<_>>() == [pod(0, 8080), pod(1, 8080)]
+                && s.dests.values().all(|d| d.weight == 1)
+        })
+    });
+}
+
+#[test]
+#[ignore = "runs inside the IPVS VM: cargo xtask vm-test ipvs"]
 fn udp_reaches_the_endpoints_and_a_removed_udp_endpoint_is_deleted_at_once() {
     if !in_vm() {
         return;

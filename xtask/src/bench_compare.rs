@@ -35,6 +35,7 @@ use crate::bench_rig::{
     write_manifests, EbpfScratch, LoadSpec, Machine, Traffic, Weir, FULL, LAST, LAST_NODEPORT,
     PARTIAL_COUNT, PARTIAL_SUM,
 };
+use crate::vm::{GuestSize, Payload};
 
 /// Options of `bench compare`.
 #[derive(clap::Args, Debug, Clone)]
@@ -63,6 +64,28 @@ pub struct CompareArgs {
     /// kube-proxy-nftables), merged into the existing compare.json like --only.
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
+    /// Service counts measured inside the qemu guest that IPVS mode needs (this kernel
+    /// has none): weir's IPVS and nftables modes and pod IP there, compared with each other
+    /// only (TCG emulation); results in compare-vm.csv/json and vm-*.png.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    vm_sizes: Vec<usize>,
+    /// Skip the guest (no IPVS numbers).
+    #[arg(long, conflicts_with = "vm_only")]
+    no_vm: bool,
+    /// Only the guest part (IPVS, nftables mode and pod IP inside the guest).
+    #[arg(long)]
+    vm_only: bool,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 4096)]
+    vm_memory: u32,
+    /// Measure nothing: re-write the CSV files and plots from the JSON reports under --out
+    /// (compare.json, compare-vm.json) and print their tables.
+    #[arg(long, conflicts_with_all = ["only", "modes", "quick", "vm_only"])]
+    replot: bool,
+    /// Set by the host for the run inside the guest: no build, the binaries at their host
+    /// paths, the report written to `$WEIR_VM_OUT` instead of --out.
+    #[arg(long, hide = true)]
+    in_vm: bool,
 }
 
 /// The parts of a comparison that `--only` can re-measure on their own.
@@ -83,17 +106,30 @@ impl CompareArgs {
     fn measures(&self, s: Section) -> bool {
         self.only.is_empty() || self.only.contains(&s)
     }
+
+    /// Whether `mode` (one of [`MODES`] or [`VM_MODES`]) is asked for.
+    fn wants(&self, mode: &str) -> bool {
+        self.modes.is_empty() || self.modes.iter().any(|m| m == mode)
+    }
+
+    /// Whether the host run includes the guest (IPVS) part.
+    fn wants_vm(&self) -> bool {
+        !self.no_vm && !self.quick && self.wants("weir-ipvs")
+    }
 }
 
-/// The dataplanes compared.
-const MODES: [&str; 6] = [
+/// The dataplanes compared on this machine.
+const MODES: [&str; 5] = [
     "direct",
     "weir-nftables",
     "weir-ebpf",
-    "weir-ipvs",
     "kube-proxy-iptables",
     "kube-proxy-nftables",
 ];
+
+/// The dataplanes compared inside the guest: IPVS, with nftables mode and pod IP as its
+/// yardsticks in the same (emulated) machine.
+const VM_MODES: [&str; 3] = ["direct", "weir-nftables", "weir-ipvs"];
 
 /// One dataplane at one size.
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -125,6 +161,13 @@ pub struct Report {
     pub(crate) limit_s: u64,
     pub(crate) load_before: String,
     pub(crate) load_after: String,
+    /// Where the run happened when not on `machine` directly (the qemu guest: its vCPUs
+    /// and memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) environment: Option<String>,
+    /// The machine under the guest, with its load average before the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) host: Option<String>,
     pub(crate) rows: Vec<Row>,
     /// Later partial re-runs merged into this report (`--only`, `--modes`): what, when.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -706,6 +749,7 @@ fn estimate(mode: &str, n: usize, limit: f64) -> f64 {
     match mode {
         "direct" => traffic,
         "weir-nftables" | "weir-ebpf" => 5.0 + traffic + 1.0 * k,
+        "weir-ipvs" => 5.0 + traffic + 2.0 * k,
         "kube-proxy-iptables" => 3.0 + traffic + (0.5 * k + 0.01 * k * k).min(limit) * 1.5,
         "kube-proxy-nftables" => 3.0 + traffic + (2.0 * k * k / 1.0).min(limit),
         _ => 0.0,
@@ -716,10 +760,19 @@ fn fmt_dur(secs: f64) -> String {
     format!("{}m{:02}s", secs as u64 / 60, secs as u64 % 60)
 }
 
-/// Builds the release binaries and runs every step; returns the report.
-fn run(args: &CompareArgs, root: &Path, old: Option<&Report>) -> Result<Report> {
-    crate::toolchain::ensure_ebpf()?;
-    crate::bench::build_release(root)?;
+/// Runs every step of `modes` × `sizes` with the release binaries (built first unless
+/// in the guest); returns the report.
+fn run(
+    args: &CompareArgs,
+    root: &Path,
+    old: Option<&Report>,
+    modes: &[&str],
+    sizes: &[usize],
+) -> Result<Report> {
+    if !args.in_vm {
+        crate::toolchain::ensure_ebpf()?;
+        crate::bench::build_release(root)?;
+    }
     if !weir_e2e::require_privileges() {
         bail!("bench compare needs root and network namespaces");
     }
@@ -734,25 +787,11 @@ fn run(args: &CompareArgs, root: &Path, old: Option<&Report>) -> Result<Report> 
         datapath: args.measures(Section::Datapath),
         work: tempfile::Builder::new().prefix("weir-bench-").tempdir()?,
     };
-    let sizes = if args.quick {
-        vec![2000]
-    } else {
-        args.sizes.clone()
-    };
-    if sizes.iter().any(|&n| !(2..=40_000).contains(&n)) {
-        bail!("sizes must be between 2 and 40,000 services (NodePort and address plan)");
-    }
     let limit = args.limit as f64;
-    if let Some(m) = args.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
-        bail!(
-            "--modes: unknown dataplane {m:?} (one of {})",
-            MODES.join(", ")
-        );
-    }
     let steps: Vec<(usize, &str)> = sizes
         .iter()
-        .flat_map(|&n| MODES.iter().map(move |&m| (n, m)))
-        .filter(|(_, m)| args.modes.is_empty() || args.modes.iter().any(|x| x == m))
+        .flat_map(|&n| modes.iter().map(move |&m| (n, m)))
+        .filter(|(_, m)| args.wants(m))
         .collect();
     // A data-path-only run does not wait again for loads that were cut off before.
     let cut_off = |n: usize, mode: &str| {
@@ -778,7 +817,12 @@ fn run(args: &CompareArgs, root: &Path, old: Option<&Report>) -> Result<Report> 
         fmt_dur(total),
         report.load_before
     );
-    let bar = ProgressBar::new((total * 10.0) as u64);
+    // The guest's console is a terminal the host only logs: no bar drawn there.
+    let bar = if args.in_vm {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new((total * 10.0) as u64)
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{elapsed_precise} [{bar:40.cyan/blue}] {percent:>3}% eta {eta} {msg}",
@@ -790,15 +834,7 @@ fn run(args: &CompareArgs, root: &Path, old: Option<&Report>) -> Result<Report> 
     let mut skip: Vec<&str> = Vec::new();
     for (n, mode) in steps {
         bar.set_message(format!("{mode} at {n} services"));
-        let row = if mode == "weir-ipvs" {
-            Ok(Row {
-                services: n,
-                endpoints: ctx.eps,
-                mode: mode.into(),
-                status: "not measured (needs the VM: this kernel has no IPVS)".into(),
-                ..Row::default()
-            })
-        } else if skip.contains(&mode) || cut_off(n, mode) {
+        let row = if skip.contains(&mode) || cut_off(n, mode) {
             Ok(Row {
                 services: n,
                 endpoints: ctx.eps,
@@ -811,6 +847,7 @@ fn run(args: &CompareArgs, root: &Path, old: Option<&Report>) -> Result<Report> 
                 "direct" => direct(&ctx, n),
                 "weir-nftables" => weir(&ctx, n, "nftables"),
                 "weir-ebpf" => weir(&ctx, n, "ebpf"),
+                "weir-ipvs" => weir(&ctx, n, "ipvs"),
                 "kube-proxy-iptables" => reference(&ctx, n, "iptables"),
                 _ => reference(&ctx, n, "nftables"),
             }
@@ -879,17 +916,7 @@ fn summary(r: &Row) -> String {
 const CSV_HEADER: &str = "services,endpoints,mode,status,full_sync_s,startup_s,change_ms,peak_rss_mib,cpu_s,clusterip_connect_p50_us,clusterip_connect_p99_us,clusterip_p50_us,clusterip_p99_us,clusterip_rps,nodeport_connect_p50_us,nodeport_connect_p99_us,nodeport_p50_us,nodeport_p99_us,nodeport_rps,nodeport_note";
 
 fn csv(report: &Report) -> String {
-    let mut s = format!(
-        "# {} | {} | {} cores | kernel {} | {} | {} | load {} -> {}\n{CSV_HEADER}\n",
-        report.date,
-        report.machine.cpu,
-        report.machine.cores,
-        report.machine.kernel,
-        report.machine.nft,
-        report.machine.iptables,
-        report.load_before,
-        report.load_after
-    );
+    let mut s = format!("# {}\n{CSV_HEADER}\n", report.describe());
     for p in &report.partial_runs {
         let _ = writeln!(s, "# then {p}");
     }
@@ -922,23 +949,185 @@ fn csv(report: &Report) -> String {
     s
 }
 
-/// `bench compare`: the run, its CSV/JSON and plots under `--out`.
+/// `bench compare`: the runs on this machine and in the guest, their CSV/JSON and plots
+/// under `--out`.
 pub fn compare(args: CompareArgs, root: &Path) -> Result<()> {
-    let out = root.join(&args.out);
-    let stem = if args.quick { "quick" } else { "compare" };
-    let old: Option<Report> = if args.partial() {
-        let path = out.join(format!("{stem}.json"));
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "--only/--modes merge into {}: run a whole comparison first",
-                path.display()
-            )
-        })?;
-        Some(serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?)
+    if let Some(m) = args
+        .modes
+        .iter()
+        .find(|m| !MODES.contains(&m.as_str()) && !VM_MODES.contains(&m.as_str()))
+    {
+        bail!(
+            "--modes: unknown dataplane {m:?} (one of {}, weir-ipvs)",
+            MODES.join(", ")
+        );
+    }
+    let sizes = if args.quick {
+        vec![2000]
     } else {
-        None
+        args.sizes.clone()
     };
-    let fresh = run(&args, root, old.as_ref())?;
+    if sizes
+        .iter()
+        .chain(&args.vm_sizes)
+        .any(|&n| !(2..=40_000).contains(&n))
+    {
+        bail!("sizes must be between 2 and 40,000 services (NodePort and address plan)");
+    }
+    if args.in_vm {
+        let report = run(&args, root, None, &VM_MODES, &sizes)?;
+        let path = std::env::var("WEIR_VM_OUT").context("--in-vm needs $WEIR_VM_OUT")?;
+        std::fs::write(&path, serde_json::to_string(&report)? + "\n")
+            .with_context(|| format!("writing {path}"))?;
+        return Ok(());
+    }
+    let out = root.join(&args.out);
+    if args.replot {
+        for (stem, prefix) in [("compare", ""), ("compare-vm", "vm-")] {
+            let path = out.join(format!("{stem}.json"));
+            if path.exists() {
+                let text = std::fs::read_to_string(&path)?;
+                let report = serde_json::from_str(&text)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                save(&args, &out, stem, prefix, None, report)?;
+            }
+        }
+        return Ok(());
+    }
+    let stem = if args.quick { "quick" } else { "compare" };
+    if !args.vm_only && MODES.iter().any(|m| args.wants(m)) {
+        let old = previous(&args, &out, stem)?;
+        let fresh = run(&args, root, old.as_ref(), &MODES, &sizes)?;
+        save(&args, &out, stem, "", old, fresh)?;
+    }
+    if args.vm_only || args.wants_vm() {
+        let old = previous(&args, &out, "compare-vm")?;
+        let fresh = in_guest(&args, root)?;
+        save(&args, &out, "compare-vm", "vm-", old, fresh)?;
+    }
+    Ok(())
+}
+
+/// The report a partial run (`--only`, `--modes`) merges into, when there is one.
+fn previous(args: &CompareArgs, out: &Path, stem: &str) -> Result<Option<Report>> {
+    let path = out.join(format!("{stem}.json"));
+    if !args.partial() || !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)?;
+    let report =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(report))
+}
+
+/// Roughly how much slower the guest (TCG) runs this workload than the host (weir's full
+/// sync of 10,000 Services: 2.8 s on the host, 68 s in the guest).
+const TCG_SLOWDOWN: f64 = 20.0;
+
+/// The guest part: IPVS mode needs a kernel with IPVS, so `bench compare --in-vm` runs in
+/// the qemu guest `cargo xtask vm-test` boots (TCG), on the release binaries, with nftables
+/// mode and pod IP measured beside it in the same guest; the report comes back over the
+/// console.
+fn in_guest(args: &CompareArgs, root: &Path) -> Result<Report> {
+    crate::toolchain::ensure_ebpf()?;
+    crate::bench::build_release(root)?;
+    let bin = release_dir(root);
+    let tools = ["weir-proxy", "weir-echo", "weir-probe", "weir-load"]
+        .iter()
+        .map(|b| bin.join(b))
+        .collect();
+    let guest_args = guest_args(args);
+    let modes: Vec<&str> = VM_MODES.iter().copied().filter(|m| args.wants(m)).collect();
+    let tcg = TCG_SLOWDOWN;
+    let estimate: f64 = args
+        .vm_sizes
+        .iter()
+        .flat_map(|&n| modes.iter().map(move |m| estimate(m, n, args.limit as f64)))
+        .sum::<f64>()
+        * tcg;
+    eprintln!(
+        "==> IPVS (this kernel has none): {} steps inside a qemu guest, estimated {}",
+        args.vm_sizes.len() * modes.len(),
+        fmt_dur(estimate)
+    );
+    let size = GuestSize {
+        memory: args.vm_memory,
+        cpus: 2,
+        timeout: (estimate * 4.0) as u64 + 600,
+    };
+    let payload = Payload {
+        tools,
+        main: std::env::current_exe().context("this program's path")?,
+        args: guest_args,
+    };
+    let host_load = loadavg();
+    let guest = crate::vm::run_guest(&payload, size)?;
+    if guest.code != 0 {
+        bail!(
+            "the comparison inside the guest failed (exit status {}; its console is above)",
+            guest.code
+        );
+    }
+    let mut report: Report = serde_json::from_str(&guest.out.join("\n"))
+        .context("the guest's report (its WEIR-VM-OUT lines)")?;
+    let host = machine();
+    report.environment = Some(format!(
+        "qemu TCG guest, {} vCPUs, {} MiB",
+        size.cpus, size.memory
+    ));
+    report.host = Some(format!(
+        "{} × {} cores, kernel {}, load {host_load} before",
+        host.cpu, host.cores, host.kernel
+    ));
+    Ok(report)
+}
+
+/// The `bench compare --in-vm` command line the guest runs for this host run: the VM
+/// sizes, the same sections and (guest) dataplanes, the cut-off scaled for TCG.
+fn guest_args(args: &CompareArgs) -> Vec<String> {
+    let join = |v: &[usize]| {
+        v.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut guest_args: Vec<String> = vec![
+        "bench".into(),
+        "compare".into(),
+        "--in-vm".into(),
+        "--sizes".into(),
+        join(&args.vm_sizes),
+        "--endpoints".into(),
+        args.endpoints.to_string(),
+        // Everything is several times slower under TCG: the cut-off is too.
+        "--limit".into(),
+        (args.limit * TCG_SLOWDOWN as u64).to_string(),
+    ];
+    for section in &args.only {
+        guest_args.push("--only".into());
+        guest_args.push(match section {
+            Section::ControlPlane => "control-plane".into(),
+            Section::Datapath => "datapath".into(),
+        });
+    }
+    if !args.modes.is_empty() {
+        let modes: Vec<&str> = VM_MODES.iter().copied().filter(|m| args.wants(m)).collect();
+        guest_args.push("--modes".into());
+        guest_args.push(modes.join(","));
+    }
+    guest_args
+}
+
+/// Writes a run (merged into `old` for a partial run) as `<stem>.json`/`.csv`, its plots
+/// as `<prefix>*.png` (not for --quick) and prints it as a table.
+fn save(
+    args: &CompareArgs,
+    out: &Path,
+    stem: &str,
+    prefix: &str,
+    old: Option<Report>,
+    fresh: Report,
+) -> Result<()> {
     let report = match &old {
         Some(old) => {
             let mut merged = merge(
@@ -971,19 +1160,19 @@ pub fn compare(args: CompareArgs, root: &Path) -> Result<()> {
         }
         None => fresh,
     };
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(out)?;
     std::fs::write(
         out.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&report)? + "\n",
     )?;
     std::fs::write(out.join(format!("{stem}.csv")), csv(&report))?;
     if !args.quick {
-        crate::bench_plot::plots(&report, &out)?;
+        crate::bench_plot::plots(&report, out, prefix)?;
     }
     println!("{}", markdown(&report));
     eprintln!(
         "results in {} (load average {} before, {} after)",
-        out.display(),
+        out.join(stem).display(),
         report.load_before,
         report.load_after
     );
@@ -992,17 +1181,7 @@ pub fn compare(args: CompareArgs, root: &Path) -> Result<()> {
 
 /// The results as a markdown table.
 pub fn markdown(report: &Report) -> String {
-    let mut s = format!(
-        "{} · {} × {} cores · kernel {} · {} · {} · load {} → {}\n\n",
-        report.date,
-        report.machine.cpu,
-        report.machine.cores,
-        report.machine.kernel,
-        report.machine.nft,
-        report.machine.iptables,
-        report.load_before,
-        report.load_after
-    );
+    let mut s = format!("{}\n\n", report.describe());
     for p in &report.partial_runs {
         let _ = writeln!(s, "then {p}\n");
     }
@@ -1061,12 +1240,41 @@ pub fn series(report: &Report, mode: &str, value: impl Fn(&Row) -> Option<f64>) 
 }
 
 impl Report {
-    /// One line describing the machine and the run.
+    /// One short line describing the machine and the run (the plots' caption).
     pub fn caption(&self) -> String {
-        format!(
+        let mut s = format!(
             "{} · {} × {} · {} · load {}",
             self.date, self.machine.cpu, self.machine.cores, self.machine.kernel, self.load_before
-        )
+        );
+        if let Some(e) = &self.environment {
+            let _ = write!(s, " · {e}");
+        }
+        s
+    }
+
+    /// The run's date, machine, environment and load averages on one line (the CSV's
+    /// first comment, the markdown table's caption).
+    pub fn describe(&self) -> String {
+        let m = &self.machine;
+        let parts = [
+            self.date.clone(),
+            format!("{} × {} cores", m.cpu, m.cores),
+            format!("kernel {}", m.kernel),
+            m.nft.clone(),
+            // No iptables in the guest.
+            m.iptables.clone(),
+            format!("load {} → {}", self.load_before, self.load_after),
+            self.environment.clone().unwrap_or_default(),
+            self.host
+                .as_ref()
+                .map(|h| format!("host: {h}"))
+                .unwrap_or_default(),
+        ];
+        parts
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(" · ")
     }
     /// Every size measured.
     pub fn sizes(&self) -> Vec<usize> {
@@ -1140,6 +1348,46 @@ mod tests {
         assert_eq!(merged.rows.len(), 3, "a new size is added");
         let both = merge(&old, &new, true, true);
         assert_eq!(both.rows[1].full_sync_s, Some(9.9));
+    }
+
+    #[test]
+    fn the_guest_runs_the_vm_sizes_with_the_same_sections_and_its_own_dataplanes() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CompareArgs,
+        }
+        let host = |line: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(
+                std::iter::once("compare").chain(line.iter().copied()),
+            )
+            .unwrap()
+            .args
+        };
+        let a = host(&[
+            "--vm-sizes",
+            "100,2000",
+            "--only",
+            "datapath",
+            "--modes",
+            "weir-ipvs,weir-ebpf",
+        ]);
+        assert!(a.wants_vm());
+        let line = guest_args(&a);
+        let guest = host(&line.iter().map(String::as_str).collect::<Vec<_>>()[2..]);
+        assert!(guest.in_vm);
+        assert_eq!(guest.sizes, [100, 2000]);
+        assert_eq!(guest.only, [Section::Datapath]);
+        assert_eq!(
+            guest.modes,
+            ["weir-ipvs"],
+            "eBPF is not measured in the guest"
+        );
+        assert_eq!(guest.limit, a.limit * TCG_SLOWDOWN as u64);
+        // A host run without IPVS leaves the guest out; --no-vm too.
+        assert!(!host(&["--modes", "weir-ebpf"]).wants_vm());
+        assert!(!host(&["--no-vm"]).wants_vm());
+        assert!(host(&[]).wants_vm());
     }
 
     #[test]

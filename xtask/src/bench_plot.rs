@@ -10,9 +10,10 @@ use std::path::Path;
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The dataplanes drawn, with their colours and labels.
-const LINES: [(&str, RGBColor, &str); 5] = [
+const LINES: [(&str, RGBColor, &str); 6] = [
     ("weir-nftables", RGBColor(0x1f, 0x77, 0xb4), "weir nftables"),
     ("weir-ebpf", RGBColor(0x2c, 0xa0, 0x2c), "weir eBPF"),
+    ("weir-ipvs", RGBColor(0x94, 0x67, 0xbd), "weir IPVS"),
     (
         "kube-proxy-iptables",
         RGBColor(0xd6, 0x27, 0x28),
@@ -47,7 +48,8 @@ fn panel(
 ) -> Result<()> {
     let lines: Vec<_> = LINES
         .iter()
-        .filter(|(m, _, _)| modes.contains(m))
+        // A dataplane the report has no row of gets no legend entry.
+        .filter(|(m, _, _)| modes.contains(m) && report.rows.iter().any(|r| r.mode == *m))
         .map(|(m, c, label)| {
             // A reference cut off at the time limit says so in its legend.
             let cut = report
@@ -149,27 +151,31 @@ fn figure(path: &Path, report: &Report, panels: &[(&str, &str, &[&str], Value)])
 const CONTROL: &[&str] = &[
     "weir-nftables",
     "weir-ebpf",
+    "weir-ipvs",
     "kube-proxy-iptables",
     "kube-proxy-nftables",
 ];
 const DATA: &[&str] = &[
     "weir-nftables",
     "weir-ebpf",
+    "weir-ipvs",
     "kube-proxy-iptables",
     "kube-proxy-nftables",
     "direct",
 ];
 const NODEPORT: &[&str] = &[
     "weir-nftables",
+    "weir-ebpf",
+    "weir-ipvs",
     "kube-proxy-iptables",
     "kube-proxy-nftables",
 ];
 
-/// Writes control-plane.png and data-path.png into `out`.
-pub fn plots(report: &Report, out: &Path) -> Result<()> {
+/// Writes `<prefix>control-plane.png` and `<prefix>data-path.png` into `out`.
+pub fn plots(report: &Report, out: &Path, prefix: &str) -> Result<()> {
     register_font()?;
     figure(
-        &out.join("control-plane.png"),
+        &out.join(format!("{prefix}control-plane.png")),
         report,
         &[
             ("Full sync", "seconds", CONTROL, |r| r.full_sync_s),
@@ -191,7 +197,7 @@ pub fn plots(report: &Report, out: &Path) -> Result<()> {
         ],
     )?;
     figure(
-        &out.join("data-path.png"),
+        &out.join(format!("{prefix}data-path.png")),
         report,
         &[
             (

@@ -135,21 +135,11 @@ pub fn vm_test(args: VmTestArgs, root: &Path) -> Result<()> {
         bail!("unknown VM suite {:?} (known: ipvs)", args.suite);
     }
     let started = Instant::now();
-    ensure_packages(&["qemu-system-x86", "busybox-static", "xz-utils"])?;
-    let kernel = ensure_kernel()?;
-    eprintln!(
-        "==> kernel {} ({} modules) ready after {:.1}s",
-        kernel.version,
-        kernel.modules.len(),
-        started.elapsed().as_secs_f64()
-    );
     let bins = build_binaries(root)?;
     eprintln!(
         "==> binaries built after {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    let work = tempfile::tempdir().context("temporary directory")?;
-    let initrd = work.path().join("initrd.cpio");
     // The suite's tests are #[ignore]d on the host (no IPVS there); here they run.
     let mut test_args = vec![
         "--test-threads=1".to_owned(),
@@ -158,13 +148,17 @@ pub fn vm_test(args: VmTestArgs, root: &Path) -> Result<()> {
     if let Some(f) = &args.filter {
         test_args.push(f.clone());
     }
-    build_initramfs(&initrd, &kernel, &bins, &test_args)?;
-    eprintln!(
-        "==> initramfs {} MiB after {:.1}s",
-        std::fs::metadata(&initrd)?.len() >> 20,
-        started.elapsed().as_secs_f64()
-    );
-    let code = boot(&kernel.vmlinuz, &initrd, &args)?;
+    let payload = Payload {
+        tools: bins.tools,
+        main: bins.test,
+        args: test_args,
+    };
+    let size = GuestSize {
+        memory: args.memory,
+        cpus: args.cpus,
+        timeout: args.timeout,
+    };
+    let code = run_guest(&payload, size)?.code;
     eprintln!(
         "==> vm-test {} finished in {:.1}s (guest exit status {code})",
         args.suite,
@@ -178,6 +172,64 @@ pub fn vm_test(args: VmTestArgs, root: &Path) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// What a guest runs: host programs copied to the same paths inside, and the one `/init`
+/// starts.
+pub struct Payload {
+    /// Programs copied with symbols and debug info stripped (weir-proxy, weir-echo, ...).
+    /// The first one's grandparent directory becomes the guest's `CARGO_TARGET_DIR`, the
+    /// first one is its `WEIR_PROXY_BIN`.
+    pub tools: Vec<PathBuf>,
+    /// The program `/init` runs (it keeps its symbols, for backtraces).
+    pub main: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+}
+
+/// The guest's memory, vCPUs, and how long it may run.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestSize {
+    /// MiB.
+    pub memory: u32,
+    /// vCPUs (TCG, one host thread each).
+    pub cpus: u32,
+    /// Seconds before the guest is killed.
+    pub timeout: u64,
+}
+
+/// What a guest run left.
+pub struct GuestRun {
+    /// The payload's exit status.
+    pub code: i32,
+    /// The lines the payload wrote to the file named by `$WEIR_VM_OUT`, in order.
+    pub out: Vec<String>,
+}
+
+/// Where the payload writes what it hands back to the host (see [`GuestRun::out`]).
+pub const GUEST_OUT: &str = "/tmp/weir-vm-out";
+
+/// Boots Debian's kernel (downloaded and cached on first use) with an initramfs holding
+/// `payload`, and returns its exit status and output lines.
+pub fn run_guest(payload: &Payload, size: GuestSize) -> Result<GuestRun> {
+    let started = Instant::now();
+    ensure_packages(&["qemu-system-x86", "busybox-static", "xz-utils"])?;
+    let kernel = ensure_kernel()?;
+    eprintln!(
+        "==> kernel {} ({} modules) ready after {:.1}s",
+        kernel.version,
+        kernel.modules.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let work = tempfile::tempdir().context("temporary directory")?;
+    let initrd = work.path().join("initrd.cpio");
+    build_initramfs(&initrd, &kernel, payload)?;
+    eprintln!(
+        "==> initramfs {} MiB after {:.1}s",
+        std::fs::metadata(&initrd)?.len() >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    boot(&kernel.vmlinuz, &initrd, size)
 }
 
 /// apt-installs the Debian packages that are missing.
@@ -612,15 +664,15 @@ fn stripped(path: &Path, tmp: &Path, all: bool) -> Result<Vec<u8>> {
 /// the console as `WEIR-VM-EXIT <code>` before power-off. Binaries sit at their host paths,
 /// which may be under `/tmp` (a clone in a temporary directory): `/tmp` stays part of the
 /// initramfs (already RAM-backed and writable), never a fresh mount that would hide them.
-fn init_script(kernel: &Kernel, bins: &Binaries, test_args: &[String]) -> String {
-    let target_dir = bins
+fn init_script(kernel: &Kernel, payload: &Payload) -> String {
+    let target_dir = payload
         .tools
         .first()
         .and_then(|p| p.parent())
         .and_then(|p| p.parent())
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let proxy = bins
+    let proxy = payload
         .tools
         .first()
         .map(|p| p.display().to_string())
@@ -650,25 +702,21 @@ fn init_script(kernel: &Kernel, bins: &Binaries, test_args: &[String]) -> String
     s.push_str(&format!(
         "ip link set lo up\n\
          echo \"WEIR-VM-READY $(cut -d' ' -f1 /proc/uptime)\"\n\
-         export CI=true WEIR_IN_VM=1 CARGO_TARGET_DIR={target_dir} WEIR_PROXY_BIN={proxy} RUST_BACKTRACE=1 HOME=/tmp\n\
+         export CI=true WEIR_IN_VM=1 CARGO_TARGET_DIR={target_dir} WEIR_PROXY_BIN={proxy} WEIR_VM_OUT={GUEST_OUT} RUST_BACKTRACE=1 HOME=/tmp\n\
          cd /tmp\n\
          {} {}\n\
          code=$?\n\
          echo \"WEIR-VM-DONE $(cut -d' ' -f1 /proc/uptime)\"\n\
+         [ -f {GUEST_OUT} ] && sed 's/^/WEIR-VM-OUT /' {GUEST_OUT}\n\
          echo \"WEIR-VM-EXIT $code\"\n\
          poweroff -f\n",
-        bins.test.display(),
-        test_args.join(" ")
+        payload.main.display(),
+        payload.args.join(" ")
     ));
     s
 }
 
-fn build_initramfs(
-    path: &Path,
-    kernel: &Kernel,
-    bins: &Binaries,
-    test_args: &[String],
-) -> Result<()> {
+fn build_initramfs(path: &Path, kernel: &Kernel, payload: &Payload) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let file = std::fs::File::create(path)?;
     let mut cpio = Cpio {
@@ -680,11 +728,7 @@ fn build_initramfs(
         cpio.dir(d)?;
     }
     cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
-    cpio.file(
-        "init",
-        0o755,
-        init_script(kernel, bins, test_args).as_bytes(),
-    )?;
+    cpio.file("init", 0o755, init_script(kernel, payload).as_bytes())?;
     cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/tmp:/bin/sh\n")?;
     cpio.file("etc/group", 0o644, b"root:x:0:\n")?;
     cpio.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n")?;
@@ -698,8 +742,8 @@ fn build_initramfs(
     }
     let mut libs = BTreeSet::new();
     let mut programs: Vec<PathBuf> = HOST_PROGRAMS.iter().map(PathBuf::from).collect();
-    programs.extend(bins.tools.iter().cloned());
-    programs.push(bins.test.clone());
+    programs.extend(payload.tools.iter().cloned());
+    programs.push(payload.main.clone());
     // weir-proxy dlopens libnftables (not in its ldd output).
     libs.insert(PathBuf::from("/lib/x86_64-linux-gnu/libnftables.so.1"));
     for p in &programs {
@@ -707,8 +751,8 @@ fn build_initramfs(
             bail!("{} is missing", p.display());
         }
         libs.extend(shared_libraries(p)?);
-        // The test executable keeps its symbols (backtraces); the tools need none.
-        let all = *p != bins.test;
+        // The main program keeps its symbols (backtraces); the tools need none.
+        let all = *p != payload.main;
         cpio.file(&p.to_string_lossy(), 0o755, &stripped(p, tmp.path(), all)?)?;
     }
     let more: Vec<PathBuf> = libs.iter().cloned().collect();
@@ -723,8 +767,39 @@ fn build_initramfs(
     cpio.finish()
 }
 
-/// Boots the guest, streams its console, returns the test's exit status.
-fn boot(vmlinuz: &Path, initrd: &Path, args: &VmTestArgs) -> Result<i32> {
+/// What a line on the guest's console is (markers `/init` prints).
+#[derive(Debug, PartialEq, Eq)]
+enum Console<'a> {
+    /// `/init` started, at this guest uptime.
+    Init(&'a str),
+    /// Modules loaded.
+    Ready,
+    /// A line of the payload's output file.
+    Out(&'a str),
+    /// The payload's exit status (`None`: unreadable).
+    Exit(Option<i32>),
+    /// Anything else (kernel, payload's stdout/stderr).
+    Other,
+}
+
+impl<'a> Console<'a> {
+    fn of(line: &'a str) -> Console<'a> {
+        if let Some(o) = line.strip_prefix("WEIR-VM-OUT ") {
+            Console::Out(o)
+        } else if let Some(rest) = line.strip_prefix("WEIR-VM-INIT ") {
+            Console::Init(rest)
+        } else if line.starts_with("WEIR-VM-READY ") {
+            Console::Ready
+        } else if let Some(c) = line.strip_prefix("WEIR-VM-EXIT ") {
+            Console::Exit(c.trim().parse().ok())
+        } else {
+            Console::Other
+        }
+    }
+}
+
+/// Boots the guest, streams its console, returns the payload's exit status and output.
+fn boot(vmlinuz: &Path, initrd: &Path, args: GuestSize) -> Result<GuestRun> {
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args([
@@ -770,24 +845,29 @@ fn boot(vmlinuz: &Path, initrd: &Path, args: &VmTestArgs) -> Result<i32> {
     });
     let deadline = started + Duration::from_secs(args.timeout);
     let mut code = None;
+    let mut out = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
                 let line = line.trim_end_matches('\r');
+                let kind = Console::of(line);
+                if let Console::Out(o) = kind {
+                    out.push(o.to_owned());
+                    continue;
+                }
                 eprintln!("vm| {line}");
-                if let Some(rest) = line.strip_prefix("WEIR-VM-INIT ") {
-                    eprintln!(
-                        "==> guest init started {:.1}s after qemu (guest uptime {rest}s)",
+                match kind {
+                    Console::Init(uptime) => eprintln!(
+                        "==> guest init started {:.1}s after qemu (guest uptime {uptime}s)",
                         started.elapsed().as_secs_f64()
-                    );
-                } else if line.starts_with("WEIR-VM-READY ") {
-                    eprintln!(
+                    ),
+                    Console::Ready => eprintln!(
                         "==> guest ready (modules loaded) {:.1}s after qemu",
                         started.elapsed().as_secs_f64()
-                    );
-                } else if let Some(c) = line.strip_prefix("WEIR-VM-EXIT ") {
-                    code = c.trim().parse().ok();
+                    ),
+                    Console::Exit(c) => code = c,
+                    Console::Out(_) | Console::Other => {}
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -800,5 +880,50 @@ fn boot(vmlinuz: &Path, initrd: &Path, args: &VmTestArgs) -> Result<i32> {
     }
     let _ = child.wait();
     eprintln!("==> qemu ran {:.1}s", started.elapsed().as_secs_f64());
-    code.context("the guest printed no WEIR-VM-EXIT line (kernel panic or crash?)")
+    let code = code.context("the guest printed no WEIR-VM-EXIT line (kernel panic or crash?)")?;
+    Ok(GuestRun { code, out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_runs_the_payload_then_hands_back_its_output_before_the_exit_status() {
+        let kernel = Kernel {
+            version: "6.1.0-test".into(),
+            vmlinuz: PathBuf::from("/nonexistent/vmlinuz"),
+            modules: vec![PathBuf::from("/m/ip_vs.ko")],
+        };
+        let payload = Payload {
+            tools: vec![PathBuf::from("/w/target/release/weir-proxy")],
+            main: PathBuf::from("/w/target/release/xtask"),
+            args: vec!["bench".into(), "compare".into(), "--in-vm".into()],
+        };
+        let script = init_script(&kernel, &payload);
+        let pos = |needle: &str| {
+            script
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} not in:\n{script}"))
+        };
+        assert!(pos("insmod /lib/weir-modules/ip_vs.ko") < pos("WEIR-VM-READY"));
+        assert!(script.contains("CARGO_TARGET_DIR=/w/target "));
+        assert!(script.contains(&format!("WEIR_VM_OUT={GUEST_OUT} ")));
+        let run = pos("/w/target/release/xtask bench compare --in-vm\n");
+        let out = pos(&format!("sed 's/^/WEIR-VM-OUT /' {GUEST_OUT}"));
+        assert!(run < out && out < pos("echo \"WEIR-VM-EXIT $code\""));
+    }
+
+    #[test]
+    fn console_lines_are_told_apart_by_their_markers() {
+        assert_eq!(
+            Console::of("WEIR-VM-OUT {\"rows\":[]}"),
+            Console::Out("{\"rows\":[]}")
+        );
+        assert_eq!(Console::of("WEIR-VM-EXIT 3"), Console::Exit(Some(3)));
+        assert_eq!(Console::of("WEIR-VM-EXIT ?"), Console::Exit(None));
+        assert_eq!(Console::of("WEIR-VM-INIT 4.61"), Console::Init("4.61"));
+        assert_eq!(Console::of("WEIR-VM-READY 5.76"), Console::Ready);
+        assert_eq!(Console::of("[ 1.0] WEIR-VM-OUT x"), Console::Other);
+    }
 }

@@ -343,10 +343,11 @@ impl IpvsSync {
     /// counted; the rest proceed.
     ///
     /// The kernel is read back (the dummy interface, its addresses, every virtual and real
-    /// server) only on a `full` sync, after a failure and while real servers drain; other
-    /// syncs send only the changes: those of the changed Service ports when `changed`
-    /// names them (nothing at all when nothing changed), else the difference between the
-    /// whole rendered state and what the last successful sync left.
+    /// server) only on a `full` sync and after a failure; while real servers drain, each
+    /// sync reads only their virtual servers. Other syncs send only the changes: those of
+    /// the changed Service ports when `changed` names them (nothing at all when nothing
+    /// changed and nothing drains), else the difference between the whole rendered state
+    /// and what the last successful sync left.
     pub async fn sync(
         &mut self,
         state: &DesiredState,
@@ -355,7 +356,11 @@ impl IpvsSync {
     ) -> Result<SyncReport, IpvsSyncError> {
         let read = self.program.needs_dump(full) || self.bound.is_none() || self.index.is_none();
         let r = match changed {
-            Changed::Nothing if !read => return Ok(SyncReport::default()),
+            Changed::Nothing if !read && !self.program.draining() => {
+                return Ok(SyncReport::default())
+            }
+            // Nothing changed but real servers drain: look at those (and only those).
+            Changed::Nothing if !read && self.rendered.is_some() => self.sync_ports(&[]).await,
             Changed::Ports(deltas) if !read && self.rendered.is_some() => {
                 self.sync_ports(deltas).await
             }

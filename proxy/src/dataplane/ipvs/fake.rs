@@ -17,6 +17,8 @@ pub struct FakeIpvs {
     pub applied: usize,
     /// Dumps answered so far (what an idle sync should not need).
     pub dumps: usize,
+    /// Single virtual servers read so far.
+    pub reads: usize,
 }
 
 fn refused(op: &'static str, target: String, errno: i32) -> IpvsError {
@@ -55,6 +57,11 @@ impl IpvsBackend for FakeIpvs {
     fn dump(&mut self) -> Result<IpvsState, IpvsError> {
         self.dumps += 1;
         Ok(self.state.clone())
+    }
+
+    fn read_service(&mut self, key: &ServiceKey) -> Result<Option<ServiceState>, IpvsError> {
+        self.reads += 1;
+        Ok(self.state.get(key).cloned())
     }
 
     fn apply(&mut self, op: &Op) -> Result<(), IpvsError> {

@@ -221,6 +221,15 @@ pub enum IpvsError {
 pub trait IpvsBackend {
     /// Every virtual server with its real servers (and their connection counts).
     fn dump(&mut self) -> Result<IpvsState, IpvsError>;
+    /// One virtual server with its real servers (and their connection counts); `None`
+    /// when IPVS has no such virtual server.
+    fn read_service(&mut self, key: &ServiceKey) -> Result<Option<ServiceState>, IpvsError>;
     /// Applies one operation.
     fn apply(&mut self, op: &Op) -> Result<(), IpvsError>;
+    /// Applies `ops` in order, each whether or not the ones before succeeded; one result
+    /// per operation. The kernel backend sends them in batches rather than one request
+    /// and acknowledgement at a time.
+    fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), IpvsError>> {
+        ops.iter().map(|op| self.apply(op)).collect()
+    }
 }

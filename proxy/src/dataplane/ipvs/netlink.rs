@@ -77,6 +77,11 @@ const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const RX_BUFFER: usize = 64 * 1024;
 
+/// Requests sent in one datagram before their acknowledgements are read (each comes back
+/// as its own datagram): few enough that a batch's acknowledgements, error ones with the
+/// request echoed, fit the socket's default receive buffer.
+const BATCH: usize = 64;
+
 /// A netlink attribute: a value or nested attributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attr {
@@ -455,18 +460,62 @@ impl KernelIpvs {
     where
         F: GenlFamily + Emitable + std::fmt::Debug,
     {
-        let seq = self.next_seq();
-        let mut header = NetlinkHeader::default();
-        header.flags = flags;
-        header.sequence_number = seq;
-        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-        msg.finalize();
-        let mut buf = vec![0u8; msg.buffer_len()];
-        msg.serialize(&mut buf);
+        let mut buf = Vec::new();
+        let seq = self.append(&mut buf, payload, flags);
         self.socket
             .send(&buf, 0)
             .map_err(|source| IpvsError::Socket { op: "send", source })?;
         Ok(seq)
+    }
+
+    /// Appends one request to a datagram being built; returns its sequence number.
+    fn append<F>(&mut self, buf: &mut Vec<u8>, payload: GenlMessage<F>, flags: u16) -> u32
+    where
+        F: GenlFamily + Emitable + std::fmt::Debug,
+    {
+        let seq = self.next_seq();
+        frame(buf, payload, flags, seq);
+        seq
+    }
+
+    /// Sends a batch of operations in one datagram and reads their acknowledgements in
+    /// order (the kernel handles a datagram's requests one after the other).
+    fn apply_batch(&mut self, ops: &[Op], out: &mut Vec<Result<(), IpvsError>>) {
+        let mut buf = Vec::new();
+        let mut sent = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (m, name, target) = request(op);
+            let g = self.ipvs(m);
+            let seq = self.append(&mut buf, g, NLM_F_REQUEST | NLM_F_ACK);
+            sent.push((seq, name, target));
+        }
+        if let Err(e) = self.socket.send(&buf, 0) {
+            let kind = e.kind();
+            out.extend(sent.iter().map(|_| {
+                Err(IpvsError::Socket {
+                    op: "send",
+                    source: io::Error::from(kind),
+                })
+            }));
+            return;
+        }
+        for (i, (seq, op, target)) in sent.into_iter().enumerate() {
+            match self.replies::<IpvsMessage>(seq, |_| {}) {
+                Ok(Ok(())) => out.push(Ok(())),
+                Ok(Err(source)) => out.push(Err(IpvsError::Refused { op, target, source })),
+                Err(e) => {
+                    // The socket failed: this and the rest of the batch are unknown.
+                    let left = ops.len() - i;
+                    out.push(Err(e));
+                    out.extend((1..left).map(|_| {
+                        Err(IpvsError::Decode(
+                            "no acknowledgement read after a socket error".into(),
+                        ))
+                    }));
+                    return;
+                }
+            }
+        }
     }
 
     fn recv(&mut self) -> Result<(), IpvsError> {
@@ -604,6 +653,22 @@ impl KernelIpvs {
     }
 }
 
+/// Appends one netlink message (`payload` with `flags` and `seq`) to the datagram in `buf`,
+/// on the 4-byte boundary the kernel expects between messages.
+fn frame<F>(buf: &mut Vec<u8>, payload: GenlMessage<F>, flags: u16, seq: u32)
+where
+    F: GenlFamily + Emitable + std::fmt::Debug,
+{
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
+    msg.finalize();
+    let start = (buf.len() + 3) & !3;
+    buf.resize(start + msg.buffer_len(), 0);
+    msg.serialize(&mut buf[start..]);
+}
+
 impl IpvsBackend for KernelIpvs {
     fn dump(&mut self) -> Result<IpvsState, IpvsError> {
         let mut state = IpvsState::new();
@@ -628,6 +693,48 @@ impl IpvsBackend for KernelIpvs {
             state.insert(server.key, ServiceState { server, dests });
         }
         Ok(state)
+    }
+
+    fn read_service(&mut self, key: &ServiceKey) -> Result<Option<ServiceState>, IpvsError> {
+        let g = self.ipvs(IpvsMessage {
+            cmd: cmd::GET_SERVICE,
+            attrs: vec![Attr::Nested(CMD_ATTR_SERVICE, service_id(key))],
+        });
+        let seq = self.send(g, NLM_F_REQUEST | NLM_F_ACK)?;
+        let mut server = None;
+        let answer = self.replies::<IpvsMessage>(seq, |m| server = parse_service(&m.attrs))?;
+        match answer {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+            Err(source) => {
+                return Err(IpvsError::Refused {
+                    op: "IPVS_CMD_GET_SERVICE",
+                    target: key.to_string(),
+                    source,
+                })
+            }
+            Ok(()) => {}
+        }
+        let Some(server) = server else {
+            return Ok(None);
+        };
+        let dests = self
+            .dump_cmd(IpvsMessage {
+                cmd: cmd::GET_DEST,
+                attrs: vec![Attr::Nested(CMD_ATTR_SERVICE, service_id(key))],
+            })?
+            .iter()
+            .filter_map(|d| parse_dest(&d.attrs, af(&key.addr)))
+            .map(|d| (d.addr, d))
+            .collect();
+        Ok(Some(ServiceState { server, dests }))
+    }
+
+    fn apply_all(&mut self, ops: &[Op]) -> Vec<Result<(), IpvsError>> {
+        let mut out = Vec::with_capacity(ops.len());
+        for batch in ops.chunks(BATCH) {
+            self.apply_batch(batch, &mut out);
+        }
+        out
     }
 
     fn apply(&mut self, op: &Op) -> Result<(), IpvsError> {
@@ -678,6 +785,48 @@ mod tests {
             .unwrap();
             assert_eq!(parse_service(&back.attrs), Some(vs));
         }
+    }
+
+    #[test]
+    fn a_batch_is_one_datagram_of_aligned_messages_that_parse_back_in_order() {
+        let ops = [
+            Op::DelService(key("10.96.0.1", 80)),
+            Op::AddService(VirtualServer {
+                key: key("fd00:10:96::10", 443),
+                scheduler: "rr".into(),
+                persistent_timeout: None,
+            }),
+            Op::DelService(key("10.96.0.2", 8080)),
+        ];
+        let mut buf = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let mut g = GenlMessage::from_payload(request(op).0);
+            g.set_resolved_family_id(42);
+            frame(&mut buf, g, NLM_F_REQUEST | NLM_F_ACK, 100 + i as u32);
+        }
+        let mut offset = 0;
+        let mut back = Vec::new();
+        while offset < buf.len() {
+            assert_eq!(offset % 4, 0);
+            let len = netlink_packet_core::NetlinkBuffer::new_checked(&buf[offset..])
+                .unwrap()
+                .length() as usize;
+            let msg =
+                NetlinkMessage::<GenlMessage<IpvsMessage>>::deserialize(&buf[offset..offset + len])
+                    .unwrap();
+            assert_eq!(msg.header.flags, NLM_F_REQUEST | NLM_F_ACK);
+            let NetlinkPayload::InnerMessage(g) = msg.payload else {
+                panic!("not a request: {msg:?}");
+            };
+            back.push((msg.header.sequence_number, g.payload.cmd));
+            offset += (len + 3) & !3;
+        }
+        let want: Vec<(u32, u8)> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| (100 + i as u32, request(op).0.cmd))
+            .collect();
+        assert_eq!(back, want);
     }
 
     #[test]

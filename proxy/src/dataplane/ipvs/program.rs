@@ -1,12 +1,13 @@
 //! Bringing any [`IpvsBackend`] (the kernel or the fake) to a desired [`IpvsState`], reading
 //! it back only when the last known state cannot be trusted.
 //!
-//! After a sync that applied every operation and left no real server draining, IPVS holds
-//! exactly the desired state, so the next sync can diff against that instead of dumping
-//! every virtual server and real server over netlink. The table is dumped again on a full
-//! sync (which repairs drift), after any failure, and while real servers drain (their
-//! connection counters decide when they go), as the nftables and eBPF paths re-read the
-//! kernel only on full syncs and after failures.
+//! After a sync that applied every operation, IPVS holds exactly the desired state, except
+//! for removed real servers still draining at weight 0, so the next sync can diff against
+//! that instead of dumping every virtual server and real server over netlink: only the
+//! virtual servers with draining real servers are read again (their connection counters
+//! decide when those go). The whole table is dumped on a full sync (which repairs drift)
+//! and after any failure, as the nftables and eBPF paths re-read the kernel only on full
+//! syncs and after failures.
 
 use super::diff::{self, Terminating};
 use super::{IpvsBackend, IpvsError, IpvsState, ServiceKey};
@@ -42,8 +43,9 @@ pub struct SyncReport {
 #[derive(Clone, Debug)]
 pub struct Programmer {
     terminating: Terminating,
-    /// weir's part of IPVS after the last sync, when that sync applied everything and left
-    /// nothing draining; `None` makes the next sync dump.
+    /// weir's part of IPVS after the last sync, when that sync applied everything (the
+    /// virtual servers with draining real servers excepted: they are read again before
+    /// each use); `None` makes the next sync dump.
     last: Option<IpvsState>,
 }
 
@@ -57,10 +59,33 @@ impl Programmer {
         }
     }
 
-    /// Whether the next sync must dump IPVS: a full sync, nothing trusted (first sync,
-    /// after a failure), or real servers draining.
+    /// Whether the next sync must dump IPVS: a full sync, or nothing trusted (first sync,
+    /// after a failure).
     pub fn needs_dump(&self, full: bool) -> bool {
-        full || self.last.is_none() || diff::draining(&self.terminating)
+        full || self.last.is_none()
+    }
+
+    /// Whether removed real servers are still draining: a later sync (even one with no
+    /// change) must look at their connections and delete them once they are gone.
+    pub fn draining(&self) -> bool {
+        diff::draining(&self.terminating)
+    }
+
+    /// Reads the virtual servers with draining real servers into `last` (their counters
+    /// and what is left of them); returns their keys.
+    fn refresh_draining<B: IpvsBackend>(
+        &self,
+        backend: &mut B,
+        last: &mut IpvsState,
+    ) -> Result<BTreeSet<ServiceKey>, IpvsError> {
+        let keys: BTreeSet<ServiceKey> = self.terminating.since.keys().map(|(k, _)| *k).collect();
+        for k in &keys {
+            match backend.read_service(k)? {
+                Some(s) => last.insert(*k, s),
+                None => last.remove(k),
+            };
+        }
+        Ok(keys)
     }
 
     /// Forgets the last applied state (something else failed; the next sync dumps).
@@ -81,7 +106,10 @@ impl Programmer {
     ) -> Result<SyncReport, IpvsError> {
         let dumped = self.needs_dump(full);
         let have = match self.last.take() {
-            Some(last) if !dumped => last,
+            Some(mut last) if !dumped => {
+                self.refresh_draining(backend, &mut last)?;
+                last
+            }
             _ => diff::managed(backend.dump()?, &want, &owned.bound, &owned.node_ips),
         };
         let ops = diff::plan(&want, &have, &mut self.terminating, now);
@@ -90,23 +118,20 @@ impl Programmer {
             dumped,
             ..Default::default()
         };
-        for op in &ops {
-            if let Err(e) = backend.apply(op) {
-                warn!(error = %e, "IPVS operation failed");
-                report.failed += 1;
-            }
-        }
+        report.failed = apply_logged(backend, &ops);
         report.draining = diff::draining(&self.terminating);
-        // With every operation applied and nothing left at weight 0, IPVS holds `want`.
-        self.last = (report.failed == 0 && !report.draining).then_some(want);
+        // With every operation applied, IPVS holds `want` (and the draining real servers,
+        // read again before the next use).
+        self.last = (report.failed == 0).then_some(want);
         Ok(report)
     }
 }
 
 impl Programmer {
     /// Like [`Self::sync`] when only the virtual servers in `touched` may differ from the
-    /// last sync's: compares and updates just those. Needs a trusted last state (no dump
-    /// due; see [`Self::needs_dump`]); without one it falls back to a full [`Self::sync`].
+    /// last sync's: compares and updates just those and the ones with draining real
+    /// servers (read again first). Needs a trusted last state (no dump due; see
+    /// [`Self::needs_dump`]); without one it falls back to a full [`Self::sync`].
     pub fn sync_touched<B: IpvsBackend>(
         &mut self,
         backend: &mut B,
@@ -120,9 +145,10 @@ impl Programmer {
             Some(last) if trusted => last,
             _ => return self.sync(backend, want.clone(), false, &owned(), now),
         };
+        let mut keys = self.refresh_draining(backend, &mut last)?;
+        keys.extend(touched.iter().copied());
         let part = |s: &IpvsState| -> IpvsState {
-            touched
-                .iter()
+            keys.iter()
                 .filter_map(|k| s.get(k).map(|v| (*k, v.clone())))
                 .collect()
         };
@@ -131,15 +157,10 @@ impl Programmer {
             ops: ops.len(),
             ..Default::default()
         };
-        for op in &ops {
-            if let Err(e) = backend.apply(op) {
-                warn!(error = %e, "IPVS operation failed");
-                report.failed += 1;
-            }
-        }
+        report.failed = apply_logged(backend, &ops);
         report.draining = diff::draining(&self.terminating);
-        if report.failed == 0 && !report.draining {
-            for k in touched {
+        if report.failed == 0 {
+            for k in &keys {
                 match want.get(k) {
                     Some(s) => last.insert(*k, s.clone()),
                     None => last.remove(k),
@@ -149,6 +170,18 @@ impl Programmer {
         }
         Ok(report)
     }
+}
+
+/// Applies `ops`, logging each refused one; returns how many were refused.
+fn apply_logged<B: IpvsBackend>(backend: &mut B, ops: &[super::Op]) -> usize {
+    let mut failed = 0;
+    for r in backend.apply_all(ops) {
+        if let Err(e) = r {
+            warn!(error = %e, "IPVS operation failed");
+            failed += 1;
+        }
+    }
+    failed
 }
 
 #[cfg(test)]
@@ -273,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn syncs_dump_while_a_real_server_drains_and_stop_once_it_is_gone() {
+    fn syncs_read_only_the_draining_virtual_server_until_its_real_server_is_gone() {
         let mut fake = FakeIpvs::default();
         let mut p = Programmer::new(Duration::from_secs(60));
         let now = Instant::now();
@@ -286,19 +319,64 @@ mod tests {
         let mut fewer = want.clone();
         fewer.get_mut(&k).unwrap().dests.remove(&gone);
         let r = p.sync(&mut fake, fewer.clone(), false, &o, now).unwrap();
-        assert!(r.draining && !r.dumped, "{r:?}");
+        assert!(r.draining && !r.dumped && p.draining(), "{r:?}");
         fake.dumps = 0;
-        // Draining: each sync reads the connection counters.
+        // Draining: each sync reads that virtual server's connection counters, no dump.
         let r = p.sync(&mut fake, fewer.clone(), false, &o, now).unwrap();
-        assert_eq!((r.dumped, r.ops, r.draining), (true, 0, true));
+        assert_eq!((r.dumped, r.ops, r.draining), (false, 0, true));
+        assert_eq!((fake.dumps, fake.reads), (0, 1));
+        // An incremental sync of nothing (the runner's re-check) reads it too.
+        let none = BTreeSet::new();
+        let r = p
+            .sync_touched(&mut fake, &fewer, &none, || o.clone(), now)
+            .unwrap();
+        assert_eq!((r.dumped, r.ops, r.draining), (false, 0, true));
+        assert_eq!((fake.dumps, fake.reads), (0, 2));
         fake.set_conns(k, gone, 0, 0);
-        let r = p.sync(&mut fake, fewer.clone(), false, &o, now).unwrap();
-        assert_eq!((r.dumped, r.ops, r.draining), (true, 1, false));
-        assert_eq!(fake.dumps, 2);
-        // Drained and deleted: back to no dumps.
-        let r = p.sync(&mut fake, fewer.clone(), false, &o, now).unwrap();
-        assert_eq!((r.dumped, r.ops, fake.dumps), (false, 0, 2));
+        let r = p
+            .sync_touched(&mut fake, &fewer, &none, || o.clone(), now)
+            .unwrap();
+        assert_eq!((r.dumped, r.ops, r.draining), (false, 1, false));
+        assert!(!p.draining());
         assert_eq!(fake.dump().unwrap(), fewer);
+        fake.dumps = 0;
+        // Drained and deleted: no reads any more, and the last state is the truth.
+        let r = p.sync(&mut fake, fewer.clone(), false, &o, now).unwrap();
+        assert_eq!((r.dumped, r.ops, fake.dumps, fake.reads), (false, 0, 0, 3));
+    }
+
+    #[test]
+    fn a_draining_real_server_that_comes_back_is_weighted_again_without_a_dump() {
+        let mut fake = FakeIpvs::default();
+        let mut p = Programmer::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let want = state(2, 2);
+        let o = owned(&want);
+        p.sync(&mut fake, want.clone(), false, &o, now).unwrap();
+        let k = *want.keys().next().unwrap();
+        let back: SocketAddr = "10.244.1.0:8080".parse().unwrap();
+        fake.set_conns(k, back, 1, 0);
+        let mut fewer = want.clone();
+        fewer.get_mut(&k).unwrap().dests.remove(&back);
+        let touched: BTreeSet<ServiceKey> = [k].into();
+        let r = p
+            .sync_touched(&mut fake, &fewer, &touched, || o.clone(), now)
+            .unwrap();
+        assert!(r.draining, "{r:?}");
+        assert_eq!(fake.dump().unwrap()[&k].dests[&back].weight, 0);
+        fake.dumps = 0;
+        // The endpoint returns: its real server gets its weight back.
+        let r = p
+            .sync_touched(&mut fake, &want, &touched, || o.clone(), now)
+            .unwrap();
+        assert_eq!((r.dumped, r.draining), (false, false), "{r:?}");
+        let mut got = fake.dump().unwrap();
+        for s in got.values_mut() {
+            for d in s.dests.values_mut() {
+                (d.active_conns, d.inactive_conns) = (0, 0);
+            }
+        }
+        assert_eq!(got, want);
     }
 
     /// Not a test of behaviour: prints what an idle sync and a one-endpoint change cost
