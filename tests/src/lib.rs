@@ -556,21 +556,30 @@ pub fn service_yaml(
     let np = node_port
         .map(|p| format!(", nodePort: {p}"))
         .unwrap_or_default();
-    let mut eps = String::new();
-    for i in pods {
-        eps.push_str(&format!(
-            "- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
-            pod_ip(*i)
-        ));
-    }
-    let eps = if eps.is_empty() {
-        "[]\n".to_owned()
-    } else {
-        format!("\n{eps}")
-    };
+    let eps = endpoints_yaml(pods.iter().map(|i| (pod_ip(*i), NODE_NAME)));
     format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: {ty}\n  clusterIP: {cluster_ip}\n  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}{np}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints: {eps}"
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: {ty}\n  clusterIP: {cluster_ip}\n  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}{np}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints:{eps}"
     )
+}
+
+/// The value of an EndpointSlice's `endpoints:` key for ready endpoints `(address, node)`,
+/// written right after the key: a block list starting on the next line, or ` []`.
+pub fn endpoints_yaml<A, N>(eps: impl IntoIterator<Item = (A, N)>) -> String
+where
+    A: std::fmt::Display,
+    N: std::fmt::Display,
+{
+    let list: String = eps
+        .into_iter()
+        .map(|(a, n)| {
+            format!("- {{addresses: [\"{a}\"], nodeName: {n}, conditions: {{ready: true}}}}\n")
+        })
+        .collect();
+    if list.is_empty() {
+        " []\n".to_owned()
+    } else {
+        format!("\n{list}")
+    }
 }
 
 /// Starts weir-proxy in the node namespace reading `dir`, waits for its first sync, and

@@ -405,21 +405,7 @@ pub fn service_yaml(
     let np = node_port
         .map(|p| format!(", nodePort: {p}"))
         .unwrap_or_default();
-    let eps: String = endpoints
-        .iter()
-        .map(|p| {
-            format!(
-                "- {{addresses: [\"{}\"], nodeName: {}, conditions: {{ready: true}}}}\n",
-                p.ip,
-                node_name(p.node)
-            )
-        })
-        .collect();
-    let eps = if eps.is_empty() {
-        " []\n".to_owned()
-    } else {
-        format!("\n{eps}")
-    };
+    let eps = crate::endpoints_yaml(endpoints.iter().map(|p| (&p.ip, node_name(p.node))));
     format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: {ty}\n  clusterIP: {cluster_ip}\n{etp}  ports: [{{name: p, protocol: TCP, port: 80, targetPort: {ECHO_PORT}{np}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, protocol: TCP, port: {ECHO_PORT}}}]\nendpoints:{eps}"
     )

@@ -276,20 +276,9 @@ fn service(
 ) -> String {
     let target = if protocol == "UDP" { 5353 } else { 8080 };
     let extra: String = spec.iter().map(|l| format!("  {l}\n")).collect();
-    let mut eps = String::new();
-    for (pod, node) in endpoints {
-        eps.push_str(&format!(
-            "- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}\n",
-            pod_ip(*pod)
-        ));
-    }
-    if eps.is_empty() {
-        eps = "[]\n".into();
-    } else {
-        eps.insert(0, '\n');
-    }
+    let eps = endpoints_yaml(endpoints.iter().map(|(pod, node)| (pod_ip(*pod), node)));
     format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: {cluster_ip}\n{extra}  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}, nodePort: {node_port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints: {eps}"
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: {cluster_ip}\n{extra}  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}, nodePort: {node_port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints:{eps}"
     )
 }
 
@@ -513,13 +502,8 @@ fn a_service_with_1000_endpoints_spreads_connections_from_pods_and_outside() {
     }
     let addrs = add_many_addresses(&topo, 3, 1000);
     let slice = |n: usize, eps: &[(String, usize)]| {
-        let list: String = eps
-            .iter()
-            .map(|(a, _)| {
-                format!("- {{addresses: [\"{a}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n")
-            })
-            .collect();
-        format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: big-{n}, namespace: demo, labels: {{kubernetes.io/service-name: big}}}}\naddressType: IPv4\nports: [{{name: p, protocol: TCP, port: 8080}}]\nendpoints:\n{list}")
+        let list = endpoints_yaml(eps.iter().map(|(a, _)| (a, NODE_NAME)));
+        format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: big-{n}, namespace: demo, labels: {{kubernetes.io/service-name: big}}}}\naddressType: IPv4\nports: [{{name: p, protocol: TCP, port: 8080}}]\nendpoints:{list}")
     };
     let manifests = |eps: &[(String, usize)]| {
         format!(
@@ -657,20 +641,7 @@ fn service6(
     endpoints: &[(usize, &str)],
 ) -> String {
     let target = if protocol == "UDP" { 5353 } else { 8080 };
-    let eps: String = endpoints
-        .iter()
-        .map(|(pod, node)| {
-            format!(
-                "- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}\n",
-                pod_ip6(*pod)
-            )
-        })
-        .collect();
-    let eps = if eps.is_empty() {
-        " []\n".to_owned()
-    } else {
-        format!("\n{eps}")
-    };
+    let eps = endpoints_yaml(endpoints.iter().map(|(pod, node)| (pod_ip6(*pod), node)));
     format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: \"{cluster_ip}\"\n  ipFamilies: [IPv6]\n  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}, nodePort: {node_port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv6\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints:{eps}"
     )

@@ -506,17 +506,9 @@ fn load_balancer_ip_admits_only_clients_in_its_source_ranges() {
 /// An IPv6 single-stack Service: ClusterIP fd00:10:96::20, NodePort 30090, pods 0 and 1's
 /// IPv6 addresses behind it.
 fn ipv6_service() -> String {
-    let eps: String = [0, 1]
-        .iter()
-        .map(|i| {
-            format!(
-                "- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
-                pod_ip6(*i)
-            )
-        })
-        .collect();
+    let eps = endpoints_yaml([0, 1].iter().map(|i| (pod_ip6(*i), NODE_NAME)));
     format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web6, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: \"fd00:10:96::20\"\n  clusterIPs: [\"fd00:10:96::20\"]\n  ipFamilies: [IPv6]\n  ports: [{{name: p, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30090}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web6-1, namespace: demo, labels: {{kubernetes.io/service-name: web6}}}}\naddressType: IPv6\nports: [{{name: p, protocol: TCP, port: 8080}}]\nendpoints:\n{eps}"
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web6, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: \"fd00:10:96::20\"\n  clusterIPs: [\"fd00:10:96::20\"]\n  ipFamilies: [IPv6]\n  ports: [{{name: p, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30090}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web6-1, namespace: demo, labels: {{kubernetes.io/service-name: web6}}}}\naddressType: IPv6\nports: [{{name: p, protocol: TCP, port: 8080}}]\nendpoints:{eps}"
     )
 }
 

@@ -760,8 +760,8 @@ fn fmt_dur(secs: f64) -> String {
     format!("{}m{:02}s", secs as u64 / 60, secs as u64 % 60)
 }
 
-/// Runs every step of `modes` × `sizes` with the release binaries (built first unless
-/// in the guest); returns the report.
+/// Runs every step of `modes` × `sizes` with the release binaries (already built);
+/// returns the report.
 fn run(
     args: &CompareArgs,
     root: &Path,
@@ -769,10 +769,6 @@ fn run(
     modes: &[&str],
     sizes: &[usize],
 ) -> Result<Report> {
-    if !args.in_vm {
-        crate::toolchain::ensure_ebpf()?;
-        crate::bench::build_release(root)?;
-    }
     if !weir_e2e::require_privileges() {
         bail!("bench compare needs root and network namespaces");
     }
@@ -994,6 +990,9 @@ pub fn compare(args: CompareArgs, root: &Path) -> Result<()> {
         }
         return Ok(());
     }
+    // The release binaries, once for both parts (the guest runs the host's).
+    crate::toolchain::ensure_ebpf()?;
+    crate::bench::build_release(root)?;
     let stem = if args.quick { "quick" } else { "compare" };
     if !args.vm_only && MODES.iter().any(|m| args.wants(m)) {
         let old = previous(&args, &out, stem)?;
@@ -1029,8 +1028,6 @@ const TCG_SLOWDOWN: f64 = 20.0;
 /// mode and pod IP measured beside it in the same guest; the report comes back over the
 /// console.
 fn in_guest(args: &CompareArgs, root: &Path) -> Result<Report> {
-    crate::toolchain::ensure_ebpf()?;
-    crate::bench::build_release(root)?;
     let bin = release_dir(root);
     let tools = ["weir-proxy", "weir-echo", "weir-probe", "weir-load"]
         .iter()

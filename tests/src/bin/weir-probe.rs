@@ -46,8 +46,13 @@ fn kind(e: &std::io::Error) -> &'static str {
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
     s.set_read_timeout(Some(TIMEOUT))?;
+    get_body(s, path)
+}
+
+/// Sends `GET path` on a connected stream and answers the response's body.
+fn get_body(mut s: TcpStream, path: &str) -> std::io::Result<String> {
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n"
@@ -75,17 +80,7 @@ fn http_get_from(addr: SocketAddr, port: u16) -> std::io::Result<String> {
     s.connect_timeout(&addr.into(), TIMEOUT)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_linger(Some(Duration::ZERO))?;
-    let mut s: TcpStream = s.into();
-    write!(
-        s,
-        "GET / HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default())
+    get_body(s.into(), "/")
 }
 
 /// One HTTP GET: the status, the headers (names lowercased) and the body.
