@@ -120,10 +120,11 @@ pub struct Args {
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); flags override it.
     #[arg(long, env = "WEIR_CONFIG")]
     pub config: Option<PathBuf>,
-    /// eBPF mode: the cgroup v2 whose processes' sockets are translated (on hybrid
-    /// cgroup hosts the v2 hierarchy is often `/sys/fs/cgroup/unified`).
-    #[arg(long, env = "WEIR_EBPF_CGROUP", default_value = "/sys/fs/cgroup")]
-    pub ebpf_cgroup: PathBuf,
+    /// eBPF mode: the cgroup v2 whose processes' sockets are translated (default: the
+    /// first cgroup2 mount in /proc/self/mountinfo: `/sys/fs/cgroup` on cgroup v2 hosts,
+    /// `/sys/fs/cgroup/unified` on hybrid ones).
+    #[arg(long, env = "WEIR_EBPF_CGROUP")]
+    pub ebpf_cgroup: Option<PathBuf>,
     /// eBPF mode: the bpffs directory where maps and links are pinned (a restarted daemon
     /// adopts them; `--cleanup` removes them).
     #[arg(long, env = "WEIR_BPFFS_DIR", default_value = "/sys/fs/bpf/weir")]
@@ -385,7 +386,13 @@ impl Args {
             min_sync_period,
             sync_period,
             ebpf: crate::dataplane::ebpf::kernel::EbpfSettings {
-                cgroup: self.ebpf_cgroup.clone(),
+                cgroup: match &self.ebpf_cgroup {
+                    Some(p) => p.clone(),
+                    None => std::fs::read_to_string("/proc/self/mountinfo")
+                        .ok()
+                        .and_then(|m| cgroup2_mount_in(&m))
+                        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
+                },
                 bpffs_dir: self.bpffs_dir.clone(),
                 interfaces: self.ebpf_interfaces.clone(),
             },
@@ -394,10 +401,35 @@ impl Args {
     }
 }
 
+/// The first cgroup2 mount point of a /proc/self/mountinfo text.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split(' ').next() != Some("cgroup2") {
+            return None;
+        }
+        pre.split(' ').nth(4).map(PathBuf::from)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn the_ebpf_cgroup_defaults_to_the_cgroup2_mount_of_a_hybrid_host() {
+        let hybrid = "31 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                      36 31 0:31 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+                      32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let v2 = "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(cgroup2_mount_in(v2), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(cgroup2_mount_in(""), None);
+    }
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         let mut all = vec!["weir-proxy"];

@@ -65,11 +65,50 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(virtual_servers = removed, "removed IPVS state");
         return Ok(());
     }
+    remove_other_modes(&cfg, &kernel)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
         .block_on(run(cfg, kernel))
+}
+
+/// What another proxy mode left programmed goes at start (as kube-proxy cleans up the other
+/// proxiers' rules), so switching `mode` in the ConfigMap and rolling the DaemonSet leaves
+/// nothing of the previous mode: eBPF mode's pins (links and maps) unless this is eBPF
+/// mode; the `weir` service tables in eBPF mode (nftables and IPVS mode use them); IPVS
+/// virtual servers unless this is IPVS mode. The policy table serves every mode and stays.
+fn remove_other_modes(cfg: &weir_proxy::config::Config, kernel: &KernelNft) -> anyhow::Result<()> {
+    if cfg.mode != ProxyMode::Ebpf {
+        let pins = weir_proxy::dataplane::ebpf::kernel::cleanup(&cfg.ebpf.bpffs_dir)
+            .context("removing eBPF mode's pins")?;
+        if pins > 0 {
+            tracing::info!(dir = %cfg.ebpf.bpffs_dir.display(), pins, "removed the eBPF mode's links and maps");
+        }
+    } else {
+        for family in FAMILIES {
+            let existing = kernel.dump(family)?;
+            if existing.is_some() {
+                kernel.apply(&cleanup_plan(existing.as_ref(), family))?;
+                tracing::info!(?family, "removed the nftables mode's service table");
+            }
+        }
+    }
+    if cfg.mode != ProxyMode::Ipvs {
+        let removed = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(weir_proxy::dataplane::ipvs::apply::cleanup());
+        match removed {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                virtual_servers = n,
+                "removed the IPVS mode's virtual servers"
+            ),
+            Err(e) => tracing::debug!(error = %e, "no IPVS state to remove"),
+        }
+    }
+    Ok(())
 }
 
 async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Result<()> {

@@ -1,18 +1,15 @@
-//! The API server test tier: a real kube-apiserver 1.20 and etcd on loopback, one instance per
-//! test on free ports, with kubectl from the same source tree to drive it.
+//! The API server test tier: a real kube-apiserver and etcd of the pinned release on loopback,
+//! one instance per test on free ports, with kubectl of the same release to drive it.
 //!
-//! The binaries come from [`build::ensure_built`] (built from Debian's packages once, cached
-//! under `/var/cache/weir/apiserver`). Each [`ApiServer`] has its own directory on tmpfs
+//! The binaries come from [`crate::k8s::ensure_built`] (built from the Go module proxy once,
+//! cached under `/var/cache/weir/k8s/<release>`). Each [`ApiServer`] has its own directory on tmpfs
 //! (`/dev/shm`: etcd's fsyncs on disk make requests time out) holding etcd's data, a
 //! self-signed CA and serving certificate, service-account keys, a token file and
-//! kubeconfigs; dropping it stops both processes and removes the directory.
-//!
-//! 1.20 has no `discovery.k8s.io/v1`: the built-in v1beta1 is turned off and a CRD serves
-//! `endpointslices.discovery.k8s.io` v1 (see `apiserver/endpointslice-crd.yaml`).
+//! kubeconfigs; dropping it stops both processes and removes the directory. EndpointSlices
+//! are the built-in `discovery.k8s.io/v1`.
 
-pub mod build;
-
-pub use build::{ensure_built, Binaries, KUBE_VERSION};
+pub use crate::k8s::{ensure_built, release, Binaries};
+use crate::k8s::{remove_stale, tail};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -27,8 +24,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The CRD that serves `discovery.k8s.io/v1` EndpointSlices on 1.20.
-pub const ENDPOINTSLICE_CRD: &str = include_str!("apiserver/endpointslice-crd.yaml");
 /// The Service CIDR the API server allocates ClusterIPs from.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The admin user's name (in `system:masters`).
@@ -104,8 +99,8 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Builds the binaries if the cache has none, starts etcd and kube-apiserver, installs
-    /// the EndpointSlice CRD and waits until it is served.
+    /// Builds the binaries if the cache has none, starts etcd and kube-apiserver and waits
+    /// until EndpointSlices are served.
     pub fn start(opts: ApiServerOptions) -> Result<ApiServer> {
         let bins = ensure_built().context("building kube-apiserver")?;
         let n = INSTANCES.fetch_add(1, Ordering::SeqCst);
@@ -114,7 +109,7 @@ impl ApiServer {
         } else {
             std::env::temp_dir()
         };
-        build::remove_stale(&base, "weir-apiserver-");
+        remove_stale(&base, "weir-apiserver-");
         let dir = base.join(format!("weir-apiserver-{}-{n}", std::process::id()));
         if dir.exists() {
             fs::remove_dir_all(&dir)?;
@@ -134,8 +129,6 @@ impl ApiServer {
         api.setup_files()?;
         api.start_etcd()?;
         api.first_apiserver_start()?;
-        api.kubectl_stdin(&["apply", "-f", "-"], ENDPOINTSLICE_CRD)
-            .context("installing the EndpointSlice CRD")?;
         api.wait_served()?;
         Ok(api)
     }
@@ -216,7 +209,7 @@ impl ApiServer {
 
     /// The last `n` lines of kube-apiserver's log (all its runs).
     pub fn apiserver_log_tail(&self, n: usize) -> String {
-        build::tail(&self.dir.join("apiserver.log"), n)
+        tail(&self.dir.join("apiserver.log"), n)
     }
 
     /// Restarts kube-apiserver; etcd keeps its data. Watches open before end, and a watch
@@ -418,7 +411,8 @@ impl ApiServer {
         }
     }
 
-    /// Waits until discovery.k8s.io/v1 EndpointSlices are served (the CRD is established).
+    /// Waits until discovery.k8s.io/v1 EndpointSlices are served (the API's discovery is
+    /// complete a moment after /readyz).
     fn wait_served(&self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -427,7 +421,7 @@ impl ApiServer {
                 Err(e) => e,
             };
             if Instant::now() >= deadline {
-                return Err(last.context("EndpointSlice CRD not served"));
+                return Err(last.context("discovery.k8s.io/v1 EndpointSlices not served"));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -613,7 +607,7 @@ impl ApiServer {
             }
             let _ = child.kill();
             let _ = child.wait();
-            let tail = build::tail(&log, 20);
+            let tail = tail(&log, 20);
             last = anyhow!("etcd did not become healthy; its log ends:\n{tail}");
             if !tail.contains("address already in use") {
                 break;
@@ -668,7 +662,6 @@ impl ApiServer {
         // endpoint, which validation rejects: leave that Service without endpoints.
         .arg("--endpoint-reconciler-type=none")
         .arg(format!("--secure-port={}", self.port))
-        .arg("--insecure-port=0")
         .arg(format!("--tls-cert-file={}", f("server.crt")))
         .arg(format!("--tls-private-key-file={}", f("server.key")))
         .arg(format!("--client-ca-file={}", f("ca.crt")))
@@ -686,7 +679,6 @@ impl ApiServer {
             "--service-account-signing-key-file={}",
             f("sa.key")
         ))
-        .arg("--runtime-config=discovery.k8s.io/v1beta1=false")
         .arg("--profiling=false")
         .args(&self.opts.extra_args);
         self.apiserver = Some(spawn_logged(&mut cmd, &self.dir.join("apiserver.log"))?);

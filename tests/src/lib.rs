@@ -5,7 +5,9 @@
 pub mod cnitool;
 
 pub mod apiserver;
+pub mod cluster;
 pub mod forward;
+pub mod k8s;
 pub mod mode;
 pub mod multinode;
 pub mod netpol;

@@ -1,5 +1,5 @@
-//! The API tier with real packets: a real kube-apiserver 1.20 + etcd (built from Debian's
-//! packages), weir-proxy in a node namespace watching it (`--kubeconfig`, reached through a
+//! The API tier with real packets: a real kube-apiserver + etcd of the pinned release (built
+//! from the Go module proxy), weir-proxy in a node namespace watching it (`--kubeconfig`, reached through a
 //! forwarder on the node's loopback), pods behind routed veths.
 //!
 //! Proves: API changes drive the rules and the traffic; an API server restart (watches

@@ -1,10 +1,12 @@
 //! `cargo xtask apiserver`: a real kube-apiserver + etcd on loopback, in the foreground until
-//! Ctrl-C, built from Debian's packages on first use (see `weir_e2e::apiserver`).
+//! Ctrl-C, of the pinned release built from the Go module proxy on first use (see
+//! `weir_e2e::k8s`).
 
 use anyhow::{bail, Context, Result};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use weir_e2e::apiserver::{self, ApiServer, ApiServerOptions};
+use weir_e2e::apiserver::{ApiServer, ApiServerOptions};
+use weir_e2e::k8s;
 
 /// `cargo xtask apiserver` arguments.
 #[derive(clap::Args)]
@@ -24,13 +26,13 @@ pub struct ApiserverArgs {
 /// Builds if needed, then runs until Ctrl-C.
 pub fn apiserver(args: ApiserverArgs) -> Result<()> {
     let started = Instant::now();
-    let cached = apiserver::build::cached().is_some();
-    let bins = apiserver::ensure_built()?;
+    let cached = k8s::cached().is_some();
+    let bins = k8s::ensure_built()?;
     eprintln!(
         "kube-apiserver {} {} in {}: {:.1}s",
-        apiserver::KUBE_VERSION,
+        k8s::release(),
         if cached { "found" } else { "built" },
-        apiserver::build::cache_dir().display(),
+        k8s::cache_dir().display(),
         started.elapsed().as_secs_f64()
     );
     if args.build_only {
@@ -63,7 +65,7 @@ pub fn apiserver(args: ApiserverArgs) -> Result<()> {
     );
     println!(
         "ready: kube-apiserver {} at {} ({}, discovery.k8s.io/v1 EndpointSlices served); Ctrl-C stops it",
-        apiserver::KUBE_VERSION,
+        k8s::release(),
         api.url(),
         if args.rbac { "RBAC" } else { "AlwaysAllow" }
     );

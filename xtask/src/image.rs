@@ -14,11 +14,15 @@ use std::process::{Command, Stdio};
 pub struct ImageArgs {
     /// Also write the image to this archive (for `kind load image-archive`).
     #[arg(long)]
-    save: Option<PathBuf>,
+    pub save: Option<PathBuf>,
 }
 
 const BASE_CACHE: &str = "/var/cache/weir/image-base/bookworm.tar";
 const TAG: &str = "localhost/weir:dev";
+/// podman's storage for weir's image builds.
+const STORE: &str = "/var/cache/weir/image-store";
+/// podman's run root for that storage.
+const RUN_ROOT: &str = "/dev/shm/weir-image-store-run";
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
@@ -31,7 +35,9 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn apt_install(pkgs: &[&str]) -> Result<()> {
+/// Installs the Debian packages of `pkgs` that are missing (apt-get update once if the
+/// first try fails).
+pub(crate) fn apt_install(pkgs: &[&str]) -> Result<()> {
     let missing: Vec<&str> = pkgs
         .iter()
         .copied()
@@ -50,7 +56,10 @@ fn apt_install(pkgs: &[&str]) -> Result<()> {
     eprintln!("==> installing {}", missing.join(" "));
     let mut args = vec!["install", "-y", "--no-install-recommends"];
     args.extend(&missing);
-    run(Command::new("apt-get").args(&args), "apt-get install")?;
+    if run(Command::new("apt-get").args(&args), "apt-get install").is_err() {
+        run(Command::new("apt-get").arg("update"), "apt-get update")?;
+        run(Command::new("apt-get").args(&args), "apt-get install")?;
+    }
     Ok(())
 }
 
@@ -106,27 +115,50 @@ pub fn image(args: ImageArgs, root: &Path) -> Result<()> {
         ]),
         "cargo build --release",
     )?;
-    let store = tempfile::tempdir()?;
+    // The image ships stripped binaries (weir-proxy as built carries its line tables: 130
+    // MB against about 20 stripped), staged where deploy/Containerfile copies them from.
+    let stage = root.join("target/image");
+    std::fs::create_dir_all(&stage)?;
+    for bin in ["weir-proxy", "weir-cni"] {
+        run(
+            Command::new("strip")
+                .arg("-o")
+                .arg(stage.join(bin))
+                .arg(root.join("target/release").join(bin)),
+            "strip",
+        )?;
+    }
+    // Private to weir (never the machine's podman store) but kept between runs, so the
+    // base and the apt-get layer are built once and a rebuild only copies the binaries.
+    let store = PathBuf::from(STORE);
+    std::fs::create_dir_all(&store)?;
+    // Its run root must stay the same path (podman records it); tmpfs, so a reboot clears it.
+    let run_root = PathBuf::from(RUN_ROOT);
     let podman = |extra: &[&str]| {
         let mut c = Command::new("podman");
         c.current_dir(root)
             .arg("--root")
-            .arg(store.path().join("root"))
+            .arg(store.join("root"))
             .arg("--runroot")
-            .arg(store.path().join("run"))
+            .arg(&run_root)
             .args(["--cgroup-manager=cgroupfs", "--events-backend=file"])
             .args(extra);
         c
     };
-    eprintln!("==> podman import of the local base as docker.io/library/debian:bookworm-slim");
-    run(
-        &mut podman(&[
-            "import",
-            &base.display().to_string(),
-            "docker.io/library/debian:bookworm-slim",
-        ]),
-        "podman import",
-    )?;
+    let have_base = podman(&["image", "exists", "docker.io/library/debian:bookworm-slim"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_base {
+        eprintln!("==> podman import of the local base as docker.io/library/debian:bookworm-slim");
+        run(
+            &mut podman(&[
+                "import",
+                &base.display().to_string(),
+                "docker.io/library/debian:bookworm-slim",
+            ]),
+            "podman import",
+        )?;
+    }
     eprintln!("==> podman build -f deploy/Containerfile -t {TAG}");
     // The build's RUN step reaches only Debian's mirror (apt-get), on the host's network.
     run(
@@ -176,13 +208,17 @@ pub fn image(args: ImageArgs, root: &Path) -> Result<()> {
         bail!("weir-cni VERSION in the image answered {out:?}");
     }
     if let Some(path) = args.save {
+        let _ = std::fs::remove_file(&path);
         run(
             &mut podman(&["save", "-o", &path.display().to_string(), TAG]),
             "podman save",
         )?;
         eprintln!("==> saved {TAG} to {}", path.display());
     }
-    let _ = podman(&["rmi", "-a", "-f"]).stdout(Stdio::null()).status();
+    // Only dangling images (earlier builds' binaries) go; the base and layers stay cached.
+    let _ = podman(&["image", "prune", "-f"])
+        .stdout(Stdio::null())
+        .status();
     eprintln!("==> image {TAG} built and smoke-tested");
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! - `cargo xtask bench policy`: the NetworkPolicy table at scale (build, render, apply).
 //! - `cargo xtask vm-test ipvs`: the IPVS suite inside a qemu guest (Debian's kernel).
 //! - `cargo xtask apiserver`: a real kube-apiserver + etcd on loopback (built and cached).
+//! - `cargo xtask cluster up | down | test | build`: a real cluster with weir deployed.
 
 mod apiserver;
 mod bench;
@@ -20,6 +21,7 @@ mod bench_datapath;
 mod bench_plot;
 mod bench_policy;
 mod bench_rig;
+mod cluster;
 mod demo;
 mod image;
 mod multinode;
@@ -50,9 +52,14 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
-    /// A real kube-apiserver 1.20 + etcd on loopback until Ctrl-C, built from Debian's
-    /// packages on first use and cached under /var/cache/weir/apiserver.
+    /// A real kube-apiserver + etcd of the pinned release on loopback until Ctrl-C, built
+    /// from the Go module proxy on first use and cached under /var/cache/weir/k8s.
     Apiserver(apiserver::ApiserverArgs),
+    /// A real Kubernetes cluster of the pinned release on this machine (control plane on
+    /// the host, nodes in namespaces with containerd and kubelet), weir deployed from
+    /// deploy/weir.yaml: `up [--nodes N] [--proxy-mode M]`, `down`, `test`, `build`.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Build weir's container image (deploy/Containerfile) with podman and smoke-test it,
     /// with a locally made Debian base (no registry).
     Image(image::ImageArgs),
@@ -109,6 +116,7 @@ fn test() -> Result<()> {
         .unwrap_or_else(|_| root.join("target"));
     let proxy_bin = target.join("debug/weir-proxy").display().to_string();
     toolchain::ensure_ebpf()?;
+    toolchain::ensure_test_packages()?;
     step("format", "cargo", &["fmt", "--all", "--", "--check"], &[])?;
     step(
         "clippy",
@@ -157,10 +165,14 @@ fn test() -> Result<()> {
         ],
     )?;
     step("build", "cargo", &["build", "--workspace", "--bins"], &[])?;
-    // The API server tier's binaries: built once from Debian's packages (minutes), then
-    // cached; built here so the tests do not each wait for it.
-    eprintln!("\n==> kube-apiserver for the API server tier (cached after the first build)");
-    weir_e2e::apiserver::ensure_built()?;
+    // The pinned Kubernetes release (API server and cluster tiers): built once from the Go
+    // module proxy (about 25 minutes cold), then cached; built here so the tests do not
+    // each wait for it.
+    eprintln!(
+        "\n==> Kubernetes {} for the API server tier (cached after the first build)",
+        weir_e2e::k8s::release()
+    );
+    weir_e2e::k8s::ensure_built()?;
     step(
         "tests (unit, fake dataplane, real kernel in network namespaces)",
         "cargo",
@@ -229,6 +241,10 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Check(a)) => bench_check::check(a, &workspace_root()),
         Cmd::Apiserver(a) => apiserver::apiserver(a),
         Cmd::Image(a) => image::image(a, &workspace_root()),
+        Cmd::Cluster(c) => {
+            toolchain::ensure_ebpf()?;
+            cluster::cluster(c, &workspace_root())
+        }
         Cmd::VmTest(a) => vm::vm_test(a, &workspace_root()),
     }
 }

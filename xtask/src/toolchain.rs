@@ -53,3 +53,37 @@ pub fn ensure_ebpf() -> Result<()> {
     }
     Ok(())
 }
+
+/// The Debian packages the test tiers use, installed when missing (as `.ci/run` does), so
+/// `cargo xtask test` alone works on a fresh machine:
+/// nftables, iproute2, conntrack, procps: the netns tiers; containernetworking-plugins
+/// (portmap, tuning, loopback chained after weir-cni; the cluster's containerd loads
+/// loopback and portmap from it), iputils-ping; openssl (the API and cluster tiers'
+/// certificates); podman, runc, busybox-static (podman as a CNI client; runc is also the
+/// cluster's runtime; busybox is the agnhost image's shell and tools), curl (in the agnhost
+/// image), debootstrap and debian-archive-keyring (weir's image base); qemu-system-x86,
+/// xz-utils (the IPVS guest); iptables (the benchmark reference).
+pub const TEST_PACKAGES: [&str; 17] = [
+    "nftables",
+    "iproute2",
+    "conntrack",
+    "procps",
+    "containernetworking-plugins",
+    "iputils-ping",
+    "openssl",
+    "podman",
+    "runc",
+    "busybox-static",
+    "curl",
+    "debootstrap",
+    "debian-archive-keyring",
+    "qemu-system-x86",
+    "xz-utils",
+    "iptables",
+    "util-linux",
+];
+
+/// Installs what is missing of [`TEST_PACKAGES`].
+pub fn ensure_test_packages() -> Result<()> {
+    crate::image::apt_install(&TEST_PACKAGES)
+}

@@ -316,6 +316,11 @@ impl KernelMaps {
                     .into(),
             ));
         }
+        tracing::info!(
+            cgroup = %s.cgroup.display(),
+            bpffs = %s.bpffs_dir.display(),
+            "eBPF socket hooks attach to this cgroup2"
+        );
         ensure_bpffs_dir(&s.bpffs_dir)?;
         let mut ebpf = load(&s.bpffs_dir, VerifierLogLevel::default())?;
         let cgroup = std::fs::File::open(&s.cgroup).map_err(|e| cg_err(format!("open: {e}")))?;

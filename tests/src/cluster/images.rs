@@ -1,0 +1,316 @@
+//! Container images made locally, with no registry: OCI image archives (one uncompressed
+//! layer) written from files of this machine, imported into each node's containerd under
+//! the names the kubelet and the e2e suite ask for.
+//!
+//! - the pause image (`registry.k8s.io/pause:<tag>`): the release's pause.c, static;
+//! - agnhost (`registry.k8s.io/e2e-test-images/agnhost:<tag>`): the release's agnhost with
+//!   what the e2e suite runs inside it, as upstream's image has: a shell and the usual
+//!   tools from busybox (sh, nc, ip, wget, ...), and curl with its libraries.
+
+use crate::k8s::Binaries;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// agnhost's tag in the pinned release (test/images/agnhost/VERSION, also what
+/// test/utils/image/manifest.go names).
+pub const AGNHOST_IMAGE: &str = "registry.k8s.io/e2e-test-images/agnhost:2.66.1";
+
+/// One entry of an image's file system.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// A file copied from the host, with its mode.
+    File(PathBuf, u32),
+    /// A symbolic link to this target.
+    Symlink(String),
+    /// A directory with this mode.
+    Dir(u32),
+}
+
+/// An image to write: its reference, process and file system.
+#[derive(Debug, Clone, Default)]
+pub struct ImageSpec {
+    /// Full reference, e.g. `registry.k8s.io/pause:3.10.2`.
+    pub reference: String,
+    /// ENTRYPOINT.
+    pub entrypoint: Vec<String>,
+    /// CMD.
+    pub cmd: Vec<String>,
+    /// Path in the image (no leading slash) -> entry; parents are made as needed.
+    pub files: BTreeMap<String, Entry>,
+}
+
+fn digest(data: &[u8]) -> String {
+    let d = Sha256::digest(data);
+    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+fn header(path: &str, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    let _ = h.set_path(path);
+    h.set_cksum();
+    h
+}
+
+/// The layer tarball of `files` (parents first, deterministic).
+pub fn layer(files: &BTreeMap<String, Entry>) -> Result<Vec<u8>> {
+    let mut all: BTreeMap<String, Entry> = BTreeMap::new();
+    for (path, e) in files {
+        let path = path.trim_start_matches('/');
+        let mut parent = Path::new(path).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            all.entry(p.display().to_string())
+                .or_insert(Entry::Dir(0o755));
+            parent = p.parent();
+        }
+        all.insert(path.to_owned(), e.clone());
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, e) in &all {
+        match e {
+            Entry::Dir(mode) => {
+                let h = header(&format!("{path}/"), tar::EntryType::Directory, *mode, 0);
+                b.append(&h, std::io::empty())?;
+            }
+            Entry::Symlink(target) => {
+                let mut h = header(path, tar::EntryType::Symlink, 0o777, 0);
+                h.set_link_name(target)?;
+                h.set_cksum();
+                b.append(&h, std::io::empty())?;
+            }
+            Entry::File(src, mode) => {
+                let data = fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+                let h = header(path, tar::EntryType::Regular, *mode, data.len() as u64);
+                b.append(&h, data.as_slice())?;
+            }
+        }
+    }
+    Ok(b.into_inner()?)
+}
+
+/// Writes `spec` as an OCI image archive (oci-layout, index.json naming the reference,
+/// blobs) to `out`.
+pub fn write_archive(spec: &ImageSpec, out: &Path) -> Result<()> {
+    let layer = layer(&spec.files)?;
+    let layer_digest = digest(&layer);
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Entrypoint": spec.entrypoint,
+            "Cmd": spec.cmd,
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        },
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    }))?;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": digest(&config),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest,
+            "size": layer.len(),
+        }],
+    }))?;
+    let tag = spec
+        .reference
+        .rsplit_once(':')
+        .map(|(_, t)| t)
+        .unwrap_or("latest");
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest(&manifest),
+            "size": manifest.len(),
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {
+                "io.containerd.image.name": spec.reference,
+                "org.opencontainers.image.ref.name": tag,
+            },
+        }],
+    }))?;
+    let tmp = out.with_extension("part");
+    let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut b = tar::Builder::new(std::io::BufWriter::new(file));
+    let mut put = |path: &str, data: &[u8]| -> Result<()> {
+        let h = header(path, tar::EntryType::Regular, 0o644, data.len() as u64);
+        b.append(&h, data)?;
+        Ok(())
+    };
+    put("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    put("index.json", &index)?;
+    for blob in [&layer, &config, &manifest] {
+        let d = digest(blob);
+        put(
+            &format!("blobs/sha256/{}", d.trim_start_matches("sha256:")),
+            blob,
+        )?;
+    }
+    b.into_inner()?.into_inner().map_err(|e| e.into_error())?;
+    fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// The pause image of the kubelet's sandboxes.
+pub fn pause_spec(bins: &Binaries) -> ImageSpec {
+    let mut files = BTreeMap::new();
+    files.insert("pause".to_owned(), Entry::File(bins.pause.clone(), 0o755));
+    ImageSpec {
+        reference: super::runtime::PAUSE_IMAGE.to_owned(),
+        entrypoint: vec!["/pause".to_owned()],
+        cmd: Vec::new(),
+        files,
+    }
+}
+
+/// Adds a host program and the shared libraries it loads (from `ldd`) at their paths.
+fn add_with_libraries(files: &mut BTreeMap<String, Entry>, program: &Path) -> Result<()> {
+    files.insert(
+        program
+            .display()
+            .to_string()
+            .trim_start_matches('/')
+            .to_owned(),
+        Entry::File(program.to_owned(), 0o755),
+    );
+    let out = Command::new("ldd")
+        .arg(program)
+        .output()
+        .context("starting ldd")?;
+    if !out.status.success() {
+        bail!(
+            "ldd {}: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, right)) => right.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|w| w.starts_with('/')),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let real = fs::canonicalize(path).with_context(|| format!("resolving {path}"))?;
+        files.insert(
+            path.trim_start_matches('/').to_owned(),
+            Entry::File(real, 0o755),
+        );
+    }
+    Ok(())
+}
+
+/// The agnhost image (see the module docs). Needs busybox-static and curl on the host.
+pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
+    let busybox = Path::new("/bin/busybox");
+    let curl = Path::new("/usr/bin/curl");
+    for (p, pkg) in [(busybox, "busybox-static"), (curl, "curl")] {
+        if !p.is_file() {
+            bail!("{} is missing (apt-get install {pkg})", p.display());
+        }
+    }
+    let mut files = BTreeMap::new();
+    files.insert(
+        "agnhost".to_owned(),
+        Entry::File(bins.agnhost.clone(), 0o755),
+    );
+    files.insert(
+        "bin/busybox".to_owned(),
+        Entry::File(busybox.to_owned(), 0o755),
+    );
+    let list = Command::new(busybox).arg("--list").output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let applet = applet.trim();
+        if !applet.is_empty() && applet != "busybox" {
+            files.insert(
+                format!("bin/{applet}"),
+                Entry::Symlink("busybox".to_owned()),
+            );
+        }
+    }
+    add_with_libraries(&mut files, curl)?;
+    for d in ["tmp", "var/tmp"] {
+        files.insert(d.to_owned(), Entry::Dir(0o1777));
+    }
+    files.insert("etc".to_owned(), Entry::Dir(0o755));
+    Ok(ImageSpec {
+        reference: AGNHOST_IMAGE.to_owned(),
+        entrypoint: vec!["/agnhost".to_owned()],
+        cmd: vec!["pause".to_owned()],
+        files,
+    })
+}
+
+/// Writes the pause and agnhost archives into `dir`; their paths.
+pub fn write_test_images(bins: &Binaries, dir: &Path) -> Result<Vec<PathBuf>> {
+    fs::create_dir_all(dir)?;
+    let mut out = Vec::new();
+    for (name, spec) in [
+        ("pause", pause_spec(bins)),
+        ("agnhost", agnhost_spec(bins)?),
+    ] {
+        let path = dir.join(format!("{name}.oci.tar"));
+        write_archive(&spec, &path)?;
+        out.push(path);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layer_lists_parents_before_children_with_links() {
+        let mut files = BTreeMap::new();
+        files.insert("bin/sh".to_owned(), Entry::Symlink("busybox".to_owned()));
+        files.insert("tmp".to_owned(), Entry::Dir(0o1777));
+        let data = layer(&files).unwrap();
+        let mut a = tar::Archive::new(data.as_slice());
+        let names: Vec<(String, tar::EntryType)> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().entry_type(),
+                )
+            })
+            .collect();
+        assert_eq!(names[0], ("bin".to_owned(), tar::EntryType::Directory));
+        assert_eq!(names[1], ("bin/sh".to_owned(), tar::EntryType::Symlink));
+        assert_eq!(names[2].0, "tmp");
+    }
+
+    #[test]
+    fn digests_are_sha256_hex() {
+        assert_eq!(
+            digest(b"abc"),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
