@@ -98,7 +98,7 @@ impl<'a> Ns<'a> {
         .to_owned()
     }
 
-    /// Pod name -> node name of the pods matching `selector`.
+    /// Pod name -> node name of the pods matching `selector` (not terminating).
     fn pods_by_node(&self, selector: &str) -> Vec<(String, String)> {
         let v: Value = serde_json::from_str(
             &self
@@ -110,6 +110,8 @@ impl<'a> Ns<'a> {
             .as_array()
             .unwrap()
             .iter()
+            // Pods on their way out are listed until they are gone.
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
             .map(|p| {
                 (
                     p["metadata"]["name"].as_str().unwrap().to_owned(),

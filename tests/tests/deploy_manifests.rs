@@ -120,8 +120,14 @@ fn the_daemonset_runs_on_the_host_network_with_only_net_admin_bpf_perfmon_and_pr
         .unwrap()
         .iter()
         .any(|a| a == "--config=/etc/weir/config.conf"));
-    let init = &pod.init_containers.as_ref().unwrap()[0];
-    assert_eq!(init.name, "install-cni");
+    let inits = pod.init_containers.as_ref().unwrap();
+    let names: Vec<&str> = inits.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["sysctls", "install-cni"]);
+    // Only the sysctl step is privileged; install-cni drops every capability.
+    assert_eq!(
+        inits[1].security_context.as_ref().unwrap().capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
 }
 
 #[test]

@@ -41,8 +41,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run every test tier: fmt check, clippy -D warnings, build, unit + fake + netns tests,
-    /// the benchmark regression check, then the IPVS suite inside a qemu guest.
+    /// Run every test tier: fmt check, clippy -D warnings, build, unit + fake + netns + API
+    /// tests, the cluster tier, the benchmark regression check, then the IPVS suite inside
+    /// a qemu guest.
     Test,
     /// The main job on an embedded default: a namespace topology, a Service from YAML,
     /// real traffic through its ClusterIP and NodePort, an endpoint removed, cleanup.
@@ -179,6 +180,19 @@ fn test() -> Result<()> {
         &["test", "--workspace"],
         &[("WEIR_PROXY_BIN", proxy_bin)],
     )?;
+    // The cluster tier: a real cluster of the pinned release with weir deployed from
+    // deploy/weir.yaml (two nodes, nftables mode; the mode-switch test also runs eBPF mode
+    // under the DaemonSet), torn down afterwards. A cluster that does not come up fails
+    // the run with the failing component's log tail.
+    eprintln!("\n==> cluster tier: cargo xtask cluster test --nodes 2");
+    cluster::cluster(
+        cluster::ClusterCmd::Test(cluster::UpArgs {
+            nodes: 2,
+            proxy_mode: "nftables".to_owned(),
+        }),
+        &root,
+    )
+    .context("the cluster tier (cargo xtask cluster test)")?;
     // The benchmark regression check: the debug binaries just built (no release build),
     // a few minutes; fails only
     // when a gated ratio (ClusterIP ÷ pod IP latency, peak RSS) is more than 25% worse than

@@ -433,12 +433,26 @@ impl KernelMaps {
 /// Sets `net.ipv4.conf.IFACE.accept_local`: a masqueraded flow's reply leaves the ingress
 /// program with the frontend as its source, which for a NodePort is the node's own
 /// address, and the kernel would drop such a packet as a martian.
+/// In a container /proc/sys is read-only: then the setting must already be in force, for
+/// this interface or for `all` (the kernel ORs the two), as the DaemonSet's `sysctls` init
+/// container makes it.
 fn accept_local(interface: &str) -> Result<(), EbpfError> {
     let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
-    std::fs::write(&path, "1").map_err(|e| EbpfError::TcAttach {
+    let Err(e) = std::fs::write(&path, "1") else {
+        return Ok(());
+    };
+    let on = |p: &str| std::fs::read_to_string(p).is_ok_and(|v| v.trim() == "1");
+    if on(&path) || on("/proc/sys/net/ipv4/conf/all/accept_local") {
+        tracing::debug!(interface, error = %e, "accept_local is already on");
+        return Ok(());
+    }
+    Err(EbpfError::TcAttach {
         program: TC_INGRESS,
         interface: interface.to_owned(),
-        message: format!("{path}: {e}"),
+        message: format!(
+            "{path}: {e} (and net.ipv4.conf.all.accept_local is not 1: set it on the node, \
+             as deploy/weir.yaml's sysctls init container does)"
+        ),
     })
 }
 
