@@ -125,7 +125,15 @@ fn the_daemonset_runs_on_the_host_network_with_only_net_admin_bpf_perfmon_and_pr
     assert_eq!(names, ["sysctls", "install-cni"]);
     // Only the sysctl step is privileged; install-cni drops every capability.
     assert_eq!(
-        inits[1].security_context.as_ref().unwrap().capabilities.as_ref().unwrap().drop.as_deref(),
+        inits[1]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap()
+            .drop
+            .as_deref(),
         Some(&["ALL".to_owned()][..])
     );
 }
