@@ -8,6 +8,7 @@
 //! kubeconfigs; dropping it stops both processes and removes the directory. EndpointSlices
 //! are the built-in `discovery.k8s.io/v1`.
 
+use crate::cluster::control_plane::base64;
 pub use crate::k8s::{ensure_built, release, Binaries};
 use crate::k8s::{remove_stale, tail};
 
@@ -670,6 +671,8 @@ impl ApiServer {
             self.dir.join("tokens.csv").display()
         ))
         .arg(format!("--authorization-mode={authz}"))
+        // As kubeadm and kind run it: deploy/weir.yaml's sysctls step is privileged.
+        .arg("--allow-privileged=true")
         .arg("--disable-admission-plugins=ServiceAccount")
         .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
         .arg("--etcd-compaction-interval=10s")
@@ -840,28 +843,6 @@ fn new_token() -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     )
-}
-
-/// Standard base64 with padding.
-fn base64(data: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ABC[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
