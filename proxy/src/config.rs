@@ -556,7 +556,12 @@ mod tests {
     fn ebpf_mode_takes_its_cgroup_and_bpffs_dir() {
         let c = parse(&["--proxy-mode", "ebpf", "--source", "dir:/x"]).unwrap();
         assert_eq!(c.mode.as_str(), "ebpf");
-        assert_eq!(c.ebpf.cgroup, PathBuf::from("/sys/fs/cgroup"));
+        // Without the flag: this process's cgroup2 mount (here /sys/fs/cgroup/unified).
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|m| cgroup2_mount_in(&m))
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(c.ebpf.cgroup, mounted);
         assert_eq!(c.ebpf.bpffs_dir, PathBuf::from("/sys/fs/bpf/weir"));
         let c = parse(&[
             "--proxy-mode",

@@ -301,9 +301,9 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(names[0], ("bin".to_owned(), tar::EntryType::Directory));
+        assert_eq!(names[0], ("bin/".to_owned(), tar::EntryType::Directory));
         assert_eq!(names[1], ("bin/sh".to_owned(), tar::EntryType::Symlink));
-        assert_eq!(names[2].0, "tmp");
+        assert_eq!(names[2].0, "tmp/");
     }
 
     #[test]
