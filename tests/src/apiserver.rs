@@ -259,32 +259,18 @@ impl ApiServer {
     }
 
     fn kubectl_with(&self, kubeconfig: &Path, args: &[&str], input: &str) -> Result<String> {
-        let mut child = Command::new(&self.bins.kubectl)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .arg("--request-timeout=30s")
-            .arg(format!(
-                "--cache-dir={}",
-                self.dir.join("kubectl-cache").display()
-            ))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting kubectl")?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::cluster::kubectl(
+            Command::new(&self.bins.kubectl)
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .arg("--request-timeout=30s")
+                .arg(format!(
+                    "--cache-dir={}",
+                    self.dir.join("kubectl-cache").display()
+                )),
+            args,
+            input,
+        )
     }
 
     /// `kubectl apply -f -` of one or more YAML documents.

@@ -63,6 +63,32 @@ impl<'a> Ns<'a> {
             .unwrap_or_else(|e| format!("exec failed: {e:#}"))
     }
 
+    /// Starts `sh -c script` in the `client` pod on a thread; its stdout when joined.
+    fn in_client_background(&self, script: &str) -> std::thread::JoinHandle<String> {
+        let args: Vec<String> = [
+            "--kubeconfig",
+            &self.c.kubeconfig().display().to_string(),
+            "-n",
+            &self.name,
+            "exec",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]
+        .map(String::from)
+        .into();
+        let kubectl = self.c.bins.kubectl.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(kubectl)
+                .args(&args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        })
+    }
+
     fn wait_rollout(&self, what: &str) {
         self.kubectl(&["rollout", "status", what, "--timeout=180s"])
             .unwrap_or_else(|e| panic!("{what}: {e:#}\n{}", self.c.diagnose()));
@@ -381,18 +407,7 @@ fn a_rolling_update_loses_no_request_of_a_client_looping_through_the_clusterip()
          if curl -s -m 2 -o /dev/null http://{ip}/hostname; then ok=$((ok+1)); else fail=$((fail+1)); fi; \
          sleep 0.1; done; echo ok=$ok fail=$fail"
     );
-    let ns_name = ns.name.clone();
-    let kubeconfig = c.kubeconfig();
-    let kubectl = c.bins.kubectl.clone();
-    let looper = std::thread::spawn(move || {
-        std::process::Command::new(kubectl)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(["-n", &ns_name, "exec", "client", "--", "sh", "-c", &script])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    });
+    let looper = ns.in_client_background(&script);
     std::thread::sleep(Duration::from_secs(3));
     ns.kubectl(&["rollout", "restart", "deployment/web"])
         .unwrap();
@@ -515,22 +530,11 @@ fn deleting_a_weir_pod_keeps_established_connections_and_the_rules() {
     });
     // One TCP connection held open across the restart: a netcat session speaking HTTP/1.1
     // keep-alive to netexec, one request a second for 20 s, replies counted.
-    let ns_name = ns.name.clone();
-    let kubeconfig = c.kubeconfig();
-    let kubectl = c.bins.kubectl.clone();
     let script = format!(
         "(for i in $(seq 1 20); do printf 'GET /echo?msg=r%s HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' $i; sleep 1; done) \
          | nc {ip} 80 | grep -c '^r[0-9]'"
     );
-    let looper = std::thread::spawn(move || {
-        std::process::Command::new(kubectl)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(["-n", &ns_name, "exec", "client", "--", "sh", "-c", &script])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    });
+    let looper = ns.in_client_background(&script);
     std::thread::sleep(Duration::from_secs(3));
     let before = programmed(&c, n, &ip);
     assert!(before.is_ok(), "node{n} before the restart: {before:?}");

@@ -171,27 +171,13 @@ impl Cluster {
 
     /// Runs kubectl as the admin with `input` on stdin.
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
-        let mut child = Command::new(&self.bins.kubectl)
-            .arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting kubectl")?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        kubectl(
+            Command::new(&self.bins.kubectl)
+                .arg("--kubeconfig")
+                .arg(self.kubeconfig()),
+            args,
+            input,
+        )
     }
 
     /// `kubectl get ... -o json`, parsed.
@@ -390,6 +376,30 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// Runs `cmd` (kubectl with its global flags) with `args` and `input` on stdin; its stdout,
+/// or its stderr in the error.
+pub fn kubectl(cmd: &mut Command, args: &[&str], input: &str) -> Result<String> {
+    let mut child = cmd
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting kubectl")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Whether a Node object's Ready condition is True.
