@@ -796,3 +796,52 @@ fn switching_the_mode_in_the_configmap_moves_every_node_and_leaves_nothing_behin
         eprintln!("{to} mode: {:?}", hostnames(&out));
     }
 }
+
+#[test]
+#[ignore = "needs the cluster of `cargo xtask cluster test`"]
+fn exec_logs_and_port_forward_reach_the_kubelets_through_the_api_server() {
+    let Some(c) = cluster() else { return };
+    let ns = Ns::new(&c, "t-stream");
+    ns.apply(&web_yaml(1, "--delay-shutdown=0"));
+    ns.wait_rollout("deployment/web");
+    ns.wait_pod_ready("client");
+    let (pod, _) = ns.pods_by_node("app=web").remove(0);
+    // exec: the client pod's hostname is its name.
+    assert_eq!(ns.in_client("hostname").trim(), "client");
+    // logs: netexec says where it listens.
+    let logs = ns.kubectl(&["logs", &pod]).unwrap();
+    assert!(logs.contains("8080"), "kubectl logs {pod}: {logs}");
+    // port-forward: a local port on the host to the pod's 8080.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut pf = std::process::Command::new(&c.bins.kubectl)
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig())
+        .args([
+            "-n",
+            &ns.name,
+            "port-forward",
+            &format!("pod/{pod}"),
+            &format!("{port}:8080"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let got = wait_for(
+        "an answer through kubectl port-forward",
+        Duration::from_secs(30),
+        || {
+            http_get(&format!("127.0.0.1:{port}"), "/hostname")
+                .ok()
+                .filter(|(s, _)| *s == 200)
+                .map(|(_, b)| b)
+        },
+    );
+    let _ = pf.kill();
+    let _ = pf.wait();
+    assert_eq!(got.trim(), pod);
+}

@@ -62,8 +62,9 @@ pub fn ensure_ebpf() -> Result<()> {
 /// certificates); podman, runc, busybox-static (podman as a CNI client; runc is also the
 /// cluster's runtime; busybox is the agnhost image's shell and tools), curl (in the agnhost
 /// image), debootstrap and debian-archive-keyring (weir's image base); qemu-system-x86,
-/// xz-utils (the IPVS guest); iptables (the benchmark reference).
-pub const TEST_PACKAGES: [&str; 17] = [
+/// xz-utils (the IPVS guest); iptables (the benchmark reference); util-linux (nsenter,
+/// unshare: the cluster's nodes); libc6-dev (the static pause program).
+pub const TEST_PACKAGES: [&str; 18] = [
     "nftables",
     "iproute2",
     "conntrack",
@@ -81,6 +82,7 @@ pub const TEST_PACKAGES: [&str; 17] = [
     "xz-utils",
     "iptables",
     "util-linux",
+    "libc6-dev",
 ];
 
 /// Installs what is missing of [`TEST_PACKAGES`].
