@@ -6,8 +6,9 @@
 //! `CGO_ENABLED=0` (static, so the same files go into images):
 //! kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, kube-proxy,
 //! agnhost, e2e.test (`go test -c k8s.io/kubernetes/test/e2e`), etcd, containerd,
-//! containerd-shim-runc-v2, ctr, and the pause container's program (the release's
-//! `build/pause/linux/pause.c`, compiled static with gcc). runc is Debian's.
+//! containerd-shim-runc-v2, ctr, the pause container's program (the release's
+//! `build/pause/linux/pause.c`, compiled static with gcc) and CoreDNS
+//! (`tests/cluster/coredns`). runc is Debian's.
 //!
 //! The result lives in `/var/cache/weir/k8s/<release>` (`$WEIR_K8S_CACHE` overrides the
 //! root); it is usable once its `complete` marker holds the fingerprint of the pins (both
@@ -25,6 +26,8 @@ const K8S_GO_MOD: &str = include_str!("../cluster/k8s/go.mod");
 const K8S_GO_SUM: &str = include_str!("../cluster/k8s/go.sum");
 const CONTAINERD_GO_MOD: &str = include_str!("../cluster/containerd/go.mod");
 const CONTAINERD_GO_SUM: &str = include_str!("../cluster/containerd/go.sum");
+const COREDNS_GO_MOD: &str = include_str!("../cluster/coredns/go.mod");
+const COREDNS_GO_SUM: &str = include_str!("../cluster/coredns/go.sum");
 /// Bumped whenever the recipe changes what ends up in the cache.
 const RECIPE_REVISION: u32 = 1;
 /// The marker written last, holding [`fingerprint`].
@@ -67,10 +70,22 @@ pub fn fingerprint() -> String {
         }
     };
     feed(&RECIPE_REVISION.to_string());
-    for text in [K8S_GO_MOD, K8S_GO_SUM, CONTAINERD_GO_MOD, CONTAINERD_GO_SUM] {
+    for text in [
+        K8S_GO_MOD,
+        K8S_GO_SUM,
+        CONTAINERD_GO_MOD,
+        CONTAINERD_GO_SUM,
+        COREDNS_GO_MOD,
+        COREDNS_GO_SUM,
+    ] {
         feed(text);
     }
     format!("{} {h:016x}", release())
+}
+
+/// The CoreDNS version pinned.
+pub fn coredns_version() -> &'static str {
+    required_version(COREDNS_GO_MOD, "github.com/coredns/coredns").unwrap_or("unknown")
 }
 
 /// The built programs.
@@ -104,6 +119,8 @@ pub struct Binaries {
     pub ctr: PathBuf,
     /// The pause container's program (static).
     pub pause: PathBuf,
+    /// CoreDNS, the cluster's DNS server.
+    pub coredns: PathBuf,
 }
 
 /// The Go programs of the k8s module: (output name, package).
@@ -144,10 +161,11 @@ impl Binaries {
             containerd_shim: b("containerd-shim-runc-v2"),
             ctr: b("ctr"),
             pause: b("pause"),
+            coredns: b("coredns"),
         }
     }
 
-    fn all(&self) -> [&PathBuf; 13] {
+    fn all(&self) -> [&PathBuf; 14] {
         [
             &self.kube_apiserver,
             &self.kube_controller_manager,
@@ -162,6 +180,7 @@ impl Binaries {
             &self.containerd_shim,
             &self.ctr,
             &self.pause,
+            &self.coredns,
         ]
     }
 
@@ -310,6 +329,11 @@ fn build(work: &Path) -> Result<()> {
         "download containerd's modules",
         &mut go("containerd", &["mod", "download"]),
     )?;
+    step(
+        &log,
+        "download CoreDNS's modules",
+        &mut go("coredns", &["mod", "download"]),
+    )?;
     let mut args = vec!["build", "-ldflags", &ld, "-o", &out_dir];
     args.extend(K8S_COMMANDS.iter().map(|(_, p)| *p));
     step(
@@ -361,6 +385,22 @@ fn build(work: &Path) -> Result<()> {
         &log,
         "containerd, its runc shim and ctr",
         &mut go("containerd", &args),
+    )?;
+    let coredns = bin.join("coredns").display().to_string();
+    step(
+        &log,
+        "CoreDNS",
+        &mut go(
+            "coredns",
+            &[
+                "build",
+                "-ldflags",
+                "-s -w",
+                "-o",
+                &coredns,
+                "github.com/coredns/coredns",
+            ],
+        ),
     )?;
     let src = module_source_dir("k8s.io/kubernetes")?;
     let pause = bin.join("pause").display().to_string();

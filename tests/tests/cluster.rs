@@ -845,3 +845,34 @@ fn exec_logs_and_port_forward_reach_the_kubelets_through_the_api_server() {
     let _ = pf.wait();
     assert_eq!(got.trim(), pod);
 }
+
+#[test]
+#[ignore = "needs the cluster of `cargo xtask cluster test`"]
+fn services_are_reached_by_name_through_the_cluster_dns() {
+    let Some(c) = cluster() else { return };
+    let ns = Ns::new(&c, "t-dns");
+    ns.apply(&web_yaml(c.nodes, "--delay-shutdown=0"));
+    ns.wait_rollout("deployment/web");
+    ns.wait_pod_ready("client");
+    let ip = ns.cluster_ip("web");
+    // kube-dns is itself a ClusterIP weir programs; CoreDNS answers from the API.
+    let answer = wait_for(
+        "web.t-dns.svc.cluster.local resolving",
+        Duration::from_secs(60),
+        || {
+            let out = ns.in_client("nslookup web.t-dns.svc.cluster.local");
+            out.contains(&ip).then_some(out)
+        },
+    );
+    assert!(
+        answer.contains("10.96.0.10"),
+        "answered by kube-dns: {answer}"
+    );
+    // The short name through the pod's search path, over TCP to the endpoints.
+    let out = wait_for("http://web/ by name", Duration::from_secs(60), || {
+        let out =
+            ns.in_client("for i in $(seq 1 10); do curl -s -m 2 http://web/hostname; echo; done");
+        (!hostnames(&out).is_empty()).then_some(out)
+    });
+    eprintln!("by name: {:?}", hostnames(&out));
+}

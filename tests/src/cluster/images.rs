@@ -20,6 +20,9 @@ use std::process::Command;
 /// test/utils/image/manifest.go names).
 pub const AGNHOST_IMAGE: &str = "registry.k8s.io/e2e-test-images/agnhost:2.66.1";
 
+/// The cluster DNS image.
+pub const COREDNS_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.15.0";
+
 /// One entry of an image's file system.
 #[derive(Debug, Clone)]
 pub enum Entry {
@@ -181,6 +184,23 @@ pub fn pause_spec(bins: &Binaries) -> ImageSpec {
     }
 }
 
+/// CoreDNS (static), its Corefile from a ConfigMap.
+pub fn coredns_spec(bins: &Binaries) -> ImageSpec {
+    let mut files = BTreeMap::new();
+    files.insert(
+        "coredns".to_owned(),
+        Entry::File(bins.coredns.clone(), 0o755),
+    );
+    files.insert("etc".to_owned(), Entry::Dir(0o755));
+    files.insert("tmp".to_owned(), Entry::Dir(0o1777));
+    ImageSpec {
+        reference: COREDNS_IMAGE.to_owned(),
+        entrypoint: vec!["/coredns".to_owned()],
+        cmd: Vec::new(),
+        files,
+    }
+}
+
 /// Adds a host program and the shared libraries it loads (from `ldd`) at their paths.
 fn add_with_libraries(files: &mut BTreeMap<String, Entry>, program: &Path) -> Result<()> {
     files.insert(
@@ -264,13 +284,14 @@ pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
     })
 }
 
-/// Writes the pause and agnhost archives into `dir`; their paths.
+/// Writes the pause, agnhost and CoreDNS archives into `dir`; their paths.
 pub fn write_test_images(bins: &Binaries, dir: &Path) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(dir)?;
     let mut out = Vec::new();
     for (name, spec) in [
         ("pause", pause_spec(bins)),
         ("agnhost", agnhost_spec(bins)?),
+        ("coredns", coredns_spec(bins)),
     ] {
         let path = dir.join(format!("{name}.oci.tar"));
         write_archive(&spec, &path)?;

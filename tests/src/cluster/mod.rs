@@ -26,6 +26,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The kube-dns Service's ClusterIP, every kubelet's `clusterDNS`.
+pub const CLUSTER_DNS: &str = "10.96.0.10";
+/// The cluster's DNS (CoreDNS), applied once weir serves Services.
+pub const COREDNS_MANIFEST: &str = include_str!("coredns.yaml");
+
 /// The most nodes a cluster has (the 2-core machine runs every kubelet and containerd).
 pub const MAX_NODES: usize = 3;
 
@@ -120,7 +125,7 @@ impl Cluster {
         let pki = control_plane::Pki::create(state, self.nodes)?;
         say("control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler");
         control_plane::start(state, &self.bins, &pki)?;
-        say("images: pause and agnhost (local OCI archives)");
+        say("images: pause, agnhost and CoreDNS (local OCI archives)");
         let mut archives = images::write_test_images(&self.bins, &state.join("images"))?;
         archives.push(opts.weir_image.clone());
         let hs = node::hierarchies()?;
@@ -135,8 +140,19 @@ impl Cluster {
         say("deploying weir: kubectl apply -f deploy/weir.yaml");
         self.deploy(opts)?;
         self.wait_nodes_ready()?;
+        say("cluster DNS: CoreDNS behind kube-dns 10.96.0.10");
+        self.kubectl_stdin(&["apply", "-f", "-"], COREDNS_MANIFEST)?;
+        self.kubectl(&[
+            "-n",
+            "kube-system",
+            "rollout",
+            "status",
+            "deployment/coredns",
+            "--timeout=180s",
+        ])
+        .map_err(|e| e.context(self.diagnose()))?;
         say(&format!(
-            "up in {:.0} s: {} nodes Ready, daemonset/weir ready",
+            "up in {:.0} s: {} nodes Ready, daemonset/weir ready, CoreDNS ready",
             started.elapsed().as_secs_f64(),
             self.nodes
         ));

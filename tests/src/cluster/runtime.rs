@@ -68,6 +68,7 @@ pub fn kubelet_config(n: usize, ca: &Path) -> String {
          authentication:\n  anonymous:\n    enabled: false\n  webhook:\n    enabled: false\n  x509:\n    clientCAFile: {ca}\n\
          authorization:\n  mode: AlwaysAllow\n\
          clusterDomain: cluster.local\n\
+         clusterDNS: [{dns}]\n\
          resolvConf: /etc/resolv.conf\n\
          failSwapOn: false\n\
          # No CAP_SYS_RESOURCE here (see containerd's restrict_oom_score_adj).\n\
@@ -84,6 +85,7 @@ pub fn kubelet_config(n: usize, ca: &Path) -> String {
          fileCheckFrequency: 10s\n",
         ip = topology::node_ip(n),
         ca = ca.display(),
+        dns = super::CLUSTER_DNS,
     )
 }
 
