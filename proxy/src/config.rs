@@ -156,6 +156,18 @@ pub struct Args {
         value_name = "BOOL"
     )]
     pub network_policy: bool,
+    /// Serve Services (ClusterIP, NodePort, external and load-balancer IPs, health-check
+    /// node ports). `false` leaves Services to another proxy (such as kube-proxy) and keeps
+    /// weir's other parts (weir-cni's pod CIDRs, `--route-pod-cidrs`, NetworkPolicy); the
+    /// Service state any proxy mode of weir left programmed is removed at start.
+    #[arg(
+        long,
+        env = "WEIR_RUN_SERVICE_PROXY",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub run_service_proxy: bool,
     /// weir-cni's state directory: pods whose addresses its attachment records hold are
     /// this node's (else pods whose `spec.nodeName` is this node).
     #[arg(long, env = "WEIR_CNI_STATE_DIR")]
@@ -197,6 +209,8 @@ pub struct Config {
     pub masquerade_all: bool,
     /// Enforce NetworkPolicy.
     pub network_policy: bool,
+    /// Serve Services (`--run-service-proxy`).
+    pub run_service_proxy: bool,
     /// weir-cni's state directory (which pods are local).
     pub cni_state_dir: Option<PathBuf>,
     /// The IPVS scheduler (IPVS mode).
@@ -380,6 +394,7 @@ impl Args {
             route_pod_cidrs: self.route_pod_cidrs,
             cni_pod_cidrs_file: self.cni_pod_cidrs_file.clone(),
             network_policy: self.network_policy,
+            run_service_proxy: self.run_service_proxy,
             cni_state_dir: self.cni_state_dir.clone(),
             metrics_bind_address: addr("metrics-bind-address", &self.metrics_bind_address)?,
             healthz_bind_address: addr("healthz-bind-address", &self.healthz_bind_address)?,
@@ -447,6 +462,16 @@ mod tests {
         assert_eq!(c.min_sync_period, Duration::from_secs(1));
         assert_eq!(c.sync_period, Duration::from_secs(30));
         assert_eq!(c.node_name, "host1");
+    }
+
+    #[test]
+    fn services_are_served_unless_left_to_another_proxy() {
+        assert!(parse(&["--source", "dir:/x"]).unwrap().run_service_proxy);
+        let c = parse(&["--source", "dir:/x", "--run-service-proxy=false"]).unwrap();
+        assert!(!c.run_service_proxy);
+        assert!(c.network_policy, "NetworkPolicy stays on");
+        let bad = Args::try_parse_from(["weir-proxy", "--run-service-proxy=maybe"]);
+        assert!(bad.unwrap_err().to_string().contains("--run-service-proxy"));
     }
 
     #[test]

@@ -78,14 +78,19 @@ fn main() -> anyhow::Result<()> {
 /// nothing of the previous mode: eBPF mode's pins (links and maps) unless this is eBPF
 /// mode; the `weir` service tables in eBPF mode (nftables and IPVS mode use them); IPVS
 /// virtual servers unless this is IPVS mode. The policy table serves every mode and stays.
+///
+/// With `--run-service-proxy=false` every mode's Service state goes (another proxy serves
+/// Services now).
 fn remove_other_modes(cfg: &weir_proxy::config::Config, kernel: &KernelNft) -> anyhow::Result<()> {
-    if cfg.mode != ProxyMode::Ebpf {
+    let mode = cfg.run_service_proxy.then_some(cfg.mode);
+    if mode != Some(ProxyMode::Ebpf) {
         let pins = weir_proxy::dataplane::ebpf::kernel::cleanup(&cfg.ebpf.bpffs_dir)
             .context("removing eBPF mode's pins")?;
         if pins > 0 {
             tracing::info!(dir = %cfg.ebpf.bpffs_dir.display(), pins, "removed the eBPF mode's links and maps");
         }
-    } else {
+    }
+    if !matches!(mode, Some(ProxyMode::Nftables | ProxyMode::Ipvs)) {
         for family in FAMILIES {
             let existing = kernel.dump(family)?;
             if existing.is_some() {
@@ -94,7 +99,7 @@ fn remove_other_modes(cfg: &weir_proxy::config::Config, kernel: &KernelNft) -> a
             }
         }
     }
-    if cfg.mode != ProxyMode::Ipvs {
+    if mode != Some(ProxyMode::Ipvs) {
         let removed = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -115,7 +120,12 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(ProxyHealth::new(cfg.sync_period * 2));
     let state = Arc::new(HttpState {
-        mode: cfg.mode.as_str().to_owned(),
+        // Without Services, /proxyMode names no mode of weir's: another proxy serves them.
+        mode: if cfg.run_service_proxy {
+            cfg.mode.as_str().to_owned()
+        } else {
+            "none".to_owned()
+        },
         metrics: metrics.clone(),
         health: health.clone(),
         configz: serde_json::to_value(&cfg)?,
@@ -182,19 +192,22 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         health.clone(),
     );
     // healthCheckNodePort servers listen on every address, as kube-proxy's do by default.
-    let healthcheck = Arc::new(HealthCheckServer::new(Vec::new(), health.clone()));
+    let services = cfg.run_service_proxy;
+    let healthcheck =
+        services.then(|| Arc::new(HealthCheckServer::new(Vec::new(), health.clone())));
     let conntrack = match Conntrack::open() {
-        Ok(c) => Some(c),
+        Ok(c) if services => Some(c),
+        Ok(_) => None,
         Err(e) => {
             tracing::warn!(error = %e, "conntrack unavailable: stale UDP flows will not be deleted");
             None
         }
     };
-    let mut effects = SideEffects::new(Some(healthcheck), conntrack);
+    let mut effects = SideEffects::new(healthcheck, conntrack);
     if cfg.route_pod_cidrs {
         effects = effects.with_routes(weir_proxy::routes::RouteController::new()?);
     }
-    if cfg.mode == ProxyMode::Ipvs {
+    if services && cfg.mode == ProxyMode::Ipvs {
         let ipvs_cfg = weir_proxy::dataplane::ipvs::render::IpvsConfig {
             scheduler: cfg.ipvs_scheduler,
         };
@@ -211,7 +224,10 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
         effects = effects.with_cni_cidrs_file(path.clone());
     }
     let mut runner = runner.with_effects(effects);
-    if cfg.mode == weir_proxy::config::ProxyMode::Ebpf {
+    if !services {
+        tracing::info!("--run-service-proxy=false: Services are left to another proxy");
+        runner = runner.without_services();
+    } else if cfg.mode == weir_proxy::config::ProxyMode::Ebpf {
         let maps = weir_proxy::dataplane::ebpf::kernel::KernelMaps::open(&cfg.ebpf)
             .context("setting up the eBPF dataplane")?;
         tracing::info!(cgroup = %cfg.ebpf.cgroup.display(), pins = %cfg.ebpf.bpffs_dir.display(), "eBPF programs attached");
@@ -239,7 +255,7 @@ async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Resu
     let _splitter = tokio::spawn(weir_proxy::source::split::run(
         source_rx, proxy_tx, policy_tx,
     ));
-    tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, network_policy = cfg.network_policy, "weir-proxy starting");
+    tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, network_policy = cfg.network_policy, run_service_proxy = services, "weir-proxy starting");
     let mut source = tokio::spawn(source_fut);
     let mut runner = tokio::spawn(runner.run(rx));
     let mut ms = tokio::spawn(serve_metrics(ml, state.clone()));

@@ -5,7 +5,8 @@
 //! pins containerd 2.x. From them [`ensure_built`] builds, with the machine's Go and
 //! `CGO_ENABLED=0` (static, so the same files go into images):
 //! kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, kube-proxy,
-//! agnhost, e2e.test (`go test -c k8s.io/kubernetes/test/e2e`), etcd, containerd,
+//! agnhost, regression-issue-74839 (an e2e image's program), the ginkgo CLI, e2e.test
+//! (`go test -c k8s.io/kubernetes/test/e2e`), etcd, containerd,
 //! containerd-shim-runc-v2, ctr, the pause container's program (the release's
 //! `build/pause/linux/pause.c`, compiled static with gcc) and CoreDNS
 //! (`tests/cluster/coredns`). runc is Debian's.
@@ -29,7 +30,7 @@ const CONTAINERD_GO_SUM: &str = include_str!("../cluster/containerd/go.sum");
 const COREDNS_GO_MOD: &str = include_str!("../cluster/coredns/go.mod");
 const COREDNS_GO_SUM: &str = include_str!("../cluster/coredns/go.sum");
 /// Bumped whenever the recipe changes what ends up in the cache.
-const RECIPE_REVISION: u32 = 1;
+const RECIPE_REVISION: u32 = 2;
 /// The marker written last, holding [`fingerprint`].
 const COMPLETE_MARKER: &str = "complete";
 
@@ -109,6 +110,10 @@ pub struct Binaries {
     pub e2e_test: PathBuf,
     /// agnhost, the e2e suite's test image program.
     pub agnhost: PathBuf,
+    /// The e2e suite's image for the conntrack test of issue 74839 (its program).
+    pub regression_issue_74839: PathBuf,
+    /// ginkgo, the CLI that runs e2e.test in parallel processes.
+    pub ginkgo: PathBuf,
     /// etcd.
     pub etcd: PathBuf,
     /// containerd.
@@ -124,7 +129,7 @@ pub struct Binaries {
 }
 
 /// The Go programs of the k8s module: (output name, package).
-const K8S_COMMANDS: [(&str, &str); 7] = [
+const K8S_COMMANDS: [(&str, &str); 9] = [
     ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
     (
         "kube-controller-manager",
@@ -135,6 +140,12 @@ const K8S_COMMANDS: [(&str, &str); 7] = [
     ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
     ("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
     ("agnhost", "k8s.io/kubernetes/test/images/agnhost"),
+    (
+        "regression-issue-74839",
+        "k8s.io/kubernetes/test/images/regression-issue-74839",
+    ),
+    // The ginkgo CLI of the release's own ginkgo: runs e2e.test's specs in parallel.
+    ("ginkgo", "github.com/onsi/ginkgo/v2/ginkgo"),
 ];
 const CONTAINERD_COMMANDS: [&str; 3] = [
     "github.com/containerd/containerd/v2/cmd/containerd",
@@ -156,6 +167,8 @@ impl Binaries {
             kube_proxy: b("kube-proxy"),
             e2e_test: b("e2e.test"),
             agnhost: b("agnhost"),
+            regression_issue_74839: b("regression-issue-74839"),
+            ginkgo: b("ginkgo"),
             etcd: b("etcd"),
             containerd: b("containerd"),
             containerd_shim: b("containerd-shim-runc-v2"),
@@ -165,7 +178,7 @@ impl Binaries {
         }
     }
 
-    fn all(&self) -> [&PathBuf; 14] {
+    fn all(&self) -> [&PathBuf; 16] {
         [
             &self.kube_apiserver,
             &self.kube_controller_manager,
@@ -175,6 +188,8 @@ impl Binaries {
             &self.kube_proxy,
             &self.e2e_test,
             &self.agnhost,
+            &self.regression_issue_74839,
+            &self.ginkgo,
             &self.etcd,
             &self.containerd,
             &self.containerd_shim,
@@ -338,7 +353,7 @@ fn build(work: &Path) -> Result<()> {
     args.extend(K8S_COMMANDS.iter().map(|(_, p)| *p));
     step(
         &log,
-        "kube-* commands, kubectl and agnhost",
+        "kube-* commands, kubectl, agnhost, ginkgo",
         &mut go("k8s", &args),
     )?;
     for (name, _) in K8S_COMMANDS {

@@ -11,6 +11,7 @@ pub mod k8s;
 pub mod mode;
 pub mod multinode;
 pub mod netpol;
+pub mod prom;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -876,3 +876,166 @@ fn services_are_reached_by_name_through_the_cluster_dns() {
     });
     eprintln!("by name: {:?}", hostnames(&out));
 }
+
+/// The real kube-proxy of the pinned release in a namespace of its own on the fabric
+/// (192.168.77.200): it watches the same API as weir's node1 but programs nothing of the
+/// nodes. Stopped and removed when dropped.
+struct SideKubeProxy {
+    child: std::process::Child,
+    ns: &'static str,
+}
+
+impl SideKubeProxy {
+    const NS: &'static str = "weir-cl-kpmetrics";
+    const IP: &'static str = "192.168.77.200";
+
+    fn start(c: &Cluster, mode: &str) -> SideKubeProxy {
+        let _ = topology::detach_namespace(Self::NS);
+        topology::attach_namespace(Self::NS, "kpm", Self::IP).unwrap();
+        let kc = c.state.join("kube-proxy-metrics.conf");
+        weir_e2e::cluster::control_plane::Pki::open(&c.state)
+            .write_kubeconfig(&kc, "system:kube-proxy")
+            .unwrap();
+        let log_path = weir_e2e::cluster::process::log_path(&c.state, "kube-proxy-metrics");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", Self::NS])
+            .arg(&c.bins.kube_proxy)
+            .arg(format!("--kubeconfig={}", kc.display()))
+            .args([
+                "--hostname-override=node1",
+                &format!("--proxy-mode={mode}"),
+                "--cluster-cidr=10.244.0.0/16",
+                "--nodeport-addresses=primary",
+                "--metrics-bind-address=0.0.0.0:10249",
+                "--healthz-bind-address=0.0.0.0:10256",
+                "--conntrack-max-per-core=0",
+                "--conntrack-tcp-timeout-established=0s",
+                "--conntrack-tcp-timeout-close-wait=0s",
+                "--v=2",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting kube-proxy");
+        SideKubeProxy {
+            child,
+            ns: Self::NS,
+        }
+    }
+
+    fn addr(port: u16) -> String {
+        format!("{}:{port}", Self::IP)
+    }
+}
+
+impl Drop for SideKubeProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = topology::detach_namespace(self.ns);
+    }
+}
+
+/// /healthz and /livez once each (both servers count them), then /metrics.
+fn scrape(metrics: &str, health: &str) -> String {
+    for path in ["/healthz", "/livez"] {
+        let _ = http_get(health, path);
+    }
+    let (status, body) = http_get(metrics, "/metrics").unwrap();
+    assert_eq!(status, 200, "{metrics}/metrics");
+    body
+}
+
+#[test]
+#[ignore = "needs the cluster of `cargo xtask cluster test`"]
+fn kube_proxys_metrics_are_served_by_weir_with_the_same_names_types_and_labels() {
+    use weir_proxy::http::metrics::{KUBE_PROXY_METRICS, KUBE_PROXY_NOT_SERVED};
+    let Some(c) = cluster() else { return };
+    let mode = mode();
+    // The same mode on the same cluster: kube-proxy has no eBPF mode: weir's eBPF
+    // mode is compared with kube-proxy's nftables mode.
+    let kp_mode = if mode == "ebpf" {
+        "nftables"
+    } else {
+        mode.as_str()
+    };
+    let kp = SideKubeProxy::start(&c, kp_mode);
+    let kp_health = SideKubeProxy::addr(10256);
+    let kp_metrics = SideKubeProxy::addr(10249);
+    // Synced once: its last-sync timestamp is set.
+    let theirs = wait_for("kube-proxy's first sync", Duration::from_secs(90), || {
+        let (_, body) = http_get(&kp_metrics, "/metrics").ok()?;
+        body.lines()
+            .any(|l| {
+                l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+                    && !l.trim_end().ends_with(" 0")
+            })
+            .then_some(body)
+    });
+    drop(theirs);
+    let theirs = weir_e2e::prom::families(&scrape(&kp_metrics, &kp_health));
+    let node1 = topology::node_ip(1);
+    let ours = weir_e2e::prom::families(&scrape(
+        &format!("{node1}:10249"),
+        &format!("{node1}:10256"),
+    ));
+    drop(kp);
+    let mut problems = Vec::new();
+    for (name, f) in theirs.iter().filter(|(n, _)| n.starts_with("kubeproxy_")) {
+        let listed = |n: &str| n.strip_suffix("_total").unwrap_or(n) == name;
+        if KUBE_PROXY_NOT_SERVED.iter().any(|(n, _)| listed(n)) {
+            continue;
+        }
+        if !KUBE_PROXY_METRICS.iter().any(|(n, _, _)| listed(n)) {
+            problems.push(format!(
+                "kube-proxy serves {name} ({}), which weir neither serves nor lists as not applicable",
+                f.kind
+            ));
+            continue;
+        }
+        match ours.get(name) {
+            None => problems.push(format!("weir does not serve {name}")),
+            Some(o) if o.kind != f.kind => problems.push(format!(
+                "{name}: kube-proxy's is a {}, weir's a {}",
+                f.kind, o.kind
+            )),
+            Some(o) if f.has_samples && o.has_samples && o.labels != f.labels => {
+                problems.push(format!(
+                    "{name}: kube-proxy's labels {:?}, weir's {:?}",
+                    f.labels, o.labels
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    for (name, kind, labels) in KUBE_PROXY_METRICS {
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        match ours.get(base) {
+            None => problems.push(format!("weir does not serve the promised {name}")),
+            Some(o) if o.kind != *kind => {
+                problems.push(format!("{name}: promised a {kind}, served a {}", o.kind))
+            }
+            Some(o) if o.has_samples => {
+                let want: BTreeSet<String> = labels.iter().map(|l| l.to_string()).collect();
+                if o.labels != want {
+                    problems.push(format!(
+                        "{name}: promised labels {want:?}, served {:?}",
+                        o.labels
+                    ));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    let compared = theirs
+        .keys()
+        .filter(|n| n.starts_with("kubeproxy_"))
+        .count();
+    eprintln!("compared {compared} kube-proxy families ({kp_mode} mode) with weir's ({mode} mode)");
+    assert!(
+        compared >= 10,
+        "kube-proxy exposed only {compared} families"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

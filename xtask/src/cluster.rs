@@ -28,7 +28,8 @@ pub struct UpArgs {
     /// Number of nodes (1 to 3).
     #[arg(long, default_value_t = 2)]
     pub nodes: usize,
-    /// weir's proxy mode in the ConfigMap: nftables or ebpf.
+    /// nftables or ebpf (weir's mode in the ConfigMap), or kube-proxy-nftables /
+    /// kube-proxy-iptables (the real kube-proxy serves Services, weir the rest).
     #[arg(long, default_value = "nftables")]
     pub proxy_mode: String,
 }
@@ -108,32 +109,45 @@ pub fn cluster(cmd: ClusterCmd, root: &Path) -> Result<()> {
             );
             Ok(())
         }
-        ClusterCmd::Test(args) => {
-            let c = up(&args, root)?;
-            let result = crate::step(
-                "cluster tier",
-                "cargo",
-                &[
-                    "test",
-                    "-p",
-                    "weir-e2e",
-                    "--test",
-                    "cluster",
-                    "--",
-                    "--ignored",
-                    "--test-threads=1",
-                ],
-                &[
-                    ("WEIR_CLUSTER_NODES", c.nodes.to_string()),
-                    ("WEIR_CLUSTER_MODE", args.proxy_mode.clone()),
-                ],
-            );
-            if result.is_err() {
-                eprintln!("{}", c.diagnose());
-            }
-            let down = cluster::down();
-            result?;
-            down.map(|_| ())
-        }
+        ClusterCmd::Test(args) => tier(&args, root, false),
     }
+}
+
+/// The cluster tier: a cluster up, the tier's tests against it, then (with `smoke`) the
+/// e2e smoke of [`crate::conformance::SMOKE`] on the same cluster; the cluster goes down
+/// whatever the result.
+pub fn tier(args: &UpArgs, root: &Path, smoke: bool) -> Result<()> {
+    let c = up(args, root)?;
+    let mut result = crate::step(
+        "cluster tier",
+        "cargo",
+        &[
+            "test",
+            "-p",
+            "weir-e2e",
+            "--test",
+            "cluster",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ],
+        &[
+            ("WEIR_CLUSTER_NODES", c.nodes.to_string()),
+            ("WEIR_CLUSTER_MODE", args.proxy_mode.clone()),
+        ],
+    );
+    if result.is_ok() && smoke {
+        let report = root.join("target/conformance/smoke");
+        let mut a = crate::conformance::ConformanceArgs::smoke(report);
+        a.proxy_mode = args.proxy_mode.clone();
+        result = crate::conformance::run_on(&c, &a, root)
+            .map(|_| ())
+            .context("the upstream e2e smoke (cargo xtask conformance --smoke)");
+    }
+    if result.is_err() {
+        eprintln!("{}", c.diagnose());
+    }
+    let down = cluster::down();
+    result?;
+    down.map(|_| ())
 }

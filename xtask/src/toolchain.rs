@@ -63,8 +63,10 @@ pub fn ensure_ebpf() -> Result<()> {
 /// cluster's runtime; busybox is the agnhost image's shell and tools), curl (in the agnhost
 /// image), debootstrap and debian-archive-keyring (weir's image base); qemu-system-x86,
 /// xz-utils (the IPVS guest); iptables (the benchmark reference); util-linux (nsenter,
-/// unshare: the cluster's nodes); libc6-dev (the static pause program).
-pub const TEST_PACKAGES: [&str; 18] = [
+/// unshare: the cluster's nodes; iptables is also kube-proxy's in its iptables mode);
+/// libc6-dev (the static pause program); netcat-openbsd, socat, bind9-dnsutils (the agnhost
+/// image's nc, socat, dig and nslookup, as upstream's image has them).
+pub const TEST_PACKAGES: [&str; 21] = [
     "nftables",
     "iproute2",
     "conntrack",
@@ -83,6 +85,9 @@ pub const TEST_PACKAGES: [&str; 18] = [
     "iptables",
     "util-linux",
     "libc6-dev",
+    "netcat-openbsd",
+    "socat",
+    "bind9-dnsutils",
 ];
 
 /// Installs what is missing of [`TEST_PACKAGES`].

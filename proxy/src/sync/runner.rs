@@ -72,6 +72,9 @@ pub struct Runner<K: NftBackend> {
     pending_flows: Vec<FlowFilter>,
     /// In eBPF mode, the maps programmed instead of nftables (`K` is then unused).
     ebpf: Option<EbpfSync>,
+    /// Whether Services are programmed (`--run-service-proxy`); when not, a sync only
+    /// keeps the routes and weir-cni's pod CIDRs.
+    services: bool,
 }
 
 /// The eBPF backend's state in the runner.
@@ -104,7 +107,16 @@ impl<K: NftBackend> Runner<K> {
             effects: SideEffects::default(),
             pending_flows: Vec::new(),
             ebpf: None,
+            services: true,
         }
+    }
+
+    /// Leaves Services to another proxy (`--run-service-proxy=false`): syncs then only
+    /// install the routes to other nodes' pod CIDRs and write weir-cni's pod CIDRs; the
+    /// backend `K` is never called.
+    pub fn without_services(mut self) -> Self {
+        self.services = false;
+        self
     }
 
     /// Programs eBPF maps instead of nftables (`--proxy-mode ebpf`): the nftables backend
@@ -219,6 +231,19 @@ impl<K: NftBackend> Runner<K> {
         let started = Instant::now();
         let oldest = self.store.oldest_pending();
         let changes = self.store.take_changes();
+        if !self.services {
+            self.health.updated(SystemTime::now());
+            self.effects
+                .sync_routes(&self.store, &self.cfg.model.node_name, full)
+                .await;
+            self.effects
+                .write_cni_cidrs(&self.store, &self.cfg.model.node_name);
+            tracing::debug!(
+                nodes_changed = changes.nodes,
+                "synced routes and pod CIDRs (Services are left to another proxy)"
+            );
+            return true;
+        }
         if let Some(mut ebpf) = self.ebpf.take() {
             let ok = self
                 .sync_ebpf(&mut ebpf, full, changes, started, oldest)
@@ -699,6 +724,32 @@ mod tests {
         assert_eq!(maps.dumps(), 2, "the retry re-read the maps");
         assert_eq!(maps.contents().backends.len(), 3);
         assert_eq!(nft.applies(), 0, "nftables is untouched in eBPF mode");
+    }
+
+    #[tokio::test]
+    async fn without_services_only_the_pod_cidrs_are_written_and_nothing_is_programmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pod-cidrs.json");
+        let fake = SharedFake::default();
+        let runner = Runner::new(
+            cfg(10),
+            fake.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(ProxyHealth::new(Duration::from_secs(60))),
+        )
+        .with_effects(SideEffects::new(None, None).with_cni_cidrs_file(file.clone()))
+        .without_services();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(runner.run(rx));
+        let node = "{apiVersion: v1, kind: Node, metadata: {name: node1}, spec: {podCIDRs: [10.244.1.0/24]}}";
+        let mut objects = svc("a", "10.96.0.1", &["10.244.1.1"]);
+        objects.push(Object::Node(serde_yaml_ng::from_str(node).unwrap()));
+        tx.try_send(SourceUpdate::Replace(objects)).unwrap();
+        settle().await;
+        let written = std::fs::read_to_string(&file).expect("the pod CIDRs file is written");
+        assert!(written.contains("10.244.1.0/24"), "{written}");
+        assert_eq!(fake.applies(), 0, "no Service is programmed");
+        assert!(fake.table(Family::Ip).is_none());
     }
 
     #[tokio::test]

@@ -107,6 +107,9 @@ impl Pki {
             ("weir-admin".to_owned(), "system:masters".to_owned()),
             ("system:kube-controller-manager".to_owned(), String::new()),
             ("system:kube-scheduler".to_owned(), String::new()),
+            // The real kube-proxy of the baseline runs (the default system:node-proxier
+            // binding names this user).
+            ("system:kube-proxy".to_owned(), String::new()),
         ];
         for n in 1..=nodes {
             v.push((

@@ -4,8 +4,17 @@
 //!
 //! - the pause image (`registry.k8s.io/pause:<tag>`): the release's pause.c, static;
 //! - agnhost (`registry.k8s.io/e2e-test-images/agnhost:<tag>`): the release's agnhost with
-//!   what the e2e suite runs inside it, as upstream's image has: a shell and the usual
-//!   tools from busybox (sh, nc, ip, wget, ...), and curl with its libraries.
+//!   what upstream's image (alpine with bind-tools, curl, netcat-openbsd, iproute2, bash,
+//!   socat) offers the e2e suite, from this machine's Debian packages: busybox's applets,
+//!   OpenBSD netcat as `nc`, bash, curl, dig, nslookup, socat, ip and ss, each with its
+//!   libraries; and the image's users (porter's certificate is left out: no sig-network
+//!   test serves TLS from it);
+//! - busybox (`.../busybox:<tag>`): Debian's static busybox and its applets;
+//! - nginx (`.../nginx:<tag>`): Debian's nginx (downloaded once with `apt-get download`
+//!   into [`DEB_CACHE`]) with a configuration serving port 80;
+//! - regression-issue-74839: the release's program of that name;
+//! - glibc-dns-testing (upstream: Debian bookworm with dnsutils): busybox's shell and
+//!   tools, Debian's dig, nslookup and host, and glibc's getent.
 
 use crate::k8s::Binaries;
 use anyhow::{bail, Context, Result};
@@ -20,6 +29,18 @@ use std::process::Command;
 /// test/utils/image/manifest.go names).
 pub const AGNHOST_IMAGE: &str = "registry.k8s.io/e2e-test-images/agnhost:2.66.1";
 
+/// The e2e suite's busybox (test/utils/image/manifest.go).
+pub const BUSYBOX_IMAGE: &str = "registry.k8s.io/e2e-test-images/busybox:1.37.0-2";
+/// The e2e suite's nginx.
+pub const NGINX_IMAGE: &str = "registry.k8s.io/e2e-test-images/nginx:1.27.0-2";
+/// The image of the conntrack test for kubernetes issue 74839.
+pub const REGRESSION_74839_IMAGE: &str =
+    "registry.k8s.io/e2e-test-images/regression-issue-74839:1.5";
+/// The e2e suite's DNS querier with glibc's resolver.
+pub const GLIBC_DNS_IMAGE: &str = "registry.k8s.io/e2e-test-images/glibc-dns-testing:2.1.1";
+/// Where Debian packages an image is made from are downloaded once.
+pub const DEB_CACHE: &str = "/var/cache/weir/debs";
+
 /// The cluster DNS image.
 pub const COREDNS_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.15.0";
 
@@ -32,6 +53,8 @@ pub enum Entry {
     Symlink(String),
     /// A directory with this mode.
     Dir(u32),
+    /// A file with these contents and mode.
+    Bytes(Vec<u8>, u32),
 }
 
 /// An image to write: its reference, process and file system.
@@ -94,6 +117,10 @@ pub fn layer(files: &BTreeMap<String, Entry>) -> Result<Vec<u8>> {
             }
             Entry::File(src, mode) => {
                 let data = fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+                let h = header(path, tar::EntryType::Regular, *mode, data.len() as u64);
+                b.append(&h, data.as_slice())?;
+            }
+            Entry::Bytes(data, mode) => {
                 let h = header(path, tar::EntryType::Regular, *mode, data.len() as u64);
                 b.append(&h, data.as_slice())?;
             }
@@ -203,12 +230,18 @@ pub fn coredns_spec(bins: &Binaries) -> ImageSpec {
 
 /// Adds a host program and the shared libraries it loads (from `ldd`) at their paths.
 fn add_with_libraries(files: &mut BTreeMap<String, Entry>, program: &Path) -> Result<()> {
+    let at = program.display().to_string();
+    add_program_at(files, program, &at)
+}
+
+/// Adds a host program at `at` in the image and the libraries it loads at their paths;
+/// a library `ldd` cannot find is an error.
+fn add_program_at(files: &mut BTreeMap<String, Entry>, program: &Path, at: &str) -> Result<()> {
+    if !program.is_file() {
+        bail!("{} is missing", program.display());
+    }
     files.insert(
-        program
-            .display()
-            .to_string()
-            .trim_start_matches('/')
-            .to_owned(),
+        at.trim_start_matches('/').to_owned(),
         Entry::File(program.to_owned(), 0o755),
     );
     let out = Command::new("ldd")
@@ -223,6 +256,9 @@ fn add_with_libraries(files: &mut BTreeMap<String, Entry>, program: &Path) -> Re
         );
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.contains("not found") {
+            bail!("ldd {}: {}", program.display(), line.trim());
+        }
         // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
         let path = match line.split_once("=>") {
             Some((_, right)) => right.split_whitespace().next(),
@@ -245,18 +281,99 @@ fn add_with_libraries(files: &mut BTreeMap<String, Entry>, program: &Path) -> Re
 
 /// The agnhost image (see the module docs). Needs busybox-static and curl on the host.
 pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
-    let busybox = Path::new("/bin/busybox");
     let curl = Path::new("/usr/bin/curl");
-    for (p, pkg) in [(busybox, "busybox-static"), (curl, "curl")] {
-        if !p.is_file() {
-            bail!("{} is missing (apt-get install {pkg})", p.display());
-        }
+    if !curl.is_file() {
+        bail!("{} is missing (apt-get install curl)", curl.display());
     }
     let mut files = BTreeMap::new();
     files.insert(
         "agnhost".to_owned(),
         Entry::File(bins.agnhost.clone(), 0o755),
     );
+    add_busybox(&mut files)?;
+    add_with_libraries(&mut files, curl)?;
+    // The tools of upstream's image, where Debian has them (see the module docs).
+    for (program, at) in AGNHOST_TOOLS {
+        add_program_at(&mut files, Path::new(program), at).with_context(|| {
+            format!(
+                "agnhost image: {program} (apt-get install {})",
+                tool_package(program)
+            )
+        })?;
+    }
+    files.insert("agnhost-2".to_owned(), Entry::Symlink("agnhost".to_owned()));
+    for d in ["tmp", "var/tmp"] {
+        files.insert(d.to_owned(), Entry::Dir(0o1777));
+    }
+    files.insert("uploads".to_owned(), Entry::Dir(0o755));
+    add_users(&mut files);
+    Ok(ImageSpec {
+        reference: AGNHOST_IMAGE.to_owned(),
+        entrypoint: vec!["/agnhost".to_owned()],
+        cmd: vec!["pause".to_owned()],
+        files,
+    })
+}
+
+/// Host programs in the agnhost image: (host path, path in the image). /bin/sh is Debian's
+/// dash: Debian's static busybox runs its own applet for a command of an applet's name
+/// (`nc` among them) whatever PATH holds, so a busybox shell would never run OpenBSD's nc.
+const AGNHOST_TOOLS: [(&str, &str); 8] = [
+    ("/usr/bin/dash", "/bin/sh"),
+    ("/bin/nc.openbsd", "/usr/bin/nc"),
+    ("/usr/bin/bash", "/bin/bash"),
+    ("/usr/bin/dig", "/usr/bin/dig"),
+    ("/usr/bin/nslookup", "/usr/bin/nslookup"),
+    ("/usr/bin/socat", "/usr/bin/socat"),
+    ("/usr/sbin/ip", "/sbin/ip"),
+    ("/usr/bin/ss", "/usr/bin/ss"),
+];
+
+/// The Debian package of an [`AGNHOST_TOOLS`] program.
+fn tool_package(program: &str) -> &'static str {
+    match program {
+        "/bin/nc.openbsd" => "netcat-openbsd",
+        "/usr/bin/dig" | "/usr/bin/nslookup" => "bind9-dnsutils",
+        "/usr/bin/socat" => "socat",
+        "/usr/bin/bash" => "bash",
+        "/usr/bin/dash" => "dash",
+        _ => "iproute2",
+    }
+}
+
+/// /etc/passwd and /etc/group with root, nobody and the user and group upstream's agnhost
+/// image defines (uid 1000, gid 50000), which some tests name.
+fn add_users(files: &mut BTreeMap<String, Entry>) {
+    files.insert(
+        "etc/passwd".to_owned(),
+        Entry::Bytes(
+            b"root:x:0:0:root:/root:/bin/sh\n\
+              nobody:x:65534:65534:nobody:/:/bin/false\n\
+              user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh\n"
+                .to_vec(),
+            0o644,
+        ),
+    );
+    files.insert(
+        "etc/group".to_owned(),
+        Entry::Bytes(
+            b"root:x:0:\nnogroup:x:65534:\nuser-defined-in-image:x:1000:\n\
+              group-defined-in-image:x:50000:user-defined-in-image\n"
+                .to_vec(),
+            0o644,
+        ),
+    );
+}
+
+/// busybox and links to it for each applet, under bin/.
+fn add_busybox(files: &mut BTreeMap<String, Entry>) -> Result<()> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.is_file() {
+        bail!(
+            "{} is missing (apt-get install busybox-static)",
+            busybox.display()
+        );
+    }
     files.insert(
         "bin/busybox".to_owned(),
         Entry::File(busybox.to_owned(), 0o755),
@@ -271,20 +388,155 @@ pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
             );
         }
     }
-    add_with_libraries(&mut files, curl)?;
+    Ok(())
+}
+
+/// The e2e suite's busybox image.
+pub fn busybox_spec() -> Result<ImageSpec> {
+    let mut files = BTreeMap::new();
+    add_busybox(&mut files)?;
     for d in ["tmp", "var/tmp"] {
         files.insert(d.to_owned(), Entry::Dir(0o1777));
     }
-    files.insert("etc".to_owned(), Entry::Dir(0o755));
+    add_users(&mut files);
     Ok(ImageSpec {
-        reference: AGNHOST_IMAGE.to_owned(),
-        entrypoint: vec!["/agnhost".to_owned()],
-        cmd: vec!["pause".to_owned()],
+        reference: BUSYBOX_IMAGE.to_owned(),
+        entrypoint: Vec::new(),
+        cmd: vec!["sh".to_owned()],
         files,
     })
 }
 
-/// Writes the pause, agnhost and CoreDNS archives into `dir`; their paths.
+/// The regression-issue-74839 image: the release's program as its entrypoint.
+pub fn regression_74839_spec(bins: &Binaries) -> ImageSpec {
+    let mut files = BTreeMap::new();
+    files.insert(
+        "regression-issue-74839".to_owned(),
+        Entry::File(bins.regression_issue_74839.clone(), 0o755),
+    );
+    ImageSpec {
+        reference: REGRESSION_74839_IMAGE.to_owned(),
+        entrypoint: vec!["/regression-issue-74839".to_owned()],
+        cmd: Vec::new(),
+        files,
+    }
+}
+
+/// The glibc-dns-testing image (see the module docs).
+pub fn glibc_dns_spec() -> Result<ImageSpec> {
+    let mut files = BTreeMap::new();
+    add_busybox(&mut files)?;
+    // Debian's shell, as upstream's Debian-based image has.
+    add_program_at(&mut files, Path::new("/usr/bin/dash"), "/bin/sh")?;
+    for program in [
+        "/usr/bin/dig",
+        "/usr/bin/nslookup",
+        "/usr/bin/host",
+        "/usr/bin/getent",
+    ] {
+        add_program_at(&mut files, Path::new(program), program).with_context(|| {
+            format!("glibc-dns-testing image: {program} (apt-get install bind9-dnsutils)")
+        })?;
+    }
+    files.insert(
+        "etc/nsswitch.conf".to_owned(),
+        Entry::Bytes(
+            b"passwd: files\ngroup: files\nhosts: files dns\n".to_vec(),
+            0o644,
+        ),
+    );
+    for d in ["tmp", "var/tmp"] {
+        files.insert(d.to_owned(), Entry::Dir(0o1777));
+    }
+    add_users(&mut files);
+    Ok(ImageSpec {
+        reference: GLIBC_DNS_IMAGE.to_owned(),
+        entrypoint: Vec::new(),
+        cmd: vec!["sh".to_owned()],
+        files,
+    })
+}
+
+/// nginx's configuration in the image: port 80, a page at `/`, logs to the console.
+const NGINX_CONF: &str = "user root;\n\
+worker_processes 1;\n\
+daemon off;\n\
+error_log stderr;\n\
+pid /run/nginx.pid;\n\
+events { worker_connections 256; }\n\
+http {\n\
+  access_log /dev/stdout;\n\
+  server {\n\
+    listen 80;\n\
+    listen [::]:80;\n\
+    location / { default_type text/html; return 200 \"<p>Welcome to nginx!</p>\\n\"; }\n\
+  }\n\
+}\n";
+
+/// Debian's nginx program: from the package in [`DEB_CACHE`], downloaded there with
+/// `apt-get download` the first time and unpacked with `dpkg-deb -x`.
+fn debian_nginx() -> Result<PathBuf> {
+    let cache = Path::new(DEB_CACHE);
+    let unpacked = cache.join("nginx-root");
+    let program = unpacked.join("usr/sbin/nginx");
+    if program.is_file() {
+        return Ok(program);
+    }
+    fs::create_dir_all(cache)?;
+    let deb = || -> Option<PathBuf> {
+        fs::read_dir(cache)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().is_some_and(|n| {
+                    n.to_string_lossy().starts_with("nginx_")
+                        && n.to_string_lossy().ends_with(".deb")
+                })
+            })
+    };
+    if deb().is_none() {
+        super::process::run(
+            Command::new("apt-get")
+                .args(["download", "nginx"])
+                .current_dir(cache),
+        )
+        .context("apt-get download nginx (for the e2e suite's nginx image)")?;
+    }
+    let deb = deb().context("apt-get download nginx left no nginx_*.deb")?;
+    let tmp = cache.join("nginx-root.part");
+    let _ = fs::remove_dir_all(&tmp);
+    super::process::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))
+        .with_context(|| format!("unpacking {}", deb.display()))?;
+    fs::rename(&tmp, &unpacked)?;
+    Ok(program)
+}
+
+/// The e2e suite's nginx image (see the module docs).
+pub fn nginx_spec() -> Result<ImageSpec> {
+    let mut files = BTreeMap::new();
+    add_program_at(&mut files, &debian_nginx()?, "/usr/sbin/nginx")?;
+    add_busybox(&mut files)?;
+    files.insert(
+        "etc/nginx/nginx.conf".to_owned(),
+        Entry::Bytes(NGINX_CONF.as_bytes().to_vec(), 0o644),
+    );
+    for d in ["var/lib/nginx", "var/log/nginx", "run", "usr/share/nginx"] {
+        files.insert(d.to_owned(), Entry::Dir(0o755));
+    }
+    files.insert("tmp".to_owned(), Entry::Dir(0o1777));
+    add_users(&mut files);
+    Ok(ImageSpec {
+        reference: NGINX_IMAGE.to_owned(),
+        entrypoint: vec!["/usr/sbin/nginx".to_owned()],
+        cmd: Vec::new(),
+        files,
+    })
+}
+
+/// Writes the archives of every image the cluster and the e2e suite use (pause, agnhost,
+/// CoreDNS, busybox, nginx, regression-issue-74839, glibc-dns-testing) into `dir`; their
+/// paths.
 pub fn write_test_images(bins: &Binaries, dir: &Path) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(dir)?;
     let mut out = Vec::new();
@@ -292,6 +544,10 @@ pub fn write_test_images(bins: &Binaries, dir: &Path) -> Result<Vec<PathBuf>> {
         ("pause", pause_spec(bins)),
         ("agnhost", agnhost_spec(bins)?),
         ("coredns", coredns_spec(bins)),
+        ("busybox", busybox_spec()?),
+        ("nginx", nginx_spec()?),
+        ("regression-issue-74839", regression_74839_spec(bins)),
+        ("glibc-dns-testing", glibc_dns_spec()?),
     ] {
         let path = dir.join(format!("{name}.oci.tar"));
         write_archive(&spec, &path)?;

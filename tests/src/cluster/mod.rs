@@ -2,7 +2,10 @@
 //! control plane on the host, and 1 to 3 nodes, each a network namespace on a bridge with
 //! its own mount, UTS and cgroup namespaces, containerd and kubelet ([`node`],
 //! [`runtime`]). No kube-proxy and no other CNI: weir is deployed into it from
-//! `deploy/weir.yaml` as a user would, and provides both.
+//! `deploy/weir.yaml` as a user would, and provides both. In the baseline modes
+//! (`kube-proxy-nftables`, `kube-proxy-iptables`) the release's real kube-proxy serves
+//! Services on every node instead, and weir runs with `--run-service-proxy=false` (the CNI's
+//! pod CIDRs, the routes and NetworkPolicy), on ports 10349 and 10356 ([`baseline_manifest`]).
 //!
 //! Everything the cluster makes is named so that [`down`] finds it after a crash: the state
 //! directory ([`state_dir`], default `/var/lib/weir-cluster`), the pid files in it, the
@@ -41,12 +44,26 @@ pub fn state_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/weir-cluster"))
 }
 
+/// The modes a cluster's Services can be served in: weir's, and the real kube-proxy's.
+pub const PROXY_MODES: [&str; 4] = [
+    "nftables",
+    "ebpf",
+    "kube-proxy-nftables",
+    "kube-proxy-iptables",
+];
+
+/// The real kube-proxy's mode of a baseline mode (`kube-proxy-nftables` -> `nftables`).
+pub fn kube_proxy_mode(mode: &str) -> Option<&str> {
+    mode.strip_prefix("kube-proxy-")
+}
+
 /// How to bring a cluster up.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
     /// Number of nodes (1 to [`MAX_NODES`]).
     pub nodes: usize,
-    /// weir's proxy mode (`nftables` or `ebpf`), written into the ConfigMap before apply.
+    /// One of [`PROXY_MODES`]: weir's proxy mode (`nftables` or `ebpf`), written into the
+    /// ConfigMap before apply, or `kube-proxy-<mode>` for the real kube-proxy.
     pub proxy_mode: String,
     /// weir's image archive (`cargo xtask image --save`), imported on every node.
     pub weir_image: PathBuf,
@@ -79,10 +96,11 @@ impl Cluster {
                 opts.nodes
             );
         }
-        if !matches!(opts.proxy_mode.as_str(), "nftables" | "ebpf") {
+        if !PROXY_MODES.contains(&opts.proxy_mode.as_str()) {
             bail!(
-                "--proxy-mode {}: the cluster runs weir in nftables or ebpf mode",
-                opts.proxy_mode
+                "--proxy-mode {}: want one of {}",
+                opts.proxy_mode,
+                PROXY_MODES.join(", ")
             );
         }
         let removed = down()?;
@@ -125,7 +143,7 @@ impl Cluster {
         let pki = control_plane::Pki::create(state, self.nodes)?;
         say("control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler");
         control_plane::start(state, &self.bins, &pki)?;
-        say("images: pause, agnhost and CoreDNS (local OCI archives)");
+        say("images: pause, agnhost, CoreDNS and the e2e suite's (local OCI archives)");
         let mut archives = images::write_test_images(&self.bins, &state.join("images"))?;
         archives.push(opts.weir_image.clone());
         let hs = node::hierarchies()?;
@@ -135,6 +153,10 @@ impl Cluster {
             runtime::start_containerd(state, &ns, &self.bins)?;
             runtime::import_images(state, n, &self.bins, &archives)?;
             runtime::start_kubelet(state, &ns, &self.bins, &pki)?;
+            if let Some(mode) = kube_proxy_mode(&opts.proxy_mode) {
+                say(&format!("node{n}: the real kube-proxy, {mode} mode"));
+                runtime::start_kube_proxy(state, &ns, &self.bins, &pki, mode)?;
+            }
         }
         self.wait_nodes_registered()?;
         say("deploying weir: kubectl apply -f deploy/weir.yaml");
@@ -296,7 +318,10 @@ impl Cluster {
     fn deploy(&self, opts: &UpOptions) -> Result<()> {
         let manifest = fs::read_to_string(&opts.manifest)
             .with_context(|| format!("reading {}", opts.manifest.display()))?;
-        let manifest = set_mode(&manifest, &opts.proxy_mode)?;
+        let manifest = match kube_proxy_mode(&opts.proxy_mode) {
+            Some(_) => baseline_manifest(&manifest)?,
+            None => set_mode(&manifest, &opts.proxy_mode)?,
+        };
         let slice = |path: &str| {
             self.kubectl(&[
                 "get",
@@ -449,6 +474,42 @@ pub fn set_mode(manifest: &str, mode: &str) -> Result<String> {
     Ok(out.join("\n") + "\n")
 }
 
+/// deploy/weir.yaml for a cluster whose Services the real kube-proxy serves: weir with
+/// `--run-service-proxy=false`, its metrics and health servers moved to 10349 and 10356
+/// (kube-proxy holds 10249 and 10256 on the same host network), probes following.
+pub fn baseline_manifest(manifest: &str) -> Result<String> {
+    let edits: [(&str, &str); 5] = [
+        (
+            "metricsBindAddress: 0.0.0.0:10249",
+            "metricsBindAddress: 0.0.0.0:10349",
+        ),
+        (
+            "healthzBindAddress: 0.0.0.0:10256",
+            "healthzBindAddress: 0.0.0.0:10356",
+        ),
+        ("containerPort: 10249", "containerPort: 10349"),
+        ("containerPort: 10256", "containerPort: 10356"),
+        ("port: 10256,", "port: 10356,"),
+    ];
+    let mut out = manifest.to_owned();
+    for (from, to) in edits {
+        if !out.contains(from) {
+            bail!("deploy/weir.yaml has no `{from}` to move for the kube-proxy baseline");
+        }
+        out = out.replace(from, to);
+    }
+    let flag = "- --route-pod-cidrs";
+    let Some(line) = out.lines().find(|l| l.trim() == flag).map(str::to_owned) else {
+        bail!("deploy/weir.yaml has no `{flag}` line to add --run-service-proxy=false after");
+    };
+    let indent = &line[..line.len() - line.trim_start().len()];
+    Ok(out.replacen(
+        &line,
+        &format!("{line}\n{indent}- --run-service-proxy=false"),
+        1,
+    ))
+}
+
 /// Stops and removes everything a cluster made (see the module docs); what it removed.
 /// Safe to call when there is nothing.
 pub fn down() -> Result<Vec<String>> {
@@ -504,6 +565,20 @@ mod tests {
     fn the_deploy_manifest_has_one_mode_line() {
         let m = include_str!("../../../deploy/weir.yaml");
         assert!(set_mode(m, "ebpf").unwrap().contains("mode: ebpf"));
+    }
+
+    #[test]
+    fn the_baseline_manifest_leaves_services_and_kube_proxys_ports_to_kube_proxy() {
+        let m = include_str!("../../../deploy/weir.yaml");
+        let b = baseline_manifest(m).unwrap();
+        assert!(b.contains("        - --run-service-proxy=false\n"));
+        for old in ["10249", "10256"] {
+            assert!(!b.contains(old), "{old} is still in the baseline manifest");
+        }
+        assert_eq!(b.matches("port: 10356,").count(), 2, "both probes");
+        assert!(baseline_manifest("a: b\n").is_err());
+        assert_eq!(kube_proxy_mode("kube-proxy-iptables"), Some("iptables"));
+        assert_eq!(kube_proxy_mode("nftables"), None);
     }
 
     #[test]

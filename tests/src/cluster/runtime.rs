@@ -179,3 +179,39 @@ pub fn start_kubelet(
         ],
     )
 }
+
+/// Starts the pinned release's kube-proxy inside node `n` in `mode` (`nftables` or
+/// `iptables`), as the baseline weir is measured against: its default ports (10249,
+/// 10256), `nodePortAddresses: primary` as weir's deploy/weir.yaml has, and no change to
+/// the conntrack table size or timeouts (global sysctls every node shares).
+pub fn start_kube_proxy(
+    state: &Path,
+    node: &NodeNamespaces,
+    bins: &Binaries,
+    pki: &Pki,
+    mode: &str,
+) -> Result<Daemon> {
+    let n = node.n;
+    let kc = state.join(format!("node{n}")).join("kube-proxy.conf");
+    pki.write_kubeconfig(&kc, "system:kube-proxy")?;
+    node.spawn(
+        state,
+        "kube-proxy",
+        &[
+            "env".to_owned(),
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            bins.kube_proxy.display().to_string(),
+            format!("--kubeconfig={}", kc.display()),
+            format!("--hostname-override={}", topology::node_name(n)),
+            format!("--proxy-mode={mode}"),
+            "--cluster-cidr=10.244.0.0/16".to_owned(),
+            "--nodeport-addresses=primary".to_owned(),
+            "--metrics-bind-address=0.0.0.0:10249".to_owned(),
+            "--healthz-bind-address=0.0.0.0:10256".to_owned(),
+            "--conntrack-max-per-core=0".to_owned(),
+            "--conntrack-tcp-timeout-established=0s".to_owned(),
+            "--conntrack-tcp-timeout-close-wait=0s".to_owned(),
+            "--v=2".to_owned(),
+        ],
+    )
+}

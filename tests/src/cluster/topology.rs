@@ -151,6 +151,33 @@ pub fn route_pod_cidrs(n: usize, cidrs: &[String]) -> Result<()> {
     ip_batch(None, &script)
 }
 
+/// A further namespace `ns` (its name must start with [`NS_PREFIX`], so that [`remove`]
+/// finds it after a crash) on the fabric at `ip`, through the bridge port `port`: for a
+/// program that talks to the API server but must program nothing of the nodes (the real
+/// kube-proxy whose metrics are compared with weir's). [`detach_namespace`] removes it.
+pub fn attach_namespace(ns: &str, port: &str, ip: &str) -> Result<()> {
+    if !ns.starts_with(NS_PREFIX) {
+        anyhow::bail!("namespace {ns}: a cluster namespace's name starts with {NS_PREFIX}");
+    }
+    ip_batch(None, &format!("netns add {ns}\n"))?;
+    ip_batch(
+        Some(FABRIC_NS),
+        &format!(
+            "link add {port} type veth peer name eth0 netns {ns}\n\
+             link set {port} master br0\nlink set {port} up\n"
+        ),
+    )?;
+    ip_batch(
+        Some(ns),
+        &format!("link set lo up\naddr add {ip}/24 dev eth0\nlink set eth0 up\n"),
+    )
+}
+
+/// Removes a namespace of [`attach_namespace`] (its veth goes with it).
+pub fn detach_namespace(ns: &str) -> Result<()> {
+    run(Command::new("ip").args(["netns", "del", ns])).map(|_| ())
+}
+
 /// The cluster's namespaces that exist now.
 pub fn existing_namespaces() -> Vec<String> {
     let out = run(Command::new("ip").args(["netns", "list"])).unwrap_or_default();
