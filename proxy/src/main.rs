@@ -65,12 +65,13 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(virtual_servers = removed, "removed IPVS state");
         return Ok(());
     }
-    remove_other_modes(&cfg, &kernel)?;
+    let metrics = Arc::new(Metrics::new());
+    remove_other_modes(&cfg, &kernel, &metrics)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(run(cfg, kernel))
+        .block_on(run(cfg, kernel, metrics))
 }
 
 /// What another proxy mode left programmed goes at start (as kube-proxy cleans up the other
@@ -78,7 +79,15 @@ fn main() -> anyhow::Result<()> {
 /// nothing of the previous mode: eBPF mode's pins (links and maps) unless this is eBPF
 /// mode; the `weir` service tables in eBPF mode (nftables and IPVS mode use them); IPVS
 /// virtual servers unless this is IPVS mode. The policy table serves every mode and stays.
-fn remove_other_modes(cfg: &weir_proxy::config::Config, kernel: &KernelNft) -> anyhow::Result<()> {
+///
+/// A service table that cannot be removed is not fatal: the failure is counted in
+/// `kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family}` (as kube-proxy
+/// counts its failed nftables cleanups) and the eBPF runner retries at its syncs.
+fn remove_other_modes(
+    cfg: &weir_proxy::config::Config,
+    kernel: &KernelNft,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
     if cfg.mode != ProxyMode::Ebpf {
         let pins = weir_proxy::dataplane::ebpf::kernel::cleanup(&cfg.ebpf.bpffs_dir)
             .context("removing eBPF mode's pins")?;
@@ -87,10 +96,17 @@ fn remove_other_modes(cfg: &weir_proxy::config::Config, kernel: &KernelNft) -> a
         }
     } else {
         for family in FAMILIES {
-            let existing = kernel.dump(family)?;
-            if existing.is_some() {
-                kernel.apply(&cleanup_plan(existing.as_ref(), family))?;
-                tracing::info!(?family, "removed the nftables mode's service table");
+            let removed = match kernel.dump(family) {
+                Ok(None) => continue,
+                Ok(existing) => kernel.apply(&cleanup_plan(existing.as_ref(), family)),
+                Err(e) => Err(e),
+            };
+            match removed {
+                Ok(()) => tracing::info!(%family, "removed the nftables mode's service table"),
+                Err(e) => {
+                    metrics.nftables_cleanup_failed(family);
+                    tracing::warn!(error = %e, %family, "removing the nftables mode's service table failed; retrying at the first sync");
+                }
             }
         }
     }
@@ -111,8 +127,11 @@ fn remove_other_modes(cfg: &weir_proxy::config::Config, kernel: &KernelNft) -> a
     Ok(())
 }
 
-async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+async fn run(
+    cfg: weir_proxy::config::Config,
+    kernel: KernelNft,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let health = Arc::new(ProxyHealth::new(cfg.sync_period * 2));
     let state = Arc::new(HttpState {
         mode: cfg.mode.as_str().to_owned(),
