@@ -65,12 +65,13 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(virtual_servers = removed, "removed IPVS state");
         return Ok(());
     }
-    remove_other_modes(&cfg, &kernel)?;
+    let metrics = Arc::new(Metrics::new());
+    remove_other_modes(&cfg, &kernel, &metrics)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(run(cfg, kernel))
+        .block_on(run(cfg, kernel, metrics))
 }
 
 /// What another proxy mode left programmed goes at start (as kube-proxy cleans up the other
@@ -81,7 +82,15 @@ fn main() -> anyhow::Result<()> {
 ///
 /// With `--run-service-proxy=false` every mode's Service state goes (another proxy serves
 /// Services now).
-fn remove_other_modes(cfg: &weir_proxy::config::Config, kernel: &KernelNft) -> anyhow::Result<()> {
+///
+/// A service table that cannot be removed is not fatal: the failure is counted in
+/// `kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family}` (as kube-proxy
+/// counts its failed nftables cleanups) and the eBPF runner retries at its syncs.
+fn remove_other_modes(
+    cfg: &weir_proxy::config::Config,
+    kernel: &KernelNft,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
     let mode = cfg.run_service_proxy.then_some(cfg.mode);
     if mode != Some(ProxyMode::Ebpf) {
         let pins = weir_proxy::dataplane::ebpf::kernel::cleanup(&cfg.ebpf.bpffs_dir)
@@ -92,10 +101,17 @@ fn remove_other_modes(cfg: &weir_proxy::config::Config, kernel: &KernelNft) -> a
     }
     if !matches!(mode, Some(ProxyMode::Nftables | ProxyMode::Ipvs)) {
         for family in FAMILIES {
-            let existing = kernel.dump(family)?;
-            if existing.is_some() {
-                kernel.apply(&cleanup_plan(existing.as_ref(), family))?;
-                tracing::info!(?family, "removed the nftables mode's service table");
+            let removed = match kernel.dump(family) {
+                Ok(None) => continue,
+                Ok(existing) => kernel.apply(&cleanup_plan(existing.as_ref(), family)),
+                Err(e) => Err(e),
+            };
+            match removed {
+                Ok(()) => tracing::info!(%family, "removed the nftables mode's service table"),
+                Err(e) => {
+                    metrics.nftables_cleanup_failed(family);
+                    tracing::warn!(error = %e, %family, "removing the nftables mode's service table failed; retrying at the first sync");
+                }
             }
         }
     }
@@ -116,8 +132,11 @@ fn remove_other_modes(cfg: &weir_proxy::config::Config, kernel: &KernelNft) -> a
     Ok(())
 }
 
-async fn run(cfg: weir_proxy::config::Config, kernel: KernelNft) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+async fn run(
+    cfg: weir_proxy::config::Config,
+    kernel: KernelNft,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let health = Arc::new(ProxyHealth::new(cfg.sync_period * 2));
     let state = Arc::new(HttpState {
         // Without Services, /proxyMode names no mode of weir's: another proxy serves them.

@@ -665,12 +665,13 @@ pub fn start_proxy_from(
     Ok(pid)
 }
 
-/// The value of `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
+/// The value of `kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}` (every
+/// sync programs both families, so either tells when the last one finished).
 pub fn last_sync(node: &Netns, metrics_port: u16) -> Option<f64> {
     metric(
         node,
         metrics_port,
-        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
     )
 }
 

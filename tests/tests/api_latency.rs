@@ -44,10 +44,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<(f64, f64)> {
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{le=\"")) else {
+        // `name_bucket{le="0.25",ip_family="IPv4"} 3`: the IPv4 series (weir observes every
+        // sync once per family; the labels come in either order).
+        let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) else {
             continue;
         };
-        let (le, count) = rest.split_once("\"} ")?;
+        let (labels, count) = rest.split_once("} ")?;
+        if !labels.split(',').any(|l| l == "ip_family=\"IPv4\"") {
+            continue;
+        }
+        let le = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("le=\""))?
+            .strip_suffix('"')?;
         let le = if le == "+Inf" {
             f64::INFINITY
         } else {

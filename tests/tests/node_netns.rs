@@ -203,8 +203,12 @@ fn lb_local(endpoints: &[(usize, &str)]) -> String {
         + &slice("lb", "lb-1", "IPv4", "TCP", 8080, &eps)
 }
 
-const NO_LOCAL_EXTERNAL: &str =
-    "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"}";
+const NO_LOCAL_EXTERNAL: &str = "kubeproxy_sync_proxy_rules_no_local_endpoints_total\
+                                 {ip_family=\"IPv4\",traffic_policy=\"external\"}";
+
+/// Stale IPv4 conntrack entries weir's cleanup deleted.
+const CONNTRACK_DELETED_V4: &str =
+    "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"}";
 
 #[test]
 fn health_check_node_port_reports_local_endpoints() {
@@ -405,12 +409,12 @@ fn udp_client_moves_off_a_removed_endpoint_keeping_its_source_port() {
         stuck,
         "the NodePort flow sticks too"
     );
-    let deleted_before = env.metric("weir_conntrack_flows_deleted_total").unwrap();
+    let deleted_before = env.metric(CONNTRACK_DELETED_V4).unwrap();
 
     // The endpoint leaves the slice (its pod still answers: a stale entry would reach it).
     env.rewrite(&dns(&[kept]), |t| !t.contains(&gone_ip));
     wait_until("weir to delete the stale flows", WAIT, || {
-        env.metric("weir_conntrack_flows_deleted_total")
+        env.metric(CONNTRACK_DELETED_V4)
             .is_some_and(|n| n >= deleted_before + 2.0)
     })
     .unwrap_or_else(|e| {

@@ -222,7 +222,7 @@ pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
         let full = wait_metric(
             &ns,
             &probe,
-            "kubeproxy_sync_full_proxy_rules_duration_seconds_sum",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}",
             0.0,
             Duration::from_secs(300),
         )?;
@@ -230,7 +230,7 @@ pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
         let last = get_metric(
             &ns,
             &probe,
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
         )
         .unwrap_or(0.0);
         // One endpoint of one service removed, five times (services spread over files);
@@ -243,14 +243,17 @@ pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
             last = wait_metric(
                 &ns,
                 &probe,
-                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
                 last,
                 Duration::from_secs(60),
             )?;
         }
         let metric = |name| get_metric(&ns, &probe, name).unwrap_or(f64::NAN);
-        let partial = metric("kubeproxy_sync_partial_proxy_rules_duration_seconds_sum")
-            / metric("kubeproxy_sync_partial_proxy_rules_duration_seconds_count");
+        let partial =
+            metric("kubeproxy_sync_partial_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}")
+                / metric(
+                    "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+                );
         let mib = |field| {
             status_kib(pid, field)
                 .map(|k| k as f64 / 1024.0)

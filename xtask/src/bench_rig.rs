@@ -382,14 +382,19 @@ impl Drop for EbpfScratch {
 
 // ---------------------------------------------------------------- weir-proxy
 
+// weir observes each sync once per family (`ip_family`); the IPv4 series is the IPv4
+// table's work plus the work both families share (docs/metrics.md).
+
 /// Sum of full-sync durations.
-pub const FULL: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_sum";
+pub const FULL: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}";
 /// Sum of partial-sync durations.
-pub const PARTIAL_SUM: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum";
+pub const PARTIAL_SUM: &str =
+    "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}";
 /// Number of partial syncs.
-pub const PARTIAL_COUNT: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_count";
+pub const PARTIAL_COUNT: &str =
+    "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}";
 /// When the last sync finished.
-pub const LAST: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+pub const LAST: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}";
 
 /// A metric of the weir-proxy running in `ns` (metrics on 127.0.0.1:10249).
 pub fn metric(bin: &Path, ns: &Netns, name: &str) -> Option<f64> {

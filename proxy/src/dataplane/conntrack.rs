@@ -29,7 +29,7 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Which flows to delete (all given fields must match; IPv4 and IPv6).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -183,6 +183,25 @@ impl Family {
             Family::V6 => "ipv6",
         }
     }
+
+    /// The same family as nftables names it (the family metrics are labelled with).
+    fn table_family(self) -> crate::dataplane::nft::Family {
+        match self {
+            Family::V4 => crate::dataplane::nft::Family::Ip,
+            Family::V6 => crate::dataplane::nft::Family::Ip6,
+        }
+    }
+}
+
+/// One family's pass of a cleanup ([`Conntrack::delete_matching_reporting`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CleanupPass {
+    /// The conntrack table's address family.
+    pub family: crate::dataplane::nft::Family,
+    /// Entries the pass deleted.
+    pub deleted: usize,
+    /// How long the pass took: dumping the table, matching and deleting.
+    pub took: Duration,
 }
 
 /// `CTA_ID`: the entry's id, checked by the kernel on delete.
@@ -315,6 +334,17 @@ impl Conntrack {
     /// deletion failures do not stop the rest: they are counted and the first is returned
     /// in [`ConntrackError::Delete`].
     pub fn delete_matching(&mut self, filters: &[FlowFilter]) -> Result<usize, ConntrackError> {
+        self.delete_matching_reporting(filters, |_| {})
+    }
+
+    /// [`Self::delete_matching`], calling `on_pass` after each family's pass (dump, match,
+    /// delete) with what it deleted and how long it took, also when some deletions of the
+    /// pass failed. A pass whose dump or socket failed is not reported.
+    pub fn delete_matching_reporting(
+        &mut self,
+        filters: &[FlowFilter],
+        mut on_pass: impl FnMut(CleanupPass),
+    ) -> Result<usize, ConntrackError> {
         if filters.is_empty() {
             return Ok(0);
         }
@@ -335,9 +365,15 @@ impl Conntrack {
                 .iter()
                 .filter(|f| f.family().is_none_or(|x| x == family))
                 .collect();
+            let pass_started = Instant::now();
             let (flows, scanned) =
                 self.dump(family, |flow| relevant.iter().any(|f| f.matches(flow)))?;
             let outcome = self.delete(&flows)?;
+            on_pass(CleanupPass {
+                family: family.table_family(),
+                deleted: outcome.deleted,
+                took: pass_started.elapsed(),
+            });
             tracing::debug!(
                 family = family.name(),
                 scanned,

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use health::ProxyHealth;
-use metrics::Metrics;
+use metrics::{Metrics, Probe};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::net::TcpListener;
@@ -34,7 +34,9 @@ pub struct HttpState {
 #[error("serving HTTP: {0}")]
 pub struct HttpError(#[from] std::io::Error);
 
-/// Serves `/proxyMode`, `/metrics`, `/healthz` and `/configz`.
+/// Serves `/proxyMode`, `/metrics`, `/healthz` and `/configz`. This `/healthz` answers as
+/// the health server's does but is not counted in `kubeproxy_proxy_healthz_total` (as
+/// kube-proxy counts only its health server's probes).
 pub async fn serve_metrics(listener: TcpListener, state: Arc<HttpState>) -> Result<(), HttpError> {
     let app = Router::new()
         .route("/proxyMode", get(proxy_mode))
@@ -46,11 +48,12 @@ pub async fn serve_metrics(listener: TcpListener, state: Arc<HttpState>) -> Resu
     Ok(())
 }
 
-/// Serves `/healthz` and `/livez`.
+/// Serves `/healthz` and `/livez`, counting each answer by status in
+/// `kubeproxy_proxy_healthz_total{code}` and `kubeproxy_proxy_livez_total{code}`.
 pub async fn serve_health(listener: TcpListener, state: Arc<HttpState>) -> Result<(), HttpError> {
     let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/livez", get(livez))
+        .route("/healthz", get(counted_healthz))
+        .route("/livez", get(counted_livez))
         .with_state(state);
     axum::serve(listener, app).await?;
     Ok(())
@@ -92,7 +95,9 @@ fn rfc3339(t: Option<SystemTime>) -> String {
         .unwrap_or_else(|| "0001-01-01T00:00:00Z".to_owned())
 }
 
-fn health_body(s: &HttpState, with_node: bool) -> Response {
+/// The health answer; `probe` names the health server's probe to count it under (`None`:
+/// the metrics server's `/healthz`, not counted).
+fn health_body(s: &HttpState, with_node: bool, probe: Option<Probe>) -> Response {
     let st = s.health.status(SystemTime::now());
     let mut body = serde_json::json!({
         "lastUpdated": rfc3339(st.last_updated),
@@ -109,6 +114,9 @@ fn health_body(s: &HttpState, with_node: bool) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    if let Some(probe) = probe {
+        s.metrics.count_probe(probe, code.as_u16());
+    }
     (
         code,
         [(header::CONTENT_TYPE, "application/json")],
@@ -118,11 +126,15 @@ fn health_body(s: &HttpState, with_node: bool) -> Response {
 }
 
 async fn healthz(State(s): State<Arc<HttpState>>) -> Response {
-    health_body(&s, true)
+    health_body(&s, true, None)
 }
 
-async fn livez(State(s): State<Arc<HttpState>>) -> Response {
-    health_body(&s, false)
+async fn counted_healthz(State(s): State<Arc<HttpState>>) -> Response {
+    health_body(&s, true, Some(Probe::Healthz))
+}
+
+async fn counted_livez(State(s): State<Arc<HttpState>>) -> Response {
+    health_body(&s, false, Some(Probe::Livez))
 }
 
 #[cfg(test)]
@@ -163,7 +175,7 @@ mod tests {
         assert!(pm.ends_with("\r\n\r\nnftables"), "{pm:?}");
         assert!(get(a1, "/metrics")
             .await
-            .contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket"));
+            .contains("# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram"));
         assert!(get(a1, "/configz")
             .await
             .contains(r#"{"kubeproxy.config.k8s.io":{"mode":"nftables"}}"#));
@@ -179,5 +191,19 @@ mod tests {
         );
         health.queued_update(SystemTime::now() - std::time::Duration::from_secs(120));
         assert!(get(a2, "/healthz").await.starts_with("HTTP/1.1 503"));
+        assert!(get(a1, "/healthz").await.starts_with("HTTP/1.1 503"));
+        let text = get(a1, "/metrics").await;
+        // The health server's answers are counted by status; the metrics server's not.
+        for line in [
+            "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
+            "kubeproxy_proxy_healthz_total{code=\"503\"} 1",
+            "kubeproxy_proxy_livez_total{code=\"200\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(
+            !text.contains("kubeproxy_proxy_livez_total{code=\"503\"}"),
+            "{text}"
+        );
     }
 }

@@ -3,10 +3,11 @@
 //! desired state: which flows here, which health-check ports and counts in
 //! [`crate::sync::tally`].
 
-use crate::dataplane::conntrack::{filters_for_change, Conntrack, FlowFilter};
+use crate::dataplane::conntrack::{filters_for_change, CleanupPass, Conntrack, FlowFilter};
 use crate::dataplane::ipvs::apply::{Changed, IpvsSync};
+use crate::dataplane::nft::Family;
 use crate::http::healthcheck::HealthCheckServer;
-use crate::http::metrics::{label, Metrics};
+use crate::http::metrics::Metrics;
 use crate::model::{DesiredState, Protocol, ServiceDelta, ServicePortState, Store};
 use crate::routes::{desired_routes, PodRoute, RouteController};
 use crate::sync::tally::ServiceTally;
@@ -147,9 +148,10 @@ impl SideEffects {
     /// servers are given new contents only when the tally's health version moved).
     pub fn after_sync(&mut self, tally: &ServiceTally, filters: &[FlowFilter], metrics: &Metrics) {
         if let (Some(ct), false) = (&mut self.conntrack, filters.is_empty()) {
-            match ct.delete_matching(filters) {
+            let on_pass =
+                |p: CleanupPass| metrics.observe_conntrack_pass(p.family, p.deleted, p.took);
+            match ct.delete_matching_reporting(filters, on_pass) {
                 Ok(n) => {
-                    metrics.conntrack_deleted.inc_by(n as u64);
                     if n > 0 {
                         info!(
                             deleted = n,
@@ -176,14 +178,13 @@ impl SideEffects {
         let g = tally.gauges();
         metrics.service_ports.set(g.service_ports as i64);
         metrics.endpoints.set(g.endpoints as i64);
-        metrics
-            .no_local_endpoints
-            .get_or_create(&label("traffic_policy", "internal"))
-            .set(g.no_local_internal as i64);
-        metrics
-            .no_local_endpoints
-            .get_or_create(&label("traffic_policy", "external"))
-            .set(g.no_local_external as i64);
+        for (family, internal, external) in [
+            (Family::Ip, g.no_local_internal.0, g.no_local_external.0),
+            (Family::Ip6, g.no_local_internal.1, g.no_local_external.1),
+        ] {
+            metrics.set_no_local_endpoints(family, "internal", internal);
+            metrics.set_no_local_endpoints(family, "external", external);
+        }
     }
 }
 
@@ -347,11 +348,11 @@ mod tests {
         // 3 cluster-wide entries and 2 local ones.
         assert_eq!(
             (g.service_ports, g.endpoints, g.no_local_external),
-            (1, 5, 0)
+            (1, 5, (0, 0))
         );
         let none = port(Protocol::Udp, &["10.244.2.5"], true);
         state.services.insert(none.info.name.clone(), none);
-        assert_eq!(gauges(&state).no_local_external, 1);
+        assert_eq!(gauges(&state).no_local_external, (1, 0));
         assert_eq!(
             health_check_services(&state)
                 .values()

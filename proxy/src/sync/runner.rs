@@ -9,7 +9,7 @@ use crate::dataplane::ebpf::render::{
 };
 use crate::dataplane::ebpf::{EbpfError, MapContents, MapStore};
 use crate::dataplane::ipvs::apply::Changed;
-use crate::dataplane::nft::diff::plan_state;
+use crate::dataplane::nft::diff::{cleanup_plan, plan_state};
 use crate::dataplane::nft::incremental::Incremental;
 use crate::dataplane::nft::kernel::KernelError;
 use crate::dataplane::nft::render::RenderConfig;
@@ -38,6 +38,50 @@ pub const FAMILIES: [Family; 2] = [Family::Ip, Family::Ip6];
 
 /// Service ports per transaction when filling a table that did not exist.
 const FRESH_BATCH: usize = 500;
+
+/// Time a sync spent on each family's own table (reading, planning, applying it), so the
+/// per-family sync metrics can be told apart from the work both families share.
+#[derive(Clone, Copy, Debug, Default)]
+struct FamilyTimes {
+    ip: Duration,
+    ip6: Duration,
+}
+
+impl FamilyTimes {
+    /// Adds `d` to `family`'s own time.
+    fn add(&mut self, family: Family, d: Duration) {
+        match family {
+            Family::Ip => self.ip += d,
+            Family::Ip6 => self.ip6 += d,
+        }
+    }
+
+    /// Times `f` as `family`'s own work.
+    fn time<T>(&mut self, family: Family, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = f();
+        self.add(family, started.elapsed());
+        out
+    }
+
+    /// What each family's sync took out of a sync of `total`: the family's own time plus
+    /// the time neither family's own work accounts for (the model, IPVS, eBPF maps), as
+    /// kube-proxy's per-family proxier would have spent it syncing that family alone.
+    fn per_family(&self, total: Duration) -> [(Family, Duration); 2] {
+        let shared = total.saturating_sub(self.ip + self.ip6);
+        [
+            (Family::Ip, shared + self.ip),
+            (Family::Ip6, shared + self.ip6),
+        ]
+    }
+}
+
+/// When a sync started, how long its planning took and each family's own time in it.
+struct SyncTiming {
+    started: Instant,
+    planned: Duration,
+    own: FamilyTimes,
+}
 
 /// Settings of the runner.
 #[derive(Clone, Debug)]
@@ -70,11 +114,16 @@ pub struct Runner<K: NftBackend> {
     effects: SideEffects,
     /// Stale-flow filters of changes not yet followed by a successful sync.
     pending_flows: Vec<FlowFilter>,
-    /// In eBPF mode, the maps programmed instead of nftables (`K` is then unused).
+    /// In eBPF mode, the maps programmed instead of nftables (`K` is then used only to
+    /// remove the nftables mode's leftover `weir` tables).
     ebpf: Option<EbpfSync>,
     /// Whether Services are programmed (`--run-service-proxy`); when not, a sync only
     /// keeps the routes and weir-cni's pod CIDRs.
     services: bool,
+    /// eBPF mode and without Services: whether the nftables mode's `weir` tables may still
+    /// be there (removal
+    /// is checked at the first sync and retried at every sync while it fails).
+    leftover_tables: bool,
 }
 
 /// The eBPF backend's state in the runner.
@@ -108,6 +157,7 @@ impl<K: NftBackend> Runner<K> {
             pending_flows: Vec::new(),
             ebpf: None,
             services: true,
+            leftover_tables: false,
         }
     }
 
@@ -116,6 +166,7 @@ impl<K: NftBackend> Runner<K> {
     /// backend `K` is never called.
     pub fn without_services(mut self) -> Self {
         self.services = false;
+        self.leftover_tables = true;
         self
     }
 
@@ -128,6 +179,7 @@ impl<K: NftBackend> Runner<K> {
             current: None,
             algorithm: LbAlgorithm::Random,
         });
+        self.leftover_tables = true;
         self
     }
 
@@ -229,9 +281,11 @@ impl<K: NftBackend> Runner<K> {
     #[instrument(skip_all, fields(full))]
     async fn sync(&mut self, full: bool) -> bool {
         let started = Instant::now();
+        let mut own = FamilyTimes::default();
         let oldest = self.store.oldest_pending();
         let changes = self.store.take_changes();
         if !self.services {
+            self.remove_leftover_tables().await;
             self.health.updated(SystemTime::now());
             self.effects
                 .sync_routes(&self.store, &self.cfg.model.node_name, full)
@@ -245,6 +299,7 @@ impl<K: NftBackend> Runner<K> {
             return true;
         }
         if let Some(mut ebpf) = self.ebpf.take() {
+            self.remove_leftover_tables().await;
             let ok = self
                 .sync_ebpf(&mut ebpf, full, changes, started, oldest)
                 .await;
@@ -262,9 +317,15 @@ impl<K: NftBackend> Runner<K> {
             let deltas = self.recompute_changed(&changes.services);
             // A released frontend another Service wanted: only a full compute hands it over.
             if !self.desired.needs_full_compute() {
+                let node_ips = &self.desired.node_ips;
                 let plans = incs
                     .iter_mut()
-                    .map(|inc| inc.update(&deltas, &self.desired.node_ips))
+                    .map(|inc| {
+                        let t = Instant::now();
+                        let p = inc.update(&deltas, node_ips);
+                        own.add(p.family, t.elapsed());
+                        p
+                    })
                     .collect();
                 planned = Some((plans, incs));
                 port_deltas = Some(deltas);
@@ -310,33 +371,44 @@ impl<K: NftBackend> Runner<K> {
                 let mut incs = Vec::new();
                 let mut objects = 0;
                 for family in FAMILIES {
-                    let realized = match self.read_kernel(family).await {
+                    let t = Instant::now();
+                    let realized = self.read_kernel(family).await;
+                    own.add(family, t.elapsed());
+                    let realized = match realized {
                         Ok(r) => r,
                         Err(e) => {
                             warn!(error = %e, %family, "reading the kernel's nftables state failed; retrying");
-                            self.metrics.nftables_sync_failures.inc();
+                            self.metrics.nftables_sync_failed(family);
                             return false;
                         }
                     };
                     match realized {
                         Some(realized) => {
+                            let (desired, render) = (&self.desired, &self.cfg.render);
                             let (p, n) =
-                                plan_state(&self.desired, &self.cfg.render, family, realized);
+                                own.time(family, || plan_state(desired, render, family, realized));
                             objects += n;
                             plans.push(p);
-                            incs.push(Incremental::new(&self.desired, &self.cfg.render, family));
+                            incs.push(
+                                own.time(family, || Incremental::new(desired, render, family)),
+                            );
                         }
-                        None => match self.fill_new_table(family).await {
-                            Ok((inc, n)) => {
-                                objects += n;
-                                incs.push(inc);
+                        None => {
+                            let t = Instant::now();
+                            let filled = self.fill_new_table(family).await;
+                            own.add(family, t.elapsed());
+                            match filled {
+                                Ok((inc, n)) => {
+                                    objects += n;
+                                    incs.push(inc);
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, %family, "programming the new table failed; the next sync is a full one");
+                                    self.metrics.nftables_sync_failed(family);
+                                    return false;
+                                }
                             }
-                            Err(e) => {
-                                warn!(error = %e, %family, "programming the new table failed; the next sync is a full one");
-                                self.metrics.nftables_sync_failures.inc();
-                                return false;
-                            }
-                        },
+                        }
                     }
                 }
                 self.metrics.nftables_objects.set(objects as i64);
@@ -351,9 +423,13 @@ impl<K: NftBackend> Runner<K> {
         let ops: usize = plans.iter().map(|p| p.ops.len()).sum();
         let planned = started.elapsed();
         for p in plans.into_iter().filter(|p| !p.ops.is_empty()) {
-            if let Err(e) = self.apply(p).await {
-                warn!(error = %e, "applying the nftables plan failed; the next sync is a full one");
-                self.metrics.nftables_sync_failures.inc();
+            let family = p.family;
+            let t = Instant::now();
+            let applied = self.apply(p).await;
+            own.add(family, t.elapsed());
+            if let Err(e) = applied {
+                warn!(error = %e, %family, "applying the nftables plan failed; the next sync is a full one");
+                self.metrics.nftables_sync_failed(family);
                 return false;
             }
         }
@@ -374,7 +450,12 @@ impl<K: NftBackend> Runner<K> {
             .effects
             .sync_ipvs(&self.desired, was_full, changed)
             .await;
-        self.finish_sync(started, oldest, was_full, changes_applied, ops, planned)
+        let timing = SyncTiming {
+            started,
+            planned,
+            own,
+        };
+        self.finish_sync(timing, oldest, was_full, changes_applied, ops)
             .await;
         ipvs_done
     }
@@ -383,25 +464,31 @@ impl<K: NftBackend> Runner<K> {
     /// flows, health-check servers, routes, the CNI's pod CIDRs.
     async fn finish_sync(
         &mut self,
-        started: Instant,
+        timing: SyncTiming,
         oldest: Option<SystemTime>,
         was_full: bool,
         changes_applied: usize,
         ops: usize,
-        planned: Duration,
     ) {
+        let SyncTiming {
+            started,
+            planned,
+            own,
+        } = timing;
         let now = SystemTime::now();
         self.metrics.service_changes_pending.set(0);
         self.metrics.endpoint_changes_pending.set(0);
         self.metrics
             .plan_element_changes
             .inc_by(changes_applied as u64);
-        self.metrics.observe_sync(started.elapsed(), was_full, now);
+        self.metrics
+            .observe_sync(&own.per_family(started.elapsed()), was_full, now);
         if let Some(t) = oldest {
+            // One sync programs both families' tables (or the eBPF maps, which serve both).
             let latency = now.duration_since(t).unwrap_or_default();
-            self.metrics
-                .network_programming_duration
-                .observe(latency.as_secs_f64());
+            for family in FAMILIES {
+                self.metrics.observe_network_programming(family, latency);
+            }
         }
         self.health.updated(now);
         let mut flows = std::mem::take(&mut self.pending_flows);
@@ -524,7 +611,13 @@ impl<K: NftBackend> Runner<K> {
         }
         self.metrics.ebpf_map_entries.set(desired.len() as i64);
         ebpf.current = Some(desired);
-        self.finish_sync(started, oldest, was_full, writes, writes, planned)
+        // The maps serve both families: no family has work of its own.
+        let timing = SyncTiming {
+            started,
+            planned,
+            own: FamilyTimes::default(),
+        };
+        self.finish_sync(timing, oldest, was_full, writes, writes)
             .await;
         true
     }
@@ -563,6 +656,33 @@ impl<K: NftBackend> Runner<K> {
         }
         let objects = objects + inc.structure_objects();
         Ok((inc, objects))
+    }
+
+    /// eBPF mode and without Services: removes the nftables mode's `weir` tables while any
+    /// may be left (the daemon's start removes them; this retries a removal that failed),
+    /// counting failures
+    /// in `kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total`.
+    async fn remove_leftover_tables(&mut self) {
+        if !self.leftover_tables {
+            return;
+        }
+        let mut left = false;
+        for family in FAMILIES {
+            let removed = match self.read_kernel(family).await {
+                Ok(None) => continue,
+                Ok(Some(t)) => self.apply(cleanup_plan(Some(&t), family)).await,
+                Err(e) => Err(e),
+            };
+            match removed {
+                Ok(()) => info!(%family, "removed the nftables mode's service table"),
+                Err(e) => {
+                    warn!(error = %e, %family, "removing the nftables mode's service table failed; retrying next sync");
+                    self.metrics.nftables_cleanup_failed(family);
+                    left = true;
+                }
+            }
+        }
+        self.leftover_tables = left;
     }
 
     async fn read_kernel(&self, family: Family) -> Result<Option<DumpedTable>, KernelError> {
@@ -750,6 +870,97 @@ mod tests {
         assert!(written.contains("10.244.1.0/24"), "{written}");
         assert_eq!(fake.applies(), 0, "no Service is programmed");
         assert!(fake.table(Family::Ip).is_none());
+    }
+
+    #[tokio::test]
+    async fn ebpf_mode_removes_the_nftables_tables_and_retries_a_failed_removal() {
+        use crate::dataplane::ebpf::fake::FakeMaps;
+        use crate::dataplane::nft::NftBackend;
+        let nft = SharedFake::default();
+        for family in FAMILIES {
+            let (skeleton, _) = plan_state(
+                &DesiredState::default(),
+                &RenderConfig::default(),
+                family,
+                DumpedTable::empty(family),
+            );
+            nft.apply(&skeleton).unwrap();
+        }
+        let metrics = Arc::new(Metrics::new());
+        let runner = Runner::new(
+            cfg(10),
+            nft.clone(),
+            metrics.clone(),
+            Arc::new(ProxyHealth::new(Duration::from_secs(60))),
+        )
+        .with_ebpf(FakeMaps::default());
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(runner.run(rx));
+        nft.fail_next_apply();
+        tx.try_send(SourceUpdate::Replace(svc(
+            "a",
+            "10.96.0.1",
+            &["10.244.1.1"],
+        )))
+        .unwrap();
+        settle().await;
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family=\"IPv4\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            nft.table(Family::Ip).is_some(),
+            "the failed removal left it"
+        );
+        assert!(nft.table(Family::Ip6).is_none());
+        for o in svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]) {
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        settle().await;
+        assert!(nft.table(Family::Ip).is_none(), "the next sync removed it");
+    }
+
+    #[tokio::test]
+    async fn sync_metrics_are_observed_per_family_and_failures_count_against_theirs() {
+        let (fake, tx, metrics) = start_with_metrics(10);
+        tx.try_send(SourceUpdate::Replace(svc(
+            "a",
+            "10.96.0.1",
+            &["10.244.1.1"],
+        )))
+        .unwrap();
+        settle().await;
+        // An IPv4-only change: only the ip table's plan has work, and it fails.
+        fake.fail_next_apply();
+        for o in svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]) {
+            tx.try_send(SourceUpdate::Upsert(o)).unwrap();
+        }
+        settle().await;
+        let text = metrics.encode().unwrap();
+        for line in [
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"} 1",
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv6\"} 0",
+            // The first sync and the retry, both full; the failed sync is not observed.
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 2",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"} 2",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"} 2",
+            "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1",
+            "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv6\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        let stamp = |family: &str| {
+            let name = format!(
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds{{ip_family=\"{family}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&name)?.parse::<f64>().ok())
+                .unwrap()
+        };
+        assert!(stamp("IPv4") > 0.0 && stamp("IPv4") == stamp("IPv6"));
     }
 
     #[tokio::test]

@@ -15,36 +15,58 @@ pub struct Gauges {
     pub service_ports: usize,
     /// Endpoint entries over all ports (the cluster-wide plus the local list).
     pub endpoints: usize,
-    /// Ports with `internalTrafficPolicy: Local` and no local endpoint.
-    pub no_local_internal: usize,
-    /// Ports with `externalTrafficPolicy: Local` and no local endpoint.
-    pub no_local_external: usize,
+    /// Ports with `internalTrafficPolicy: Local` and no local endpoint, per family
+    /// (IPv4, IPv6).
+    pub no_local_internal: (usize, usize),
+    /// Ports with `externalTrafficPolicy: Local` and no local endpoint, per family
+    /// (IPv4, IPv6).
+    pub no_local_external: (usize, usize),
+}
+
+/// `(a.0 + b.0, a.1 + b.1)`, or the saturating difference when `sub`.
+fn pair(a: (usize, usize), b: (usize, usize), sub: bool) -> (usize, usize) {
+    if sub {
+        (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1))
+    } else {
+        (a.0 + b.0, a.1 + b.1)
+    }
 }
 
 impl Gauges {
-    /// What one port adds to the counts, as upstream counts them.
+    /// What one port adds to the counts, as upstream's per-family proxiers count them: a
+    /// port belongs to a family when it has a ClusterIP of it, and lacks local endpoints
+    /// of that family when none of its local endpoints is of it.
     fn of_port(sp: &ServicePortState) -> Gauges {
-        let no_local = sp.local_endpoints.is_empty();
+        let no_local = |v4: bool| {
+            sp.info.cluster_ips.iter().any(|ip| ip.is_ipv4() == v4)
+                && !sp.local_endpoints.iter().any(|e| e.ip.is_ipv4() == v4)
+        };
+        let per_family = |policy: bool| {
+            (
+                usize::from(policy && no_local(true)),
+                usize::from(policy && no_local(false)),
+            )
+        };
         Gauges {
             service_ports: 1,
             endpoints: sp.endpoints.len() + sp.local_endpoints.len(),
-            no_local_internal: usize::from(no_local && sp.info.internal_local),
-            no_local_external: usize::from(no_local && sp.info.external_local),
+            no_local_internal: per_family(sp.info.internal_local),
+            no_local_external: per_family(sp.info.external_local),
         }
     }
 
     fn add(&mut self, o: Gauges) {
         self.service_ports += o.service_ports;
         self.endpoints += o.endpoints;
-        self.no_local_internal += o.no_local_internal;
-        self.no_local_external += o.no_local_external;
+        self.no_local_internal = pair(self.no_local_internal, o.no_local_internal, false);
+        self.no_local_external = pair(self.no_local_external, o.no_local_external, false);
     }
 
     fn sub(&mut self, o: Gauges) {
         self.service_ports = self.service_ports.saturating_sub(o.service_ports);
         self.endpoints = self.endpoints.saturating_sub(o.endpoints);
-        self.no_local_internal = self.no_local_internal.saturating_sub(o.no_local_internal);
-        self.no_local_external = self.no_local_external.saturating_sub(o.no_local_external);
+        self.no_local_internal = pair(self.no_local_internal, o.no_local_internal, true);
+        self.no_local_external = pair(self.no_local_external, o.no_local_external, true);
     }
 }
 
@@ -373,7 +395,7 @@ mod tests {
         // 10.244.1.0, .2 and .4 are local; .2 is behind both ports.
         assert_eq!((hc.port, hc.local_endpoints), (32001, 3));
         assert_eq!(tally.gauges().service_ports, 2);
-        assert_eq!(tally.gauges().no_local_external, 0);
+        assert_eq!(tally.gauges().no_local_external, (0, 0));
         let v = tally.health_version();
         // Only the remote endpoint goes: the health-check contents stay.
         let a2 = Change {
