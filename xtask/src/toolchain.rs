@@ -65,8 +65,9 @@ pub fn ensure_ebpf() -> Result<()> {
 /// xz-utils (the IPVS guest); iptables (the benchmark reference); util-linux (nsenter,
 /// unshare: the cluster's nodes; iptables is also kube-proxy's in its iptables mode);
 /// libc6-dev (the static pause program); netcat-openbsd, socat, bind9-dnsutils (the agnhost
-/// image's nc, socat, dig and nslookup, as upstream's image has them).
-pub const TEST_PACKAGES: [&str; 21] = [
+/// image's nc, socat, dig and nslookup, as upstream's image has them), wget (its wget:
+/// busybox-static's crashes).
+pub const TEST_PACKAGES: [&str; 22] = [
     "nftables",
     "iproute2",
     "conntrack",
@@ -88,6 +89,7 @@ pub const TEST_PACKAGES: [&str; 21] = [
     "netcat-openbsd",
     "socat",
     "bind9-dnsutils",
+    "wget",
 ];
 
 /// Installs what is missing of [`TEST_PACKAGES`].

@@ -6,7 +6,8 @@
 //! - agnhost (`registry.k8s.io/e2e-test-images/agnhost:<tag>`): the release's agnhost with
 //!   what upstream's image (alpine with bind-tools, curl, netcat-openbsd, iproute2, bash,
 //!   socat) offers the e2e suite, from this machine's Debian packages: busybox's applets,
-//!   OpenBSD netcat as `nc`, bash, curl, dig, nslookup, socat, ip and ss, each with its
+//!   dash as /bin/sh, OpenBSD netcat as `nc`, GNU wget, bash, curl, dig, nslookup, socat,
+//!   ip and ss, each with its
 //!   libraries; and the image's users (porter's certificate is left out: no sig-network
 //!   test serves TLS from it);
 //! - busybox (`.../busybox:<tag>`): Debian's static busybox and its applets;
@@ -318,8 +319,11 @@ pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
 /// Host programs in the agnhost image: (host path, path in the image). /bin/sh is Debian's
 /// dash: Debian's static busybox runs its own applet for a command of an applet's name
 /// (`nc` among them) whatever PATH holds, so a busybox shell would never run OpenBSD's nc.
-const AGNHOST_TOOLS: [(&str, &str); 8] = [
+/// GNU wget stands in for busybox's, which crashes (Debian bookworm's busybox-static wget
+/// dies of SIGSEGV on any URL, on this host too).
+const AGNHOST_TOOLS: [(&str, &str); 9] = [
     ("/usr/bin/dash", "/bin/sh"),
+    ("/usr/bin/wget", "/usr/bin/wget"),
     ("/bin/nc.openbsd", "/usr/bin/nc"),
     ("/usr/bin/bash", "/bin/bash"),
     ("/usr/bin/dig", "/usr/bin/dig"),
@@ -337,6 +341,7 @@ fn tool_package(program: &str) -> &'static str {
         "/usr/bin/socat" => "socat",
         "/usr/bin/bash" => "bash",
         "/usr/bin/dash" => "dash",
+        "/usr/bin/wget" => "wget",
         _ => "iproute2",
     }
 }
