@@ -314,6 +314,25 @@ pub fn version_ldflags(release: &str) -> String {
     flags.join(" ")
 }
 
+/// The source directory of the pinned `k8s.io/kubernetes` module in Go's module cache
+/// (filled by the build): the e2e images' data files (agnhost's porter certificate).
+pub fn kubernetes_source() -> Result<PathBuf> {
+    let out = go(
+        "k8s",
+        &["list", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes"],
+    )
+    .output()
+    .context("starting go list")?;
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || dir.is_empty() {
+        bail!(
+            "go list -m k8s.io/kubernetes: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(PathBuf::from(dir))
+}
+
 fn go(module: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("go");
     cmd.args(args)

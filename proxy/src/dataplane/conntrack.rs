@@ -43,6 +43,9 @@ pub struct FlowFilter {
     pub orig_dport: Option<u16>,
     /// Source address of the reply direction: the endpoint the flow was DNATed to.
     pub reply_src: Option<IpAddr>,
+    /// Source port of the reply direction: the endpoint's port (a Service whose
+    /// targetPort changes keeps its endpoint addresses and moves their ports).
+    pub reply_sport: Option<u16>,
 }
 
 impl FlowFilter {
@@ -52,6 +55,7 @@ impl FlowFilter {
             && self.orig_dst.is_none_or(|d| d == flow.orig_dst)
             && self.orig_dport.is_none_or(|p| p == flow.orig_dport)
             && self.reply_src.is_none_or(|s| Some(s) == flow.reply_src)
+            && self.reply_sport.is_none_or(|p| Some(p) == flow.reply_sport)
     }
 
     /// The address family this filter can match, or `None` for both.
@@ -65,15 +69,16 @@ impl FlowFilter {
 /// `frontends` are `(Some(ip), port)` for a ClusterIP, external or load-balancer IP and
 /// `(None, node_port)` for a NodePort. Only UDP needs cleanup (TCP and SCTP flows to a
 /// gone endpoint are reset or time out on their own), so other protocols get none. For
-/// each endpoint IP in `old_endpoints` but not in `new_endpoints`, and each frontend of its
-/// address family: the flows to that frontend DNATed to that endpoint. When the service
+/// each endpoint (address and port) in `old_endpoints` but not in `new_endpoints`, and each
+/// frontend of its address family: the flows to that frontend DNATed to that endpoint (so
+/// a changed targetPort moves flows off the old port, as kube-proxy's reconciler does). When the service
 /// gets its first endpoints (`old_endpoints` empty, `new_endpoints` not): every flow to
 /// each frontend, since those were tracked before there was a DNAT to follow.
 ///
 /// The result is sorted and free of duplicates.
 pub fn filters_for_change(
-    old_endpoints: &[IpAddr],
-    new_endpoints: &[IpAddr],
+    old_endpoints: &[std::net::SocketAddr],
+    new_endpoints: &[std::net::SocketAddr],
     frontends: &[(Option<IpAddr>, u16)],
     protocol: Protocol,
 ) -> Vec<FlowFilter> {
@@ -94,7 +99,8 @@ pub fn filters_for_change(
                 protocol,
                 orig_dst: ip,
                 orig_dport: Some(port),
-                reply_src: Some(*gone),
+                reply_src: Some(gone.ip()),
+                reply_sport: Some(gone.port()),
             });
         }
     }
@@ -105,6 +111,7 @@ pub fn filters_for_change(
                 orig_dst: ip,
                 orig_dport: Some(port),
                 reply_src: None,
+                reply_sport: None,
             });
         }
     }
@@ -221,6 +228,7 @@ struct Flow {
     orig_dst: IpAddr,
     orig_dport: u16,
     reply_src: Option<IpAddr>,
+    reply_sport: Option<u16>,
     /// The original tuple as the kernel sent it (addresses, ports, tuple zone).
     orig: Vec<Tuple>,
     /// `CTA_ID` and `CTA_ZONE`, as the kernel sent them.
@@ -233,11 +241,15 @@ impl Flow {
     fn from_attributes(family: Family, attributes: Vec<ConntrackAttribute>) -> Option<Flow> {
         let mut orig = None;
         let mut reply_src = None;
+        let mut reply_sport = None;
         let mut identity = Vec::new();
         for a in attributes {
             match a {
                 ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t),
-                ConntrackAttribute::CtaTupleReply(t) => reply_src = tuple_src(&t),
+                ConntrackAttribute::CtaTupleReply(t) => {
+                    reply_src = tuple_src(&t);
+                    reply_sport = tuple_sport(&t);
+                }
                 ConntrackAttribute::Other(ref nla)
                     if matches!(nla.kind() & NLA_TYPE_MASK, CTA_ID | CTA_ZONE) =>
                 {
@@ -277,6 +289,7 @@ impl Flow {
             orig_dst: dst?,
             orig_dport: dport?,
             reply_src,
+            reply_sport,
             orig,
             identity,
         })
@@ -287,6 +300,16 @@ fn tuple_src(tuple: &[Tuple]) -> Option<IpAddr> {
     tuple.iter().find_map(|t| match t {
         Tuple::Ip(ips) => ips.iter().find_map(|ip| match ip {
             IPTuple::SourceAddress(a) => Some(*a),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn tuple_sport(tuple: &[Tuple]) -> Option<u16> {
+    tuple.iter().find_map(|t| match t {
+        Tuple::Proto(protos) => protos.iter().find_map(|p| match p {
+            ProtoTuple::SourcePort(port) => Some(*port),
             _ => None,
         }),
         _ => None,
@@ -648,10 +671,17 @@ mod tests {
                 ProtoTuple::DestinationPort(dport),
             ]),
         ];
-        let reply = vec![Tuple::Ip(vec![
-            IPTuple::SourceAddress(ip(reply_src)),
-            IPTuple::DestinationAddress(ip("198.51.100.2")),
-        ])];
+        let reply = vec![
+            Tuple::Ip(vec![
+                IPTuple::SourceAddress(ip(reply_src)),
+                IPTuple::DestinationAddress(ip("198.51.100.2")),
+            ]),
+            Tuple::Proto(vec![
+                ProtoTuple::Protocol(CtProtocol::from(proto)),
+                ProtoTuple::SourcePort(5353),
+                ProtoTuple::DestinationPort(40000),
+            ]),
+        ];
         Flow::from_attributes(
             Family::of(ip(dst)),
             vec![
@@ -668,14 +698,20 @@ mod tests {
             orig_dst: dst.map(ip),
             orig_dport: Some(port),
             reply_src: reply.map(ip),
+            reply_sport: reply.map(|_| 5353),
         }
+    }
+
+    /// An endpoint on port 5353.
+    fn ep(s: &str) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(ip(s), 5353)
     }
 
     #[test]
     fn removed_endpoint_gets_a_filter_per_frontend() {
         let got = filters_for_change(
-            &[ip("10.244.1.10"), ip("10.244.1.11")],
-            &[ip("10.244.1.11"), ip("10.244.1.12")],
+            &[ep("10.244.1.10"), ep("10.244.1.11")],
+            &[ep("10.244.1.11"), ep("10.244.1.12")],
             &[(Some(ip("10.96.0.53")), 53), (None, 30053)],
             Protocol::Udp,
         );
@@ -692,7 +728,7 @@ mod tests {
     fn first_endpoint_clears_every_flow_to_the_frontends() {
         let got = filters_for_change(
             &[],
-            &[ip("10.244.1.10")],
+            &[ep("10.244.1.10")],
             &[(Some(ip("10.96.0.53")), 53), (None, 30053)],
             Protocol::Udp,
         );
@@ -704,7 +740,7 @@ mod tests {
 
     #[test]
     fn no_filters_for_tcp_sctp_or_no_change() {
-        let old = [ip("10.244.1.10")];
+        let old = [ep("10.244.1.10")];
         let fe = [(Some(ip("10.96.0.10")), 80)];
         assert!(filters_for_change(&old, &[], &fe, Protocol::Tcp).is_empty());
         assert!(filters_for_change(&old, &[], &fe, Protocol::Sctp).is_empty());
@@ -715,9 +751,31 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_target_port_clears_the_flows_to_the_old_port() {
+        let old = [std::net::SocketAddr::new(ip("10.244.1.10"), 8080)];
+        let new = [std::net::SocketAddr::new(ip("10.244.1.10"), 9090)];
+        let got = filters_for_change(&old, &new, &[(None, 30080)], Protocol::Udp);
+        assert_eq!(
+            got,
+            vec![FlowFilter {
+                protocol: Protocol::Udp,
+                orig_dst: None,
+                orig_dport: Some(30080),
+                reply_src: Some(ip("10.244.1.10")),
+                reply_sport: Some(8080),
+            }]
+        );
+        let mut to_new = flow("192.168.77.2", 30080, "10.244.1.10", 17);
+        to_new.reply_sport = Some(9090);
+        assert!(!got[0].matches(&to_new), "flows to the new port stay");
+        to_new.reply_sport = Some(8080);
+        assert!(got[0].matches(&to_new));
+    }
+
+    #[test]
     fn last_endpoint_removed_only_clears_its_flows() {
         let got = filters_for_change(
-            &[ip("10.244.1.10")],
+            &[ep("10.244.1.10")],
             &[],
             &[(Some(ip("10.96.0.53")), 53)],
             Protocol::Udp,
@@ -729,9 +787,9 @@ mod tests {
     fn dual_stack_pairs_frontends_and_endpoints_of_one_family() {
         let got = filters_for_change(
             &[
-                ip("10.244.1.10"),
-                ip("fd00:10:244:1::10"),
-                ip("10.244.1.10"),
+                ep("10.244.1.10"),
+                ep("fd00:10:244:1::10"),
+                ep("10.244.1.10"),
             ],
             &[],
             &[

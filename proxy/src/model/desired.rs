@@ -64,6 +64,11 @@ pub struct ServicePortState {
     pub endpoints: Vec<Endpoint>,
     /// Endpoints on this node for traffic under a Local policy (same order rules).
     pub local_endpoints: Vec<Endpoint>,
+    /// Addresses of this node's ready endpoints (sorted): what a `healthCheckNodePort`
+    /// reports, as kube-proxy's does. Serving-but-terminating endpoints still receive Local
+    /// traffic when nothing is ready (`local_endpoints`) but are not counted here, so a
+    /// load balancer moves away from a node whose pods are all terminating.
+    pub local_ready: Vec<IpAddr>,
     /// Whether a usable endpoint exists anywhere, per family (IPv4, IPv6): without one,
     /// traffic of that family is rejected; with one, traffic whose list is empty is dropped.
     pub has_endpoints: (bool, bool),
@@ -89,6 +94,7 @@ impl ServicePortState {
             Vec::new()
         };
         ServicePortState {
+            local_ready: local.iter().map(|e| e.ip).collect(),
             has_endpoints: (
                 all.iter().any(|e| e.ip.is_ipv4()),
                 all.iter().any(|e| e.ip.is_ipv6()),
@@ -311,6 +317,7 @@ pub fn compute_service(
                 info: info.clone(),
                 endpoints: Vec::new(),
                 local_endpoints: Vec::new(),
+                local_ready: Vec::new(),
                 has_endpoints: (false, false),
             };
             for v4 in [true, false] {
@@ -332,6 +339,9 @@ pub fn compute_service(
                 };
                 state.endpoints.extend(chosen(&c.cluster));
                 state.local_endpoints.extend(chosen(&c.local));
+                state
+                    .local_ready
+                    .extend(c.local.iter().filter(|e| e.ready).map(|e| e.ip));
                 if v4 {
                     state.has_endpoints.0 = c.has_any;
                 } else {
@@ -342,6 +352,8 @@ pub fn compute_service(
                 list.sort();
                 list.dedup();
             }
+            state.local_ready.sort();
+            state.local_ready.dedup();
             state
         })
         .collect())
@@ -528,6 +540,44 @@ endpoints:
                 "10.244.1.14:8080:true"
             ]
         );
+    }
+
+    #[test]
+    fn terminating_local_endpoints_serve_local_traffic_but_are_not_counted_ready() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: etp, namespace: demo}
+spec: {clusterIP: 10.96.0.20, type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 31000, ports: [{port: 80, nodePort: 30080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: etp-a, namespace: demo, labels: {kubernetes.io/service-name: etp}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.20], nodeName: node1, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.2.20], nodeName: node2}
+"#;
+        let (state, errors) = run(yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        let sp = state.services.values().next().unwrap();
+        let local: Vec<IpAddr> = sp.local_endpoints.iter().map(|e| e.ip).collect();
+        assert_eq!(
+            local,
+            ["10.244.1.20".parse::<IpAddr>().unwrap()],
+            "the fallback"
+        );
+        assert!(
+            sp.local_ready.is_empty(),
+            "the health check reports none ready"
+        );
+        let (state, _) = run(&yaml.replace(
+            "ready: false, serving: true, terminating: true",
+            "ready: true",
+        ));
+        let sp = state.services.values().next().unwrap();
+        assert_eq!(sp.local_ready, ["10.244.1.20".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]

@@ -206,12 +206,12 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
 }
 
 /// Every address a port's traffic can be DNATed to.
-fn endpoint_ips(sp: &ServicePortState) -> Vec<IpAddr> {
-    let set: BTreeSet<IpAddr> = sp
+fn endpoint_addrs(sp: &ServicePortState) -> Vec<std::net::SocketAddr> {
+    let set: BTreeSet<std::net::SocketAddr> = sp
         .endpoints
         .iter()
         .chain(&sp.local_endpoints)
-        .map(|e| e.ip)
+        .map(|e| std::net::SocketAddr::new(e.ip, e.port))
         .collect();
     set.into_iter().collect()
 }
@@ -240,8 +240,8 @@ pub fn flow_filters(d: &ServiceDelta) -> Vec<FlowFilter> {
     let Some(sp) = sp.filter(|sp| sp.info.name.protocol == Protocol::Udp) else {
         return Vec::new();
     };
-    let old = d.old.as_ref().map(endpoint_ips).unwrap_or_default();
-    let new = d.new.as_ref().map(endpoint_ips).unwrap_or_default();
+    let old = d.old.as_ref().map(endpoint_addrs).unwrap_or_default();
+    let new = d.new.as_ref().map(endpoint_addrs).unwrap_or_default();
     // Frontends of both versions: a removed port's flows go too.
     let mut fronts: Vec<(Option<IpAddr>, u16)> = d
         .old

@@ -108,7 +108,7 @@ fn service_key(name: &ServicePortName) -> ObjectKey {
 struct HealthPort {
     /// The port's `healthCheckNodePort`.
     port: u16,
-    /// Addresses of its local endpoints.
+    /// Addresses of its ready local endpoints.
     local: Vec<IpAddr>,
 }
 
@@ -116,7 +116,7 @@ impl HealthPort {
     fn of(sp: &ServicePortState) -> Option<HealthPort> {
         Some(HealthPort {
             port: sp.info.health_check_node_port?,
-            local: sp.local_endpoints.iter().map(|e| e.ip).collect(),
+            local: sp.local_ready.clone(),
         })
     }
 }
@@ -125,7 +125,8 @@ impl HealthPort {
 type HealthPorts = BTreeMap<ServicePortName, HealthPort>;
 
 /// One Service's health-check entry: the first port's `healthCheckNodePort` (in port-name
-/// order) and the distinct local endpoint addresses over its ports. None without ports.
+/// order) and the distinct ready local endpoint addresses over its ports. None without
+/// ports.
 fn health_of(ports: &HealthPorts) -> Option<HealthCheckService> {
     let port = ports.values().next()?.port;
     let ips: BTreeSet<IpAddr> = ports

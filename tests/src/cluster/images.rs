@@ -7,9 +7,8 @@
 //!   what upstream's image (alpine with bind-tools, curl, netcat-openbsd, iproute2, bash,
 //!   socat) offers the e2e suite, from this machine's Debian packages: busybox's applets,
 //!   dash as /bin/sh, OpenBSD netcat as `nc`, GNU wget, bash, curl, dig, nslookup, socat,
-//!   ip and ss, each with its
-//!   libraries; and the image's users (porter's certificate is left out: no sig-network
-//!   test serves TLS from it);
+//!   ip, ss and glibc's getent, each with its libraries; porter's certificate (the
+//!   release's test/images/agnhost/porter/localhost.*) and the image's users;
 //! - busybox (`.../busybox:<tag>`): Debian's static busybox and its applets;
 //! - nginx (`.../nginx:<tag>`): Debian's nginx (downloaded once with `apt-get download`
 //!   into [`DEB_CACHE`]) with a configuration serving port 80;
@@ -307,6 +306,10 @@ pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
         files.insert(d.to_owned(), Entry::Dir(0o1777));
     }
     files.insert("uploads".to_owned(), Entry::Dir(0o755));
+    let porter = crate::k8s::kubernetes_source()?.join("test/images/agnhost/porter");
+    for f in ["localhost.crt", "localhost.key"] {
+        files.insert(f.to_owned(), Entry::File(porter.join(f), 0o644));
+    }
     add_users(&mut files);
     Ok(ImageSpec {
         reference: AGNHOST_IMAGE.to_owned(),
@@ -321,8 +324,9 @@ pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
 /// (`nc` among them) whatever PATH holds, so a busybox shell would never run OpenBSD's nc.
 /// GNU wget stands in for busybox's, which crashes (Debian bookworm's busybox-static wget
 /// dies of SIGSEGV on any URL, on this host too).
-const AGNHOST_TOOLS: [(&str, &str); 9] = [
+const AGNHOST_TOOLS: [(&str, &str); 10] = [
     ("/usr/bin/dash", "/bin/sh"),
+    ("/usr/bin/getent", "/usr/bin/getent"),
     ("/usr/bin/wget", "/usr/bin/wget"),
     ("/bin/nc.openbsd", "/usr/bin/nc"),
     ("/usr/bin/bash", "/bin/bash"),
@@ -342,6 +346,7 @@ fn tool_package(program: &str) -> &'static str {
         "/usr/bin/bash" => "bash",
         "/usr/bin/dash" => "dash",
         "/usr/bin/wget" => "wget",
+        "/usr/bin/getent" => "libc-bin",
         _ => "iproute2",
     }
 }
