@@ -21,7 +21,7 @@
 //!   TCP: connect and exchange one line; UDP: a datagram (resent every 250 ms) and its echo;
 //!   nothing within the timeout is `timeout`;
 //! - `weir-probe conntrack-delete --proto udp [--orig-dst IP] [--orig-dport P]
-//!   [--reply-src IP]` (test-only): deletes the matching conntrack entries of this network
+//!   [--reply-src IP] [--reply-sport PORT]` (test-only): deletes the matching conntrack entries of this network
 //!   namespace through weir's ctnetlink code and prints `{"deleted": N}`.
 //!
 //! The other modes print one JSON object: answers per backend name, errors per kind,
@@ -159,6 +159,9 @@ fn conntrack_delete(mut args: Vec<String>) -> anyhow::Result<()> {
             .map(|v| v.parse())
             .transpose()?,
         reply_src: take_option(&mut args, "--reply-src")?
+            .map(|v| v.parse())
+            .transpose()?,
+        reply_sport: take_option(&mut args, "--reply-sport")?
             .map(|v| v.parse())
             .transpose()?,
     };
