@@ -8,7 +8,8 @@
 //!   socat) offers the e2e suite, from this machine's Debian packages: busybox's applets,
 //!   dash as /bin/sh, OpenBSD netcat as `nc`, GNU wget, bash, curl, dig, nslookup, socat,
 //!   ip, ss and glibc's getent, each with its libraries; porter's certificate (the
-//!   release's test/images/agnhost/porter/localhost.*) and the image's users;
+//!   release's test/images/agnhost/porter/localhost.*), CoreDNS at /coredns (the
+//!   cluster's build; upstream ships one there too) and the image's users;
 //! - busybox (`.../busybox:<tag>`): Debian's static busybox and its applets;
 //! - nginx (`.../nginx:<tag>`): Debian's nginx (downloaded once with `apt-get download`
 //!   into [`DEB_CACHE`]) with a configuration serving port 80;
@@ -302,6 +303,12 @@ pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
         })?;
     }
     files.insert("agnhost-2".to_owned(), Entry::Symlink("agnhost".to_owned()));
+    // Upstream's image carries a CoreDNS at /coredns, which the DNS tests run as their own
+    // name server: the cluster's CoreDNS build stands in.
+    files.insert(
+        "coredns".to_owned(),
+        Entry::File(bins.coredns.clone(), 0o755),
+    );
     for d in ["tmp", "var/tmp"] {
         files.insert(d.to_owned(), Entry::Dir(0o1777));
     }
