@@ -529,10 +529,12 @@ fn deleting_a_weir_pod_keeps_established_connections_and_the_rules() {
         out.starts_with("web-").then_some(out)
     });
     // One TCP connection held open across the restart: a netcat session speaking HTTP/1.1
-    // keep-alive to netexec, one request a second for 20 s, replies counted.
+    // keep-alive to netexec, one request a second for 20 s, replies counted. OpenBSD nc (the
+    // agnhost image's, as upstream's) keeps the connection after its input ends unless told:
+    // `-q 2` quits 2 s after the last request.
     let script = format!(
         "(for i in $(seq 1 20); do printf 'GET /echo?msg=r%s HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' $i; sleep 1; done) \
-         | nc {ip} 80 | grep -c '^r[0-9]'"
+         | nc -q 2 {ip} 80 | grep -c '^r[0-9]'"
     );
     let looper = ns.in_client_background(&script);
     std::thread::sleep(Duration::from_secs(3));
