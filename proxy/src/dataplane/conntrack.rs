@@ -246,10 +246,7 @@ impl Flow {
         for a in attributes {
             match a {
                 ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t),
-                ConntrackAttribute::CtaTupleReply(t) => {
-                    reply_src = tuple_src(&t);
-                    reply_sport = tuple_sport(&t);
-                }
+                ConntrackAttribute::CtaTupleReply(t) => (reply_src, reply_sport) = tuple_source(&t),
                 ConntrackAttribute::Other(ref nla)
                     if matches!(nla.kind() & NLA_TYPE_MASK, CTA_ID | CTA_ZONE) =>
                 {
@@ -296,24 +293,29 @@ impl Flow {
     }
 }
 
-fn tuple_src(tuple: &[Tuple]) -> Option<IpAddr> {
-    tuple.iter().find_map(|t| match t {
-        Tuple::Ip(ips) => ips.iter().find_map(|ip| match ip {
-            IPTuple::SourceAddress(a) => Some(*a),
-            _ => None,
-        }),
-        _ => None,
-    })
-}
-
-fn tuple_sport(tuple: &[Tuple]) -> Option<u16> {
-    tuple.iter().find_map(|t| match t {
-        Tuple::Proto(protos) => protos.iter().find_map(|p| match p {
-            ProtoTuple::SourcePort(port) => Some(*port),
-            _ => None,
-        }),
-        _ => None,
-    })
+/// A tuple's source address and source port.
+fn tuple_source(tuple: &[Tuple]) -> (Option<IpAddr>, Option<u16>) {
+    let (mut addr, mut port) = (None, None);
+    for t in tuple {
+        match t {
+            Tuple::Ip(ips) => {
+                for ip in ips {
+                    if let IPTuple::SourceAddress(a) = ip {
+                        addr = Some(*a);
+                    }
+                }
+            }
+            Tuple::Proto(protos) => {
+                for p in protos {
+                    if let ProtoTuple::SourcePort(n) = p {
+                        port = Some(*n);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (addr, port)
 }
 
 /// A ctnetlink socket in the network namespace of the thread that opened it.

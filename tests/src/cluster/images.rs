@@ -294,13 +294,9 @@ pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
     add_busybox(&mut files)?;
     add_with_libraries(&mut files, curl)?;
     // The tools of upstream's image, where Debian has them (see the module docs).
-    for (program, at) in AGNHOST_TOOLS {
-        add_program_at(&mut files, Path::new(program), at).with_context(|| {
-            format!(
-                "agnhost image: {program} (apt-get install {})",
-                tool_package(program)
-            )
-        })?;
+    for (program, at, package) in AGNHOST_TOOLS {
+        add_program_at(&mut files, Path::new(program), at)
+            .with_context(|| format!("agnhost image: {program} (apt-get install {package})"))?;
     }
     files.insert("agnhost-2".to_owned(), Entry::Symlink("agnhost".to_owned()));
     // Upstream's image carries a CoreDNS at /coredns, which the DNS tests run as their own
@@ -326,37 +322,23 @@ pub fn agnhost_spec(bins: &Binaries) -> Result<ImageSpec> {
     })
 }
 
-/// Host programs in the agnhost image: (host path, path in the image). /bin/sh is Debian's
-/// dash: Debian's static busybox runs its own applet for a command of an applet's name
-/// (`nc` among them) whatever PATH holds, so a busybox shell would never run OpenBSD's nc.
-/// GNU wget stands in for busybox's, which crashes (Debian bookworm's busybox-static wget
-/// dies of SIGSEGV on any URL, on this host too).
-const AGNHOST_TOOLS: [(&str, &str); 10] = [
-    ("/usr/bin/dash", "/bin/sh"),
-    ("/usr/bin/getent", "/usr/bin/getent"),
-    ("/usr/bin/wget", "/usr/bin/wget"),
-    ("/bin/nc.openbsd", "/usr/bin/nc"),
-    ("/usr/bin/bash", "/bin/bash"),
-    ("/usr/bin/dig", "/usr/bin/dig"),
-    ("/usr/bin/nslookup", "/usr/bin/nslookup"),
-    ("/usr/bin/socat", "/usr/bin/socat"),
-    ("/usr/sbin/ip", "/sbin/ip"),
-    ("/usr/bin/ss", "/usr/bin/ss"),
+/// Host programs in the agnhost image: (host path, path in the image, Debian package).
+/// /bin/sh is Debian's dash: Debian's static busybox runs its own applet for a command of
+/// an applet's name (`nc` among them) whatever PATH holds, so a busybox shell would never
+/// run OpenBSD's nc. GNU wget stands in for busybox's, which crashes (Debian bookworm's
+/// busybox-static wget dies of SIGSEGV on any URL, on this host too).
+const AGNHOST_TOOLS: [(&str, &str, &str); 10] = [
+    ("/usr/bin/dash", "/bin/sh", "dash"),
+    ("/usr/bin/getent", "/usr/bin/getent", "libc-bin"),
+    ("/usr/bin/wget", "/usr/bin/wget", "wget"),
+    ("/bin/nc.openbsd", "/usr/bin/nc", "netcat-openbsd"),
+    ("/usr/bin/bash", "/bin/bash", "bash"),
+    ("/usr/bin/dig", "/usr/bin/dig", "bind9-dnsutils"),
+    ("/usr/bin/nslookup", "/usr/bin/nslookup", "bind9-dnsutils"),
+    ("/usr/bin/socat", "/usr/bin/socat", "socat"),
+    ("/usr/sbin/ip", "/sbin/ip", "iproute2"),
+    ("/usr/bin/ss", "/usr/bin/ss", "iproute2"),
 ];
-
-/// The Debian package of an [`AGNHOST_TOOLS`] program.
-fn tool_package(program: &str) -> &'static str {
-    match program {
-        "/bin/nc.openbsd" => "netcat-openbsd",
-        "/usr/bin/dig" | "/usr/bin/nslookup" => "bind9-dnsutils",
-        "/usr/bin/socat" => "socat",
-        "/usr/bin/bash" => "bash",
-        "/usr/bin/dash" => "dash",
-        "/usr/bin/wget" => "wget",
-        "/usr/bin/getent" => "libc-bin",
-        _ => "iproute2",
-    }
-}
 
 /// /etc/passwd and /etc/group with root, nobody and the user and group upstream's agnhost
 /// image defines (uid 1000, gid 50000), which some tests name.
