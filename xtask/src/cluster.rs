@@ -25,7 +25,7 @@ pub enum ClusterCmd {
 /// `cargo xtask cluster up` options.
 #[derive(clap::Args, Clone)]
 pub struct UpArgs {
-    /// Number of nodes (1 to 3).
+    /// Number of nodes (1 to 6; node N is in zone-a, zone-b, zone-c in turn).
     #[arg(long, default_value_t = 2)]
     pub nodes: usize,
     /// nftables or ebpf (weir's mode in the ConfigMap), or kube-proxy-nftables /

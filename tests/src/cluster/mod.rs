@@ -1,5 +1,5 @@
 //! A real Kubernetes cluster on one machine, of the pinned release ([`crate::k8s`]): the
-//! control plane on the host, and 1 to 3 nodes, each a network namespace on a bridge with
+//! control plane on the host, and 1 to 6 nodes (two in each of three zones), each a network namespace on a bridge with
 //! its own mount, UTS and cgroup namespaces, containerd and kubelet ([`node`],
 //! [`runtime`]). No kube-proxy and no other CNI: weir is deployed into it from
 //! `deploy/weir.yaml` as a user would, and provides both. In the baseline modes
@@ -34,8 +34,9 @@ pub const CLUSTER_DNS: &str = "10.96.0.10";
 /// The cluster's DNS (CoreDNS), applied once weir serves Services.
 pub const COREDNS_MANIFEST: &str = include_str!("coredns.yaml");
 
-/// The most nodes a cluster has (the 2-core machine runs every kubelet and containerd).
-pub const MAX_NODES: usize = 3;
+/// The most nodes a cluster has: two in each of the three zones (the 2-core machine runs
+/// every kubelet and containerd).
+pub const MAX_NODES: usize = 6;
 
 /// Where the cluster keeps its state: `$WEIR_CLUSTER_DIR`, else `/var/lib/weir-cluster`.
 pub fn state_dir() -> PathBuf {

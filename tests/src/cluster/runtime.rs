@@ -175,6 +175,10 @@ pub fn start_kubelet(
             format!("--kubeconfig={}", kc.display()),
             format!("--hostname-override={}", topology::node_name(n)),
             format!("--node-ip={}", topology::node_ip(n)),
+            format!(
+                "--node-labels=topology.kubernetes.io/zone={}",
+                topology::node_zone(n)
+            ),
             "--v=2".to_owned(),
         ],
     )

@@ -1,4 +1,4 @@
-//! The cluster's network: a bridge in a fabric namespace joins every node's `eth0`
+//! The cluster's network and placement: a bridge in a fabric namespace joins every node's `eth0`
 //! (node N is 192.168.77.N/24), an external client (192.168.77.100) and the host, which
 //! runs the control plane and reaches the bridge through one veth (192.168.77.254). No
 //! namespace has a default route: nothing they send can leave the machine (nodes route
@@ -31,6 +31,15 @@ pub const HOST_ROUTE_PROTO: &str = "78";
 /// Node `n`'s name (from 1).
 pub fn node_name(n: usize) -> String {
     format!("node{n}")
+}
+
+/// The zones nodes are spread over, in turn (node 1 in `zone-a`, node 4 in `zone-a` again).
+pub const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
+
+/// Node `n`'s `topology.kubernetes.io/zone` label, which its kubelet sets: nodes 1, 2, 3
+/// are in three zones, so upstream's topology and trafficDistribution specs run.
+pub fn node_zone(n: usize) -> &'static str {
+    ZONES[(n.max(1) - 1) % ZONES.len()]
 }
 
 /// Node `n`'s namespace.
