@@ -122,7 +122,8 @@ pub struct Args {
     pub config: Option<PathBuf>,
     /// eBPF mode: the cgroup v2 whose processes' sockets are translated (default: the
     /// first cgroup2 mount in /proc/self/mountinfo: `/sys/fs/cgroup` on cgroup v2 hosts,
-    /// `/sys/fs/cgroup/unified` on hybrid ones).
+    /// `/sys/fs/cgroup/unified` on hybrid ones; with none, weir mounts one at
+    /// /run/weir/cgroupv2, the root of its cgroup namespace).
     #[arg(long, env = "WEIR_EBPF_CGROUP")]
     pub ebpf_cgroup: Option<PathBuf>,
     /// eBPF mode: the bpffs directory where maps and links are pinned (a restarted daemon
@@ -372,6 +373,12 @@ impl Args {
                 "must be greater than 0",
             ));
         }
+        let mountinfo = match self.ebpf_cgroup {
+            Some(_) => String::new(),
+            None => std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        };
+        let (cgroup, cgroup_origin) =
+            crate::dataplane::ebpf::kernel::choose_cgroup(self.ebpf_cgroup.as_deref(), &mountinfo);
         Ok(Config {
             mode: self.proxy_mode,
             source,
@@ -401,13 +408,8 @@ impl Args {
             min_sync_period,
             sync_period,
             ebpf: crate::dataplane::ebpf::kernel::EbpfSettings {
-                cgroup: match &self.ebpf_cgroup {
-                    Some(p) => p.clone(),
-                    None => std::fs::read_to_string("/proc/self/mountinfo")
-                        .ok()
-                        .and_then(|m| cgroup2_mount_in(&m))
-                        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
-                },
+                cgroup,
+                cgroup_origin,
                 bpffs_dir: self.bpffs_dir.clone(),
                 interfaces: self.ebpf_interfaces.clone(),
             },
@@ -416,34 +418,39 @@ impl Args {
     }
 }
 
-/// The first cgroup2 mount point of a /proc/self/mountinfo text.
-pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        if post.split(' ').next() != Some("cgroup2") {
-            return None;
-        }
-        pre.split(' ').nth(4).map(PathBuf::from)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
 
     #[test]
-    fn the_ebpf_cgroup_defaults_to_the_cgroup2_mount_of_a_hybrid_host() {
+    fn the_ebpf_cgroup_is_the_flag_else_the_cgroup2_mount_else_weirs_own() {
+        use crate::dataplane::ebpf::kernel::{choose_cgroup, CgroupOrigin, OWN_CGROUP2_MOUNT};
         let hybrid = "31 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                       36 31 0:31 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
                       32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n";
         assert_eq!(
-            cgroup2_mount_in(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            choose_cgroup(None, hybrid),
+            (
+                PathBuf::from("/sys/fs/cgroup/unified"),
+                CgroupOrigin::Mountinfo
+            )
         );
         let v2 = "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(cgroup2_mount_in(v2), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(cgroup2_mount_in(""), None);
+        assert_eq!(
+            choose_cgroup(None, v2),
+            (PathBuf::from("/sys/fs/cgroup"), CgroupOrigin::Mountinfo)
+        );
+        // `ip netns exec` mounts a fresh /sys: no cgroup2 is left in its mountinfo.
+        let netns_exec = "40 39 0:50 / /sys rw,relatime - sysfs sysfs rw\n";
+        assert_eq!(
+            choose_cgroup(None, netns_exec),
+            (PathBuf::from(OWN_CGROUP2_MOUNT), CgroupOrigin::OwnMount)
+        );
+        assert_eq!(
+            choose_cgroup(Some(std::path::Path::new("/x")), v2),
+            (PathBuf::from("/x"), CgroupOrigin::Flag)
+        );
     }
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
@@ -584,8 +591,8 @@ mod tests {
         // Without the flag: this process's cgroup2 mount (here /sys/fs/cgroup/unified).
         let mounted = std::fs::read_to_string("/proc/self/mountinfo")
             .ok()
-            .and_then(|m| cgroup2_mount_in(&m))
-            .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
+            .and_then(|m| crate::dataplane::ebpf::kernel::cgroup2_mount_in(&m))
+            .unwrap_or_else(|| PathBuf::from(crate::dataplane::ebpf::kernel::OWN_CGROUP2_MOUNT));
         assert_eq!(c.ebpf.cgroup, mounted);
         assert_eq!(c.ebpf.bpffs_dir, PathBuf::from("/sys/fs/bpf/weir"));
         let c = parse(&[

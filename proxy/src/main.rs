@@ -26,7 +26,20 @@ use weir_proxy::sync::runner::{Runner, RunnerConfig, FAMILIES};
 /// never holds all objects at once).
 const UPDATE_QUEUE: usize = 256;
 
-fn main() -> anyhow::Result<()> {
+/// Runs the daemon; an operational error (bad flag, unreachable API server, a kernel
+/// refusal) is printed as one message with its causes (`{:#}`), never with a backtrace,
+/// whatever `RUST_BACKTRACE` says: backtraces are for panics, which are bugs.
+fn main() -> std::process::ExitCode {
+    match daemon() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn daemon() -> anyhow::Result<()> {
     let one_arena = weir_proxy::sys::malloc::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -630,31 +630,8 @@ pub fn start_proxy_from(
             msg: "missing: build it with cargo build -p weir-proxy (cargo xtask test does)".into(),
         });
     }
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    let health = format!("127.0.0.1:{}", metrics_port + 7);
-    let bin = bin.to_string_lossy();
-    // `extra` may choose another mode (`--proxy-mode ebpf`, `--proxy-mode ipvs`).
-    let mut args: Vec<&str> = vec![&bin];
-    if !extra.contains(&"--proxy-mode") {
-        args.extend_from_slice(&["--proxy-mode", "nftables"]);
-    }
-    args.extend_from_slice(source_args);
-    args.extend_from_slice(&[
-        "--hostname-override",
-        hostname,
-        "--cluster-cidr",
-        "10.244.0.0/16",
-        "--service-cluster-ip-range",
-        "10.96.0.0/16",
-        "--metrics-bind-address",
-        &metrics,
-        "--healthz-bind-address",
-        &health,
-    ]);
-    if !extra.contains(&"--min-sync-period") {
-        args.extend_from_slice(&["--min-sync-period", "100ms"]);
-    }
-    args.extend_from_slice(extra);
+    let args = proxy_args(source_args, metrics_port, hostname, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let ebpf = extra.windows(2).any(|w| w == ["--proxy-mode", "ebpf"]);
     let pid = if ebpf {
         node.spawn_keeping_mounts(&args, Stdio::null())?.id()
@@ -663,6 +640,40 @@ pub fn start_proxy_from(
     };
     wait_synced(node, metrics_port, 0.0)?;
     Ok(pid)
+}
+
+/// weir-proxy's command line as the tests run it: the binary, the test plan's flags (mode
+/// nftables unless `extra` names one, the cluster and Service CIDRs, metrics on
+/// 127.0.0.1:`metrics_port`, health on the port 7 above, `--min-sync-period 100ms` unless
+/// `extra` has one), `source_args` and `extra`.
+pub fn proxy_args(
+    source_args: &[&str],
+    metrics_port: u16,
+    hostname: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = vec![workspace_bin("weir-proxy").to_string_lossy().into_owned()];
+    if !extra.contains(&"--proxy-mode") {
+        args.extend(["--proxy-mode".into(), "nftables".into()]);
+    }
+    args.extend(source_args.iter().map(|s| s.to_string()));
+    args.extend([
+        "--hostname-override".into(),
+        hostname.into(),
+        "--cluster-cidr".into(),
+        "10.244.0.0/16".into(),
+        "--service-cluster-ip-range".into(),
+        "10.96.0.0/16".into(),
+        "--metrics-bind-address".into(),
+        format!("127.0.0.1:{metrics_port}"),
+        "--healthz-bind-address".into(),
+        format!("127.0.0.1:{}", metrics_port + 7),
+    ]);
+    if !extra.contains(&"--min-sync-period") {
+        args.extend(["--min-sync-period".into(), "100ms".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 /// The value of `kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}` (every

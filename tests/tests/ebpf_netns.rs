@@ -554,6 +554,7 @@ fn one_endpoint_change_in_a_1000_endpoint_service_is_a_fast_map_update() {
     let bpf = BpfDir::unique();
     let mut maps = KernelMaps::open(&EbpfSettings {
         cgroup: cgroup.0.clone(),
+        cgroup_origin: weir_proxy::dataplane::ebpf::kernel::CgroupOrigin::Flag,
         bpffs_dir: bpf.0.clone(),
         interfaces: Vec::new(),
     })
@@ -833,4 +834,108 @@ fn a_backends_icmp_port_unreachable_reaches_the_client_from_the_frontend() {
         1,
         "the client's socket got the backend's ICMP error: {r}"
     );
+}
+
+/// A weir-proxy process killed (and reaped) when the test ends, however it ends.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// As a new user would start it: `ip netns exec` (a fresh /sys: no cgroup2 and no bpffs
+/// mount is visible) in a cgroup namespace of its own, rooted at the test's cgroup, and
+/// without `--ebpf-cgroup`: weir mounts a cgroup2 at /run/weir/cgroupv2 (that namespace's
+/// root), logs that it did, and translates the sockets of the processes below it.
+#[test]
+fn under_ip_netns_exec_without_the_cgroup_flag_weir_mounts_its_own_cgroup2() {
+    if !require_privileges() {
+        return;
+    }
+    let mut topo = Topology::new(2).expect("topology");
+    let echo = Path::new(env!("CARGO_BIN_EXE_weir-echo"));
+    topo.start_echo(0, echo, "pod-0").expect("echo");
+    let manifests = tempfile::tempdir().unwrap();
+    write_manifests(manifests.path(), &services(&[0], &[0])).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log_path = logs.path().join("weir-proxy.log");
+    let cgroup = Cgroup::new().unwrap();
+    let bpf = BpfDir::unique();
+    let source = format!("dir:{}", manifests.path().display());
+    let bpffs = bpf.0.display().to_string();
+    let args = proxy_args(
+        &["--source", &source],
+        METRICS,
+        NODE_NAME,
+        &["--proxy-mode", "ebpf", "--bpffs-dir", &bpffs],
+    );
+    let script = format!(
+        "echo $$ > {} && exec unshare --cgroup ip netns exec {} \"$@\"",
+        cgroup.0.join("cgroup.procs").display(),
+        topo.node.name()
+    );
+    let _daemon = Daemon(
+        std::process::Command::new("sh")
+            .args(["-c", &script, "sh"])
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("weir-proxy"),
+    );
+    let synced = wait_synced(&topo.node, METRICS, 0.0);
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    synced.unwrap_or_else(|e| panic!("weir-proxy did not sync: {e}\n{log}"));
+    assert!(
+        log.contains("weir's own cgroup2 mount") && log.contains("/run/weir/cgroupv2"),
+        "the log names the cgroup and how it was chosen:\n{log}"
+    );
+    let r = probe_in_cgroup(&topo.pods[1], &cgroup, &["tcp", "10.96.0.10:80", "10"]).unwrap();
+    assert_eq!(total(&r), 10, "{r}");
+    assert_eq!(names(&r), vec!["pod-0"], "{r}");
+}
+
+/// A start-up failure is one message with its causes, and no backtrace even with
+/// RUST_BACKTRACE set (backtraces are for panics).
+#[test]
+fn a_start_failure_is_one_clear_message_without_a_backtrace() {
+    if !require_privileges() {
+        return;
+    }
+    let manifests = tempfile::tempdir().unwrap();
+    let source = format!("dir:{}", manifests.path().display());
+    let bpf = BpfDir::unique();
+    let bpffs = bpf.0.display().to_string();
+    let args = proxy_args(
+        &["--source", &source],
+        METRICS,
+        NODE_NAME,
+        &[
+            "--proxy-mode",
+            "ebpf",
+            "--ebpf-cgroup",
+            "/tmp",
+            "--bpffs-dir",
+            &bpffs,
+        ],
+    );
+    let node = Netns::new("cgerr").expect("netns");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.name()))
+        .args(&args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("weir-proxy");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--ebpf-cgroup /tmp: not a cgroup v2 directory"),
+        "{stderr}"
+    );
+    assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {stderr}");
 }

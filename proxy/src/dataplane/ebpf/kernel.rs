@@ -27,6 +27,80 @@ pub const TC_INGRESS: &str = "weir_tc_ingress";
 /// The tc program for an external interface's egress (backend's reply -> frontend).
 pub const TC_EGRESS: &str = "weir_tc_egress";
 
+/// Where weir mounts a cgroup2 of its own when this process sees none (inside `ip netns
+/// exec`, which mounts a fresh /sys, or in a container without /sys/fs/cgroup): the root
+/// of the process's cgroup namespace.
+pub const OWN_CGROUP2_MOUNT: &str = "/run/weir/cgroupv2";
+
+/// How the cgroup the socket hooks attach to was chosen (logged at start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CgroupOrigin {
+    /// `--ebpf-cgroup`.
+    Flag,
+    /// The first cgroup2 mount in /proc/self/mountinfo.
+    Mountinfo,
+    /// None is mounted: weir mounts one at [`OWN_CGROUP2_MOUNT`] (or reuses its earlier
+    /// mount there).
+    OwnMount,
+}
+
+impl CgroupOrigin {
+    /// How it reads in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CgroupOrigin::Flag => "--ebpf-cgroup",
+            CgroupOrigin::Mountinfo => "the cgroup2 mount in /proc/self/mountinfo",
+            CgroupOrigin::OwnMount => "weir's own cgroup2 mount",
+        }
+    }
+}
+
+/// The cgroup the socket hooks attach to: the flag's, else the first cgroup2 mount of
+/// `mountinfo` (this process's /proc/self/mountinfo), else weir's own mount.
+pub fn choose_cgroup(flag: Option<&Path>, mountinfo: &str) -> (PathBuf, CgroupOrigin) {
+    if let Some(p) = flag {
+        return (p.to_owned(), CgroupOrigin::Flag);
+    }
+    match cgroup2_mount_in(mountinfo) {
+        Some(p) => (p, CgroupOrigin::Mountinfo),
+        None => (PathBuf::from(OWN_CGROUP2_MOUNT), CgroupOrigin::OwnMount),
+    }
+}
+
+/// The first cgroup2 mount point of a /proc/self/mountinfo text.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split(' ').next() != Some("cgroup2") {
+            return None;
+        }
+        pre.split(' ').nth(4).map(PathBuf::from)
+    })
+}
+
+/// Mounts cgroup2 at `dir` unless one is mounted there already.
+fn ensure_own_cgroup2(dir: &Path) -> Result<(), EbpfError> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+    let err = |message: String| EbpfError::Cgroup {
+        path: dir.to_owned(),
+        message,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("mkdir: {e}")))?;
+    if statfs(dir).map(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC) == Ok(true) {
+        return Ok(());
+    }
+    mount(
+        Some("cgroup2"),
+        dir,
+        Some("cgroup2"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| err(format!("no cgroup2 is mounted, and mounting one here failed: {e}")))
+}
+
 /// Where the programs attach and where their objects are pinned.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -34,6 +108,8 @@ pub struct EbpfSettings {
     /// A cgroup v2 directory (`--ebpf-cgroup`): sockets of processes in it or below are
     /// translated.
     pub cgroup: PathBuf,
+    /// How [`EbpfSettings::cgroup`] was chosen.
+    pub cgroup_origin: CgroupOrigin,
     /// A directory on bpffs (`--bpffs-dir`) for pinned maps and links.
     pub bpffs_dir: PathBuf,
     /// The node's external interfaces (`--ebpf-interfaces`), where the tc programs attach;
@@ -309,6 +385,9 @@ impl KernelMaps {
             path: s.cgroup.clone(),
             message,
         };
+        if s.cgroup_origin == CgroupOrigin::OwnMount {
+            ensure_own_cgroup2(&s.cgroup)?;
+        }
         let fs = statfs(&s.cgroup).map_err(|e| cg_err(format!("statfs: {e}")))?;
         if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
             return Err(cg_err(
@@ -318,6 +397,7 @@ impl KernelMaps {
         }
         tracing::info!(
             cgroup = %s.cgroup.display(),
+            chosen_by = s.cgroup_origin.as_str(),
             bpffs = %s.bpffs_dir.display(),
             "eBPF socket hooks attach to this cgroup2"
         );
