@@ -73,7 +73,8 @@ fn every_object_in_weir_yaml_matches_the_api_schema() {
 }
 
 #[test]
-fn the_daemonset_runs_on_the_host_network_with_only_net_admin_bpf_perfmon_and_probes_on_10256() {
+fn the_daemonset_runs_on_the_host_network_with_only_net_admin_bpf_perfmon_sys_admin_and_probes_on_10256(
+) {
     let docs = documents("weir.yaml");
     let ds: DaemonSet = strict(
         docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap(),
@@ -88,7 +89,9 @@ fn the_daemonset_runs_on_the_host_network_with_only_net_admin_bpf_perfmon_and_pr
         .as_ref()
         .and_then(|s| s.capabilities.as_ref())
         .unwrap();
-    let want: Vec<String> = ["NET_ADMIN", "BPF", "PERFMON"].map(String::from).into();
+    let want: Vec<String> = ["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"]
+        .map(String::from)
+        .into();
     assert_eq!(caps.add.as_deref(), Some(&want[..]));
     let mounts: Vec<&str> = c
         .volume_mounts
@@ -97,7 +100,9 @@ fn the_daemonset_runs_on_the_host_network_with_only_net_admin_bpf_perfmon_and_pr
         .map(|m| m.mount_path.as_str())
         .collect();
     assert!(
-        mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/sys/fs/cgroup"),
+        mounts.contains(&"/sys/fs/bpf")
+            && mounts.contains(&"/sys/fs/cgroup")
+            && mounts.contains(&"/run/netns"),
         "{mounts:?}"
     );
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));

@@ -939,3 +939,105 @@ fn a_start_failure_is_one_clear_message_without_a_backtrace() {
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
     assert_eq!(errors.len(), 1, "one error line: {stderr}");
 }
+
+/// weir-probe `udp-hold` / `tcp-hold` in the client pod, its lines with when each came.
+struct Holder {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+}
+
+impl Holder {
+    fn start(env: &Env, mode: &str, target: &str, millis: u64) -> Holder {
+        let bin = workspace_bin("weir-probe");
+        let procs = env.cgroup.0.join("cgroup.procs");
+        let script = format!("echo $$ > {} && exec \"$@\"", procs.display());
+        let netns = format!("--net=/run/netns/{}", env.topo.pods.last().unwrap().name());
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &script, "sh", "nsenter", &netns])
+            .arg(&bin)
+            .args([mode, target, &millis.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("weir-probe");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((std::time::Instant::now(), line));
+            }
+        });
+        Holder { child, lines }
+    }
+
+    /// The first `answer NAME` line's name.
+    fn first_answer(&self) -> String {
+        loop {
+            let (_, l) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .expect("an answer");
+            if let Some(name) = l.strip_prefix("answer ") {
+                return name.to_owned();
+            }
+        }
+    }
+
+    /// Every further line, once the probe has ended.
+    fn rest(mut self) -> Vec<(std::time::Instant, String)> {
+        let _ = self.child.wait();
+        self.lines.iter().collect()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The issue-19 scenario: one connected socket exchanging every 100 ms with the endpoint
+/// the hook picked at connect; that endpoint leaves the EndpointSlice. Once the sync that
+/// removes it is done, the removed pod never answers again, and the socket got an error
+/// or reached a live endpoint (the probe reconnects after an error, as a resolver does).
+fn a_connected_socket_leaves_a_removed_endpoint_within_one_sync(mode: &str, target: &str) {
+    let Some(env) = setup(3) else { return };
+    let holder = Holder::start(&env, mode, target, 4000);
+    let first = holder.first_answer();
+    let removed: usize = first
+        .trim_start_matches("pod-")
+        .parse()
+        .expect("a pod name");
+    let kept: Vec<usize> = (0..3).filter(|i| *i != removed).collect();
+    let before = last_sync(&env.topo.node, METRICS).unwrap();
+    write_manifests(env.dir.path(), &services(&kept, &kept)).unwrap();
+    wait_synced(&env.topo.node, METRICS, before).unwrap();
+    let synced = std::time::Instant::now();
+    let after: Vec<String> = holder
+        .rest()
+        .into_iter()
+        .filter(|(t, _)| *t > synced)
+        .map(|(_, l)| l)
+        .collect();
+    assert!(after.len() >= 10, "the probe kept exchanging: {after:?}");
+    assert!(
+        !after.contains(&format!("answer {first}")),
+        "{first} was removed, yet answered after the sync: {after:?}"
+    );
+    let live: Vec<String> = kept.iter().map(|i| format!("answer pod-{i}")).collect();
+    assert!(
+        after.iter().rev().take(5).all(|l| live.contains(l)),
+        "the socket ends on a live endpoint: {after:?}"
+    );
+}
+
+#[test]
+fn a_connected_udp_socket_leaves_a_removed_endpoint_within_one_sync() {
+    a_connected_socket_leaves_a_removed_endpoint_within_one_sync("udp-hold", "10.96.0.53:53");
+}
+
+#[test]
+fn a_tcp_connection_to_an_endpoint_gone_from_the_slice_is_aborted_within_one_sync() {
+    a_connected_socket_leaves_a_removed_endpoint_within_one_sync("tcp-hold", "10.96.0.10:80");
+}

@@ -325,6 +325,26 @@ impl Store {
             .filter_map(|k| self.slices.objects().get(k))
     }
 
+    /// Whether `addr` is an endpoint of `port` in any of its Service's slices, whatever its
+    /// conditions (ready, serving, terminating).
+    pub fn endpoint_listed(
+        &self,
+        port: &super::ServicePortName,
+        addr: std::net::SocketAddr,
+    ) -> bool {
+        let service = ObjectKey::new(port.namespace.clone(), port.name.clone());
+        self.slices_of(&service).any(|r| match r {
+            Ok(super::endpoint::SliceEndpoints::Ports { ports, .. }) => ports.iter().any(|p| {
+                p.name == port.port
+                    && p.protocol == port.protocol
+                    && p.endpoints
+                        .iter()
+                        .any(|e| e.ip == addr.ip() && e.port == addr.port())
+            }),
+            _ => false,
+        })
+    }
+
     /// Every slice record (including invalid ones).
     pub fn slices(&self) -> &BTreeMap<ObjectKey, SliceRecord> {
         self.slices.objects()

@@ -7,6 +7,7 @@ use crate::dataplane::conntrack::FlowFilter;
 use crate::dataplane::ebpf::render::{
     diff as ebpf_diff, render_with as ebpf_render, update_ports as ebpf_update_ports, LbAlgorithm,
 };
+use crate::dataplane::ebpf::sockets::gone_tcp_filters;
 use crate::dataplane::ebpf::{EbpfError, MapContents, MapStore};
 use crate::dataplane::ipvs::apply::Changed;
 use crate::dataplane::nft::diff::{cleanup_plan, plan_state};
@@ -114,6 +115,9 @@ pub struct Runner<K: NftBackend> {
     effects: SideEffects,
     /// Stale-flow filters of changes not yet followed by a successful sync.
     pending_flows: Vec<FlowFilter>,
+    /// eBPF mode: TCP endpoints that left their EndpointSlices, whose translated sockets
+    /// go ([`crate::dataplane::ebpf::sockets`]); cleared by every sync.
+    pending_sockets: Vec<FlowFilter>,
     /// In eBPF mode, the maps programmed instead of nftables (`K` is then used only to
     /// remove the nftables mode's leftover `weir` tables).
     ebpf: Option<EbpfSync>,
@@ -155,6 +159,7 @@ impl<K: NftBackend> Runner<K> {
             incremental: None,
             effects: SideEffects::default(),
             pending_flows: Vec::new(),
+            pending_sockets: Vec::new(),
             ebpf: None,
             services: true,
             leftover_tables: false,
@@ -343,8 +348,15 @@ impl<K: NftBackend> Runner<K> {
                         }
                     }
                 }
-                let flows = &mut self.pending_flows;
-                let mut on_delta = |d: ServiceDelta| flows.extend(flow_filters(&d));
+                let (flows, sockets, store) = (
+                    &mut self.pending_flows,
+                    &mut self.pending_sockets,
+                    &self.store,
+                );
+                let mut on_delta = |d: ServiceDelta| {
+                    flows.extend(flow_filters(&d));
+                    sockets.extend(gone_tcp_filters(&d, |a| store.endpoint_listed(&d.name, a)));
+                };
                 for e in recompute_with(
                     &self.store,
                     &self.cfg.model,
@@ -491,6 +503,7 @@ impl<K: NftBackend> Runner<K> {
             }
         }
         self.health.updated(now);
+        self.pending_sockets.clear();
         let mut flows = std::mem::take(&mut self.pending_flows);
         flows.sort();
         flows.dedup();
@@ -527,6 +540,10 @@ impl<K: NftBackend> Runner<K> {
             }
             for delta in &d {
                 self.pending_flows.extend(flow_filters(delta));
+                let store = &self.store;
+                self.pending_sockets.extend(gone_tcp_filters(delta, |a| {
+                    store.endpoint_listed(&delta.name, a)
+                }));
                 self.tally.apply(delta);
             }
             deltas.extend(d);
@@ -555,8 +572,15 @@ impl<K: NftBackend> Runner<K> {
             }
         }
         if was_full {
-            let flows = &mut self.pending_flows;
-            let mut on_delta = |d: ServiceDelta| flows.extend(flow_filters(&d));
+            let (flows, sockets, store) = (
+                &mut self.pending_flows,
+                &mut self.pending_sockets,
+                &self.store,
+            );
+            let mut on_delta = |d: ServiceDelta| {
+                flows.extend(flow_filters(&d));
+                sockets.extend(gone_tcp_filters(&d, |a| store.endpoint_listed(&d.name, a)));
+            };
             for e in recompute_with(
                 &self.store,
                 &self.cfg.model,
@@ -611,6 +635,21 @@ impl<K: NftBackend> Runner<K> {
         }
         self.metrics.ebpf_map_entries.set(desired.len() as i64);
         ebpf.current = Some(desired);
+        // Sockets the hooks translated once, at connect, to a backend now removed: moved
+        // off it (destroyed) now that the maps send new connections elsewhere.
+        let mut stale = self.pending_flows.clone();
+        stale.extend(self.pending_sockets.iter().cloned());
+        if !stale.is_empty() {
+            match with_maps(&ebpf.maps, move |m| m.destroy_stale_sockets(&stale)).await {
+                Ok(d) if d.sockets > 0 => info!(
+                    sockets = d.sockets,
+                    namespaces = d.namespaces,
+                    "destroyed sockets connected to removed backends"
+                ),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "destroying sockets of removed backends failed"),
+            }
+        }
         // The maps serve both families: no family has work of its own.
         let timing = SyncTiming {
             started,

@@ -10,6 +10,12 @@
 //! - `weir-probe peername ADDR:PORT`: one TCP connection, prints `{"peername": ADDR:PORT}`
 //!   as getpeername() reports it;
 //! - `weir-probe hold ADDR:PORT MILLIS`: one TCP connection, a line every 100 ms;
+//! - `weir-probe udp-hold ADDR:PORT MILLIS`: one connected UDP socket, a datagram every
+//!   100 ms; prints a line per exchange as it happens (`answer NAME` or `error KIND`, 500 ms
+//!   without a reply is `error timeout`); after any other error the socket is replaced by
+//!   a new one connected to ADDR:PORT, as a resolver would;
+//! - `weir-probe tcp-hold ADDR:PORT MILLIS`: the same over one TCP connection (a line and
+//!   its echo every 100 ms), reconnecting after an error;
 //! - `weir-probe get ADDR:PORT PATH`: one HTTP GET, prints the body;
 //! - `weir-probe http ADDR:PORT PATH`: one HTTP GET, prints
 //!   `{"status": N, "headers": {lowercase name: value}, "body": "..."}`, or
@@ -41,6 +47,8 @@ fn kind(e: &std::io::Error) -> &'static str {
         ErrorKind::ConnectionReset => "reset",
         ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
         ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => "unreachable",
+        ErrorKind::ConnectionAborted => "aborted",
+        _ if e.raw_os_error() == Some(nix::errno::Errno::EDESTADDRREQ as i32) => "not_connected",
         _ => "other",
     }
 }
@@ -142,6 +150,79 @@ fn udp_socket(addr: SocketAddr, source_port: Option<u16>) -> std::io::Result<Udp
     s.set_read_timeout(Some(TIMEOUT))?;
     s.connect(addr)?;
     Ok(s)
+}
+
+/// `udp-hold` and `tcp-hold`: one socket, an exchange every 100 ms, a line per exchange.
+fn hold_and_report(args: &[String]) -> anyhow::Result<()> {
+    let udp = args[1] == "udp-hold";
+    let addr: SocketAddr = args
+        .get(2)
+        .ok_or_else(|| anyhow::anyhow!("usage: weir-probe {} ADDR:PORT MILLIS", args[1]))?
+        .parse()?;
+    let millis: u64 = args.get(3).map(|c| c.parse()).transpose()?.unwrap_or(1000);
+    let wait = Duration::from_millis(500);
+    enum Conn {
+        Udp(UdpSocket),
+        Tcp(BufReader<TcpStream>),
+    }
+    let connect = || -> std::io::Result<Conn> {
+        if udp {
+            let s = udp_socket(addr, None)?;
+            s.set_read_timeout(Some(wait))?;
+            Ok(Conn::Udp(s))
+        } else {
+            let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+            s.set_read_timeout(Some(wait))?;
+            Ok(Conn::Tcp(BufReader::new(s)))
+        }
+    };
+    let exchange = |c: &mut Conn| -> std::io::Result<String> {
+        match c {
+            Conn::Udp(s) => {
+                s.send(b"hi")?;
+                let mut buf = [0u8; 256];
+                let n = s.recv(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+            }
+            Conn::Tcp(r) => {
+                writeln!(r.get_mut(), "ping")?;
+                let mut line = String::new();
+                match r.read_line(&mut line)? {
+                    0 => Err(std::io::Error::from(ErrorKind::ConnectionAborted)),
+                    _ => Ok(line.trim().to_owned()),
+                }
+            }
+        }
+    };
+    let end = Instant::now() + Duration::from_millis(millis);
+    let mut conn = connect();
+    let mut out = std::io::stdout();
+    while Instant::now() < end {
+        let line = match conn
+            .as_mut()
+            .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
+        {
+            Ok(c) => match exchange(c) {
+                Ok(name) => format!("answer {name}"),
+                Err(e) => {
+                    let k = kind(&e);
+                    if k != "timeout" {
+                        conn = connect();
+                    }
+                    format!("error {k}")
+                }
+            },
+            Err(e) => {
+                let k = kind(&e);
+                conn = connect();
+                format!("error {k}")
+            }
+        };
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// `conntrack-delete`: one filter from the flags, deleted in this network namespace.
@@ -257,6 +338,12 @@ fn main() -> anyhow::Result<()> {
     }
     if args.get(1).map(String::as_str) == Some("matrix") {
         return matrix(&args);
+    }
+    if matches!(
+        args.get(1).map(String::as_str),
+        Some("udp-hold" | "tcp-hold")
+    ) {
+        return hold_and_report(&args);
     }
     let source_port: Option<u16> = take_option(&mut args, "--source-port")?
         .map(|p| p.parse())

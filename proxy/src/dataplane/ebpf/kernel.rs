@@ -18,8 +18,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use weir_ebpf_common::{
-    Backend, BackendKey, ServiceKey, ServiceValue, SourceRange, BACKENDS_MAP, MAGLEV_MAP,
-    SERVICES_MAP, SOURCE_RANGES_MAP,
+    Backend, BackendKey, RevNatKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
+    BACKENDS_MAP, MAGLEV_MAP, REVNAT_MAP, SERVICES_MAP, SOURCE_RANGES_MAP,
 };
 
 /// The tc program for an external interface's ingress (frontend -> backend).
@@ -98,7 +98,11 @@ fn ensure_own_cgroup2(dir: &Path) -> Result<(), EbpfError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .map_err(|e| err(format!("no cgroup2 is mounted, and mounting one here failed: {e}")))
+    .map_err(|e| {
+        err(format!(
+            "no cgroup2 is mounted, and mounting one here failed: {e}"
+        ))
+    })
 }
 
 /// Where the programs attach and where their objects are pinned.
@@ -178,6 +182,9 @@ pub enum EbpfError {
         /// Why.
         message: String,
     },
+    /// Finding or destroying the sockets of removed backends failed.
+    #[error("destroying sockets of removed backends: {0}")]
+    Sockets(#[from] super::sockets::SocketsError),
     /// A map operation failed.
     #[error("{op} {map} {key}: {message}")]
     Map {
@@ -571,6 +578,34 @@ impl MapStore for KernelMaps {
             }
         }
         Ok(())
+    }
+
+    fn destroy_stale_sockets(
+        &mut self,
+        filters: &[crate::dataplane::conntrack::FlowFilter],
+    ) -> Result<super::sockets::Destroyed, EbpfError> {
+        let revnat: HashMap<&MapData, RevNatKey, RevNatValue> = self
+            .ebpf
+            .map(REVNAT_MAP)
+            .ok_or_else(|| missing_map(REVNAT_MAP))?
+            .try_into()
+            .map_err(map_err("open", REVNAT_MAP, &""))?;
+        let frontend_of = |cookie: u64, peer: std::net::SocketAddr| {
+            let key = RevNatKey {
+                cookie,
+                backend: super::render::addr_port(peer.ip(), peer.port(), 0),
+                pad: 0,
+            };
+            revnat
+                .get(&key, 0)
+                .ok()
+                .map(|front| super::render::socket_addr(&front))
+        };
+        Ok(super::sockets::destroy_stale(
+            filters,
+            Path::new(super::sockets::NETNS_DIR),
+            &frontend_of,
+        )?)
     }
 
     fn dump(&mut self) -> Result<MapContents, EbpfError> {

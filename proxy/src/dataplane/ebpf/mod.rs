@@ -15,6 +15,7 @@
 pub mod fake;
 pub mod kernel;
 pub mod render;
+pub mod sockets;
 
 pub use kernel::EbpfError;
 pub use render::{MapContents, MapOp, MapPlan};
@@ -36,5 +37,15 @@ pub trait MapStore: Send + 'static {
     fn attach_interfaces(&mut self, node_ips: &[std::net::IpAddr]) -> Result<(), EbpfError> {
         let _ = node_ips;
         Ok(())
+    }
+    /// Destroys the sockets the hooks translated to a backend `filters` name as stale
+    /// ([`sockets`]), in every network namespace of the node. A store without sockets
+    /// (the fake) has none to destroy.
+    fn destroy_stale_sockets(
+        &mut self,
+        filters: &[crate::dataplane::conntrack::FlowFilter],
+    ) -> Result<sockets::Destroyed, EbpfError> {
+        let _ = filters;
+        Ok(sockets::Destroyed::default())
     }
 }
