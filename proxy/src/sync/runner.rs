@@ -7,7 +7,7 @@ use crate::dataplane::conntrack::FlowFilter;
 use crate::dataplane::ebpf::render::{
     diff as ebpf_diff, render_with as ebpf_render, update_ports as ebpf_update_ports, LbAlgorithm,
 };
-use crate::dataplane::ebpf::sockets::gone_tcp_filters;
+use crate::dataplane::ebpf::stale::gone_tcp_filters;
 use crate::dataplane::ebpf::{EbpfError, MapContents, MapStore};
 use crate::dataplane::ipvs::apply::Changed;
 use crate::dataplane::nft::diff::{cleanup_plan, plan_state};
@@ -116,7 +116,7 @@ pub struct Runner<K: NftBackend> {
     /// Stale-flow filters of changes not yet followed by a successful sync.
     pending_flows: Vec<FlowFilter>,
     /// eBPF mode: TCP endpoints that left their EndpointSlices, whose translated sockets
-    /// go ([`crate::dataplane::ebpf::sockets`]); cleared by every sync.
+    /// go ([`crate::dataplane::ebpf::stale`]); cleared by every sync.
     pending_sockets: Vec<FlowFilter>,
     /// In eBPF mode, the maps programmed instead of nftables (`K` is then used only to
     /// remove the nftables mode's leftover `weir` tables).
@@ -340,14 +340,7 @@ impl<K: NftBackend> Runner<K> {
         let (plans, next) = match planned {
             Some(done) => done,
             None => {
-                if let NodePortAddresses::Cidrs(_) = self.cfg.model.nodeport_addresses {
-                    match crate::sys::local_addrs::local_addrs().await {
-                        Ok(a) => self.cfg.model.local_addrs = a,
-                        Err(e) => {
-                            warn!(error = %e, "reading local addresses for --nodeport-addresses failed; keeping the last ones")
-                        }
-                    }
-                }
+                self.refresh_local_addrs().await;
                 let (flows, sockets, store) = (
                     &mut self.pending_flows,
                     &mut self.pending_sockets,
@@ -525,6 +518,19 @@ impl<K: NftBackend> Runner<K> {
         );
     }
 
+    /// With `--nodeport-addresses` CIDRs, re-reads the node's addresses (before a full
+    /// compute, which picks the NodePort addresses among them).
+    async fn refresh_local_addrs(&mut self) {
+        if let NodePortAddresses::Cidrs(_) = self.cfg.model.nodeport_addresses {
+            match crate::sys::local_addrs::local_addrs().await {
+                Ok(a) => self.cfg.model.local_addrs = a,
+                Err(e) => {
+                    warn!(error = %e, "reading local addresses for --nodeport-addresses failed; keeping the last ones")
+                }
+            }
+        }
+    }
+
     /// Recomputes the desired state of the changed Services only, noting the stale flows
     /// of every change and bringing the tally along; returns the changes.
     fn recompute_changed(&mut self, services: &BTreeSet<ObjectKey>) -> Vec<ServiceDelta> {
@@ -572,6 +578,7 @@ impl<K: NftBackend> Runner<K> {
             }
         }
         if was_full {
+            self.refresh_local_addrs().await;
             let (flows, sockets, store) = (
                 &mut self.pending_flows,
                 &mut self.pending_sockets,
@@ -635,19 +642,21 @@ impl<K: NftBackend> Runner<K> {
         }
         self.metrics.ebpf_map_entries.set(desired.len() as i64);
         ebpf.current = Some(desired);
-        // Sockets the hooks translated once, at connect, to a backend now removed: moved
-        // off it (destroyed) now that the maps send new connections elsewhere.
+        // Sockets the hooks translated once, at connect, to a backend now removed, and the
+        // tc path's flows tracked to one: moved off it now that the maps send new
+        // connections elsewhere.
         let mut stale = self.pending_flows.clone();
         stale.extend(self.pending_sockets.iter().cloned());
         if !stale.is_empty() {
-            match with_maps(&ebpf.maps, move |m| m.destroy_stale_sockets(&stale)).await {
-                Ok(d) if d.sockets > 0 => info!(
+            match with_maps(&ebpf.maps, move |m| m.leave_stale_backends(&stale)).await {
+                Ok(d) if d.sockets + d.flows > 0 => info!(
                     sockets = d.sockets,
                     namespaces = d.namespaces,
-                    "destroyed sockets connected to removed backends"
+                    flows = d.flows,
+                    "moved connections off removed backends"
                 ),
                 Ok(_) => {}
-                Err(e) => warn!(error = %e, "destroying sockets of removed backends failed"),
+                Err(e) => warn!(error = %e, "moving connections off removed backends failed"),
             }
         }
         // The maps serve both families: no family has work of its own.

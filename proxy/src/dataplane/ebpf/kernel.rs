@@ -18,8 +18,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use weir_ebpf_common::{
-    Backend, BackendKey, RevNatKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
-    BACKENDS_MAP, MAGLEV_MAP, REVNAT_MAP, SERVICES_MAP, SOURCE_RANGES_MAP,
+    Backend, BackendKey, CtKey, CtValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    SourceRange, BACKENDS_MAP, CT_MAP, MAGLEV_MAP, REVNAT_MAP, SERVICES_MAP, SOURCE_RANGES_MAP,
 };
 
 /// The tc program for an external interface's ingress (frontend -> backend).
@@ -184,7 +184,7 @@ pub enum EbpfError {
     },
     /// Finding or destroying the sockets of removed backends failed.
     #[error("destroying sockets of removed backends: {0}")]
-    Sockets(#[from] super::sockets::SocketsError),
+    Sockets(#[from] super::stale::SocketsError),
     /// A map operation failed.
     #[error("{op} {map} {key}: {message}")]
     Map {
@@ -383,6 +383,36 @@ impl std::fmt::Debug for KernelMaps {
 }
 
 impl KernelMaps {
+    /// Deletes the tc path's forward entries of the flows `filters` name as stale; returns
+    /// how many.
+    fn delete_stale_flows(
+        &mut self,
+        filters: &[crate::dataplane::conntrack::FlowFilter],
+    ) -> Result<usize, EbpfError> {
+        let mut ct: HashMap<&mut MapData, CtKey, CtValue> = self
+            .ebpf
+            .map_mut(CT_MAP)
+            .ok_or_else(|| missing_map(CT_MAP))?
+            .try_into()
+            .map_err(map_err("open", CT_MAP, &""))?;
+        let stale: Vec<CtKey> = ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| super::stale::stale_flow(filters, k, v))
+            .map(|(k, _)| k)
+            .collect();
+        let mut deleted = 0;
+        for k in &stale {
+            match ct.remove(k) {
+                Ok(()) => deleted += 1,
+                // Evicted or expired meanwhile.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("delete", CT_MAP, k)(e)),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Loads and attaches the programs, adopting pinned maps (their contents are kept) and
     /// replacing pinned links of an earlier run (the new link is attached before the old
     /// one goes, so no socket call goes untranslated).
@@ -580,10 +610,11 @@ impl MapStore for KernelMaps {
         Ok(())
     }
 
-    fn destroy_stale_sockets(
+    fn leave_stale_backends(
         &mut self,
         filters: &[crate::dataplane::conntrack::FlowFilter],
-    ) -> Result<super::sockets::Destroyed, EbpfError> {
+    ) -> Result<super::stale::Destroyed, EbpfError> {
+        let flows = self.delete_stale_flows(filters)?;
         let revnat: HashMap<&MapData, RevNatKey, RevNatValue> = self
             .ebpf
             .map(REVNAT_MAP)
@@ -601,11 +632,10 @@ impl MapStore for KernelMaps {
                 .ok()
                 .map(|front| super::render::socket_addr(&front))
         };
-        Ok(super::sockets::destroy_stale(
-            filters,
-            Path::new(super::sockets::NETNS_DIR),
-            &frontend_of,
-        )?)
+        let mut done =
+            super::stale::destroy_stale(filters, Path::new(super::stale::NETNS_DIR), &frontend_of)?;
+        done.flows = flows;
+        Ok(done)
     }
 
     fn dump(&mut self) -> Result<MapContents, EbpfError> {

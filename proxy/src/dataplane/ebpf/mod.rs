@@ -15,7 +15,7 @@
 pub mod fake;
 pub mod kernel;
 pub mod render;
-pub mod sockets;
+pub mod stale;
 
 pub use kernel::EbpfError;
 pub use render::{MapContents, MapOp, MapPlan};
@@ -38,14 +38,15 @@ pub trait MapStore: Send + 'static {
         let _ = node_ips;
         Ok(())
     }
-    /// Destroys the sockets the hooks translated to a backend `filters` name as stale
-    /// ([`sockets`]), in every network namespace of the node. A store without sockets
-    /// (the fake) has none to destroy.
-    fn destroy_stale_sockets(
+    /// Moves the connections `filters` name as stale off their backends ([`stale`]):
+    /// destroys the sockets the hooks translated to them, in every network namespace of
+    /// the node, and deletes the tc path's forward entries of such flows. A store without
+    /// sockets or flows (the fake) has none to move.
+    fn leave_stale_backends(
         &mut self,
         filters: &[crate::dataplane::conntrack::FlowFilter],
-    ) -> Result<sockets::Destroyed, EbpfError> {
+    ) -> Result<stale::Destroyed, EbpfError> {
         let _ = filters;
-        Ok(sockets::Destroyed::default())
+        Ok(stale::Destroyed::default())
     }
 }

@@ -1,4 +1,7 @@
-//! Moves sockets off backends that went away. The socket hooks translate a frontend once,
+//! Moves connections off backends that went away: sockets the hooks translated, and the
+//! tc path's tracked flows.
+//!
+//! Sockets: the socket hooks translate a frontend once,
 //! at connect(): a connected socket keeps talking to its backend however the EndpointSlice
 //! changes, and no conntrack entry exists to flush. So, after a sync that removed
 //! backends, every network namespace of the node is searched (sock_diag) for sockets this
@@ -12,6 +15,10 @@
 //! flows nftables mode flushes from conntrack); TCP ones whose backend left the
 //! EndpointSlice altogether (a terminating endpoint keeps its connections, as with
 //! kube-proxy). [`stale`] decides (pure); the rest talks to the kernel.
+//!
+//! Flows: a UDP flow from outside sticks to the backend its tc-path forward entry names
+//! (the map's equivalent of the conntrack entry nftables mode deletes): the entries of
+//! stale flows are deleted ([`stale_flow`]), so the next packet picks a live backend.
 
 use crate::dataplane::conntrack::FlowFilter;
 use crate::model::{Protocol, ServiceDelta, ServicePortState};
@@ -124,15 +131,54 @@ pub fn stale_backends(filters: &[FlowFilter]) -> BTreeSet<(Protocol, SocketAddr)
         .collect()
 }
 
-/// Whether a socket translated from `frontend` to its peer is one `filters` select.
-pub fn stale(filters: &[FlowFilter], s: &DiagSocket, frontend: SocketAddr) -> bool {
+/// Whether a connection of `protocol` translated from `frontend` to `backend` is one
+/// `filters` select.
+pub fn stale(
+    filters: &[FlowFilter],
+    protocol: Protocol,
+    backend: SocketAddr,
+    frontend: SocketAddr,
+) -> bool {
     filters.iter().any(|f| {
-        f.protocol == s.protocol
-            && f.reply_src == Some(s.peer.ip())
-            && f.reply_sport == Some(s.peer.port())
+        f.protocol == protocol
+            && f.reply_src == Some(backend.ip())
+            && f.reply_sport == Some(backend.port())
             && f.orig_dst.is_none_or(|d| d == frontend.ip())
             && f.orig_dport.is_none_or(|p| p == frontend.port())
     })
+}
+
+/// Whether the tc path's entry `key` -> `value` is the forward entry of a flow `filters`
+/// select (its destination is the frontend, its value the backend).
+pub fn stale_flow(
+    filters: &[FlowFilter],
+    key: &weir_ebpf_common::CtKey,
+    value: &weir_ebpf_common::CtValue,
+) -> bool {
+    use super::render::socket_addr;
+    use weir_ebpf_common::{AddrPort, CT_FORWARD, PROTO_TCP, PROTO_UDP};
+    if key.dir != CT_FORWARD {
+        return false;
+    }
+    let protocol = match key.proto {
+        PROTO_TCP => Protocol::Tcp,
+        PROTO_UDP => Protocol::Udp,
+        _ => return false,
+    };
+    let at = |addr: [u32; 4], port: u16| {
+        socket_addr(&AddrPort {
+            addr,
+            port,
+            family: key.family,
+            proto: 0,
+        })
+    };
+    stale(
+        filters,
+        protocol,
+        at(value.addr, value.port),
+        at(key.daddr, key.dport),
+    )
 }
 
 /// The network namespaces to search: this process's, then every one bind-mounted under
@@ -383,6 +429,8 @@ pub struct Destroyed {
     pub namespaces: usize,
     /// Sockets destroyed.
     pub sockets: usize,
+    /// The tc path's forward entries deleted.
+    pub flows: usize,
 }
 
 /// Searches every namespace (see [`network_namespaces`]) for sockets `filters` select and
@@ -410,7 +458,7 @@ pub fn destroy_stale(
                     let Some(front) = frontend_of(s.cookie, s.peer) else {
                         continue;
                     };
-                    if stale(filters, &s, front) {
+                    if stale(filters, s.protocol, s.peer, front) {
                         diag.destroy(&s)?;
                         tracing::debug!(
                             socket = s.cookie,
@@ -453,15 +501,6 @@ mod tests {
         }
     }
 
-    fn sock(proto: Protocol, peer: &str) -> DiagSocket {
-        DiagSocket {
-            protocol: proto,
-            cookie: 7,
-            peer: peer.parse().unwrap(),
-            id: SocketId::new_v4(),
-        }
-    }
-
     #[test]
     fn a_socket_is_stale_when_its_frontend_and_backend_are_a_filters() {
         let f = [filter(
@@ -470,25 +509,53 @@ mod tests {
             53,
             Some("10.244.1.12:5353"),
         )];
-        let s = sock(Protocol::Udp, "10.244.1.12:5353");
-        assert!(stale(&f, &s, "10.96.0.53:53".parse().unwrap()));
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let (udp, tcp) = (Protocol::Udp, Protocol::Tcp);
+        let backend = a("10.244.1.12:5353");
+        assert!(stale(&f, udp, backend, a("10.96.0.53:53")));
         // Another frontend with the same backend keeps it.
-        assert!(!stale(&f, &s, "10.96.0.54:53".parse().unwrap()));
+        assert!(!stale(&f, udp, backend, a("10.96.0.54:53")));
         // Another backend, or TCP to the same one, stays.
-        assert!(!stale(
-            &f,
-            &sock(Protocol::Udp, "10.244.1.11:5353"),
-            "10.96.0.53:53".parse().unwrap()
-        ));
-        assert!(!stale(
-            &f,
-            &sock(Protocol::Tcp, "10.244.1.12:5353"),
-            "10.96.0.53:53".parse().unwrap()
-        ));
+        assert!(!stale(&f, udp, a("10.244.1.11:5353"), a("10.96.0.53:53")));
+        assert!(!stale(&f, tcp, backend, a("10.96.0.53:53")));
         // A NodePort filter (no frontend address) matches its port on any address.
         let np = [filter(Protocol::Udp, None, 30053, Some("10.244.1.12:5353"))];
-        assert!(stale(&np, &s, "192.168.1.1:30053".parse().unwrap()));
-        assert!(!stale(&np, &s, "192.168.1.1:53".parse().unwrap()));
+        assert!(stale(&np, udp, backend, a("192.168.1.1:30053")));
+        assert!(!stale(&np, udp, backend, a("192.168.1.1:53")));
+    }
+
+    #[test]
+    fn a_forward_entry_to_a_stale_backend_is_stale_and_reply_entries_are_not() {
+        use super::super::render::addr_port;
+        use weir_ebpf_common::{CtKey, CtValue, CT_FORWARD, CT_REPLY, FAMILY_V4, PROTO_UDP};
+        let f = [filter(Protocol::Udp, None, 30053, Some("10.244.1.12:5353"))];
+        let client = addr_port("198.51.100.2".parse().unwrap(), 40100, 0);
+        let front = addr_port("192.168.77.10".parse().unwrap(), 30053, 0);
+        let key = CtKey {
+            saddr: client.addr,
+            daddr: front.addr,
+            sport: client.port,
+            dport: front.port,
+            proto: PROTO_UDP,
+            dir: CT_FORWARD,
+            family: FAMILY_V4,
+            pad: 0,
+        };
+        let to = |b: &str, port: u16| {
+            let b = addr_port(b.parse().unwrap(), port, 0);
+            CtValue {
+                addr: b.addr,
+                port: b.port,
+                ..CtValue::default()
+            }
+        };
+        assert!(stale_flow(&f, &key, &to("10.244.1.12", 5353)));
+        assert!(!stale_flow(&f, &key, &to("10.244.1.11", 5353)));
+        let reply = CtKey {
+            dir: CT_REPLY,
+            ..key
+        };
+        assert!(!stale_flow(&f, &reply, &to("10.244.1.12", 5353)));
     }
 
     #[test]
