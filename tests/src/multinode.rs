@@ -78,6 +78,8 @@ pub struct Node {
     manifests: tempfile::TempDir,
     _cni_state: tempfile::TempDir,
     _cni_cache: tempfile::TempDir,
+    /// The mode's state (eBPF: the node's cgroup and pins), dropped after the processes.
+    dp: Option<crate::mode::Dataplane>,
 }
 
 impl Node {
@@ -99,6 +101,35 @@ impl Node {
     /// The CNI runtime that attaches this node's pods (weir-cni run in the node).
     pub fn cni(&self) -> &CniRuntime {
         &self.cni
+    }
+
+    /// Runs weir-probe in `ns` (this node, or one of its pods) the way the node's mode
+    /// needs: in eBPF mode inside the node's cgroup, which the node's socket hooks watch.
+    pub fn probe(&self, ns: &Netns, args: &[&str]) -> Result<Value> {
+        match &self.dp {
+            Some(dp) => dp.probe(ns, args),
+            None => probe(ns, args),
+        }
+    }
+
+    /// [`requests`] from `ns` (this node or one of its pods), in the node's mode.
+    pub fn requests(
+        &self,
+        ns: &Netns,
+        addr: &str,
+        count: u32,
+    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
+        let report = self.probe(ns, &["tcp", addr, &count.to_string()])?;
+        Ok(tally(&report))
+    }
+
+    /// [`peer`] from `ns` (this node or one of its pods), in the node's mode.
+    pub fn peer(&self, ns: &Netns, addr: &str) -> Result<String> {
+        let report = self.probe(ns, &["peer", addr])?;
+        report["peer"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| cmd_err(&format!("weir-probe peer {addr}"), report))
     }
 
     /// The node's host-gw routes (`ip route show proto 77`) as sorted `DST via GW` lines.
@@ -243,6 +274,7 @@ impl Cluster {
             manifests,
             _cni_state: state,
             _cni_cache: cache,
+            dp: None,
         })
     }
 
@@ -323,20 +355,27 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts weir-proxy in every node (`--hostname-override nodeN --route-pod-cidrs`,
-    /// metrics on 127.0.0.1:`metrics_port` of the node's namespace), waits for each one's
-    /// first sync, then until every node has routes to every other node's pod CIDR.
-    pub fn start_proxies(&mut self, metrics_port: u16) -> Result<()> {
+    /// Starts weir-proxy in every node in `mode` (`--hostname-override nodeN
+    /// --route-pod-cidrs`, metrics on 127.0.0.1:`metrics_port` of the node's namespace;
+    /// eBPF mode: a cgroup and pin directory per node), waits for each one's first sync,
+    /// then until every node has routes to every other node's pod CIDR.
+    pub fn start_proxies(&mut self, metrics_port: u16, mode: crate::mode::Mode) -> Result<()> {
         for node in &mut self.nodes {
             let name = node_name(node.index);
+            let dp = crate::mode::Dataplane::new(mode)
+                .map_err(|e| cmd_err("creating the node's cgroup", e))?;
+            let mut flags = dp.flags();
+            flags.push("--route-pod-cidrs".into());
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             let pid = start_proxy_as(
                 &mut node.ns,
                 node.manifests.path(),
                 metrics_port,
                 &name,
-                &["--route-pod-cidrs"],
+                &flags,
             )?;
             node.proxy_pid = Some(pid);
+            node.dp = Some(dp);
         }
         for node in &self.nodes {
             let want = self.expected_routes(node.index);
@@ -419,11 +458,15 @@ pub fn requests(
     count: u32,
 ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
     let report: Value = probe(ns, &["tcp", addr, &count.to_string()])?;
-    let answers = crate::counts(&report["answers"]).into_iter().collect();
-    Ok((
-        answers,
+    Ok(tally(&report))
+}
+
+/// A weir-probe report's answers per backend and errors per kind.
+fn tally(report: &Value) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+    (
+        crate::counts(&report["answers"]).into_iter().collect(),
         crate::counts(&report["errors"]).into_iter().collect(),
-    ))
+    )
 }
 
 /// The source address a backend behind `addr` sees for a connection from `ns`.

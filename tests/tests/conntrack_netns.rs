@@ -3,6 +3,12 @@
 //! its source port across probes (one UDP flow), and `weir-probe conntrack-delete` runs
 //! weir's `dataplane::conntrack` inside the node namespace. The `conntrack` CLI is used
 //! only to look at the table.
+//!
+//! No proxy mode runs here: the suite tests the ctnetlink code itself against hand-written
+//! NAT rules. What each mode does with a stale UDP flow through weir-proxy is tested in
+//! both modes by node_netns (`udp_client_moves_off_a_removed_endpoint_keeping_its_source_port`:
+//! nftables mode deletes the kernel's entries, eBPF mode its tc path's own) and by
+//! ebpf_netns (connected sockets destroyed).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

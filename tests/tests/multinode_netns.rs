@@ -4,23 +4,26 @@
 //! 10.244.N.0/24. Pods reach pods on other nodes through the host-gw routes, a ClusterIP
 //! reaches endpoints on every node from every node, a NodePort answers on every node,
 //! and `externalTrafficPolicy: Local` keeps each node's NodePort to its own endpoints
-//! with the client's address preserved. Every namespace goes with the cluster guard.
+//! with the client's address preserved; each in nftables and eBPF mode (pods' and nodes'
+//! own clients then run in their node's cgroup, which its socket hooks watch). Every
+//! namespace goes with the cluster guard.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
+use weir_e2e::mode::Mode;
 use weir_e2e::multinode::{
     node_ip, pod_cidr, requests, service_yaml, Cluster, Pod, ECHO_PORT, EXTERNAL_CLIENT_IP,
 };
-use weir_e2e::require_privileges;
+use weir_e2e::{in_both_modes, require_privileges};
 
 const METRICS: u16 = 19460;
 const NODES: usize = 3;
 const PODS_PER_NODE: usize = 2;
 
-/// The cluster with weir-echo in every pod and weir-proxy on every node reading
+/// The cluster with weir-echo in every pod and weir-proxy on every node in `mode` reading
 /// `services(cluster)`; `None` when privileges are missing (outside CI).
-fn cluster(services: impl Fn(&Cluster) -> String) -> Option<Cluster> {
+fn cluster(mode: Mode, services: impl Fn(&Cluster) -> String) -> Option<Cluster> {
     if !require_privileges() {
         return None;
     }
@@ -35,7 +38,7 @@ fn cluster(services: impl Fn(&Cluster) -> String) -> Option<Cluster> {
     let mut c = Cluster::new(NODES, PODS_PER_NODE).unwrap();
     c.start_echo().unwrap();
     c.write_manifests(&services(&c)).unwrap();
-    c.start_proxies(METRICS).unwrap();
+    c.start_proxies(METRICS, mode).unwrap();
     Some(c)
 }
 
@@ -43,9 +46,10 @@ fn names<'a>(pods: impl Iterator<Item = &'a Pod>) -> BTreeSet<String> {
     pods.map(|p| p.name.clone()).collect()
 }
 
-#[test]
-fn pods_get_addresses_from_their_node_and_reach_pods_on_other_nodes() {
-    let Some(c) = cluster(|_| String::new()) else {
+in_both_modes!(pods_get_addresses_from_their_node_and_reach_pods_on_other_nodes);
+
+fn pods_get_addresses_from_their_node_and_reach_pods_on_other_nodes(mode: Mode) {
+    let Some(c) = cluster(mode, |_| String::new()) else {
         return;
     };
     for node in &c.nodes {
@@ -65,10 +69,11 @@ fn pods_get_addresses_from_their_node_and_reach_pods_on_other_nodes() {
     // Every pod to the first pod of every other node: the named backend answers every
     // request and sees the sender's own pod address (no NAT between pods).
     for from in c.pods() {
+        let home = &c.nodes[from.node - 1];
         for node in c.nodes.iter().filter(|n| n.index != from.node) {
             let to = &node.pods[0];
             let addr = format!("{}:{ECHO_PORT}", to.ip);
-            let (answers, errors) = requests(&from.ns, &addr, 5).unwrap();
+            let (answers, errors) = home.requests(&from.ns, &addr, 5).unwrap();
             assert_eq!(
                 answers.get(&to.name),
                 Some(&5),
@@ -76,14 +81,15 @@ fn pods_get_addresses_from_their_node_and_reach_pods_on_other_nodes() {
                 from.name,
                 to.name
             );
-            assert_eq!(weir_e2e::multinode::peer(&from.ns, &addr).unwrap(), from.ip);
+            assert_eq!(home.peer(&from.ns, &addr).unwrap(), from.ip);
         }
     }
 }
 
-#[test]
-fn a_cluster_ip_reaches_endpoints_on_every_node_from_every_node() {
-    let Some(c) = cluster(|c| {
+in_both_modes!(a_cluster_ip_reaches_endpoints_on_every_node_from_every_node);
+
+fn a_cluster_ip_reaches_endpoints_on_every_node_from_every_node(mode: Mode) {
+    let Some(c) = cluster(mode, |c| {
         let all: Vec<&Pod> = c.pods().collect();
         let remote: Vec<&Pod> = c.pods().filter(|p| p.node != 1).collect();
         service_yaml("web", "10.96.0.10", None, false, &all)
@@ -94,7 +100,7 @@ fn a_cluster_ip_reaches_endpoints_on_every_node_from_every_node() {
     let all = names(c.pods());
     for node in &c.nodes {
         for pod in &node.pods {
-            let (answers, errors) = requests(&pod.ns, "10.96.0.10:80", 120).unwrap();
+            let (answers, errors) = node.requests(&pod.ns, "10.96.0.10:80", 120).unwrap();
             assert!(errors.is_empty(), "{}: errors {errors:?}", pod.name);
             assert_eq!(
                 answers.keys().cloned().collect::<BTreeSet<_>>(),
@@ -111,14 +117,15 @@ fn a_cluster_ip_reaches_endpoints_on_every_node_from_every_node() {
     // through a ClusterIP is hairpin-masqueraded.)
     let from = &c.nodes[0].pods[0];
     let seen: BTreeSet<String> = (0..20)
-        .map(|_| weir_e2e::multinode::peer(&from.ns, "10.96.0.11:80").unwrap())
+        .map(|_| c.nodes[0].peer(&from.ns, "10.96.0.11:80").unwrap())
         .collect();
     assert_eq!(seen, BTreeSet::from([from.ip.clone()]));
 }
 
-#[test]
-fn a_node_port_answers_on_every_node_with_endpoints_on_every_node() {
-    let Some(c) = cluster(|c| {
+in_both_modes!(a_node_port_answers_on_every_node_with_endpoints_on_every_node);
+
+fn a_node_port_answers_on_every_node_with_endpoints_on_every_node(mode: Mode) {
+    let Some(c) = cluster(mode, |c| {
         let all: Vec<&Pod> = c.pods().collect();
         service_yaml("np", "10.96.0.20", Some(30080), false, &all)
     }) else {
@@ -137,10 +144,11 @@ fn a_node_port_answers_on_every_node_with_endpoints_on_every_node() {
     }
 }
 
-#[test]
-fn external_traffic_policy_local_keeps_each_node_port_to_its_own_endpoints() {
+in_both_modes!(external_traffic_policy_local_keeps_each_node_port_to_its_own_endpoints);
+
+fn external_traffic_policy_local_keeps_each_node_port_to_its_own_endpoints(mode: Mode) {
     // Endpoints on node1 and node2 only; node3 has none of its own.
-    let Some(c) = cluster(|c| {
+    let Some(c) = cluster(mode, |c| {
         let eps: Vec<&Pod> = c.pods().filter(|p| p.node != 3).collect();
         service_yaml("local", "10.96.0.30", Some(30090), true, &eps)
     }) else {
@@ -174,7 +182,7 @@ fn external_traffic_policy_local_keeps_each_node_port_to_its_own_endpoints() {
     // Traffic from inside the cluster is not external: node3's pods reach the endpoints on
     // node1 and node2 through the ClusterIP.
     let from = &c.nodes[2].pods[0];
-    let (answers, errors) = requests(&from.ns, "10.96.0.30:80", 120).unwrap();
+    let (answers, errors) = c.nodes[2].requests(&from.ns, "10.96.0.30:80", 120).unwrap();
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(
         answers.keys().cloned().collect::<BTreeSet<_>>(),

@@ -50,7 +50,7 @@ pub fn run(nodes: usize) -> Result<()> {
         "manifests per node: {nodes} Node objects (spec.podCIDRs, InternalIP); Services demo/web ClusterIP 10.96.0.10:80, demo/web-np NodePort 30080, demo/web-local NodePort 30090 externalTrafficPolicy Local; every pod an endpoint"
     ));
     say("starting weir-proxy --source dir:... --hostname-override nodeN --route-pod-cidrs on every node");
-    c.start_proxies(METRICS)?;
+    c.start_proxies(METRICS, weir_e2e::mode::Mode::Nftables)?;
     println!();
     for node in &c.nodes {
         println!(
