@@ -377,6 +377,7 @@ impl Args {
             Some(_) => String::new(),
             None => std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
         };
+        let service_cidrs = cidrs("service-cluster-ip-range", &self.service_cluster_ip_range)?;
         let (cgroup, cgroup_origin) =
             crate::dataplane::ebpf::kernel::choose_cgroup(self.ebpf_cgroup.as_deref(), &mountinfo);
         Ok(Config {
@@ -384,7 +385,7 @@ impl Args {
             source,
             node_name,
             cluster_cidrs: cidrs("cluster-cidr", &self.cluster_cidr)?,
-            service_cidrs: cidrs("service-cluster-ip-range", &self.service_cluster_ip_range)?,
+            service_cidrs: service_cidrs.clone(),
             nodeport_addresses: match self.nodeport_addresses.as_slice() {
                 [] => crate::model::NodePortAddresses::Primary,
                 [one] if one == "primary" => crate::model::NodePortAddresses::Primary,
@@ -410,6 +411,7 @@ impl Args {
             ebpf: crate::dataplane::ebpf::kernel::EbpfSettings {
                 cgroup,
                 cgroup_origin,
+                service_cidrs,
                 bpffs_dir: self.bpffs_dir.clone(),
                 interfaces: self.ebpf_interfaces.clone(),
             },

@@ -555,6 +555,7 @@ fn one_endpoint_change_in_a_1000_endpoint_service_is_a_fast_map_update() {
     let mut maps = KernelMaps::open(&EbpfSettings {
         cgroup: cgroup.0.clone(),
         cgroup_origin: weir_proxy::dataplane::ebpf::kernel::CgroupOrigin::Flag,
+        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
         bpffs_dir: bpf.0.clone(),
         interfaces: Vec::new(),
     })

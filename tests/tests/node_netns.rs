@@ -608,3 +608,47 @@ fn ipv6_clusterip_and_nodeport_reach_ipv6_endpoints(mode: Mode) {
         assert_eq!(names(&r), ["pod-0", "pod-1"], "{dst}: {r}");
     }
 }
+
+in_both_modes!(the_service_range_drops_unallocated_addresses_and_refuses_other_ports);
+
+/// As kube-proxy: a new connection to an address of `--service-cluster-ip-range` that no
+/// Service has is dropped (the client times out), one to a ClusterIP on a port its Service
+/// does not have is refused at once; the Service's own port answers.
+fn the_service_range_drops_unallocated_addresses_and_refuses_other_ports(mode: Mode) {
+    let yaml = service(
+        "web",
+        "10.96.0.10",
+        &[],
+        "TCP",
+        "port: 80, targetPort: 8080",
+    ) + &slice(
+        "web",
+        "web-1",
+        "IPv4",
+        "TCP",
+        8080,
+        &[ep(&pod_ip(0), NODE_NAME)],
+    );
+    let opts = Opts {
+        ebpf: mode == Mode::Ebpf,
+        ..Opts::default()
+    };
+    let Some(env) = setup(2, opts, &yaml) else {
+        return;
+    };
+    let client = &env.topo.pods[1];
+    let run = |args: &[&str]| env.dp.probe(client, args).unwrap();
+    let r = run(&["tcp", "10.96.0.10:80", "3"]);
+    assert_eq!(names(&r), ["pod-0"], "{r}");
+    assert_eq!(total(&r), 3, "{r}");
+    let r = run(&["tcp", "10.96.0.99:80", "2"]);
+    assert_eq!(errors(&r, "timeout"), 2, "unallocated: dropped: {r}");
+    let r = run(&["udp-each", "10.96.0.99:53", "2"]);
+    assert_eq!(errors(&r, "timeout"), 2, "unallocated, UDP: dropped: {r}");
+    let r = run(&["tcp", "10.96.0.10:81", "2"]);
+    assert_eq!(
+        errors(&r, "refused"),
+        2,
+        "another port of a ClusterIP: refused: {r}"
+    );
+}

@@ -27,6 +27,20 @@ pub const REVNAT_MAP: &str = "WEIR_REVNAT";
 /// Name of the source ranges map (an LPM trie): `(prefix length, [`SourceRange`])` -> 1.
 pub const SOURCE_RANGES_MAP: &str = "WEIR_SOURCE_RANGES";
 
+/// Name of the service CIDRs map (an LPM trie, `--service-cluster-ip-range`): `(32 +
+/// prefix length, [`IpKey`])` -> 1. A new connection to an address inside them that no
+/// Service has is dropped, as nftables mode drops it.
+pub const SERVICE_CIDRS_MAP: &str = "WEIR_SERVICE_CIDRS";
+/// Name of the ClusterIPs map: [`IpKey`] -> 1. A connection to a ClusterIP on a port its
+/// Service does not have is refused, as nftables mode rejects it.
+pub const CLUSTER_IPS_MAP: &str = "WEIR_CLUSTER_IPS";
+/// Capacity of the service CIDRs map.
+pub const SERVICE_CIDRS_MAX: u32 = 64;
+/// Capacity of the ClusterIPs map.
+pub const CLUSTER_IPS_MAX: u32 = 65_536;
+/// Bits of an [`IpKey`] taken by its family (an LPM prefix is 32 + the address prefix).
+pub const IP_KEY_FAMILY_BITS: u32 = 32;
+
 /// Name of the Maglev lookup tables: [`BackendKey`] (frontend, table index) -> slot (`u32`).
 pub const MAGLEV_MAP: &str = "WEIR_MAGLEV";
 /// Name of the tc path's connection-tracking map (LRU, written by the programs): [`CtKey`]
@@ -170,6 +184,17 @@ pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 160;
 /// Bits of a whole [`SourceRange`] key (a lookup's prefix length).
 pub const SOURCE_RANGE_BITS: u32 = 288;
 
+/// An address of either family, the family first (so an LPM prefix of
+/// [`IP_KEY_FAMILY_BITS`] + n bits is the family and the address's first n bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpKey {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`], as a word.
+    pub family: u32,
+    /// The address (network byte order, an IPv4 address in the first word).
+    pub addr: [u32; 4],
+}
+
 /// `CtKey::dir` of a client's packet to a frontend (the entry holds the backend).
 pub const CT_FORWARD: u8 = 0;
 /// `CtKey::dir` of a backend's reply to a client (the entry holds the frontend).
@@ -293,6 +318,9 @@ mod user {
     // SAFETY: as above.
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::IpKey {}
 }
 
 #[cfg(test)]

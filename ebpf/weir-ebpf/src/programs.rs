@@ -15,11 +15,11 @@ use aya_ebpf::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya_ebpf::maps::{HashMap, LruHashMap};
 use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
 use weir_ebpf_common::{
-    AddrPort, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, RevNatKey,
+    AddrPort, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, IpKey, RevNatKey,
     RevNatValue, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAX, BACKENDS_MAX, CLIENT_NETNS,
-    CT_MAX, FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_EXTERNAL_LOCAL, FLAG_MAGLEV, FLAG_SOURCE_RANGES,
-    MAGLEV_MAX, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP, REVNAT_MAX, SERVICES_MAX, SOCKET_VIEW,
-    SOURCE_RANGES_MAX, SOURCE_RANGE_BITS,
+    CLUSTER_IPS_MAX, CT_MAX, FAMILY_V4, FAMILY_V6, FLAG_DROP, FLAG_EXTERNAL_LOCAL, FLAG_MAGLEV,
+    FLAG_SOURCE_RANGES, IP_KEY_FAMILY_BITS, MAGLEV_MAX, MAGLEV_TABLE_SIZE, PROTO_TCP, PROTO_UDP,
+    REVNAT_MAX, SERVICES_MAX, SERVICE_CIDRS_MAX, SOCKET_VIEW, SOURCE_RANGES_MAX, SOURCE_RANGE_BITS,
 };
 
 /// Frontends.
@@ -49,6 +49,14 @@ static WEIR_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinne
 /// Allowed source prefixes of frontends with `loadBalancerSourceRanges`.
 #[map(name = "WEIR_SOURCE_RANGES")]
 static WEIR_SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(SOURCE_RANGES_MAX, 0);
+
+/// `--service-cluster-ip-range`.
+#[map(name = "WEIR_SERVICE_CIDRS")]
+static WEIR_SERVICE_CIDRS: LpmTrie<IpKey, u32> = LpmTrie::pinned(SERVICE_CIDRS_MAX, 0);
+
+/// Every Service's ClusterIPs.
+#[map(name = "WEIR_CLUSTER_IPS")]
+static WEIR_CLUSTER_IPS: HashMap<IpKey, u32> = HashMap::pinned(CLUSTER_IPS_MAX, 0);
 
 /// Whether `source` may open a flow to frontend `key` (whose value is `v`): always, unless
 /// the frontend has [`FLAG_SOURCE_RANGES`] and no allowed prefix of it holds `source`. A
@@ -249,7 +257,7 @@ fn translate(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
     let mut key = AddrPort { proto, ..front };
     let mut v = match service(&key) {
         Some(v) => v,
-        None => return ALLOW,
+        None => return not_a_frontend(&front),
     };
     // An externalTrafficPolicy: Local frontend: the node's processes and pods use every
     // endpoint, listed under the frontend's socket view.
@@ -293,6 +301,24 @@ fn translate(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
     // A full map only costs the reverse translation of old sockets (LRU).
     let _ = WEIR_REVNAT.insert(rkey, front, 0);
     write_addr(ctx, family, &backend);
+    ALLOW
+}
+
+/// A destination no frontend has: refused when it is a ClusterIP (a port its Service does
+/// not have, which nftables mode rejects); anything else goes on (an address in the
+/// service CIDRs that no Service has is dropped at egress).
+#[inline(always)]
+fn not_a_frontend(front: &AddrPort) -> i32 {
+    let k = IpKey {
+        family: front.family as u32,
+        addr: front.addr,
+    };
+    // SAFETY: only tested for presence.
+    if unsafe { WEIR_CLUSTER_IPS.get(k) }.is_some() {
+        // SAFETY: bpf_set_retval is allowed in cgroup hooks; the call fails with it.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REJECT;
+    }
     ALLOW
 }
 
@@ -363,23 +389,26 @@ pub fn weir_getpeername6(ctx: SockAddrContext) -> i32 {
 
 const SKB_PASS: i32 = 1;
 const SKB_DROP: i32 = 0;
+/// Drop, reported to the sender as congestion: a UDP send still succeeds and a TCP SYN is
+/// retransmitted, so the client sees what a dropped packet looks like (a timeout), not
+/// the EPERM of [`SKB_DROP`].
+const SKB_DROP_CN: i32 = 2;
 
-/// Egress of sockets in the cgroup: a packet the socket hooks sent to a backend of a
-/// frontend with source ranges (found through the socket's reverse translation) is
-/// dropped when its source, now known, is outside the ranges: the connect hooks run before
-/// the kernel picks the source address. TCP is checked on its SYN (later packets of a
-/// refused connection never exist), UDP on every datagram.
+/// Egress of sockets in the cgroup: a new flow to an address of the service CIDRs is
+/// dropped (the hooks translated every frontend, so no Service has that address: nftables
+/// mode drops it too, and the client times out); a packet the socket hooks sent to a
+/// backend of a frontend with source ranges (found through the socket's reverse
+/// translation) is dropped when its source, now known, is outside the ranges: the connect
+/// hooks run before the kernel picks the source address. TCP is checked on its SYN (later
+/// packets of a refused connection never exist), UDP on every datagram.
 #[cgroup_skb(egress)]
 pub fn weir_egress_source_ranges(ctx: SkBuffContext) -> i32 {
-    match egress_allowed(&ctx) {
-        Some(false) => SKB_DROP,
-        _ => SKB_PASS,
-    }
+    egress_verdict(&ctx).unwrap_or(SKB_PASS)
 }
 
-/// `Some(false)` when the packet must be dropped; `None` when it is not one to check.
+/// The verdict on a packet; `None` when it is not one to check.
 #[inline(always)]
-fn egress_allowed(ctx: &SkBuffContext) -> Option<bool> {
+fn egress_verdict(ctx: &SkBuffContext) -> Option<i32> {
     let ver: u8 = ctx.load(0).ok()?;
     let (saddr, daddr, proto, l4, family) = match ver >> 4 {
         4 => {
@@ -406,6 +435,16 @@ fn egress_allowed(ctx: &SkBuffContext) -> Option<bool> {
     } else if proto != PROTO_UDP {
         return None;
     }
+    let unallocated = LpmKey::new(
+        IP_KEY_FAMILY_BITS + if family == FAMILY_V4 { 32 } else { 128 },
+        IpKey {
+            family: family as u32,
+            addr: daddr,
+        },
+    );
+    if WEIR_SERVICE_CIDRS.get(&unallocated).is_some() {
+        return Some(SKB_DROP_CN);
+    }
     let dport: u16 = ctx.load(l4 + 2).ok()?;
     let rkey = RevNatKey {
         // SAFETY: bpf_get_socket_cookie is allowed in cgroup_skb programs and takes the
@@ -423,7 +462,11 @@ fn egress_allowed(ctx: &SkBuffContext) -> Option<bool> {
     let front = unsafe { WEIR_REVNAT.get(rkey) }.copied()?;
     let key = AddrPort { proto, ..front };
     let v = service(&key)?;
-    Some(source_allowed(&key, &v, &saddr))
+    Some(if source_allowed(&key, &v, &saddr) {
+        SKB_PASS
+    } else {
+        SKB_DROP
+    })
 }
 
 #[cfg(not(test))]

@@ -138,6 +138,8 @@ struct EbpfSync {
     current: Option<MapContents>,
     /// `--ebpf-lb-algorithm`.
     algorithm: LbAlgorithm,
+    /// What the ClusterIPs map holds as of the last successful sync; `None`: read it.
+    cluster_ips: Option<BTreeSet<std::net::IpAddr>>,
 }
 
 impl<K: NftBackend> Runner<K> {
@@ -183,6 +185,7 @@ impl<K: NftBackend> Runner<K> {
             maps: Arc::new(Mutex::new(Box::new(maps))),
             current: None,
             algorithm: LbAlgorithm::Random,
+            cluster_ips: None,
         });
         self.leftover_tables = true;
         self
@@ -607,6 +610,15 @@ impl<K: NftBackend> Runner<K> {
             self.metrics.ebpf_sync_failures.inc();
             return false;
         }
+        // Whether the set of ClusterIPs may differ from the last sync's.
+        let ips_changed = incremental.as_ref().is_none_or(|deltas| {
+            deltas.iter().any(|d| {
+                let ips = |sp: &Option<ServicePortState>| {
+                    sp.as_ref().map(|sp| sp.info.cluster_ips.clone())
+                };
+                ips(&d.old) != ips(&d.new)
+            })
+        });
         // Incremental: re-render only the changed ports and update what the maps hold as
         // of the last sync. Full: render everything and diff against a fresh read.
         let (plan, desired) = match (ebpf.current.take(), incremental) {
@@ -642,6 +654,34 @@ impl<K: NftBackend> Runner<K> {
         }
         self.metrics.ebpf_map_entries.set(desired.len() as i64);
         ebpf.current = Some(desired);
+        // Every ClusterIP, so a port no Service has on one is refused at connect.
+        if was_full {
+            ebpf.cluster_ips = None;
+        }
+        if ips_changed || ebpf.cluster_ips.is_none() {
+            let cluster_ips: BTreeSet<std::net::IpAddr> = self
+                .desired
+                .services
+                .values()
+                .flat_map(|sp| sp.info.cluster_ips.iter().copied())
+                .collect();
+            if ebpf.cluster_ips.as_ref() != Some(&cluster_ips) {
+                let current = ebpf.cluster_ips.take();
+                let desired = cluster_ips.clone();
+                match with_maps(&ebpf.maps, move |m| {
+                    m.write_cluster_ips(current.as_ref(), &desired)
+                })
+                .await
+                {
+                    Ok(()) => ebpf.cluster_ips = Some(cluster_ips),
+                    Err(e) => {
+                        warn!(error = %e, "writing the ClusterIPs map failed; retrying");
+                        self.metrics.ebpf_sync_failures.inc();
+                        return false;
+                    }
+                }
+            }
+        }
         // Sockets the hooks translated once, at connect, to a backend now removed, and the
         // tc path's flows tracked to one: moved off it now that the maps send new
         // connections elsewhere.

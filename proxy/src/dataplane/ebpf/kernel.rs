@@ -18,8 +18,9 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use weir_ebpf_common::{
-    Backend, BackendKey, CtKey, CtValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
-    SourceRange, BACKENDS_MAP, CT_MAP, MAGLEV_MAP, REVNAT_MAP, SERVICES_MAP, SOURCE_RANGES_MAP,
+    Backend, BackendKey, CtKey, CtValue, IpKey, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    SourceRange, BACKENDS_MAP, CLUSTER_IPS_MAP, CT_MAP, IP_KEY_FAMILY_BITS, MAGLEV_MAP, REVNAT_MAP,
+    SERVICES_MAP, SERVICE_CIDRS_MAP, SOURCE_RANGES_MAP,
 };
 
 /// The tc program for an external interface's ingress (frontend -> backend).
@@ -114,6 +115,9 @@ pub struct EbpfSettings {
     pub cgroup: PathBuf,
     /// How [`EbpfSettings::cgroup`] was chosen.
     pub cgroup_origin: CgroupOrigin,
+    /// `--service-cluster-ip-range`: new connections to an address in them that no
+    /// Service has are dropped.
+    pub service_cidrs: Vec<ipnetwork::IpNetwork>,
     /// A directory on bpffs (`--bpffs-dir`) for pinned maps and links.
     pub bpffs_dir: PathBuf,
     /// The node's external interfaces (`--ebpf-interfaces`), where the tc programs attach;
@@ -382,6 +386,39 @@ impl std::fmt::Debug for KernelMaps {
     }
 }
 
+/// An address as the maps' [`IpKey`].
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    let a = super::render::addr_port(ip, 0, 0);
+    IpKey {
+        family: u32::from(a.family),
+        addr: a.addr,
+    }
+}
+
+/// Replaces the service CIDRs map's contents with `cidrs` (an adopted pin may hold an
+/// earlier configuration's).
+fn write_service_cidrs(ebpf: &mut Ebpf, cidrs: &[ipnetwork::IpNetwork]) -> Result<(), EbpfError> {
+    let mut map: LpmTrie<&mut MapData, IpKey, u32> = ebpf
+        .map_mut(SERVICE_CIDRS_MAP)
+        .ok_or_else(|| missing_map(SERVICE_CIDRS_MAP))?
+        .try_into()
+        .map_err(map_err("open", SERVICE_CIDRS_MAP, &""))?;
+    let old: Vec<LpmKey<IpKey>> = map.keys().filter_map(Result::ok).collect();
+    for k in &old {
+        map.remove(k)
+            .map_err(map_err("delete", SERVICE_CIDRS_MAP, &k.data()))?;
+    }
+    for c in cidrs {
+        let key = LpmKey::new(
+            IP_KEY_FAMILY_BITS + u32::from(c.prefix()),
+            ip_key(c.network()),
+        );
+        map.insert(&key, 1, 0)
+            .map_err(map_err("update", SERVICE_CIDRS_MAP, c))?;
+    }
+    Ok(())
+}
+
 impl KernelMaps {
     /// Deletes the tc path's forward entries of the flows `filters` name as stale; returns
     /// how many.
@@ -440,6 +477,7 @@ impl KernelMaps {
         );
         ensure_bpffs_dir(&s.bpffs_dir)?;
         let mut ebpf = load(&s.bpffs_dir, VerifierLogLevel::default())?;
+        write_service_cidrs(&mut ebpf, &s.service_cidrs)?;
         let cgroup = std::fs::File::open(&s.cgroup).map_err(|e| cg_err(format!("open: {e}")))?;
         let mut links = Vec::new();
         for (name, program) in ebpf.programs_mut() {
@@ -605,6 +643,39 @@ impl MapStore for KernelMaps {
                 accept_local(&i)?;
                 tracing::info!(interface = %i, "tc programs attached");
                 self.attached.insert(i);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_cluster_ips(
+        &mut self,
+        current: Option<&BTreeSet<IpAddr>>,
+        desired: &BTreeSet<IpAddr>,
+    ) -> Result<(), EbpfError> {
+        let mut map: HashMap<&mut MapData, IpKey, u32> = self
+            .ebpf
+            .map_mut(CLUSTER_IPS_MAP)
+            .ok_or_else(|| missing_map(CLUSTER_IPS_MAP))?
+            .try_into()
+            .map_err(map_err("open", CLUSTER_IPS_MAP, &""))?;
+        let read;
+        let current: BTreeSet<IpKey> = match current {
+            Some(c) => c.iter().map(|ip| ip_key(*ip)).collect(),
+            None => {
+                read = map.keys().filter_map(Result::ok).collect();
+                read
+            }
+        };
+        let want: BTreeSet<IpKey> = desired.iter().map(|ip| ip_key(*ip)).collect();
+        for k in want.difference(&current) {
+            map.insert(k, 1, 0)
+                .map_err(map_err("update", CLUSTER_IPS_MAP, k))?;
+        }
+        for k in current.difference(&want) {
+            match map.remove(k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("delete", CLUSTER_IPS_MAP, k)(e)),
             }
         }
         Ok(())

@@ -38,6 +38,16 @@ pub trait MapStore: Send + 'static {
         let _ = node_ips;
         Ok(())
     }
+    /// Makes the ClusterIPs map hold `desired` (every Service's ClusterIPs), given what it
+    /// holds (`current`, `None`: read it). A store without that map (the fake) keeps none.
+    fn write_cluster_ips(
+        &mut self,
+        current: Option<&std::collections::BTreeSet<std::net::IpAddr>>,
+        desired: &std::collections::BTreeSet<std::net::IpAddr>,
+    ) -> Result<(), EbpfError> {
+        let _ = (current, desired);
+        Ok(())
+    }
     /// Moves the connections `filters` name as stale off their backends ([`stale`]):
     /// destroys the sockets the hooks translated to them, in every network namespace of
     /// the node, and deletes the tc path's forward entries of such flows. A store without
