@@ -258,15 +258,20 @@ fn an_invalid_edit_of_a_manifest_keeps_what_is_programmed(mode: Mode) {
     assert!(last_sync(&env.topo.node, METRICS).unwrap() >= before);
 }
 
-// nftables only: eBPF mode translates known ClusterIP:port pairs in the socket hooks and
-// neither drops unallocated service addresses nor rejects unknown ports of a ClusterIP.
-#[test]
-fn unallocated_service_address_is_dropped_and_an_unknown_port_rejected() {
-    let Some(env) = setup(Mode::Nftables, 1, &web(&[0])) else {
+in_both_modes!(unallocated_service_address_is_dropped_and_an_unknown_port_rejected);
+
+/// As kube-proxy, in both modes: a new connection to an address of
+/// `--service-cluster-ip-range` no Service has is dropped (the client times out; eBPF
+/// mode: the cgroup_skb egress program), one to a ClusterIP on a port its Service lacks is
+/// refused at once (eBPF mode: at connect, from the ClusterIPs map).
+fn unallocated_service_address_is_dropped_and_an_unknown_port_rejected(mode: Mode) {
+    let Some(env) = setup(mode, 1, &web(&[0])) else {
         return;
     };
     let r = env.local(&env.topo.pods[0], &["tcp", "10.96.0.99:80", "1"]);
     assert_eq!(r["errors"]["timeout"].as_u64(), Some(1), "dropped: {r}");
+    let r = env.local(&env.topo.pods[0], &["udp-each", "10.96.0.99:53", "2"]);
+    assert_eq!(r["errors"]["timeout"].as_u64(), Some(2), "UDP dropped: {r}");
     let r = env.local(&env.topo.pods[0], &["tcp", "10.96.0.10:81", "3"]);
     assert_eq!(r["errors"]["refused"].as_u64(), Some(3), "rejected: {r}");
     let r = env.local(&env.topo.pods[0], &["tcp", "10.96.0.10:80", "3"]);
