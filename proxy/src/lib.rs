@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod http;
 pub mod kubeproxy_config;
 pub mod model;
+pub mod objects;
 pub mod policy;
 pub mod routes;
 pub mod source;

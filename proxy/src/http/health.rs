@@ -94,6 +94,16 @@ impl ProxyHealth {
     }
 }
 
+impl crate::source::SourceHealth for ProxyHealth {
+    fn source_ok(&self) {
+        ProxyHealth::source_ok(self);
+    }
+
+    fn source_failed(&self, now: SystemTime) {
+        ProxyHealth::source_failed(self, now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 //! kube-proxy's `pkg/proxy/healthcheck` does.
 
 use super::health::ProxyHealth;
-use crate::model::ObjectKey;
+use crate::objects::ObjectKey;
 use axum::extract::State;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::StatusCode;

@@ -20,7 +20,7 @@
 //! contributes the documents before the error.
 
 use super::{Kind, Object, ObjectRef, SourceUpdate};
-use crate::model::ObjectKey;
+use crate::objects::ObjectKey;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use std::collections::{BTreeMap, BTreeSet};

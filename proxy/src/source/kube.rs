@@ -10,12 +10,11 @@
 //! - An expired watch (HTTP 410) or a reconnect relists that kind; objects the new listing
 //!   lacks are deleted, nothing else is touched, so programmed rules are never flushed.
 //! - While the API server is unreachable the watches retry with backoff; rules stay as they
-//!   are and [`ProxyHealth`] reports the source as failing.
+//!   are and the health it reports to ([`super::SourceHealth`]) says the source is failing.
 //! - Every `--config-sync-period` all watches restart, so a full listing repairs anything a
 //!   watch may have missed.
 
 use super::{Kind, Object, ObjectRef, SourceUpdate};
-use crate::http::health::ProxyHealth;
 use futures_util::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -184,7 +183,7 @@ pub async fn run(
     client: Client,
     cfg: KubeSourceConfig,
     tx: Sender<SourceUpdate>,
-    health: Arc<ProxyHealth>,
+    health: Arc<dyn super::SourceHealth>,
 ) -> Result<(), KubeSourceError> {
     let mut listed = [false; 6];
     let mut synced = false;

@@ -6,7 +6,7 @@ pub mod dir;
 pub mod kube;
 pub mod split;
 
-use crate::model::ObjectKey;
+use crate::objects::ObjectKey;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -117,6 +117,16 @@ pub struct ObjectRef {
     pub kind: Kind,
     /// `namespace/name`.
     pub key: ObjectKey,
+}
+
+/// Where a source reports whether it is reaching its objects (the health endpoint's
+/// verdict reads it): implemented by [`crate::http::health::ProxyHealth`], handed to the
+/// source by the binary, so a source knows no HTTP.
+pub trait SourceHealth: Send + Sync {
+    /// The source delivered an event.
+    fn source_ok(&self);
+    /// The source failed (an API watch error) at `now`.
+    fn source_failed(&self, now: std::time::SystemTime);
 }
 
 /// What a source reports.

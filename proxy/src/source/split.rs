@@ -79,7 +79,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ObjectKey;
+    use crate::objects::ObjectKey;
     use crate::source::{Kind, ObjectRef};
 
     fn obj(kind: &str) -> Object {
