@@ -186,8 +186,10 @@ pub fn start_kubelet(
 
 /// Starts the pinned release's kube-proxy inside node `n` in `mode` (`nftables` or
 /// `iptables`), as the baseline weir is measured against: its default ports (10249,
-/// 10256), `nodePortAddresses: primary` as weir's deploy/weir.yaml has, and no change to
-/// the conntrack table size or timeouts (global sysctls every node shares).
+/// 10256), its own default NodePort addresses for the mode (nftables: the node's primary
+/// addresses, as weir's deploy/weir.yaml has; iptables: every local address, 127.0.0.1
+/// included, which the `[Feature:LocalhostNodePorts]` specs exercise), and no change to the
+/// conntrack table size or timeouts (global sysctls every node shares).
 pub fn start_kube_proxy(
     state: &Path,
     node: &NodeNamespaces,
@@ -209,7 +211,6 @@ pub fn start_kube_proxy(
             format!("--hostname-override={}", topology::node_name(n)),
             format!("--proxy-mode={mode}"),
             "--cluster-cidr=10.244.0.0/16".to_owned(),
-            "--nodeport-addresses=primary".to_owned(),
             "--metrics-bind-address=0.0.0.0:10249".to_owned(),
             "--healthz-bind-address=0.0.0.0:10256".to_owned(),
             "--conntrack-max-per-core=0".to_owned(),
