@@ -248,9 +248,6 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// The `--config` file cannot be used.
-    #[error(transparent)]
-    File(crate::kubeproxy_config::ConfigFileError),
     /// No source given.
     #[error(
         "no source: give --kubeconfig or --master (or run in a cluster) for the Kubernetes API, \
@@ -293,35 +290,6 @@ fn addr(flag: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 impl Args {
-    /// Parses the command line and environment, then fills flags not given there from
-    /// `--config`. Returns the arguments and the file's warnings (ignored or unknown fields).
-    pub fn parse_with_file() -> Result<(Args, Vec<String>), ConfigError> {
-        use clap::{CommandFactory, FromArgMatches};
-        let matches = Args::command().get_matches();
-        let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-        let Some(path) = args.config.clone() else {
-            return Ok((args, Vec::new()));
-        };
-        let file = crate::kubeproxy_config::read(&path).map_err(ConfigError::File)?;
-        let explicit = |id: &str| {
-            matches!(
-                matches.value_source(id),
-                Some(
-                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
-                )
-            )
-        };
-        let warnings =
-            crate::kubeproxy_config::apply(&file, &mut args, &explicit).map_err(|m| {
-                ConfigError::Invalid {
-                    flag: "config",
-                    value: path.display().to_string(),
-                    message: m,
-                }
-            })?;
-        Ok((args, warnings))
-    }
-
     /// Validates the flags. `hostname` is used when `--hostname-override` is not given.
     pub fn validate(&self, hostname: &str) -> Result<Config, ConfigError> {
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();

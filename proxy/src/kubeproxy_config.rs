@@ -120,6 +120,36 @@ pub enum ConfigFileError {
         /// What is wrong.
         message: String,
     },
+    /// A field's value cannot be used for the flag it fills.
+    #[error("--config {path}: {message}")]
+    Value {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the field).
+        message: String,
+    },
+}
+
+/// Parses the command line and environment, then fills flags not given there from
+/// `--config`. Returns the arguments and the file's warnings (ignored or unknown fields).
+/// Exits with clap's message on a bad command line, as any clap binary does.
+pub fn parse_args() -> Result<(Args, Vec<String>), ConfigFileError> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let Some(path) = args.config.clone() else {
+        return Ok((args, Vec::new()));
+    };
+    let file = read(&path)?;
+    let explicit = |id: &str| {
+        matches!(
+            matches.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        )
+    };
+    let warnings = apply(&file, &mut args, &explicit)
+        .map_err(|message| ConfigFileError::Value { path, message })?;
+    Ok((args, warnings))
 }
 
 /// Reads and type-checks the file.

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use std::sync::Arc;
-use weir_proxy::config::{Args, ProxyMode, SourceConfig};
+use weir_proxy::config::{ProxyMode, SourceConfig};
 use weir_proxy::dataplane::conntrack::Conntrack;
 use weir_proxy::dataplane::nft::diff::cleanup_plan;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
@@ -51,7 +51,7 @@ fn daemon() -> anyhow::Result<()> {
     if !one_arena {
         tracing::warn!("could not limit malloc to one arena; memory use may be higher");
     }
-    let (args, file_warnings) = Args::parse_with_file()?;
+    let (args, file_warnings) = weir_proxy::kubeproxy_config::parse_args()?;
     for w in &file_warnings {
         tracing::warn!(config = ?args.config, "{w}");
     }

@@ -109,14 +109,17 @@ pub fn cluster(cmd: ClusterCmd, root: &Path) -> Result<()> {
             );
             Ok(())
         }
-        ClusterCmd::Test(args) => tier(&args, root, false),
+        ClusterCmd::Test(args) => tier(&args, root, None),
     }
 }
 
-/// The cluster tier: a cluster up, the tier's tests against it, then (with `smoke`) the
-/// e2e smoke of [`crate::conformance::SMOKE`] on the same cluster; the cluster goes down
-/// whatever the result.
-pub fn tier(args: &UpArgs, root: &Path, smoke: bool) -> Result<()> {
+/// What runs on the cluster after the tier's own tests.
+pub type AfterTier<'a> = dyn Fn(&Cluster) -> Result<()> + 'a;
+
+/// The cluster tier: a cluster up, the tier's tests against it, then `after` (the e2e
+/// smoke, from `cargo xtask test`) on the same cluster; the cluster goes down whatever the
+/// result.
+pub fn tier(args: &UpArgs, root: &Path, after: Option<&AfterTier>) -> Result<()> {
     let c = up(args, root)?;
     let mut result = crate::step(
         "cluster tier",
@@ -136,13 +139,8 @@ pub fn tier(args: &UpArgs, root: &Path, smoke: bool) -> Result<()> {
             ("WEIR_CLUSTER_MODE", args.proxy_mode.clone()),
         ],
     );
-    if result.is_ok() && smoke {
-        let report = root.join("target/conformance/smoke");
-        let mut a = crate::conformance::ConformanceArgs::smoke(report);
-        a.proxy_mode = args.proxy_mode.clone();
-        result = crate::conformance::run_on(&c, &a, root)
-            .map(|_| ())
-            .context("the upstream e2e smoke (cargo xtask conformance --smoke)");
+    if let (Ok(()), Some(after)) = (&result, after) {
+        result = after(&c);
     }
     if result.is_err() {
         eprintln!("{}", c.diagnose());

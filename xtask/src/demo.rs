@@ -2,6 +2,7 @@
 //! `cargo xtask demo --nodes N`: N nodes on one machine with weir-cni pods, host-gw routes,
 //! a ClusterIP, a NodePort and an `externalTrafficPolicy: Local` NodePort across them.
 
+use crate::terminal::{say, share_table_for};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -13,10 +14,6 @@ use weir_e2e::{
 
 const METRICS: u16 = 10249;
 const PODS: [&str; 3] = ["pod-a", "pod-b", "pod-c"];
-
-pub(crate) fn say(msg: &str) {
-    eprintln!("\x1b[1m==> {msg}\x1b[0m");
-}
 
 /// Installs the Debian packages the demo needs, showing apt's progress.
 fn ensure_packages() -> Result<()> {
@@ -60,29 +57,6 @@ pub struct DemoArgs {
 
 fn share_table(title: &str, report: &Value) {
     share_table_for(title, report, &PODS);
-}
-
-pub(crate) fn share_table_for(title: &str, report: &Value, names: &[&str]) {
-    let total: u64 = report["answers"]
-        .as_object()
-        .map(|m| m.values().filter_map(Value::as_u64).sum())
-        .unwrap_or(0);
-    println!("\n  {title}");
-    println!("  {:<8} {:>8} {:>8}", "backend", "answers", "share");
-    for &name in names {
-        let n = report["answers"][name].as_u64().unwrap_or(0);
-        let share = if total > 0 {
-            100.0 * n as f64 / total as f64
-        } else {
-            0.0
-        };
-        println!("  {name:<8} {n:>8} {share:>7.1}%");
-    }
-    let errors = report["errors"].as_object().map(|m| m.len()).unwrap_or(0);
-    println!(
-        "  latency p50 {} µs, p90 {} µs, p99 {} µs; {} error kinds",
-        report["p50_us"], report["p90_us"], report["p99_us"], errors
-    );
 }
 
 fn http_get(topo: &Topology, path: &str) -> Result<String> {

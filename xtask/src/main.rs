@@ -15,18 +15,13 @@
 
 mod apiserver;
 mod bench;
-mod bench_check;
-mod bench_compare;
-mod bench_datapath;
-mod bench_plot;
-mod bench_policy;
-mod bench_rig;
 mod cluster;
 mod conformance;
 mod demo;
 mod image;
 mod junit;
 mod multinode;
+mod terminal;
 mod toolchain;
 mod vm;
 
@@ -78,21 +73,21 @@ enum Cmd {
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Full sync, one endpoint change, nft objects and peak RSS at N services × E endpoints.
-    Sync(bench::SyncArgs),
+    Sync(bench::sync::SyncArgs),
     /// NetworkPolicy: PolicySet::build, render, nft objects, kernel apply, one label change.
-    Policy(bench_policy::PolicyArgs),
+    Policy(bench::policy::PolicyArgs),
     /// weir's modes against rulesets in upstream kube-proxy's iptables and nftables
     /// shapes: control plane and data path at 1k/10k/30k services, CSV/JSON/PNG under
     /// docs/bench (about 10 minutes; --quick for one small size).
-    Compare(bench_compare::CompareArgs),
+    Compare(bench::compare::CompareArgs),
     /// ClusterIP against the same backend pods by pod IP (connect and request p50/p99,
     /// requests per second), per mode and service count, measured interleaved; ratios,
     /// CSV/JSON under docs/bench.
-    Datapath(bench_datapath::DatapathArgs),
+    Datapath(bench::datapath::DatapathArgs),
     /// Repeated same-run ratios (weir against kube-proxy's iptables load, ClusterIP against
     /// pod IP, peak RSS) compared by median with docs/bench/baseline.json; fails only when a
     /// gated ratio regresses beyond --tolerance.
-    Check(bench_check::CheckArgs),
+    Check(bench::check::CheckArgs),
 }
 
 fn step(title: &str, program: &str, args: &[&str], envs: &[(&str, String)]) -> Result<()> {
@@ -194,13 +189,20 @@ fn test() -> Result<()> {
     // (cargo xtask conformance --smoke); the full runs are `cargo xtask conformance`,
     // committed in docs/conformance.md.
     eprintln!("\n==> cluster tier: cargo xtask cluster test --nodes 2, then the e2e smoke");
+    let smoke = |c: &weir_e2e::cluster::Cluster| {
+        let mut a = conformance::ConformanceArgs::smoke(root.join("target/conformance/smoke"));
+        a.proxy_mode = "nftables".to_owned();
+        conformance::run_on(c, &a, &root)
+            .map(|_| ())
+            .context("the upstream e2e smoke (cargo xtask conformance --smoke)")
+    };
     cluster::tier(
         &cluster::UpArgs {
             nodes: 2,
             proxy_mode: "nftables".to_owned(),
         },
         &root,
-        true,
+        Some(&smoke),
     )
     .context("the cluster tier (cargo xtask cluster test; cargo xtask conformance --smoke)")?;
     // The benchmark regression check: the debug binaries just built (no release build),
@@ -208,7 +210,7 @@ fn test() -> Result<()> {
     // when a gated ratio (ClusterIP ÷ pod IP latency, peak RSS) is more than 25% worse than
     // docs/bench/baseline.json, never on an absolute time (docs/bench/README.md).
     eprintln!("\n==> benchmark regression check: cargo xtask bench check");
-    bench_check::check(bench_check::CheckArgs::on_debug_build(), &root)
+    bench::check::check(bench::check::CheckArgs::on_debug_build(), &root)
         .context("the benchmark regression check (cargo xtask bench check)")?;
     // IPVS: the host kernel has none, so the suite runs in a qemu guest (Debian's
     // kernel). A failing suite always fails; a guest that cannot be prepared or booted
@@ -258,11 +260,11 @@ fn main() -> Result<()> {
             toolchain::ensure_ebpf()?;
             demo::demo(&workspace_root(), a)
         }
-        Cmd::Bench(BenchCmd::Sync(a)) => bench::sync(a, &workspace_root()),
-        Cmd::Bench(BenchCmd::Policy(a)) => bench_policy::policy(a),
-        Cmd::Bench(BenchCmd::Compare(a)) => bench_compare::compare(a, &workspace_root()),
-        Cmd::Bench(BenchCmd::Datapath(a)) => bench_datapath::datapath(a, &workspace_root()),
-        Cmd::Bench(BenchCmd::Check(a)) => bench_check::check(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Sync(a)) => bench::sync::sync(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Policy(a)) => bench::policy::policy(a),
+        Cmd::Bench(BenchCmd::Compare(a)) => bench::compare::compare(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Datapath(a)) => bench::datapath::datapath(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Check(a)) => bench::check::check(a, &workspace_root()),
         Cmd::Apiserver(a) => apiserver::apiserver(a),
         Cmd::Image(a) => image::image(a, &workspace_root()),
         Cmd::Cluster(c) => {

@@ -3,7 +3,7 @@
 //! host-gw routes between the nodes' pod CIDRs, then traffic pod to pod across nodes,
 //! through a ClusterIP, a NodePort and an `externalTrafficPolicy: Local` NodePort.
 
-use crate::demo::{say, share_table_for};
+use crate::terminal::{say, share_table_for};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
 use weir_e2e::multinode::{

@@ -19,7 +19,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 /// Installs what is missing of the eBPF toolchain; quick when everything is there.
 pub fn ensure_ebpf() -> Result<()> {
     if !ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        crate::demo::say("installing the nightly toolchain with rust-src (eBPF programs)");
+        crate::terminal::say("installing the nightly toolchain with rust-src (eBPF programs)");
         run(
             Command::new("rustup").args([
                 "toolchain",
@@ -45,7 +45,7 @@ pub fn ensure_ebpf() -> Result<()> {
         "rustup component add rust-src clippy",
     )?;
     if !ok(Command::new("bpf-linker").arg("--version")) {
-        crate::demo::say("installing bpf-linker 0.10.4 (2-3 minutes)");
+        crate::terminal::say("installing bpf-linker 0.10.4 (2-3 minutes)");
         run(
             Command::new("cargo").args(["install", "bpf-linker@0.10.4", "--locked"]),
             "cargo install bpf-linker",

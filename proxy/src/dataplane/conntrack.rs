@@ -14,10 +14,11 @@
 //! the socket is `netlink-sys`'s. [`filters_for_change`] is the pure part: which filters
 //! an endpoint change calls for.
 
+use crate::dataplane::netlink::{frame, messages, NetlinkError, NetlinkSocket};
 use crate::model::Protocol;
 use netlink_packet_core::{
-    DecodeError, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLA_TYPE_MASK,
-    NLMSG_ALIGNTO, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    DecodeError, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLA_TYPE_MASK, NLM_F_ACK,
+    NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Tuple,
@@ -25,7 +26,7 @@ use netlink_packet_netfilter::conntrack::{
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use netlink_sys::protocols::NETLINK_NETFILTER;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::IpAddr;
@@ -153,6 +154,16 @@ pub enum ConntrackError {
         /// The first failure.
         source: io::Error,
     },
+}
+
+impl From<NetlinkError> for ConntrackError {
+    fn from(e: NetlinkError) -> Self {
+        match e {
+            NetlinkError::Open(e) => ConntrackError::Open(e),
+            NetlinkError::Socket { op, source } => ConntrackError::Socket { op, source },
+            NetlinkError::Decode(m) => ConntrackError::Decode(m),
+        }
+    }
 }
 
 impl From<DecodeError> for ConntrackError {
@@ -319,36 +330,18 @@ fn tuple_source(tuple: &[Tuple]) -> (Option<IpAddr>, Option<u16>) {
 }
 
 /// A ctnetlink socket in the network namespace of the thread that opened it.
+#[derive(Debug)]
 pub struct Conntrack {
-    socket: Socket,
-    seq: u32,
-    rx: Vec<u8>,
-}
-
-impl std::fmt::Debug for Conntrack {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conntrack").field("seq", &self.seq).finish()
-    }
+    nl: NetlinkSocket,
 }
 
 impl Conntrack {
     /// Opens a `NETLINK_NETFILTER` socket talking to the kernel. Needs `CAP_NET_ADMIN`
     /// for deletions (dumps work without).
     pub fn open() -> Result<Conntrack, ConntrackError> {
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(ConntrackError::Open)?;
-        socket.bind_auto().map_err(ConntrackError::Open)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(ConntrackError::Open)?;
-        // Acks without a copy of the request: smaller replies; optional.
-        if let Err(e) = socket.set_cap_ack(true) {
-            tracing::debug!(error = %e, "NETLINK_CAP_ACK unavailable");
-        }
-        Ok(Conntrack {
-            socket,
-            seq: 0,
-            rx: Vec::with_capacity(RX_BUFFER),
-        })
+        let mut nl = NetlinkSocket::open(NETLINK_NETFILTER, RX_BUFFER)?;
+        nl.cap_ack();
+        Ok(Conntrack { nl })
     }
 
     /// Dumps the conntrack table of the current network namespace once (per address
@@ -433,11 +426,6 @@ impl Conntrack {
         }
     }
 
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
-    }
-
     /// Appends one ctnetlink request to `out`; returns its sequence number.
     fn request(
         &mut self,
@@ -446,43 +434,9 @@ impl Conntrack {
         family: Family,
         message: ConntrackMessage,
     ) -> u32 {
-        let seq = self.next_seq();
+        let seq = self.nl.next_seq();
         encode(out, seq, flags, family, message);
         seq
-    }
-
-    fn send(&self, buf: &[u8]) -> Result<(), ConntrackError> {
-        let sent = self
-            .socket
-            .send(buf, 0)
-            .map_err(|source| ConntrackError::Socket { op: "send", source })?;
-        if sent != buf.len() {
-            return Err(ConntrackError::Socket {
-                op: "send",
-                source: io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("sent {sent} of {} bytes", buf.len()),
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Receives one datagram into `self.rx`, which then holds whole netlink messages.
-    fn recv(&mut self) -> Result<(), ConntrackError> {
-        loop {
-            self.rx.clear();
-            match self.socket.recv(&mut self.rx, libc::MSG_TRUNC) {
-                Ok(n) if n > self.rx.len() => {
-                    return Err(ConntrackError::Decode(format!(
-                        "a datagram of {n} bytes did not fit the {RX_BUFFER}-byte buffer"
-                    )))
-                }
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(ConntrackError::Socket { op: "recv", source }),
-            }
-        }
     }
 
     /// Dumps the table of one family, keeping the flows `keep` selects; also returns how
@@ -499,12 +453,12 @@ impl Conntrack {
             family,
             ConntrackMessage::Get(Vec::new()),
         );
-        self.send(&req)?;
+        self.nl.send(&req)?;
         let mut kept = Vec::new();
         let (mut scanned, mut undecodable) = (0usize, 0usize);
         loop {
-            self.recv()?;
-            for bytes in messages(&self.rx)? {
+            let rx = self.nl.recv()?;
+            for bytes in messages(rx)? {
                 let msg = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
                     Ok(m) => m,
                     Err(e) => {
@@ -569,10 +523,10 @@ impl Conntrack {
                 );
                 pending.insert(seq, flow);
             }
-            self.send(&req)?;
+            self.nl.send(&req)?;
             while !pending.is_empty() {
-                self.recv()?;
-                for bytes in messages(&self.rx)? {
+                let rx = self.nl.recv()?;
+                for bytes in messages(rx)? {
                     let msg = NetlinkMessage::<NetfilterMessage>::deserialize(bytes)?;
                     let NetlinkPayload::Error(e) = msg.payload else {
                         continue;
@@ -615,17 +569,14 @@ fn encode(out: &mut Vec<u8>, seq: u32, flags: u16, family: Family, message: Conn
     let mut header = NetlinkHeader::default();
     header.flags = flags;
     header.sequence_number = seq;
-    let mut packet = NetlinkMessage::new(
+    let packet = NetlinkMessage::new(
         header,
         NetlinkPayload::from(NetfilterMessage::new(
             NetfilterHeader::new(family.nfproto(), 0, 0),
             message,
         )),
     );
-    packet.finalize();
-    let start = out.len();
-    out.resize(start + packet.buffer_len(), 0);
-    packet.serialize(&mut out[start..]);
+    frame(out, packet);
 }
 
 #[derive(Debug, Default)]
@@ -634,20 +585,6 @@ struct DeleteOutcome {
     vanished: usize,
     failed: usize,
     first_failure: Option<io::Error>,
-}
-
-/// Splits a datagram into its netlink messages.
-fn messages(buf: &[u8]) -> Result<Vec<&[u8]>, ConntrackError> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    let align = usize::from(NLMSG_ALIGNTO);
-    while offset < buf.len() {
-        let rest = &buf[offset..];
-        let len = NetlinkBuffer::new_checked(rest)?.length() as usize;
-        out.push(&rest[..len]);
-        offset += len.div_ceil(align) * align;
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -4,4 +4,5 @@
 pub mod conntrack;
 pub mod ebpf;
 pub mod ipvs;
+pub mod netlink;
 pub mod nft;

@@ -4,4 +4,5 @@
 pub mod effects;
 pub mod policy;
 pub mod runner;
+pub mod schedule;
 pub mod tally;

@@ -1,6 +1,6 @@
 //! The NetworkPolicy controller: one loop owns the [`PolicyStore`] and the `weir_policy`
-//! tables. Source updates only record changes; syncs run at most once per
-//! `min_sync_period`: resolve every policy against the current pods and namespaces,
+//! tables. Source updates only record changes; a [`Schedule`] starts syncs at most once
+//! per `min_sync_period`: resolve every policy against the current pods and namespaces,
 //! render each family's table for this node's pods, and apply the difference to what the
 //! kernel holds (set elements only when only labels or pods changed). The kernel's tables
 //! are re-read every `sync_period` and after any failure. Nothing is written before the
@@ -19,6 +19,7 @@ use crate::policy::render::{render, POLICY_TABLE};
 use crate::policy::store::PolicyStore;
 use crate::source::{Kind, SourceUpdate};
 use crate::sync::runner::FAMILIES;
+use crate::sync::schedule::{sleep_until, Pacing, Schedule};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -71,23 +72,23 @@ impl<K: NftBackend> PolicyController<K> {
 
     /// Runs until the update channel closes.
     pub async fn run(mut self, mut updates: Receiver<SourceUpdate>) {
-        let mut dirty = true;
-        let mut last_sync = Instant::now() - self.cfg.min_sync_period;
-        let mut last_full = Instant::now();
+        let pacing = Pacing::new(self.cfg.min_sync_period, self.cfg.sync_period);
+        let mut schedule = Schedule::new(pacing, tokio::time::Instant::now());
+        // The first sync programs whatever the first complete view holds.
+        schedule.queue();
         let mut poll = tokio::time::interval(ATTACHMENTS_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_full = last_full + self.cfg.sync_period;
-            let wake = if dirty && self.store.synced() {
-                (last_sync + self.cfg.min_sync_period).max(Instant::now())
-            } else {
-                next_full
-            };
             tokio::select! {
                 u = updates.recv() => {
                     let Some(u) = u else { return };
                     let bad_before = self.store.invalid_received();
-                    dirty |= self.store.record(u);
+                    if self.store.record(u) {
+                        schedule.queue();
+                    }
+                    if self.store.synced() {
+                        schedule.set_ready();
+                    }
                     self.metrics
                         .invalid_updates
                         .get_or_create(&label("kind", "NetworkPolicy"))
@@ -95,20 +96,15 @@ impl<K: NftBackend> PolicyController<K> {
                 }
                 _ = poll.tick(), if self.cfg.cni_state_dir.is_some() => {
                     if self.read_attachments().await {
-                        dirty = true;
+                        schedule.queue();
                     }
                 }
-                _ = tokio::time::sleep_until(wake.into()) => {
-                    if !self.store.synced() {
-                        last_full = Instant::now();
-                        continue;
-                    }
-                    if Instant::now() >= next_full {
-                        last_full = Instant::now();
+                _ = sleep_until(schedule.next_run()) => {
+                    if schedule.start(tokio::time::Instant::now()).full {
                         self.realized = None;
                     }
-                    last_sync = Instant::now();
-                    dirty = !self.sync().await;
+                    let ok = self.sync().await;
+                    schedule.finish(tokio::time::Instant::now(), ok);
                 }
             }
         }
@@ -319,7 +315,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(120)).await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn nothing_is_written_before_the_listing_and_only_local_pods_are_isolated() {
         let fake = SharedFake::default();
         let (tx, metrics) = start(&fake, None);
@@ -367,7 +363,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_apply_is_retried_from_a_fresh_read_of_the_kernel() {
         let fake = SharedFake::default();
         let (tx, metrics) = start(&fake, None);
@@ -384,7 +380,7 @@ mod tests {
         assert!(fake.dumps() >= 4, "both families re-read after the failure");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn attachment_records_decide_which_pods_are_local() {
         let dir = tempfile::tempdir().unwrap();
         let fake = SharedFake::default();

@@ -1,7 +1,8 @@
 //! One loop owns the change trackers and the backend. Source updates only record changes;
-//! syncs run at most once per `min_sync_period`, a full resync (re-reading the kernel's
-//! state, so drift is repaired) every `sync_period` and after any failure. No kernel write
-//! happens before the source has delivered its first complete view.
+//! a [`Schedule`] starts the syncs: at most once per `min_sync_period`, a full resync
+//! (re-reading the kernel's state, so drift is repaired) every `sync_period` and after any
+//! failure. No kernel write happens before the source has delivered its first complete
+//! view.
 
 use crate::dataplane::conntrack::FlowFilter;
 use crate::dataplane::ebpf::render::{
@@ -24,6 +25,7 @@ use crate::model::{
 };
 use crate::source::SourceUpdate;
 use crate::sync::effects::{flow_filters, SideEffects};
+use crate::sync::schedule::{sleep_until, Pacing, Schedule};
 use crate::sync::tally::ServiceTally;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -207,61 +209,41 @@ impl<K: NftBackend> Runner<K> {
 
     /// Runs until the source channel closes.
     pub async fn run(mut self, mut updates: Receiver<SourceUpdate>) {
-        let mut synced_once = false;
-        let mut dirty = false;
-        let mut last_sync = Instant::now() - self.cfg.min_sync_period;
-        let mut last_full = Instant::now();
-        // IPVS real servers draining: checked again at this time (no sooner than the next
-        // allowed sync), so their deletion does not wait for the full resync.
-        let mut recheck: Option<Instant> = None;
+        let pacing = Pacing::new(self.cfg.min_sync_period, self.cfg.sync_period);
+        let mut schedule = Schedule::new(pacing, tokio::time::Instant::now());
         loop {
-            let next_allowed = last_sync + self.cfg.min_sync_period;
-            let next_full = last_full + self.cfg.sync_period;
-            let wake = match recheck {
-                _ if dirty && synced_once => next_allowed
-                    .max(Instant::now())
-                    .min(next_full.max(next_allowed)),
-                Some(at) if synced_once => at.max(next_allowed).min(next_full),
-                _ => next_full,
-            };
+            let wake = schedule.next_run();
             tokio::select! {
                 u = updates.recv() => {
                     let Some(u) = u else { return };
-                    self.record(u, &mut synced_once, &mut dirty);
+                    self.record(u, &mut schedule);
                 }
-                _ = tokio::time::sleep_until(wake.into()) => {
-                    if !synced_once {
-                        last_full = Instant::now();
-                        continue;
-                    }
-                    let full = Instant::now() >= next_full
-                        || (self.ebpf.is_none() && self.incremental.is_none());
-                    if full {
-                        last_full = Instant::now();
-                    }
-                    last_sync = Instant::now();
-                    dirty = !self.sync(full).await;
-                    recheck = self
-                        .effects
-                        .ipvs_draining()
-                        .then(|| Instant::now() + DRAIN_RECHECK);
+                _ = sleep_until(wake) => {
+                    let run = schedule.start(tokio::time::Instant::now());
+                    // Without a change tracker to go on (nftables mode before its first
+                    // sync or after a failure), a sync reads the kernel's state.
+                    let full = run.full || (self.ebpf.is_none() && self.incremental.is_none());
+                    let ok = self.sync(full).await;
+                    let now = tokio::time::Instant::now();
+                    schedule.finish(now, ok);
+                    schedule.recheck_at(self.effects.ipvs_draining().then(|| now + DRAIN_RECHECK));
                 }
             }
         }
     }
 
-    fn record(&mut self, u: SourceUpdate, synced_once: &mut bool, dirty: &mut bool) {
+    fn record(&mut self, u: SourceUpdate, schedule: &mut Schedule) {
         let now = SystemTime::now();
         if matches!(
             u,
             SourceUpdate::Replace(_) | SourceUpdate::RelistDone | SourceUpdate::Synced
         ) {
-            *synced_once = true;
+            schedule.set_ready();
         }
         let (svc_before, eps_before) = self.store.total_changes();
         let invalid_before = self.store.invalid_received();
         if self.store.record(u, now) > 0 {
-            *dirty = true;
+            schedule.queue();
             self.health.queued_update(now);
             self.metrics.observe_queued(now);
         }
@@ -889,7 +871,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn ebpf_mode_writes_maps_incrementally_and_rereads_them_after_a_failure() {
         use crate::dataplane::ebpf::fake::FakeMaps;
         let nft = SharedFake::default();
@@ -934,7 +916,7 @@ mod tests {
         assert_eq!(nft.applies(), 0, "nftables is untouched in eBPF mode");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn without_services_only_the_pod_cidrs_are_written_and_nothing_is_programmed() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pod-cidrs.json");
@@ -960,7 +942,7 @@ mod tests {
         assert!(fake.table(Family::Ip).is_none());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn ebpf_mode_removes_the_nftables_tables_and_retries_a_failed_removal() {
         use crate::dataplane::ebpf::fake::FakeMaps;
         use crate::dataplane::nft::NftBackend;
@@ -1011,7 +993,7 @@ mod tests {
         assert!(nft.table(Family::Ip).is_none(), "the next sync removed it");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn sync_metrics_are_observed_per_family_and_failures_count_against_theirs() {
         let (fake, tx, metrics) = start_with_metrics(10);
         tx.try_send(SourceUpdate::Replace(svc(
@@ -1051,7 +1033,7 @@ mod tests {
         assert!(stamp("IPv4") > 0.0 && stamp("IPv4") == stamp("IPv6"));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn no_kernel_write_before_the_source_has_synced_once() {
         let (fake, tx) = start(10);
         for o in svc("a", "10.96.0.1", &["10.244.1.1"]) {
@@ -1069,7 +1051,7 @@ mod tests {
         assert_eq!(backends(&fake), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn changes_within_the_min_sync_period_are_applied_in_one_sync() {
         let (fake, tx) = start(1500);
         tx.try_send(SourceUpdate::Replace(svc(
@@ -1095,7 +1077,7 @@ mod tests {
         assert_eq!(backends(&fake), 5);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_apply_is_retried_as_a_full_sync_and_nothing_is_lost() {
         let (fake, tx) = start(10);
         tx.try_send(SourceUpdate::Replace(svc(
@@ -1120,7 +1102,7 @@ mod tests {
         assert_eq!(backends(&fake), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_service_left_out_for_a_taken_frontend_takes_over_when_the_owner_goes() {
         let (fake, tx) = start(10);
         let mut objects = svc("a", "10.96.0.1", &["10.244.1.1"]);
@@ -1137,7 +1119,7 @@ mod tests {
         assert_eq!(backends(&fake), 2, "b took over the frontend");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_bad_object_added_to_a_working_set_changes_nothing_else() {
         let (fake, tx, metrics) = start_with_metrics(10);
         let mut objects = svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]);
@@ -1191,7 +1173,7 @@ mod tests {
         assert_eq!(backends(&fake), 4);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_api_source_programs_nothing_until_every_kind_has_listed() {
         use crate::source::Kind;
         let (fake, tx) = start(10);
@@ -1226,7 +1208,7 @@ mod tests {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn gauges_after_incremental_syncs_equal_those_of_a_full_sync_of_the_same_objects() {
         use crate::sync::tally::gauges;
         let (_fake, tx, metrics) = start_with_metrics(10);

@@ -21,13 +21,12 @@
 //! stale flows are deleted ([`stale_flow`]), so the next packet picks a live backend.
 
 use crate::dataplane::conntrack::FlowFilter;
+use crate::dataplane::netlink::{messages, NetlinkError, NetlinkSocket};
 use crate::model::{Protocol, ServiceDelta, ServicePortState};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
-use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
@@ -60,6 +59,16 @@ pub enum SocketsError {
     /// The kernel's reply could not be read.
     #[error("sock_diag reply: {0}")]
     Decode(String),
+}
+
+impl From<NetlinkError> for SocketsError {
+    fn from(e: NetlinkError) -> Self {
+        match e {
+            NetlinkError::Open(source) => SocketsError::Socket { op: "open", source },
+            NetlinkError::Socket { op, source } => SocketsError::Socket { op, source },
+            NetlinkError::Decode(m) => SocketsError::Decode(m),
+        }
+    }
 }
 
 /// A socket as sock_diag reports it.
@@ -228,8 +237,7 @@ pub fn in_netns<T: Send>(
 
 /// A sock_diag socket of the current thread's network namespace.
 pub struct SockDiag {
-    socket: Socket,
-    seq: u32,
+    nl: NetlinkSocket,
 }
 
 const RX_BUFFER: usize = 64 * 1024;
@@ -237,11 +245,9 @@ const RX_BUFFER: usize = 64 * 1024;
 impl SockDiag {
     /// Opens one (destroying needs `CAP_NET_ADMIN`).
     pub fn open() -> Result<SockDiag, SocketsError> {
-        let open = |source| SocketsError::Socket { op: "open", source };
-        let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(open)?;
-        socket.bind_auto().map_err(open)?;
-        socket.connect(&NlAddr::new(0, 0)).map_err(open)?;
-        Ok(SockDiag { socket, seq: 0 })
+        Ok(SockDiag {
+            nl: NetlinkSocket::open(NETLINK_SOCK_DIAG, RX_BUFFER)?,
+        })
     }
 
     /// The connected sockets of one protocol whose peer is in `peers` (both families).
@@ -277,22 +283,16 @@ impl SockDiag {
     pub fn destroy(&mut self, s: &DiagSocket) -> Result<(), SocketsError> {
         let v6 = s.peer.is_ipv6();
         let request = inet_request(s.protocol, v6, s.id.clone());
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        self.seq = self.seq.wrapping_add(1);
-        header.sequence_number = self.seq;
-        let mut msg = NetlinkMessage::new(
-            header,
+        let mut buf = Vec::new();
+        let seq = self.nl.append(
+            &mut buf,
+            NLM_F_REQUEST | NLM_F_ACK,
             NetlinkPayload::from(SockDiagDestroy::new(SockDiagMessage::InetRequest(request))),
         );
-        msg.finalize();
-        let mut buf = vec![0; msg.buffer_len()];
-        msg.serialize(&mut buf);
-        self.send(&buf)?;
-        let seq = self.seq;
+        self.nl.send(&buf)?;
         loop {
-            let rx = self.recv()?;
-            for bytes in messages(&rx)? {
+            let rx = self.nl.recv()?;
+            for bytes in messages(rx)? {
                 let reply = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
                     .map_err(|e| SocketsError::Decode(e.to_string()))?;
                 if reply.header.sequence_number != seq {
@@ -318,20 +318,17 @@ impl SockDiag {
         request: SockDiagMessage,
         flags: u16,
     ) -> Result<Vec<SockDiagMessage>, SocketsError> {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        self.seq = self.seq.wrapping_add(1);
-        header.sequence_number = self.seq;
-        let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(request));
-        msg.finalize();
-        let mut buf = vec![0; msg.buffer_len()];
-        msg.serialize(&mut buf);
-        self.send(&buf)?;
-        let seq = self.seq;
+        let mut buf = Vec::new();
+        let seq = self.nl.append(
+            &mut buf,
+            NLM_F_REQUEST | flags,
+            NetlinkPayload::from(request),
+        );
+        self.nl.send(&buf)?;
         let mut out = Vec::new();
         loop {
-            let rx = self.recv()?;
-            for bytes in messages(&rx)? {
+            let rx = self.nl.recv()?;
+            for bytes in messages(rx)? {
                 let reply = match NetlinkMessage::<SockDiagMessage>::deserialize(bytes) {
                     Ok(m) => m,
                     Err(e) => {
@@ -359,25 +356,6 @@ impl SockDiag {
             }
         }
     }
-
-    fn send(&self, buf: &[u8]) -> Result<(), SocketsError> {
-        self.socket
-            .send(buf, 0)
-            .map(|_| ())
-            .map_err(|source| SocketsError::Socket { op: "send", source })
-    }
-
-    fn recv(&mut self) -> Result<Vec<u8>, SocketsError> {
-        let mut rx = Vec::with_capacity(RX_BUFFER);
-        loop {
-            rx.clear();
-            match self.socket.recv(&mut rx, 0) {
-                Ok(_) => return Ok(rx),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(SocketsError::Socket { op: "recv", source }),
-            }
-        }
-    }
 }
 
 fn socket_id(v6: bool) -> SocketId {
@@ -397,29 +375,6 @@ fn inet_request(protocol: Protocol, v6: bool, socket_id: SocketId) -> InetReques
         states: StateFlags::all(),
         socket_id,
     }
-}
-
-/// The netlink messages of one datagram.
-fn messages(buf: &[u8]) -> Result<Vec<&[u8]>, SocketsError> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    while offset + 16 <= buf.len() {
-        let len = u32::from_ne_bytes([
-            buf[offset],
-            buf[offset + 1],
-            buf[offset + 2],
-            buf[offset + 3],
-        ]) as usize;
-        if len < 16 || offset + len > buf.len() {
-            return Err(SocketsError::Decode(format!(
-                "a message of {len} bytes at offset {offset} of {}",
-                buf.len()
-            )));
-        }
-        out.push(&buf[offset..offset + len]);
-        offset += len.div_ceil(4) * 4;
-    }
-    Ok(out)
 }
 
 /// What one search found and did.

@@ -215,6 +215,17 @@ pub enum IpvsError {
     Decode(String),
 }
 
+impl From<crate::dataplane::netlink::NetlinkError> for IpvsError {
+    fn from(e: crate::dataplane::netlink::NetlinkError) -> Self {
+        use crate::dataplane::netlink::NetlinkError;
+        match e {
+            NetlinkError::Open(e) => IpvsError::Open(e),
+            NetlinkError::Socket { op, source } => IpvsError::Socket { op, source },
+            NetlinkError::Decode(m) => IpvsError::Decode(m),
+        }
+    }
+}
+
 /// What a sync needs from IPVS: dump every virtual server with its real servers, apply one
 /// operation. The kernel ([`netlink::KernelIpvs`]) and the fake ([`fake::FakeIpvs`]) both
 /// provide it.

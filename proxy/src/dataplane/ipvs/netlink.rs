@@ -12,6 +12,7 @@ use super::{
     IpvsBackend, IpvsError, IpvsState, Op, RealServer, ServiceKey, ServiceState, Timeouts,
     VirtualServer,
 };
+use crate::dataplane::netlink::{messages, NetlinkError, NetlinkSocket};
 use crate::model::Protocol;
 use netlink_packet_core::{
     DecodeError, Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NlaBuffer,
@@ -20,7 +21,7 @@ use netlink_packet_core::{
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
-use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
+use netlink_sys::protocols::NETLINK_GENERIC;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -419,10 +420,8 @@ pub fn parse_dest(attrs: &[Attr], service_family: u16) -> Option<RealServer> {
 
 /// IPVS of the network namespace the socket was opened in.
 pub struct KernelIpvs {
-    socket: Socket,
+    nl: NetlinkSocket,
     family_id: u16,
-    seq: u32,
-    rx: Vec<u8>,
 }
 
 impl std::fmt::Debug for KernelIpvs {
@@ -436,24 +435,12 @@ impl std::fmt::Debug for KernelIpvs {
 impl KernelIpvs {
     /// Opens a generic netlink socket and resolves the `IPVS` family.
     pub fn open() -> Result<KernelIpvs, IpvsError> {
-        let mut socket = Socket::new(NETLINK_GENERIC).map_err(IpvsError::Open)?;
-        socket.bind_auto().map_err(IpvsError::Open)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(IpvsError::Open)?;
         let mut k = KernelIpvs {
-            socket,
+            nl: NetlinkSocket::open(NETLINK_GENERIC, RX_BUFFER)?,
             family_id: 0,
-            seq: 0,
-            rx: Vec::with_capacity(RX_BUFFER),
         };
         k.family_id = k.resolve_family()?;
         Ok(k)
-    }
-
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
     }
 
     fn send<F>(&mut self, payload: GenlMessage<F>, flags: u16) -> Result<u32, IpvsError>
@@ -462,9 +449,7 @@ impl KernelIpvs {
     {
         let mut buf = Vec::new();
         let seq = self.append(&mut buf, payload, flags);
-        self.socket
-            .send(&buf, 0)
-            .map_err(|source| IpvsError::Socket { op: "send", source })?;
+        self.nl.send(&buf)?;
         Ok(seq)
     }
 
@@ -473,7 +458,7 @@ impl KernelIpvs {
     where
         F: GenlFamily + Emitable + std::fmt::Debug,
     {
-        let seq = self.next_seq();
+        let seq = self.nl.next_seq();
         frame(buf, payload, flags, seq);
         seq
     }
@@ -489,8 +474,11 @@ impl KernelIpvs {
             let seq = self.append(&mut buf, g, NLM_F_REQUEST | NLM_F_ACK);
             sent.push((seq, name, target));
         }
-        if let Err(e) = self.socket.send(&buf, 0) {
-            let kind = e.kind();
+        if let Err(e) = self.nl.send(&buf) {
+            let kind = match e {
+                NetlinkError::Socket { source, .. } => source.kind(),
+                _ => io::ErrorKind::Other,
+            };
             out.extend(sent.iter().map(|_| {
                 Err(IpvsError::Socket {
                     op: "send",
@@ -518,22 +506,6 @@ impl KernelIpvs {
         }
     }
 
-    fn recv(&mut self) -> Result<(), IpvsError> {
-        loop {
-            self.rx.clear();
-            match self.socket.recv(&mut self.rx, libc::MSG_TRUNC) {
-                Ok(n) if n > self.rx.capacity() => {
-                    return Err(IpvsError::Decode(format!(
-                        "a datagram of {n} bytes did not fit the receive buffer"
-                    )))
-                }
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(IpvsError::Socket { op: "recv", source }),
-            }
-        }
-    }
-
     /// Receives the replies to `seq` until the ack or the end of the dump, handing each
     /// data message to `each`. An error reply becomes `Err(errno)`.
     fn replies<F>(
@@ -545,20 +517,10 @@ impl KernelIpvs {
         F: ParseableParametrized<[u8], GenlHeader> + std::fmt::Debug,
     {
         loop {
-            self.recv()?;
-            let mut offset = 0;
-            while offset < self.rx.len() {
-                let bytes = &self.rx[offset..];
-                let len = netlink_packet_core::NetlinkBuffer::new_checked(bytes)
-                    .map_err(|e| IpvsError::Decode(e.to_string()))?
-                    .length() as usize;
-                if len == 0 {
-                    break;
-                }
-                let msg =
-                    NetlinkMessage::<GenlMessage<F>>::deserialize(&bytes[..len.min(bytes.len())])
-                        .map_err(|e| IpvsError::Decode(e.to_string()))?;
-                offset += (len + 3) & !3;
+            let rx = self.nl.recv()?;
+            for bytes in messages(rx)? {
+                let msg = NetlinkMessage::<GenlMessage<F>>::deserialize(bytes)
+                    .map_err(|e| IpvsError::Decode(e.to_string()))?;
                 if msg.header.sequence_number != seq {
                     continue;
                 }
@@ -662,11 +624,10 @@ where
     let mut header = NetlinkHeader::default();
     header.flags = flags;
     header.sequence_number = seq;
-    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-    msg.finalize();
-    let start = (buf.len() + 3) & !3;
-    buf.resize(start + msg.buffer_len(), 0);
-    msg.serialize(&mut buf[start..]);
+    crate::dataplane::netlink::frame(
+        buf,
+        NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload)),
+    );
 }
 
 impl IpvsBackend for KernelIpvs {

@@ -14,7 +14,7 @@
 //! Pure parts (round summaries, ratios, the table and the CSV) are separate from the run
 //! and unit-tested.
 
-use crate::bench_rig::{
+use crate::bench::rig::{
     load, loadavg, machine, measured_targets, median, now_utc, release_dir, start_weir, topology,
     wait_metric, write_manifests, EbpfScratch, LoadSpec, Machine, Traffic, FULL,
 };
@@ -397,7 +397,7 @@ pub fn run(args: &DatapathArgs, root: &Path) -> Result<DpReport> {
         bail!("--rounds and --requests must be at least 1");
     }
     crate::toolchain::ensure_ebpf()?;
-    crate::bench::build_release(root)?;
+    crate::bench::rig::build_release(root)?;
     if !weir_e2e::require_privileges() {
         bail!("bench datapath needs root and network namespaces");
     }

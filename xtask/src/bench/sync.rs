@@ -10,7 +10,7 @@
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 use weir_e2e::Netns;
 
@@ -154,30 +154,9 @@ fn reference_ruleset(services: usize, endpoints: usize) -> String {
     s
 }
 
-/// Builds the release binaries of weir-proxy and the test tools (weir-probe, weir-load).
-pub(crate) fn build_release(root: &Path) -> Result<()> {
-    eprintln!("==> building release binaries");
-    let st = Command::new("cargo")
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "weir-proxy",
-            "-p",
-            "weir-e2e",
-            "--bins",
-        ])
-        .status()?;
-    if !st.success() {
-        bail!("cargo build --release failed");
-    }
-    Ok(())
-}
-
 /// Runs `bench sync`.
 pub fn sync(args: SyncArgs, root: &Path) -> Result<()> {
-    build_release(root)?;
+    crate::bench::rig::build_release(root)?;
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));

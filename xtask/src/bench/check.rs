@@ -17,8 +17,8 @@
 //! ratios whose run-to-run spread was measured well below the tolerance gate the check
 //! (see [`GATED`] and docs/bench/README.md); the others are printed.
 
-use crate::bench_compare::{changed_services, iptables_change, iptables_ruleset, timed};
-use crate::bench_rig::{
+use crate::bench::compare::{changed_services, iptables_change, iptables_ruleset, timed};
+use crate::bench::rig::{
     cpu_seconds_precise, load, loadavg, machine, measured_targets, median, metric, now_utc,
     profile_dir, start_weir, status_kib, topology, wait_metric, write_manifests, EbpfScratch,
     LoadSpec, Machine, FULL, LAST, PARTIAL_COUNT, PARTIAL_SUM,
@@ -401,7 +401,7 @@ fn measure(args: &CheckArgs, root: &Path) -> Result<CheckRun> {
     crate::toolchain::ensure_ebpf()?;
     let profile = if args.debug { "debug" } else { "release" };
     if !args.debug {
-        crate::bench::build_release(root)?;
+        crate::bench::rig::build_release(root)?;
     }
     if !weir_e2e::require_privileges() {
         bail!("bench check needs root and network namespaces");

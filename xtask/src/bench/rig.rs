@@ -503,6 +503,27 @@ pub fn start_weir(
     })
 }
 
+/// Builds the release binaries of weir-proxy and the test tools (weir-probe, weir-load).
+pub fn build_release(root: &Path) -> Result<()> {
+    eprintln!("==> building release binaries");
+    let st = Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "weir-proxy",
+            "-p",
+            "weir-e2e",
+            "--bins",
+        ])
+        .status()?;
+    if !st.success() {
+        bail!("cargo build --release failed");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! PNG plots of a `bench compare` report, drawn with plotters' bitmap backend. Text uses
 //! DejaVu Sans from Debian's fonts-dejavu-core, read at run time (never committed).
 
-use crate::bench_compare::{series, Report, Row};
+use crate::bench::report::{series, Report, Row};
 use anyhow::{anyhow, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
