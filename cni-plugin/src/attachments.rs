@@ -4,12 +4,9 @@
 //! (pod IP ↔ host interface ↔ netns ↔ pod). The format is described in the crate README.
 
 use crate::statedir::{self, StateDirError};
-use serde::{Deserialize, Serialize};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-/// The record format's version (`"version"` in every file).
-pub const RECORD_VERSION: u32 = 1;
+pub use weir_cni_formats::{AttachmentRecord, RECORD_VERSION};
 
 /// Attachment record failures.
 #[derive(Debug, thiserror::Error)]
@@ -27,37 +24,6 @@ pub enum AttachmentError {
     },
 }
 
-/// One attached interface.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AttachmentRecord {
-    /// [`RECORD_VERSION`].
-    pub version: u32,
-    /// The CNI network name.
-    pub network: String,
-    /// `CNI_CONTAINERID`.
-    #[serde(rename = "containerID")]
-    pub container_id: String,
-    /// `CNI_IFNAME`: the interface inside the pod.
-    pub ifname: String,
-    /// `CNI_NETNS`.
-    pub netns: String,
-    /// `K8S_POD_NAMESPACE` from `CNI_ARGS`.
-    pub pod_namespace: Option<String>,
-    /// `K8S_POD_NAME` from `CNI_ARGS`.
-    pub pod_name: Option<String>,
-    /// The pod's addresses (IPv4 first).
-    pub ips: Vec<IpAddr>,
-    /// The host end of the veth pair.
-    pub host_interface: String,
-    /// Its interface index in the node's network namespace.
-    pub host_ifindex: u32,
-    /// The pod interface's hardware address at ADD.
-    pub container_mac: String,
-    /// MTU of both ends.
-    pub mtu: u32,
-}
-
 /// The records of one network.
 #[derive(Debug, Clone)]
 pub struct AttachmentStore {
@@ -66,7 +32,7 @@ pub struct AttachmentStore {
 
 /// The record file name of `(container_id, ifname)` (container IDs never contain `@`).
 pub fn file_name(container_id: &str, ifname: &str) -> String {
-    format!("{container_id}@{ifname}.json")
+    weir_cni_formats::record_file_name(container_id, ifname)
 }
 
 impl AttachmentStore {

@@ -227,24 +227,19 @@ fn validate_network_name(name: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// The file, in the state directory, where weir-proxy writes this node's pod CIDRs.
-pub const NODE_POD_CIDRS_FILE: &str = "pod-cidrs.json";
+pub use weir_cni_formats::NODE_POD_CIDRS_FILE;
 
 /// This node's pod CIDRs as weir-proxy wrote them (`{"podCIDRs": [...]}`) from the Node
 /// object, for configurations without `podCIDRs`.
 fn node_pod_cidrs(state_dir: &std::path::Path) -> Result<Vec<String>, ConfigError> {
-    #[derive(Deserialize)]
-    struct File {
-        #[serde(rename = "podCIDRs")]
-        pod_cidrs: Vec<String>,
-    }
     let path = state_dir.join(NODE_POD_CIDRS_FILE);
     let unavailable = |why: String| ConfigError::NodeCidrsUnavailable {
         path: path.display().to_string(),
         why,
     };
     let text = std::fs::read(&path).map_err(|e| unavailable(e.to_string()))?;
-    let f: File = serde_json::from_slice(&text).map_err(|e| unavailable(e.to_string()))?;
+    let f: weir_cni_formats::NodePodCidrs =
+        serde_json::from_slice(&text).map_err(|e| unavailable(e.to_string()))?;
     Ok(f.pod_cidrs)
 }
 

@@ -73,8 +73,10 @@ impl SideEffects {
         if cidrs.is_empty() || self.last_cni_cidrs.as_ref() == Some(&cidrs) {
             return;
         }
-        let body = serde_json::json!({ "podCIDRs": cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>() });
-        match write_atomically(path, body.to_string().as_bytes()) {
+        let body = weir_cni_formats::NodePodCidrs {
+            pod_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+        };
+        match write_atomically(path, body.to_json().as_bytes()) {
             Ok(()) => {
                 info!(file = %path.display(), pod_cidrs = ?cidrs, "wrote this node's pod CIDRs for weir-cni");
                 self.last_cni_cidrs = Some(cidrs);

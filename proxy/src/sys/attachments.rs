@@ -19,12 +19,6 @@ pub enum AttachmentsError {
     },
 }
 
-/// The fields of a record that weir-proxy reads.
-#[derive(serde::Deserialize)]
-struct Record {
-    ips: Vec<IpAddr>,
-}
-
 /// Addresses of every attachment under `state_dir`. A missing state directory means no
 /// pod is attached yet; a record being replaced or unreadable is skipped with a warning
 /// (the next read sees it).
@@ -41,7 +35,7 @@ pub fn attached_ips(state_dir: &Path) -> Result<BTreeSet<IpAddr>, AttachmentsErr
         }
     };
     for net in networks.flatten() {
-        let dir = net.path().join("attachments");
+        let dir = net.path().join(weir_cni_formats::ATTACHMENTS_DIR);
         let Ok(records) = std::fs::read_dir(&dir) else {
             continue;
         };
@@ -52,7 +46,10 @@ pub fn attached_ips(state_dir: &Path) -> Result<BTreeSet<IpAddr>, AttachmentsErr
             }
             let parsed = std::fs::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()));
+                .and_then(|b| {
+                    serde_json::from_slice::<weir_cni_formats::AttachedIps>(&b)
+                        .map_err(|e| e.to_string())
+                });
             match parsed {
                 Ok(r) => ips.extend(r.ips),
                 Err(e) => {
