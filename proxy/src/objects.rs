@@ -1,6 +1,7 @@
-//! The ground floor every layer shares: how an API object is named. Sources name the
-//! objects they emit with it, the model keys its stores by it, HTTP reports Services by it;
-//! it depends on nothing of weir.
+//! The ground floor every layer shares: how an API object is named (sources name the
+//! objects they emit with it, the model keys its stores by it, HTTP reports Services by
+//! it) and the L4 protocols Services and NetworkPolicies name. It depends on nothing of
+//! weir; how a backend spells a protocol stays with that backend.
 
 use std::fmt;
 
@@ -46,5 +47,60 @@ impl fmt::Display for ObjectKey {
         } else {
             write!(f, "{}/{}", self.namespace, self.name)
         }
+    }
+}
+
+/// The L4 protocols a Service port or a NetworkPolicy port can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Protocol {
+    /// TCP (IP protocol 6).
+    Tcp,
+    /// UDP (IP protocol 17).
+    Udp,
+    /// SCTP (IP protocol 132).
+    Sctp,
+}
+
+impl Protocol {
+    /// All of them, in display order.
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// Parses Kubernetes' spelling (`TCP`, `UDP`, `SCTP`); a missing value means TCP.
+    pub fn from_k8s(value: Option<&str>) -> Option<Protocol> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// The protocol for an IP protocol number.
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
     }
 }

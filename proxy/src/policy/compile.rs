@@ -223,7 +223,7 @@ impl Ctx<'_> {
     }
 
     fn port(&mut self, p: &NetworkPolicyPort, field: &str) -> Option<PortSpec> {
-        let Some(protocol) = Protocol::parse(p.protocol.as_deref()) else {
+        let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
             self.errors.push(PolicyError::UnknownProtocol {
                 policy: self.policy.to_string(),
                 field: format!("{field}.protocol"),

@@ -14,41 +14,7 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// Object labels.
 pub type Labels = BTreeMap<String, String>;
 
-/// A transport protocol that NetworkPolicy ports can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    /// TCP (the API default).
-    Tcp,
-    /// UDP.
-    Udp,
-    /// SCTP.
-    Sctp,
-}
-
-impl Protocol {
-    /// All protocols, in display order.
-    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
-
-    /// Parses the API spelling (`TCP`, `UDP`, `SCTP`); `None` means the TCP default.
-    pub fn parse(s: Option<&str>) -> Option<Protocol> {
-        match s {
-            None | Some("TCP") => Some(Protocol::Tcp),
-            Some("UDP") => Some(Protocol::Udp),
-            Some("SCTP") => Some(Protocol::Sctp),
-            Some(_) => None,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        })
-    }
-}
+pub use crate::objects::Protocol;
 
 /// A pod identity: namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -148,7 +114,7 @@ impl PodInfo {
                 let (Some(name), Ok(port), Some(protocol)) = (
                     cp.name.clone(),
                     u16::try_from(cp.container_port),
-                    Protocol::parse(cp.protocol.as_deref()),
+                    Protocol::from_k8s(cp.protocol.as_deref()),
                 ) else {
                     continue;
                 };

@@ -31,3 +31,25 @@ impl NftBackend for kernel::KernelNft {
         kernel::KernelNft::apply(self, plan)
     }
 }
+
+/// nftables' spelling of the protocols.
+impl crate::objects::Protocol {
+    /// nftables' name of the protocol (`tcp`, `udp`, `sctp`).
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        }
+    }
+
+    /// Parses nftables' name of the protocol.
+    pub fn from_nft_name(name: &str) -> Option<Self> {
+        match name {
+            "tcp" => Some(Self::Tcp),
+            "udp" => Some(Self::Udp),
+            "sctp" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+}
