@@ -15,3 +15,5 @@ pub mod routes;
 pub mod source;
 pub mod sync;
 pub mod sys;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -6,75 +6,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Command;
 use weir_proxy::dataplane::nft::diff::plan;
 use weir_proxy::dataplane::nft::fake::FakeNft;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
-use weir_proxy::dataplane::nft::render::{desired_table, RenderConfig};
 use weir_proxy::dataplane::nft::{DumpedTable, Family, Table};
-use weir_proxy::model::{compute, ModelConfig, Store};
-use weir_proxy::source::{dir::load_dir, SourceUpdate};
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Option<Netns> {
-        let name = format!("weir-golden-{}-{tag}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "this test needs root and network namespaces (CI=true forbids skipping)"
-            );
-            eprintln!("skipped: needs root and network namespaces");
-            return None;
-        }
-        Some(Netns(name))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use weir_proxy::testing::{self, ScratchNetns};
 
 fn render_fixture(yaml: &str) -> Table {
     render_family(yaml, Family::Ip)
 }
 
 fn render_family(yaml: &str, family: Family) -> Table {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("fixture.yaml"), yaml).unwrap();
-    let loaded = load_dir(dir.path()).unwrap();
-    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-    let mut store = Store::default();
-    store.record(
-        SourceUpdate::Replace(loaded.objects),
-        std::time::SystemTime::now(),
-    );
-    let cfg = ModelConfig {
-        node_name: "node1".into(),
-        ..ModelConfig::default()
-    };
-    let (state, errors) = compute(&store, &cfg);
-    assert!(errors.is_empty(), "{errors:?}");
-    let cfg = RenderConfig {
-        cluster_cidrs: vec![
-            "10.244.0.0/16".parse().unwrap(),
-            "fd00:10:244::/56".parse().unwrap(),
-        ],
-        service_cidrs: vec![
-            "10.96.0.0/16".parse().unwrap(),
-            "fd00:10:96::/112".parse().unwrap(),
-        ],
-        masquerade_all: false,
-        ipvs: false,
-    };
-    desired_table(&state, &cfg, family)
+    testing::rendered(
+        yaml,
+        &testing::model_config(),
+        &testing::render_config(),
+        family,
+    )
 }
 
 fn fixture() -> String {
@@ -98,8 +46,10 @@ fn fixture_renders_to_the_golden_table_in_the_fake() {
 
 #[test]
 fn kernel_dump_equals_fake_dump_and_replanning_is_empty() {
-    let Some(ns) = Netns::new("a") else { return };
-    let nft = KernelNft::in_netns(&ns.0);
+    let Some(ns) = ScratchNetns::new("golden", "a") else {
+        return;
+    };
+    let nft = KernelNft::in_netns(ns.name());
     assert_eq!(nft.dump(Family::Ip).unwrap(), None);
     let want = render_fixture(&fixture());
     let p = plan(&want, &DumpedTable::empty(Family::Ip));
@@ -141,8 +91,10 @@ fn ipv6_half_renders_to_its_golden_table_and_the_kernel_agrees() {
         std::fs::write(&golden, &text).unwrap();
     }
     assert_eq!(text, std::fs::read_to_string(&golden).unwrap());
-    let Some(ns) = Netns::new("v6") else { return };
-    let nft = KernelNft::in_netns(&ns.0);
+    let Some(ns) = ScratchNetns::new("golden", "v6") else {
+        return;
+    };
+    let nft = KernelNft::in_netns(ns.name());
     nft.apply(&p)
         .unwrap_or_else(|e| panic!("{e}\nscript:\n{}", p.to_script()));
     let got = nft.dump(Family::Ip6).unwrap().unwrap();

@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::{json, Value};
@@ -17,33 +15,7 @@ use weir_proxy::dataplane::nft::plan::Op;
 use weir_proxy::dataplane::nft::{DumpedTable, Family};
 use weir_proxy::policy::render::{render, POLICY_TABLE};
 use weir_proxy::policy::PolicySet;
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Option<Netns> {
-        let name = format!("weir-polgolden-{}-{tag}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "this test needs root and network namespaces (CI=true forbids skipping)"
-            );
-            eprintln!("skipped: needs root and network namespaces");
-            return None;
-        }
-        Some(Netns(name))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use weir_proxy::testing::ScratchNetns;
 
 fn pod(ns: &str, name: &str, labels: Value, n: u8) -> Pod {
     let ports = json!([{"name": "http", "containerPort": 8080},
@@ -121,8 +93,10 @@ fn policies() -> Vec<NetworkPolicy> {
 
 #[test]
 fn policy_table_in_the_kernel_dumps_like_the_fake_before_and_after_a_label_change() {
-    let Some(ns) = Netns::new("p") else { return };
-    let nft = KernelNft::in_netns(&ns.0).for_table(POLICY_TABLE);
+    let Some(ns) = ScratchNetns::new("polgolden", "p") else {
+        return;
+    };
+    let nft = KernelNft::in_netns(ns.name()).for_table(POLICY_TABLE);
     let (set, errors) = PolicySet::build(&policies(), &pods("db"), &namespaces());
     assert_eq!(errors.len(), 1, "only the broken policy: {errors:?}");
     let (after, _) = PolicySet::build(&policies(), &pods("web"), &namespaces());
@@ -167,5 +141,8 @@ fn policy_table_in_the_kernel_dumps_like_the_fake_before_and_after_a_label_chang
         assert!(plan(&want2, &got2).is_empty());
     }
     // weir's own table is untouched by all this.
-    assert_eq!(KernelNft::in_netns(&ns.0).dump(Family::Ip).unwrap(), None);
+    assert_eq!(
+        KernelNft::in_netns(ns.name()).dump(Family::Ip).unwrap(),
+        None
+    );
 }

@@ -7,49 +7,24 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::Path;
-use weir_proxy::dataplane::nft::diff::plan;
-use weir_proxy::dataplane::nft::fake::FakeNft;
-use weir_proxy::dataplane::nft::render::{desired_table, RenderConfig};
 use weir_proxy::dataplane::nft::tracer::{
     apply_updates, trace, Host, Origin, Outcome, Packet, Verdict,
 };
-use weir_proxy::dataplane::nft::{DumpedTable, Family, Table};
-use weir_proxy::model::{compute, ModelConfig, Protocol, Store};
-use weir_proxy::source::{dir::load_dir, SourceUpdate};
+use weir_proxy::dataplane::nft::{Family, Table};
+use weir_proxy::model::Protocol;
+use weir_proxy::testing;
 
 const NODE_IP: &str = "192.168.77.10";
 const POD: &str = "10.244.1.99";
 const OUTSIDE: &str = "198.51.100.7";
 
 fn programmed(yaml: &str) -> Table {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("fixture.yaml"), yaml).unwrap();
-    let loaded = load_dir(dir.path()).unwrap();
-    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-    let mut store = Store::default();
-    store.record(
-        SourceUpdate::Replace(loaded.objects),
-        std::time::SystemTime::now(),
-    );
-    let (state, errors) = compute(
-        &store,
-        &ModelConfig {
-            node_name: "node1".into(),
-            ..ModelConfig::default()
-        },
-    );
-    assert!(errors.is_empty(), "{errors:?}");
-    let cfg = RenderConfig {
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
-        masquerade_all: false,
-        ipvs: false,
-    };
-    let want = desired_table(&state, &cfg, Family::Ip);
-    let mut fake = FakeNft::default();
-    fake.apply(&plan(&want, &DumpedTable::empty(Family::Ip)))
-        .unwrap();
-    fake.table(Family::Ip).unwrap().clone()
+    testing::programmed(
+        yaml,
+        &testing::model_config(),
+        &testing::render_config(),
+        Family::Ip,
+    )
 }
 
 fn fixture() -> Table {

@@ -259,6 +259,22 @@ fn content_digest(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// Reads the manifests in `text` as the file `name` would be read (fixtures and tests).
+pub fn load_text(name: &Path, text: &str) -> Loaded {
+    let mut out = Loaded::default();
+    let mut seen = BTreeSet::new();
+    scan_text(
+        name,
+        &Ok(text.to_owned()),
+        &mut seen,
+        &mut |found| match found {
+            Found::Object(o) => out.objects.push(o),
+            Found::Error(e) => out.errors.push(e),
+        },
+    );
+    out
+}
+
 /// Reads every manifest file in `dir` into one list.
 pub fn load_dir(dir: &Path) -> Result<Loaded, DirSourceError> {
     let mut out = Loaded::default();
