@@ -53,6 +53,82 @@ impl MapContents {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The maps as text, one entry a line in key order (golden files, debugging):
+    /// `service FRONTEND/PROTO count=N flags=.. affinity=S snat=ADDR`,
+    /// `backend FRONTEND/PROTO #SLOT ADDR:PORT [remote]`,
+    /// `source-range FRONTEND/PROTO PREFIX/LEN`, and the number of Maglev entries.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let frontend = |k: &ServiceKey| {
+            let proto = match k.proto & !SOCKET_VIEW {
+                PROTO_TCP => "tcp",
+                PROTO_UDP => "udp",
+                _ => "?",
+            };
+            // The cluster-wide view a node's own sockets get of an ETP-Local frontend.
+            let view = if k.proto & SOCKET_VIEW != 0 {
+                " socket-view"
+            } else {
+                ""
+            };
+            format!("{}/{proto}{view}", socket_addr(k))
+        };
+        let mut out = String::new();
+        for (k, v) in &self.services {
+            let snat = if v.snat == [0; 4] {
+                "-".to_owned()
+            } else {
+                socket_addr(&AddrPort {
+                    addr: v.snat,
+                    family: k.family,
+                    ..AddrPort::default()
+                })
+                .ip()
+                .to_string()
+            };
+            let _ = writeln!(
+                out,
+                "service {} count={} flags={:#x} affinity={} snat={snat}",
+                frontend(k),
+                v.count,
+                v.flags,
+                v.affinity_timeout
+            );
+        }
+        for (k, b) in &self.backends {
+            let remote = if b.proto == BACKEND_REMOTE {
+                " remote"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "backend {} #{} {}{remote}",
+                frontend(&k.service),
+                k.slot,
+                socket_addr(b)
+            );
+        }
+        for (len, r) in &self.source_ranges {
+            let bits = len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS);
+            let prefix = socket_addr(&AddrPort {
+                addr: r.source,
+                family: r.frontend.family,
+                ..AddrPort::default()
+            })
+            .ip();
+            let _ = writeln!(
+                out,
+                "source-range {} {prefix}/{bits}",
+                frontend(&r.frontend)
+            );
+        }
+        if !self.maglev.is_empty() {
+            let _ = writeln!(out, "maglev entries {}", self.maglev.len());
+        }
+        out
+    }
+
     /// Applies a plan's writes, as the maps would.
     pub fn apply(&mut self, plan: &MapPlan) {
         for op in &plan.ops {

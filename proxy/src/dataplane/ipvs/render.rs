@@ -100,6 +100,26 @@ pub fn desired(state: &DesiredState, cfg: &IpvsConfig) -> IpvsState {
     out
 }
 
+/// IPVS as text, as `ipvsadm -Ln` lists it (golden files, debugging): a virtual server
+/// a line (`PROTO ADDR:PORT SCHEDULER [persistent S]`), then its real servers
+/// (`  -> ADDR:PORT weight W`).
+pub fn to_text(state: &IpvsState) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (key, s) in state {
+        let persistent = s
+            .server
+            .persistent_timeout
+            .map(|t| format!(" persistent {t}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "{key} {}{persistent}", s.server.scheduler);
+        for d in s.dests.values() {
+            let _ = writeln!(out, "  -> {} weight {}", d.addr, d.weight);
+        }
+    }
+    out
+}
+
 /// The addresses bound to the dummy interface: every virtual server address that is not
 /// one of the node's own.
 pub fn bound_addresses(state: &DesiredState) -> BTreeSet<IpAddr> {
