@@ -12,6 +12,7 @@
 //! Not yet: SCTP; ICMP errors translated back for IPv6, masqueraded flows and towards
 //! backends.
 
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod kernel;
 pub mod render;

@@ -17,6 +17,7 @@
 
 pub mod apply;
 pub mod diff;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod netlink;
 pub mod program;

@@ -2,12 +2,14 @@
 //! NodePort is an element of shared named maps and sets.
 
 pub mod diff;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod incremental;
 pub mod kernel;
 pub mod plan;
 pub mod render;
 pub mod table;
+#[cfg(any(test, feature = "testing"))]
 pub mod tracer;
 
 pub use plan::{Op, Plan};
