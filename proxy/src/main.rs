@@ -17,7 +17,7 @@ use weir_proxy::source::{dir, kube};
 
 /// A source task's future.
 type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
-use weir_proxy::policy::render::POLICY_TABLE;
+use weir_proxy::dataplane::nft::policy::POLICY_TABLE;
 use weir_proxy::sync::effects::SideEffects;
 use weir_proxy::sync::policy::{PolicyConfig, PolicyController};
 use weir_proxy::sync::runner::{Runner, RunnerConfig, FAMILIES};

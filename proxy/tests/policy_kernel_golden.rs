@@ -12,8 +12,8 @@ use weir_proxy::dataplane::nft::diff::plan;
 use weir_proxy::dataplane::nft::fake::FakeNft;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
 use weir_proxy::dataplane::nft::plan::Op;
+use weir_proxy::dataplane::nft::policy::{render, POLICY_TABLE};
 use weir_proxy::dataplane::nft::{DumpedTable, Family};
-use weir_proxy::policy::render::{render, POLICY_TABLE};
 use weir_proxy::policy::PolicySet;
 use weir_proxy::testing::ScratchNetns;
 

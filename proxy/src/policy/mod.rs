@@ -17,11 +17,10 @@
 //! select nor match them, their IP is an outside address. Statefulness (replies) is the
 //! dataplane's job (conntrack), not modelled here.
 //!
-//! nftables: [`render::render`] turns a [`PolicySet`] into its own table
-//! ([`render::POLICY_TABLE`]); its module documentation describes the layout.
+//! nftables: the nftables backend's `dataplane::nft::policy::render` turns a [`PolicySet`]
+//! into its own table (`POLICY_TABLE`); its module documentation describes the layout.
 
 pub mod compile;
-pub mod render;
 pub mod store;
 pub mod synth;
 pub mod types;
@@ -31,6 +30,4 @@ pub use types::{PodKey, PolicyError, Protocol};
 pub use verdict::{format_matrix, Endpoint, PolicySet, Probe};
 
 #[cfg(test)]
-mod render_tests;
-#[cfg(test)]
-mod tests;
+pub(crate) mod tests;

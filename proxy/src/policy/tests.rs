@@ -8,22 +8,22 @@ use serde_json::{json, Value};
 
 use super::*;
 
-pub(super) const NAMESPACES: [&str; 3] = ["x", "y", "z"];
-pub(super) const PODS: [&str; 3] = ["a", "b", "c"];
-pub(super) const PORTS: [u16; 2] = [80, 81];
+pub(crate) const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+pub(crate) const PODS: [&str; 3] = ["a", "b", "c"];
+pub(crate) const PORTS: [u16; 2] = [80, 81];
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
 /// Pod IP in the model: 10.0.<ns index + 1>.<pod index + 1>.
-pub(super) fn model_ip(ns: &str, pod: &str) -> String {
+pub(crate) fn model_ip(ns: &str, pod: &str) -> String {
     let n = NAMESPACES.iter().position(|x| *x == ns).unwrap() + 1;
     let p = PODS.iter().position(|x| *x == pod).unwrap() + 1;
     format!("10.0.{n}.{p}")
 }
 
-pub(super) fn pod(ns: &str, name: &str, labels: Value, ip: &str, ports: Value) -> Pod {
+pub(crate) fn pod(ns: &str, name: &str, labels: Value, ip: &str, ports: Value) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"namespace": ns, "name": name, "labels": labels},
         "spec": {"containers": [{"name": "c", "ports": ports}]},
@@ -32,18 +32,18 @@ pub(super) fn pod(ns: &str, name: &str, labels: Value, ip: &str, ports: Value) -
     .unwrap()
 }
 
-pub(super) fn namespace(name: &str) -> Namespace {
+pub(crate) fn namespace(name: &str) -> Namespace {
     serde_json::from_value(json!({"metadata": {"name": name, "labels": {"ns": name}}})).unwrap()
 }
 
-pub(super) fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
+pub(crate) fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
     serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}))
         .unwrap()
 }
 
 /// Upstream's model: namespaces x, y, z (label ns=<name>), pods a, b, c (label
 /// pod=<name>) serving TCP, UDP and SCTP on 80 and 81 via ports named serve-<port>-<proto>.
-pub(super) fn model() -> (Vec<Pod>, Vec<Namespace>) {
+pub(crate) fn model() -> (Vec<Pod>, Vec<Namespace>) {
     let mut ports = Vec::new();
     for port in PORTS {
         for proto in Protocol::ALL {
@@ -67,7 +67,7 @@ pub(super) fn model() -> (Vec<Pod>, Vec<Namespace>) {
     (pods, NAMESPACES.iter().map(|n| namespace(n)).collect())
 }
 
-pub(super) fn model_keys() -> Vec<PodKey> {
+pub(crate) fn model_keys() -> Vec<PodKey> {
     NAMESPACES
         .iter()
         .flat_map(|n| PODS.iter().map(move |p| PodKey::new(*n, *p)))
@@ -111,8 +111,8 @@ fn check(set: &PolicySet, expect: impl Fn(&PodKey, &PodKey, u16, Protocol) -> bo
 }
 
 /// Every truth-table scenario's policies, by name (the model of [`model`]); the nftables
-/// rendering is proven against them in `render_tests`.
-pub(super) fn truth_table_scenarios() -> Vec<(&'static str, Vec<NetworkPolicy>)> {
+/// rendering is proven against them in `dataplane::nft::policy_tests`.
+pub(crate) fn truth_table_scenarios() -> Vec<(&'static str, Vec<NetworkPolicy>)> {
     vec![
         ("no_policy_allows_all", Vec::new()),
         ("default_deny_ingress", sc_default_deny_ingress()),
@@ -459,7 +459,7 @@ fn tt_invalid_policy_fails_closed() {
 
 // ---- unit tests per rule kind ----
 
-pub(super) fn two_pods() -> (Vec<Pod>, Vec<Namespace>) {
+pub(crate) fn two_pods() -> (Vec<Pod>, Vec<Namespace>) {
     let ports = json!([{"name": "http", "containerPort": 8080},
                        {"name": "dns", "containerPort": 53, "protocol": "UDP"}]);
     let other = json!([{"name": "http", "containerPort": 9090}]);

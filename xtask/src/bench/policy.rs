@@ -9,8 +9,8 @@ use weir_e2e::Netns;
 use weir_proxy::dataplane::nft::diff::plan;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
 use weir_proxy::dataplane::nft::plan::Op;
+use weir_proxy::dataplane::nft::policy::{render, POLICY_TABLE};
 use weir_proxy::dataplane::nft::{DumpedTable, Family, Table};
-use weir_proxy::policy::render::{render, POLICY_TABLE};
 use weir_proxy::policy::synth::{generate, relabel, Sizes};
 use weir_proxy::policy::PolicySet;
 

@@ -7,6 +7,9 @@ pub mod fake;
 pub mod incremental;
 pub mod kernel;
 pub mod plan;
+pub mod policy;
+#[cfg(test)]
+mod policy_tests;
 pub mod render;
 pub mod table;
 #[cfg(any(test, feature = "testing"))]

@@ -41,15 +41,15 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use super::compile::{Peer, PortRef, PortSpec, ResolvedRule, Rule as PolicyRule};
-use super::types::{PodInfo, Protocol as PolicyProtocol};
-use super::PolicySet;
 use crate::dataplane::nft::table::{
     Atom, BaseChain, Chain, ChainType, Data, DataType, FieldType, Hook, Key, KeyExpr, Map, MapDecl,
     MapFlags, Match, Rule, Stmt, Table,
 };
 use crate::dataplane::nft::Family;
 use crate::model::Protocol;
+use crate::policy::compile::{Peer, PortRef, PortSpec, ResolvedRule, Rule as PolicyRule};
+use crate::policy::types::{PodInfo, Protocol as PolicyProtocol};
+use crate::policy::PolicySet;
 
 /// Name of the NetworkPolicy table in each family.
 pub const POLICY_TABLE: &str = "weir_policy";
@@ -192,7 +192,7 @@ impl<'a> Builder<'a> {
             .insert(name.to_owned(), Chain { base, rules });
     }
 
-    fn pod(&self, key: &super::PodKey) -> Option<&'a PodInfo> {
+    fn pod(&self, key: &crate::policy::PodKey) -> Option<&'a PodInfo> {
         self.set.pods().get(key)
     }
 

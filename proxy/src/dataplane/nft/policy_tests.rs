@@ -10,9 +10,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use super::render::render;
-use super::tests::{model, namespace, pod, policy, truth_table_scenarios};
-use super::*;
+use super::policy::{render, POLICY_TABLE};
 use crate::dataplane::nft::diff::plan;
 use crate::dataplane::nft::fake::FakeNft;
 use crate::dataplane::nft::plan::Op;
@@ -20,6 +18,8 @@ use crate::dataplane::nft::table::Table;
 use crate::dataplane::nft::tracer::{trace, trace_tables, Host, Origin, Packet, Verdict};
 use crate::dataplane::nft::{DumpedTable, Family};
 use crate::model::Protocol as NftProtocol;
+use crate::policy::tests::{model, namespace, pod, policy, truth_table_scenarios};
+use crate::policy::*;
 
 const NODE_IP: &str = "192.168.77.10";
 
@@ -48,7 +48,7 @@ fn programmed(set: &PolicySet, local: Option<&BTreeSet<IpAddr>>, family: Family)
     let mut fake = FakeNft::default();
     let p = plan(&want, &DumpedTable::empty(family));
     fake.apply(&p)
-        .unwrap_or_else(|e| panic!("{e}\n{}", p.to_script_in(render::POLICY_TABLE)));
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.to_script_in(POLICY_TABLE)));
     let again = plan(&want, &fake.dump(family).unwrap());
     assert!(again.is_empty(), "{again:?}");
     fake.table(family).unwrap().clone()
@@ -95,7 +95,7 @@ fn prove(set: &PolicySet, table: &Table, ends: &[IpAddr], what: &str) -> usize {
         "{what}: {} of {checked} flows differ:\n{}\n{}",
         wrong.len(),
         wrong.join("\n"),
-        table.to_dump().to_text_named(render::POLICY_TABLE)
+        table.to_dump().to_text_named(POLICY_TABLE)
     );
     checked
 }
@@ -330,7 +330,7 @@ fn a_pod_label_change_changes_set_elements_only() {
             Op::AddTable | Op::AddElements { .. } | Op::DeleteElements { .. }
         )),
         "{}",
-        p.to_script_in(render::POLICY_TABLE)
+        p.to_script_in(POLICY_TABLE)
     );
     fake.apply(&p).unwrap();
     let table = fake.table(Family::Ip).unwrap().clone();
