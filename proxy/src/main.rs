@@ -17,10 +17,16 @@ use weir_proxy::source::{dir, kube};
 
 /// A source task's future.
 type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+use weir_proxy::dataplane::ebpf::sync::EbpfDataplane;
+use weir_proxy::dataplane::ipvs::sync::IpvsDataplane;
 use weir_proxy::dataplane::nft::policy::POLICY_TABLE;
+use weir_proxy::dataplane::nft::sync::NftDataplane;
+use weir_proxy::dataplane::nft::FAMILIES;
+use weir_proxy::dataplane::none::NoServices;
+use weir_proxy::dataplane::Dataplane;
 use weir_proxy::sync::effects::SideEffects;
 use weir_proxy::sync::policy::{PolicyConfig, PolicyController};
-use weir_proxy::sync::runner::{Runner, RunnerConfig, FAMILIES};
+use weir_proxy::sync::runner::{Runner, RunnerConfig};
 
 /// Source updates in flight between a source and the sync runner (backpressure: a relist
 /// never holds all objects at once).
@@ -145,6 +151,31 @@ fn remove_other_modes(
     Ok(())
 }
 
+/// The dataplane of the configured mode.
+enum ModeDataplane {
+    /// `--run-service-proxy=false`.
+    None(NoServices<KernelNft>),
+    /// `--proxy-mode nftables`.
+    Nft(NftDataplane<KernelNft>),
+    /// `--proxy-mode ebpf`.
+    Ebpf(EbpfDataplane<KernelNft>),
+    /// `--proxy-mode ipvs`.
+    Ipvs(IpvsDataplane<KernelNft>),
+}
+
+/// Starts the sync runner over `dataplane`, fed by `rx`.
+fn spawn_runner<D: Dataplane>(
+    cfg: RunnerConfig,
+    dataplane: D,
+    metrics: Arc<Metrics>,
+    health: Arc<ProxyHealth>,
+    effects: SideEffects,
+    rx: tokio::sync::mpsc::Receiver<weir_proxy::source::SourceUpdate>,
+) -> tokio::task::JoinHandle<()> {
+    let runner = Runner::new(cfg, dataplane, metrics, health).with_effects(effects);
+    tokio::spawn(runner.run(rx))
+}
+
 async fn run(
     cfg: weir_proxy::config::Config,
     kernel: KernelNft,
@@ -203,26 +234,21 @@ async fn run(
             )
         }
     };
-    let runner = Runner::new(
-        RunnerConfig {
-            model: ModelConfig {
-                node_name: cfg.node_name.clone(),
-                nodeport_addresses: cfg.nodeport_addresses.clone(),
-                local_addrs: Vec::new(),
-            },
-            render: RenderConfig {
-                cluster_cidrs: cfg.cluster_cidrs.clone(),
-                service_cidrs: cfg.service_cidrs.clone(),
-                masquerade_all: cfg.masquerade_all,
-                ipvs: cfg.mode == ProxyMode::Ipvs,
-            },
-            min_sync_period: cfg.min_sync_period,
-            sync_period: cfg.sync_period,
+    let runner_cfg = RunnerConfig {
+        model: ModelConfig {
+            node_name: cfg.node_name.clone(),
+            nodeport_addresses: cfg.nodeport_addresses.clone(),
+            local_addrs: Vec::new(),
         },
-        kernel.clone(),
-        metrics.clone(),
-        health.clone(),
-    );
+        min_sync_period: cfg.min_sync_period,
+        sync_period: cfg.sync_period,
+    };
+    let render = RenderConfig {
+        cluster_cidrs: cfg.cluster_cidrs.clone(),
+        service_cidrs: cfg.service_cidrs.clone(),
+        masquerade_all: cfg.masquerade_all,
+        ipvs: cfg.mode == ProxyMode::Ipvs,
+    };
     // healthCheckNodePort servers listen on every address, as kube-proxy's do by default.
     let services = cfg.run_service_proxy;
     let healthcheck =
@@ -239,34 +265,43 @@ async fn run(
     if cfg.route_pod_cidrs {
         effects = effects.with_routes(weir_proxy::routes::RouteController::new()?);
     }
-    if services && cfg.mode == ProxyMode::Ipvs {
-        let ipvs_cfg = weir_proxy::dataplane::ipvs::render::IpvsConfig {
-            scheduler: cfg.ipvs_scheduler,
-        };
-        let opts = weir_proxy::dataplane::ipvs::apply::IpvsOptions {
-            strict_arp: cfg.ipvs_strict_arp,
-            timeouts: cfg.ipvs_timeouts,
-        };
-        effects.ipvs = Some(
-            weir_proxy::dataplane::ipvs::apply::IpvsSync::new(ipvs_cfg, opts)
-                .context("IPVS mode")?,
-        );
-    }
     if let Some(path) = &cfg.cni_pod_cidrs_file {
         effects = effects.with_cni_cidrs_file(path.clone());
     }
-    let mut runner = runner.with_effects(effects);
-    if !services {
+    // The mode's dataplane, set up (and any failure reported) before anything starts.
+    let dataplane = if !services {
         tracing::info!("--run-service-proxy=false: Services are left to another proxy");
-        runner = runner.without_services();
-    } else if cfg.mode == weir_proxy::config::ProxyMode::Ebpf {
-        let maps = weir_proxy::dataplane::ebpf::kernel::KernelMaps::open(&cfg.ebpf)
-            .context("setting up the eBPF dataplane")?;
-        tracing::info!(cgroup = %cfg.ebpf.cgroup.display(), pins = %cfg.ebpf.bpffs_dir.display(), "eBPF programs attached");
-        runner = runner
-            .with_ebpf(maps)
-            .with_ebpf_algorithm(cfg.ebpf_lb_algorithm);
-    }
+        ModeDataplane::None(NoServices::new(kernel.clone()))
+    } else {
+        match cfg.mode {
+            ProxyMode::Nftables => ModeDataplane::Nft(NftDataplane::new(kernel.clone(), render)),
+            ProxyMode::Ebpf => {
+                let maps = weir_proxy::dataplane::ebpf::kernel::KernelMaps::open(&cfg.ebpf)
+                    .context("setting up the eBPF dataplane")?;
+                tracing::info!(cgroup = %cfg.ebpf.cgroup.display(), pins = %cfg.ebpf.bpffs_dir.display(), "eBPF programs attached");
+                ModeDataplane::Ebpf(EbpfDataplane::new(
+                    maps,
+                    cfg.ebpf_lb_algorithm,
+                    kernel.clone(),
+                ))
+            }
+            ProxyMode::Ipvs => {
+                let ipvs_cfg = weir_proxy::dataplane::ipvs::render::IpvsConfig {
+                    scheduler: cfg.ipvs_scheduler,
+                };
+                let opts = weir_proxy::dataplane::ipvs::apply::IpvsOptions {
+                    strict_arp: cfg.ipvs_strict_arp,
+                    timeouts: cfg.ipvs_timeouts,
+                };
+                let ipvs = weir_proxy::dataplane::ipvs::apply::IpvsSync::new(ipvs_cfg, opts)
+                    .context("IPVS mode")?;
+                ModeDataplane::Ipvs(IpvsDataplane::new(
+                    NftDataplane::new(kernel.clone(), render),
+                    ipvs,
+                ))
+            }
+        }
+    };
     // NetworkPolicy: a second consumer of the same source, with its own table.
     let (policy_tx, policy) = if cfg.network_policy {
         let (ptx, prx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
@@ -289,7 +324,15 @@ async fn run(
     ));
     tracing::info!(mode = cfg.mode.as_str(), node = %cfg.node_name, source = %source_desc, network_policy = cfg.network_policy, run_service_proxy = services, "weir-proxy starting");
     let mut source = tokio::spawn(source_fut);
-    let mut runner = tokio::spawn(runner.run(rx));
+    let mut runner = {
+        let (m, h) = (metrics.clone(), health.clone());
+        match dataplane {
+            ModeDataplane::None(d) => spawn_runner(runner_cfg, d, m, h, effects, rx),
+            ModeDataplane::Nft(d) => spawn_runner(runner_cfg, d, m, h, effects, rx),
+            ModeDataplane::Ebpf(d) => spawn_runner(runner_cfg, d, m, h, effects, rx),
+            ModeDataplane::Ipvs(d) => spawn_runner(runner_cfg, d, m, h, effects, rx),
+        }
+    };
     let mut ms = tokio::spawn(serve_metrics(ml, state.clone()));
     let mut hs = tokio::spawn(serve_health(hl, state));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,18 +1,17 @@
-//! What a sync does besides programming nftables: healthCheckNodePort servers, stale UDP
-//! conntrack cleanup and the per-Service gauges. The pure parts are functions of the
-//! desired state: which flows here, which health-check ports and counts in
+//! What a sync does besides programming the dataplane: healthCheckNodePort servers, stale
+//! UDP conntrack cleanup, the per-Service gauges, pod routes and weir-cni's pod CIDRs. The
+//! pure parts are functions of the desired state: which flows in
+//! [`crate::dataplane::flows`], which health-check ports and counts in
 //! [`crate::sync::tally`].
 
-use crate::dataplane::conntrack::{filters_for_change, CleanupPass, Conntrack, FlowFilter};
-use crate::dataplane::ipvs::apply::{Changed, IpvsSync};
+use crate::dataplane::conntrack::{CleanupPass, Conntrack, FlowFilter};
 use crate::dataplane::nft::Family;
 use crate::http::healthcheck::HealthCheckServer;
 use crate::http::metrics::Metrics;
-use crate::model::{DesiredState, Protocol, ServiceDelta, ServicePortState, Store};
+use crate::model::Store;
 use crate::routes::{desired_routes, PodRoute, RouteController};
 use crate::sync::tally::ServiceTally;
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 use std::sync::Arc;
 use tracing::{info, warn};
 
@@ -25,9 +24,6 @@ pub struct SideEffects {
     pub conntrack: Option<Conntrack>,
     /// Host-gw routes to other nodes' pod CIDRs.
     pub routes: Option<RouteController>,
-    /// IPVS mode: the virtual servers and the dummy interface's addresses.
-    pub ipvs: Option<IpvsSync>,
-    ipvs_draining: bool,
     /// The tally's health version the health-check servers were last given (None: never).
     last_health: Option<u64>,
     /// The pod routes last installed.
@@ -45,8 +41,6 @@ impl SideEffects {
             healthcheck,
             conntrack,
             routes: None,
-            ipvs: None,
-            ipvs_draining: false,
             last_health: None,
             last_routes: None,
             cni_cidrs_file: None,
@@ -115,36 +109,6 @@ impl SideEffects {
         }
     }
 
-    /// Programs IPVS for `state` (IPVS mode; nothing otherwise); a `full` sync reads the
-    /// kernel back first, other syncs apply what `changed`. Returns false when the runner
-    /// should sync again soon (a failure).
-    pub async fn sync_ipvs(
-        &mut self,
-        state: &DesiredState,
-        full: bool,
-        changed: Changed<'_>,
-    ) -> bool {
-        let Some(ipvs) = &mut self.ipvs else {
-            return true;
-        };
-        match ipvs.sync(state, full, changed).await {
-            Ok(r) => {
-                self.ipvs_draining = r.draining;
-                r.failed == 0
-            }
-            Err(e) => {
-                warn!(error = %e, "IPVS sync failed; retrying");
-                false
-            }
-        }
-    }
-
-    /// Whether removed IPVS real servers are still draining after the last sync (a later
-    /// sync deletes them once their connections are gone).
-    pub fn ipvs_draining(&self) -> bool {
-        self.ipvs_draining
-    }
-
     /// Runs after the rules for `state` are in place: deletes the flows `filters` select
     /// and brings the health-check servers and gauges up to date from `tally` (the
     /// servers are given new contents only when the tally's health version moved).
@@ -207,60 +171,13 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     std::fs::rename(&tmp, path)
 }
 
-/// Every address a port's traffic can be DNATed to.
-fn endpoint_addrs(sp: &ServicePortState) -> Vec<std::net::SocketAddr> {
-    let set: BTreeSet<std::net::SocketAddr> = sp
-        .endpoints
-        .iter()
-        .chain(&sp.local_endpoints)
-        .map(|e| std::net::SocketAddr::new(e.ip, e.port))
-        .collect();
-    set.into_iter().collect()
-}
-
-/// Frontends of a port as conntrack sees them: `(Some(ip), port)` for ClusterIPs,
-/// external and load-balancer IPs, `(None, nodePort)` for the NodePort.
-fn frontends(sp: &ServicePortState) -> Vec<(Option<IpAddr>, u16)> {
-    let i = &sp.info;
-    let mut f: Vec<(Option<IpAddr>, u16)> = i
-        .cluster_ips
-        .iter()
-        .chain(&i.external_ips)
-        .chain(&i.load_balancer_ips)
-        .map(|ip| (Some(*ip), i.port))
-        .collect();
-    if let Some(np) = i.node_port {
-        f.push((None, np));
-    }
-    f
-}
-
-/// The stale-flow filters one changed Service port calls for (UDP only): flows to
-/// endpoints that went away, and flows tracked before the port had any endpoint.
-pub fn flow_filters(d: &ServiceDelta) -> Vec<FlowFilter> {
-    let sp = d.new.as_ref().or(d.old.as_ref());
-    let Some(sp) = sp.filter(|sp| sp.info.name.protocol == Protocol::Udp) else {
-        return Vec::new();
-    };
-    let old = d.old.as_ref().map(endpoint_addrs).unwrap_or_default();
-    let new = d.new.as_ref().map(endpoint_addrs).unwrap_or_default();
-    // Frontends of both versions: a removed port's flows go too.
-    let mut fronts: Vec<(Option<IpAddr>, u16)> = d
-        .old
-        .iter()
-        .chain(d.new.iter())
-        .flat_map(frontends)
-        .collect();
-    fronts.sort();
-    fronts.dedup();
-    filters_for_change(&old, &new, &fronts, sp.info.name.protocol)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::model::{Endpoint, ServiceInfo, ServicePortName};
+    use crate::model::{
+        DesiredState, Endpoint, Protocol, ServiceInfo, ServicePortName, ServicePortState,
+    };
     use crate::sync::tally::{gauges, health_check_services};
+    use std::net::IpAddr;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -288,49 +205,6 @@ mod tests {
             })
             .collect();
         ServicePortState::from_endpoints(info, all)
-    }
-
-    fn delta(old: Option<ServicePortState>, new: Option<ServicePortState>) -> ServiceDelta {
-        ServiceDelta {
-            name: old.as_ref().or(new.as_ref()).unwrap().info.name.clone(),
-            old,
-            new,
-        }
-    }
-
-    #[test]
-    fn a_removed_udp_endpoint_clears_its_flows_on_every_frontend() {
-        let d = delta(
-            Some(port(Protocol::Udp, &["10.244.1.5", "10.244.2.5"], false)),
-            Some(port(Protocol::Udp, &["10.244.1.5"], false)),
-        );
-        let f = flow_filters(&d);
-        let got: Vec<String> = f
-            .iter()
-            .map(|f| format!("{:?} {:?} {:?}", f.orig_dst, f.orig_dport, f.reply_src))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                "None Some(30053) Some(10.244.2.5)",
-                "Some(10.96.0.53) Some(53) Some(10.244.2.5)"
-            ]
-        );
-    }
-
-    #[test]
-    fn first_endpoints_clear_flows_to_the_frontends_and_tcp_needs_nothing() {
-        let d = delta(
-            Some(port(Protocol::Udp, &[], false)),
-            Some(port(Protocol::Udp, &["10.244.1.5"], false)),
-        );
-        assert_eq!(flow_filters(&d).len(), 2);
-        assert!(flow_filters(&d).iter().all(|f| f.reply_src.is_none()));
-        let tcp = delta(
-            Some(port(Protocol::Tcp, &["10.244.1.5"], false)),
-            Some(port(Protocol::Tcp, &[], false)),
-        );
-        assert!(flow_filters(&tcp).is_empty());
     }
 
     #[test]

@@ -14,11 +14,11 @@
 use crate::dataplane::nft::diff::plan;
 use crate::dataplane::nft::kernel::KernelError;
 use crate::dataplane::nft::policy::{render, POLICY_TABLE};
+use crate::dataplane::nft::FAMILIES;
 use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::metrics::{label, Metrics};
 use crate::policy::store::PolicyStore;
 use crate::source::{Kind, SourceUpdate};
-use crate::sync::runner::FAMILIES;
 use crate::sync::schedule::{sleep_until, Pacing, Schedule};
 use std::collections::BTreeSet;
 use std::net::IpAddr;

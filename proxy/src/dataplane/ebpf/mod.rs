@@ -17,6 +17,7 @@ pub mod fake;
 pub mod kernel;
 pub mod render;
 pub mod stale;
+pub mod sync;
 
 pub use kernel::EbpfError;
 pub use render::{MapContents, MapOp, MapPlan};

@@ -375,6 +375,15 @@ impl IpvsSync {
         r
     }
 
+    /// Whether the last sync left IPVS and the dummy interface known (the next sync can
+    /// send only changes); false before the first sync and after a failure.
+    pub fn trusted(&self) -> bool {
+        !self.program.needs_dump(false)
+            && self.bound.is_some()
+            && self.index.is_some()
+            && self.rendered.is_some()
+    }
+
     /// Applies the changes of some Service ports to the rendered state, the dummy
     /// interface and IPVS, touching nothing else.
     async fn sync_ports(&mut self, deltas: &[ServiceDelta]) -> Result<SyncReport, IpvsSyncError> {
@@ -472,16 +481,7 @@ fn log_report(report: &SyncReport) {
     }
 }
 
-/// What changed since the last [`IpvsSync::sync`].
-#[derive(Clone, Copy, Debug)]
-pub enum Changed<'a> {
-    /// No Service port.
-    Nothing,
-    /// These Service ports (the node's addresses did not change).
-    Ports(&'a [ServiceDelta]),
-    /// Anything may have (a full compute of the desired state).
-    Everything,
-}
+pub use crate::dataplane::Changed;
 
 /// `--cleanup`: deletes weir's virtual servers (those on an address of the dummy
 /// interface, and those in the NodePort range on another local address) and the dummy

@@ -22,6 +22,7 @@ pub mod fake;
 pub mod netlink;
 pub mod program;
 pub mod render;
+pub mod sync;
 
 use crate::model::Protocol;
 use std::collections::BTreeMap;

@@ -11,12 +11,16 @@ pub mod policy;
 #[cfg(test)]
 mod policy_tests;
 pub mod render;
+pub mod sync;
 pub mod table;
 #[cfg(any(test, feature = "testing"))]
 pub mod tracer;
 
 pub use plan::{Op, Plan};
 pub use table::{DumpedTable, Family, Table};
+
+/// The families weir programs: one table each.
+pub const FAMILIES: [Family; 2] = [Family::Ip, Family::Ip6];
 
 /// What the sync runner needs from nftables: list weir's table, apply a plan. The real
 /// kernel ([`kernel::KernelNft`]) and the fake ([`fake::SharedFake`]) both provide it.
