@@ -7,8 +7,8 @@ use crate::dataplane::nft::fake::FakeNft;
 use crate::dataplane::nft::render::{desired_table, RenderConfig};
 use crate::dataplane::nft::{DumpedTable, Family, Table};
 use crate::model::{compute, DesiredState, ModelConfig, Store};
+use crate::objects::SourceUpdate;
 use crate::source::dir::load_text;
-use crate::source::SourceUpdate;
 use std::path::Path;
 use std::process::Command;
 
@@ -49,8 +49,8 @@ pub fn store(yaml: &str) -> Store {
     let loaded = load_text(Path::new("fixture.yaml"), yaml);
     assert!(loaded.errors.is_empty(), "fixture: {:?}", loaded.errors);
     let mut store = Store::default();
-    store.record(
-        SourceUpdate::Replace(loaded.objects),
+    store.record_all(
+        SourceUpdate::listing(loaded.objects),
         std::time::SystemTime::now(),
     );
     store

@@ -98,8 +98,8 @@ fn outputs(dir: &Path) -> Vec<(&'static str, String)> {
         let _ = writeln!(errors, "{e}");
     }
     let mut store = Store::default();
-    store.record(
-        SourceUpdate::Replace(loaded.objects),
+    store.record_all(
+        SourceUpdate::listing(loaded.objects),
         std::time::SystemTime::now(),
     );
     let (state, model_errors) = compute(&store, &model_config(dir));
@@ -214,8 +214,8 @@ fn every_feature_folder_dumps_the_same_from_the_real_kernel() {
         let yaml = std::fs::read_to_string(dir.join("input.yaml")).unwrap();
         let loaded = load_text(Path::new("input.yaml"), &yaml);
         let mut store = Store::default();
-        store.record(
-            SourceUpdate::Replace(loaded.objects),
+        store.record_all(
+            SourceUpdate::listing(loaded.objects),
             std::time::SystemTime::now(),
         );
         let (state, _) = compute(&store, &model_config(&dir));

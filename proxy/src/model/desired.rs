@@ -466,7 +466,7 @@ impl DesiredState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{Object, SourceUpdate};
+    use crate::objects::{Object, SourceUpdate};
     use serde::Deserialize;
 
     fn store(yaml: &str) -> Store {
@@ -480,8 +480,8 @@ mod tests {
             });
         }
         let mut s = Store::default();
-        s.record(
-            SourceUpdate::Replace(objects),
+        s.record_all(
+            SourceUpdate::listing(objects),
             std::time::SystemTime::UNIX_EPOCH,
         );
         s

@@ -6,7 +6,7 @@
 use super::endpoint::{slice_endpoints, EndpointSliceError, SliceEndpoints};
 use super::service::{service_ports, ServiceError, ServicePorts};
 use super::{ChangeTracker, ObjectKey};
-use crate::source::{Kind, Object, ObjectRef, SourceUpdate};
+use crate::objects::{Kind, Object, ObjectRef, SourceUpdate};
 use k8s_openapi::api::core::v1::Node;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -47,9 +47,7 @@ pub struct Store {
     nodes: ChangeTracker<NodeRecord>,
     slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     changed_services: BTreeSet<ObjectKey>,
-    /// Keys seen since `RelistStart`, per kind (Service, EndpointSlice, Node).
-    relist: Option<[BTreeSet<ObjectKey>; 3]>,
-    /// Keys seen since `KindRelistStart` of each kind.
+    /// Keys seen since `RelistStart` of each kind (Service, EndpointSlice, Node).
     kind_relist: [Option<BTreeSet<ObjectKey>>; 3],
     /// Node and zone names, shared by every endpoint that names them.
     names: BTreeSet<std::sync::Arc<str>>,
@@ -110,17 +108,6 @@ impl Store {
     /// Records one source update; returns how many objects changed.
     pub fn record(&mut self, update: SourceUpdate, now: SystemTime) -> usize {
         match update {
-            SourceUpdate::Replace(objects) => {
-                let mut changed = self.record(SourceUpdate::RelistStart, now);
-                for o in objects {
-                    changed += self.record(SourceUpdate::RelistItem(o), now);
-                }
-                changed + self.record(SourceUpdate::RelistDone, now)
-            }
-            SourceUpdate::RelistStart => {
-                self.relist = Some(Default::default());
-                0
-            }
             SourceUpdate::RelistItem(o) => {
                 self.seen(o.kind(), o.key());
                 self.record(SourceUpdate::Upsert(o), now)
@@ -129,12 +116,12 @@ impl Store {
                 self.seen(r.kind, r.key);
                 0
             }
-            SourceUpdate::KindRelistStart(kind) if !kind.is_policy() => {
+            SourceUpdate::RelistStart(kind) if !kind.is_policy() => {
                 self.kind_relist[kind.index()] = Some(BTreeSet::new());
                 0
             }
-            SourceUpdate::KindRelistStart(_) => 0,
-            SourceUpdate::KindRelistDone(kind) if !kind.is_policy() => {
+            SourceUpdate::RelistStart(_) => 0,
+            SourceUpdate::RelistDone(kind) if !kind.is_policy() => {
                 let Some(seen) = self.kind_relist[kind.index()].take() else {
                     return 0;
                 };
@@ -149,23 +136,7 @@ impl Store {
                     .map(|key| self.record(SourceUpdate::Delete(ObjectRef { kind, key }), now))
                     .sum()
             }
-            SourceUpdate::KindRelistDone(_) | SourceUpdate::Synced => 0,
-            SourceUpdate::RelistDone => {
-                let Some([services, slices, nodes]) = self.relist.take() else {
-                    return 0;
-                };
-                let mut changed = 0;
-                for k in unseen(self.slices.objects(), &slices) {
-                    changed += usize::from(self.delete_slice(&k, now));
-                }
-                for k in unseen(self.services.objects(), &services) {
-                    changed += usize::from(self.delete_service(&k, now));
-                }
-                for k in unseen(self.nodes.objects(), &nodes) {
-                    changed += usize::from(self.nodes.delete(&k, now));
-                }
-                changed
-            }
+            SourceUpdate::RelistDone(_) | SourceUpdate::Synced => 0,
             SourceUpdate::Upsert(o) => {
                 let key = o.key();
                 usize::from(match o {
@@ -184,16 +155,22 @@ impl Store {
         }
     }
 
+    /// Records a sequence of updates (a whole listing, say); returns how many objects
+    /// changed.
+    pub fn record_all(
+        &mut self,
+        updates: impl IntoIterator<Item = SourceUpdate>,
+        now: SystemTime,
+    ) -> usize {
+        updates.into_iter().map(|u| self.record(u, now)).sum()
+    }
+
     /// Notes a key as listed in the relists under way.
     fn seen(&mut self, kind: Kind, key: ObjectKey) {
         if kind.is_policy() {
             return;
         }
-        let i = kind.index();
-        if let Some(seen) = &mut self.relist {
-            seen[i].insert(key.clone());
-        }
-        if let Some(seen) = &mut self.kind_relist[i] {
+        if let Some(seen) = &mut self.kind_relist[kind.index()] {
             seen.insert(key);
         }
     }
@@ -422,7 +399,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::Object;
+    use crate::objects::Object;
 
     fn svc(name: &str, ip: &str) -> Object {
         Object::Service(serde_yaml_ng::from_str(&format!("{{apiVersion: v1, kind: Service, metadata: {{name: {name}, namespace: d}}, spec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}}}")).unwrap())
@@ -436,8 +413,8 @@ mod tests {
     fn relist_deletes_what_it_did_not_see_and_marks_only_changed_services() {
         let t = SystemTime::UNIX_EPOCH;
         let mut s = Store::default();
-        s.record(
-            SourceUpdate::Replace(vec![
+        s.record_all(
+            SourceUpdate::listing(vec![
                 svc("a", "10.96.0.1"),
                 svc("b", "10.96.0.2"),
                 slice("a-1", "a"),
@@ -446,7 +423,7 @@ mod tests {
             t,
         );
         s.take_changes();
-        s.record(SourceUpdate::RelistStart, t);
+        s.record_all(Kind::ALL.map(SourceUpdate::RelistStart), t);
         for o in [
             svc("a", "10.96.0.1"),
             svc("b", "10.96.0.2"),
@@ -458,7 +435,7 @@ mod tests {
             s.take_changes().services.is_empty(),
             "nothing changed yet: the relist is open"
         );
-        s.record(SourceUpdate::RelistDone, t);
+        s.record_all(Kind::ALL.map(SourceUpdate::RelistDone), t);
         let changes = s.take_changes();
         assert_eq!(
             changes
@@ -476,8 +453,8 @@ mod tests {
     fn a_slice_moving_to_another_service_changes_both() {
         let t = SystemTime::UNIX_EPOCH;
         let mut s = Store::default();
-        s.record(
-            SourceUpdate::Replace(vec![
+        s.record_all(
+            SourceUpdate::listing(vec![
                 svc("a", "10.96.0.1"),
                 svc("b", "10.96.0.2"),
                 slice("x", "a"),
@@ -499,7 +476,7 @@ mod tests {
     fn an_invalid_update_keeps_the_last_good_version() {
         let t = SystemTime::UNIX_EPOCH;
         let mut s = Store::default();
-        s.record(SourceUpdate::Replace(vec![svc("a", "10.96.0.1")]), t);
+        s.record_all(SourceUpdate::listing(vec![svc("a", "10.96.0.1")]), t);
         s.take_changes();
         s.record(SourceUpdate::Upsert(svc("a", "not-an-ip")), t);
         assert!(s.take_changes().services.is_empty());
@@ -508,15 +485,15 @@ mod tests {
             Some(Ok(_))
         ));
         // A relist that could not read the object keeps it too.
-        s.record(SourceUpdate::RelistStart, t);
+        s.record_all(Kind::ALL.map(SourceUpdate::RelistStart), t);
         s.record(
-            SourceUpdate::RelistInvalid(crate::source::ObjectRef {
+            SourceUpdate::RelistInvalid(crate::objects::ObjectRef {
                 kind: Kind::Service,
                 key: ObjectKey::new("d", "a"),
             }),
             t,
         );
-        s.record(SourceUpdate::RelistDone, t);
+        s.record_all(Kind::ALL.map(SourceUpdate::RelistDone), t);
         assert!(s.take_changes().services.is_empty());
         assert_eq!(s.services().len(), 1);
     }
@@ -544,7 +521,7 @@ mod tests {
                 // Some batches arrive as a whole relist (what is not listed goes).
                 let relist = relist_every > 0 && i % relist_every == 0;
                 if relist {
-                    s.record(SourceUpdate::RelistStart, t);
+                    s.record_all(Kind::ALL.map(SourceUpdate::RelistStart), t);
                 }
                 // (a Service or a slice, which one, valid or not, deleted or not)
                 for (is_service, n, valid, delete) in batch {
@@ -571,7 +548,7 @@ mod tests {
                     proptest::prop_assert_eq!(s.invalid_objects(), s.count_invalid_objects());
                 }
                 if relist {
-                    s.record(SourceUpdate::RelistDone, t);
+                    s.record_all(Kind::ALL.map(SourceUpdate::RelistDone), t);
                 }
                 proptest::prop_assert_eq!(s.invalid_objects(), s.count_invalid_objects());
                 s.take_changes();

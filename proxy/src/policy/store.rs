@@ -9,7 +9,7 @@ use super::compile::{compile, CompiledPolicy};
 use super::types::{namespace_labels, Labels, PodInfo, PodKey};
 use super::verdict::PolicySet;
 use crate::model::ObjectKey;
-use crate::source::{Kind, Object, ObjectRef, SourceUpdate};
+use crate::objects::{Kind, Object, ObjectRef, SourceUpdate};
 
 /// Reduced policy inputs with relist bookkeeping.
 #[derive(Debug, Default)]
@@ -17,9 +17,7 @@ pub struct PolicyStore {
     pods: BTreeMap<PodKey, PodInfo>,
     namespaces: BTreeMap<String, Labels>,
     policies: BTreeMap<ObjectKey, CompiledPolicy>,
-    /// Keys seen since `RelistStart`, per policy kind (Pod, Namespace, NetworkPolicy).
-    relist: Option<[BTreeSet<ObjectKey>; 3]>,
-    /// Keys seen since `KindRelistStart` of each policy kind.
+    /// Keys seen since `RelistStart` of each policy kind (Pod, Namespace, NetworkPolicy).
     kind_relist: [Option<BTreeSet<ObjectKey>>; 3],
     /// Policy versions received with errors (each kept failed closed).
     invalid_received: u64,
@@ -45,17 +43,6 @@ impl PolicyStore {
     /// Updates of the service proxy's kinds are ignored.
     pub fn record(&mut self, update: SourceUpdate) -> bool {
         match update {
-            SourceUpdate::Replace(objects) => {
-                let mut changed = self.record(SourceUpdate::RelistStart);
-                for o in objects {
-                    changed |= self.record(SourceUpdate::RelistItem(o));
-                }
-                self.record(SourceUpdate::RelistDone) || changed
-            }
-            SourceUpdate::RelistStart => {
-                self.relist = Some(Default::default());
-                false
-            }
             SourceUpdate::RelistItem(o) => {
                 self.seen(o.kind(), o.key());
                 self.record(SourceUpdate::Upsert(o))
@@ -64,27 +51,17 @@ impl PolicyStore {
                 self.seen(r.kind, r.key);
                 false
             }
-            SourceUpdate::KindRelistStart(kind) => {
+            SourceUpdate::RelistStart(kind) => {
                 if let Some(i) = slot(kind) {
                     self.kind_relist[i] = Some(BTreeSet::new());
                 }
                 false
             }
-            SourceUpdate::KindRelistDone(kind) => {
+            SourceUpdate::RelistDone(kind) => {
                 let Some(seen) = slot(kind).and_then(|i| self.kind_relist[i].take()) else {
                     return false;
                 };
                 self.delete_unseen(kind, &seen)
-            }
-            SourceUpdate::RelistDone => {
-                self.synced = true;
-                let Some([pods, namespaces, policies]) = self.relist.take() else {
-                    return false;
-                };
-                let a = self.delete_unseen(Kind::Pod, &pods);
-                let b = self.delete_unseen(Kind::Namespace, &namespaces);
-                let c = self.delete_unseen(Kind::NetworkPolicy, &policies);
-                a || b || c
             }
             SourceUpdate::Synced => {
                 self.synced = true;
@@ -95,11 +72,18 @@ impl PolicyStore {
         }
     }
 
+    /// Records a sequence of updates (a whole listing, say); returns whether anything
+    /// changed.
+    pub fn record_all(&mut self, updates: impl IntoIterator<Item = SourceUpdate>) -> bool {
+        let mut changed = false;
+        for u in updates {
+            changed |= self.record(u);
+        }
+        changed
+    }
+
     fn seen(&mut self, kind: Kind, key: ObjectKey) {
         let Some(i) = slot(kind) else { return };
-        if let Some(seen) = &mut self.relist {
-            seen[i].insert(key.clone());
-        }
         if let Some(seen) = &mut self.kind_relist[i] {
             seen.insert(key);
         }
@@ -247,7 +231,7 @@ mod tests {
     #[test]
     fn relists_delete_what_they_lack_and_unchanged_versions_are_not_changes() {
         let mut s = PolicyStore::default();
-        assert!(s.record(SourceUpdate::Replace(vec![
+        assert!(s.record_all(SourceUpdate::listing(vec![
             pod("x", "a", "a", "10.0.0.1"),
             pod("x", "b", "b", "10.0.0.2"),
             deny_all("x", "deny"),
@@ -257,14 +241,14 @@ mod tests {
         // Same pod again, only an unread field differs: no change.
         assert!(!s.record(SourceUpdate::Upsert(pod("x", "a", "a", "10.0.0.1"))));
         // A policy relist without the policy deletes it; pods stay.
-        s.record(SourceUpdate::KindRelistStart(Kind::NetworkPolicy));
-        assert!(s.record(SourceUpdate::KindRelistDone(Kind::NetworkPolicy)));
+        s.record(SourceUpdate::RelistStart(Kind::NetworkPolicy));
+        assert!(s.record(SourceUpdate::RelistDone(Kind::NetworkPolicy)));
         assert_eq!(s.counts(), (2, 0, 0));
         assert!(allows(&s, "10.0.0.1", "10.0.0.2"));
         // A relist of pods lacking b deletes b only.
-        s.record(SourceUpdate::KindRelistStart(Kind::Pod));
+        s.record(SourceUpdate::RelistStart(Kind::Pod));
         s.record(SourceUpdate::RelistItem(pod("x", "a", "a", "10.0.0.1")));
-        assert!(s.record(SourceUpdate::KindRelistDone(Kind::Pod)));
+        assert!(s.record(SourceUpdate::RelistDone(Kind::Pod)));
         assert_eq!(s.counts(), (1, 0, 0));
     }
 
@@ -279,7 +263,7 @@ mod tests {
             }))
             .unwrap(),
         );
-        s.record(SourceUpdate::Replace(vec![
+        s.record_all(SourceUpdate::listing(vec![
             pod("x", "a", "a", "10.0.0.1"),
             pod("x", "b", "b", "10.0.0.2"),
             bad,

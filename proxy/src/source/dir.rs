@@ -363,7 +363,9 @@ fn relist(
     send: &mut impl FnMut(SourceUpdate),
     report: &mut impl FnMut(&DocumentError),
 ) -> Sent {
-    send(SourceUpdate::RelistStart);
+    for kind in Kind::ALL {
+        send(SourceUpdate::RelistStart(kind));
+    }
     let mut seen = BTreeSet::new();
     let mut state = Sent::default();
     let (mut objects, mut errors) = (0usize, 0usize);
@@ -424,7 +426,10 @@ fn relist(
             },
         );
     }
-    send(SourceUpdate::RelistDone);
+    for kind in Kind::ALL {
+        send(SourceUpdate::RelistDone(kind));
+    }
+    send(SourceUpdate::Synced);
     tracing::info!(path = %path.display(), objects, errors, "manifests loaded");
     state
 }
@@ -705,8 +710,8 @@ fn parse_object(v: Value) -> Result<Option<Object>, ParseError> {
     })
 }
 
-/// Sends the directory's objects as a relist (`RelistStart`, one `RelistItem` per object,
-/// `RelistDone`), then, after every change of the files (debounced), the objects of the
+/// Sends the directory's objects as a listing of every kind (a `RelistStart` per kind, one
+/// `RelistItem` per object, a `RelistDone` per kind, `Synced`), then, after every change of the files (debounced), the objects of the
 /// changed files and deletions of what no file holds any more, or a relist when the change
 /// touches an object several files define. Returns when the receiver is gone.
 pub async fn run(path: PathBuf, tx: Sender<SourceUpdate>) -> Result<(), DirSourceError> {
@@ -861,6 +866,7 @@ metadata: {name: ignored}
         let mut next = Some(first);
         while let Some(u) = next {
             out.push(short(&u));
+            out.retain(|w| !w.is_empty());
             next = tokio::time::timeout(Duration::from_millis(400), rx.recv())
                 .await
                 .ok()
@@ -877,16 +883,19 @@ metadata: {name: ignored}
 
     const INVALID_WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {clusterIP: 10.96.0.9, ports: [{port: eighty}]}\n";
 
+    /// What a step sent, one word per update; a listing of every kind reads as one
+    /// `start` and one `done`.
     fn short(u: &SourceUpdate) -> String {
         match u {
-            SourceUpdate::RelistStart => "start".to_owned(),
-            SourceUpdate::RelistDone => "done".to_owned(),
+            SourceUpdate::RelistStart(k) if *k == Kind::ALL[0] => "start".to_owned(),
+            SourceUpdate::RelistDone(k) if *k == Kind::ALL[5] => "done".to_owned(),
+            SourceUpdate::RelistStart(_) | SourceUpdate::RelistDone(_) | SourceUpdate::Synced => {
+                String::new()
+            }
             SourceUpdate::RelistItem(o) => format!("item {}", o.key()),
             SourceUpdate::RelistInvalid(r) => format!("invalid {}", r.key),
             SourceUpdate::Upsert(o) => format!("upsert {}", o.key()),
             SourceUpdate::Delete(r) => format!("delete {}", r.key),
-            SourceUpdate::Replace(_) => "replace".to_owned(),
-            other => format!("{other:?}"),
         }
     }
 
@@ -935,6 +944,7 @@ metadata: {name: ignored}
             let mut out = Vec::new();
             for u in updates {
                 out.push(short(&u));
+                out.retain(|w| !w.is_empty());
                 self.store.record(u, std::time::SystemTime::now());
             }
             out

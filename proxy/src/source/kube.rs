@@ -3,7 +3,7 @@
 //!
 //! - Services and EndpointSlices are selected as kube-proxy selects them: without the
 //!   `service.kubernetes.io/service-proxy-name` and `service.kubernetes.io/headless` labels.
-//! - Each watch starts with a listing (`KindRelistStart`, `RelistItem`s, `KindRelistDone`);
+//! - Each watch starts with a listing (`RelistStart`, `RelistItem`s, `RelistDone`);
 //!   once all have listed, `Synced` tells the runner it may program the kernel.
 //! - With NetworkPolicy enforcement on, Pods, Namespaces and NetworkPolicies of every
 //!   namespace are watched too (for the policy controller).
@@ -170,9 +170,9 @@ fn map_event<K>(e: Event<K>, wrap: impl Fn(K) -> Object) -> Event<Object> {
 /// The update one watch event means.
 pub fn update_for(kind: Kind, e: Event<Object>) -> SourceUpdate {
     match e {
-        Event::Init => SourceUpdate::KindRelistStart(kind),
+        Event::Init => SourceUpdate::RelistStart(kind),
         Event::InitApply(o) => SourceUpdate::RelistItem(o),
-        Event::InitDone => SourceUpdate::KindRelistDone(kind),
+        Event::InitDone => SourceUpdate::RelistDone(kind),
         Event::Apply(o) => SourceUpdate::Upsert(o),
         Event::Delete(o) => SourceUpdate::Delete(ObjectRef { kind, key: o.key() }),
     }

@@ -1,9 +1,9 @@
 //! Splits one source's updates between the service proxy and the policy controller: each
-//! object goes to the consumer that reads its kind, listings and `Synced` go to both (so
-//! each sees complete relists of its own kinds). Without a policy controller its kinds are
+//! object goes to the consumer that reads its kind, a listing goes to the consumer that
+//! reads its kind, `Synced` to both (so each sees complete relists of its own kinds). Without a policy controller its kinds are
 //! dropped here.
 
-use super::{Object, SourceUpdate};
+use super::SourceUpdate;
 use tokio::sync::mpsc::{Receiver, Sender};
 
 /// Where one update goes.
@@ -29,13 +29,6 @@ pub fn route(u: SourceUpdate) -> Route {
         }
     };
     match u {
-        SourceUpdate::Replace(objects) => {
-            let (policy, proxy): (Vec<Object>, Vec<Object>) =
-                objects.into_iter().partition(|o| o.kind().is_policy());
-            Route::Both(SourceUpdate::Replace(proxy), SourceUpdate::Replace(policy))
-        }
-        SourceUpdate::RelistStart => Route::Both(SourceUpdate::RelistStart, u),
-        SourceUpdate::RelistDone => Route::Both(SourceUpdate::RelistDone, u),
         SourceUpdate::Synced => Route::Both(SourceUpdate::Synced, u),
         SourceUpdate::RelistItem(ref o) | SourceUpdate::Upsert(ref o) => {
             by_kind(o.kind().is_policy(), u)
@@ -43,9 +36,7 @@ pub fn route(u: SourceUpdate) -> Route {
         SourceUpdate::RelistInvalid(ref r) | SourceUpdate::Delete(ref r) => {
             by_kind(r.kind.is_policy(), u)
         }
-        SourceUpdate::KindRelistStart(k) | SourceUpdate::KindRelistDone(k) => {
-            by_kind(k.is_policy(), u)
-        }
+        SourceUpdate::RelistStart(k) | SourceUpdate::RelistDone(k) => by_kind(k.is_policy(), u),
     }
 }
 
@@ -80,6 +71,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::objects::ObjectKey;
+    use crate::source::Object;
     use crate::source::{Kind, ObjectRef};
 
     fn obj(kind: &str) -> Object {
@@ -107,28 +99,44 @@ mod tests {
         });
         assert!(matches!(route(del), Route::Policy(_)));
         assert!(matches!(
-            route(SourceUpdate::KindRelistStart(Kind::Namespace)),
+            route(SourceUpdate::RelistStart(Kind::Namespace)),
             Route::Policy(_)
         ));
         assert!(matches!(
-            route(SourceUpdate::KindRelistDone(Kind::Node)),
+            route(SourceUpdate::RelistDone(Kind::Node)),
             Route::Proxy(_)
         ));
         assert_eq!(
             route(SourceUpdate::Synced),
             Route::Both(SourceUpdate::Synced, SourceUpdate::Synced)
         );
-        let Route::Both(SourceUpdate::Replace(a), SourceUpdate::Replace(b)) =
-            route(SourceUpdate::Replace(vec![
-                obj("Service"),
-                obj("Pod"),
-                obj("NetworkPolicy"),
-            ]))
-        else {
-            panic!("a Replace is split in two");
+        // A complete listing: each side gets its own kinds' listings and items.
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for u in SourceUpdate::listing([obj("Service"), obj("Pod"), obj("NetworkPolicy")]) {
+            match route(u) {
+                Route::Proxy(u) => a.push(u),
+                Route::Policy(u) => b.push(u),
+                Route::Both(x, y) => {
+                    a.push(x);
+                    b.push(y);
+                }
+            }
+        }
+        let items = |v: &[SourceUpdate]| {
+            v.iter()
+                .filter(|u| matches!(u, SourceUpdate::RelistItem(_)))
+                .count()
         };
-        assert_eq!(a.len(), 1);
-        assert_eq!(b.len(), 2);
+        assert_eq!(items(&a), 1);
+        assert_eq!(items(&b), 2);
+        let starts = |v: &[SourceUpdate], kinds: [Kind; 3]| {
+            kinds.iter().all(|k| {
+                v.contains(&SourceUpdate::RelistStart(*k))
+                    && v.contains(&SourceUpdate::RelistDone(*k))
+            })
+        };
+        assert!(starts(&a, Kind::PROXY) && !a.contains(&SourceUpdate::RelistStart(Kind::Pod)));
+        assert!(starts(&b, Kind::POLICY) && !b.contains(&SourceUpdate::RelistStart(Kind::Node)));
     }
 
     #[tokio::test]

@@ -17,8 +17,8 @@ use crate::dataplane::nft::policy::{render, POLICY_TABLE};
 use crate::dataplane::nft::FAMILIES;
 use crate::dataplane::nft::{DumpedTable, Family, NftBackend, Plan};
 use crate::http::metrics::{label, Metrics};
+use crate::objects::{Kind, SourceUpdate};
 use crate::policy::store::PolicyStore;
-use crate::source::{Kind, SourceUpdate};
 use crate::sync::schedule::{sleep_until, Pacing, Schedule};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -259,7 +259,7 @@ mod tests {
     use super::*;
     use crate::dataplane::nft::fake::SharedFake;
     use crate::dataplane::nft::table::Key;
-    use crate::source::Object;
+    use crate::objects::{Kind, Object};
     use serde_json::json;
 
     fn pod(name: &str, app: &str, ip: &str, node: &str) -> Object {
@@ -311,6 +311,13 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// Sends a complete listing holding exactly `objects`.
+    async fn send_listing(tx: &tokio::sync::mpsc::Sender<SourceUpdate>, objects: Vec<Object>) {
+        for u in SourceUpdate::listing(objects) {
+            tx.send(u).await.unwrap();
+        }
+    }
+
     async fn settle() {
         tokio::time::sleep(Duration::from_millis(120)).await;
     }
@@ -319,7 +326,9 @@ mod tests {
     async fn nothing_is_written_before_the_listing_and_only_local_pods_are_isolated() {
         let fake = SharedFake::default();
         let (tx, metrics) = start(&fake, None);
-        tx.send(SourceUpdate::RelistStart).await.unwrap();
+        for k in Kind::ALL {
+            tx.send(SourceUpdate::RelistStart(k)).await.unwrap();
+        }
         for o in [
             pod("web", "web", "10.244.1.5", "n1"),
             pod("web-far", "web", "10.244.2.5", "n2"),
@@ -334,7 +343,10 @@ mod tests {
             0,
             "no kernel write before the listing is complete"
         );
-        tx.send(SourceUpdate::RelistDone).await.unwrap();
+        for k in Kind::ALL {
+            tx.send(SourceUpdate::RelistDone(k)).await.unwrap();
+        }
+        tx.send(SourceUpdate::Synced).await.unwrap();
         settle().await;
         assert_eq!(elements(&fake, "ingress_isolated"), ["10.244.1.5"]);
         assert_eq!(elements(&fake, "x_web_in0_pods"), ["10.244.2.6"]);
@@ -368,12 +380,11 @@ mod tests {
         let fake = SharedFake::default();
         let (tx, metrics) = start(&fake, None);
         fake.fail_next_apply();
-        tx.send(SourceUpdate::Replace(vec![
-            pod("web", "web", "10.244.1.5", "n1"),
-            allow_from("client"),
-        ]))
-        .await
-        .unwrap();
+        send_listing(
+            &tx,
+            vec![pod("web", "web", "10.244.1.5", "n1"), allow_from("client")],
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(metrics.policy_sync_failures.get(), 1);
         assert_eq!(elements(&fake, "ingress_isolated"), ["10.244.1.5"]);
@@ -386,12 +397,11 @@ mod tests {
         let fake = SharedFake::default();
         let (tx, _) = start(&fake, Some(dir.path().to_owned()));
         // nodeName says n2, the attachment record says here: the record wins.
-        tx.send(SourceUpdate::Replace(vec![
-            pod("web", "web", "10.244.1.5", "n2"),
-            allow_from("client"),
-        ]))
-        .await
-        .unwrap();
+        send_listing(
+            &tx,
+            vec![pod("web", "web", "10.244.1.5", "n2"), allow_from("client")],
+        )
+        .await;
         settle().await;
         assert!(elements(&fake, "ingress_isolated").is_empty());
         let rec = dir.path().join("weir/attachments");

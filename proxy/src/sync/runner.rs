@@ -15,7 +15,7 @@ use crate::model::{
     compute_service, recompute_with, DesiredState, ModelConfig, NodePortAddresses, ServiceDelta,
     Store,
 };
-use crate::source::SourceUpdate;
+use crate::objects::SourceUpdate;
 use crate::sync::effects::SideEffects;
 use crate::sync::schedule::{sleep_until, Pacing, Schedule};
 use crate::sync::tally::ServiceTally;
@@ -104,10 +104,7 @@ impl<D: Dataplane> Runner<D> {
 
     fn record(&mut self, u: SourceUpdate, schedule: &mut Schedule) {
         let now = SystemTime::now();
-        if matches!(
-            u,
-            SourceUpdate::Replace(_) | SourceUpdate::RelistDone | SourceUpdate::Synced
-        ) {
+        if u == SourceUpdate::Synced {
             schedule.set_ready();
         }
         let (svc_before, eps_before) = self.store.total_changes();
@@ -348,7 +345,7 @@ mod tests {
     use crate::dataplane::nft::sync::NftDataplane;
     use crate::dataplane::nft::{DumpedTable, Family, FAMILIES};
     use crate::dataplane::none::NoServices;
-    use crate::source::Object;
+    use crate::objects::Object;
 
     fn cfg(min_sync: u64) -> RunnerConfig {
         RunnerConfig {
@@ -372,6 +369,13 @@ mod tests {
             Object::Service(serde_yaml_ng::from_str(&s).unwrap()),
             Object::EndpointSlice(serde_yaml_ng::from_str(&e).unwrap()),
         ]
+    }
+
+    /// Sends a complete listing holding exactly `objects`.
+    fn send_listing(tx: &tokio::sync::mpsc::Sender<SourceUpdate>, objects: Vec<Object>) {
+        for u in SourceUpdate::listing(objects) {
+            tx.try_send(u).unwrap();
+        }
     }
 
     fn nft(fake: &SharedFake) -> NftDataplane<SharedFake> {
@@ -432,12 +436,7 @@ mod tests {
         );
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(runner.run(rx));
-        tx.try_send(SourceUpdate::Replace(svc(
-            "a",
-            "10.96.0.1",
-            &["10.244.1.1"],
-        )))
-        .unwrap();
+        send_listing(&tx, svc("a", "10.96.0.1", &["10.244.1.1"]));
         settle().await;
         assert_eq!(maps.contents().services.len(), 1);
         assert_eq!(maps.contents().backends.len(), 1);
@@ -480,7 +479,7 @@ mod tests {
         let node = "{apiVersion: v1, kind: Node, metadata: {name: node1}, spec: {podCIDRs: [10.244.1.0/24]}}";
         let mut objects = svc("a", "10.96.0.1", &["10.244.1.1"]);
         objects.push(Object::Node(serde_yaml_ng::from_str(node).unwrap()));
-        tx.try_send(SourceUpdate::Replace(objects)).unwrap();
+        send_listing(&tx, objects);
         settle().await;
         let written = std::fs::read_to_string(&file).expect("the pod CIDRs file is written");
         assert!(written.contains("10.244.1.0/24"), "{written}");
@@ -512,12 +511,7 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(runner.run(rx));
         nft.fail_next_apply();
-        tx.try_send(SourceUpdate::Replace(svc(
-            "a",
-            "10.96.0.1",
-            &["10.244.1.1"],
-        )))
-        .unwrap();
+        send_listing(&tx, svc("a", "10.96.0.1", &["10.244.1.1"]));
         settle().await;
         let text = metrics.encode().unwrap();
         assert!(
@@ -541,12 +535,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sync_metrics_are_observed_per_family_and_failures_count_against_theirs() {
         let (fake, tx, metrics) = start_with_metrics(10);
-        tx.try_send(SourceUpdate::Replace(svc(
-            "a",
-            "10.96.0.1",
-            &["10.244.1.1"],
-        )))
-        .unwrap();
+        send_listing(&tx, svc("a", "10.96.0.1", &["10.244.1.1"]));
         settle().await;
         // An IPv4-only change: only the ip table's plan has work, and it fails.
         fake.fail_next_apply();
@@ -586,11 +575,16 @@ mod tests {
         }
         settle().await;
         assert_eq!(fake.applies(), 0, "a partial view must not be programmed");
-        tx.try_send(SourceUpdate::RelistStart).unwrap();
+        for k in crate::objects::Kind::ALL {
+            tx.try_send(SourceUpdate::RelistStart(k)).unwrap();
+        }
         for o in svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]) {
             tx.try_send(SourceUpdate::RelistItem(o)).unwrap();
         }
-        tx.try_send(SourceUpdate::RelistDone).unwrap();
+        for k in crate::objects::Kind::ALL {
+            tx.try_send(SourceUpdate::RelistDone(k)).unwrap();
+        }
+        tx.try_send(SourceUpdate::Synced).unwrap();
         settle().await;
         assert!(fake.applies() > 0);
         assert_eq!(backends(&fake), 2);
@@ -599,12 +593,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn changes_within_the_min_sync_period_are_applied_in_one_sync() {
         let (fake, tx) = start(1500);
-        tx.try_send(SourceUpdate::Replace(svc(
-            "a",
-            "10.96.0.1",
-            &["10.244.1.1"],
-        )))
-        .unwrap();
+        send_listing(&tx, svc("a", "10.96.0.1", &["10.244.1.1"]));
         settle().await;
         let first = fake.applies();
         assert!(first > 0);
@@ -625,12 +614,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_apply_is_retried_as_a_full_sync_and_nothing_is_lost() {
         let (fake, tx) = start(10);
-        tx.try_send(SourceUpdate::Replace(svc(
-            "a",
-            "10.96.0.1",
-            &["10.244.1.1"],
-        )))
-        .unwrap();
+        send_listing(&tx, svc("a", "10.96.0.1", &["10.244.1.1"]));
         settle().await;
         let dumps = fake.dumps();
         let first = fake.applies();
@@ -652,11 +636,11 @@ mod tests {
         let (fake, tx) = start(10);
         let mut objects = svc("a", "10.96.0.1", &["10.244.1.1"]);
         objects.extend(svc("b", "10.96.0.1", &["10.244.1.2", "10.244.1.3"]));
-        tx.try_send(SourceUpdate::Replace(objects)).unwrap();
+        send_listing(&tx, objects);
         settle().await;
         assert_eq!(backends(&fake), 1, "a owns 10.96.0.1:80; b is left out");
-        tx.try_send(SourceUpdate::Delete(crate::source::ObjectRef {
-            kind: crate::source::Kind::Service,
+        tx.try_send(SourceUpdate::Delete(crate::objects::ObjectRef {
+            kind: crate::objects::Kind::Service,
             key: crate::model::ObjectKey::new("d", "a"),
         }))
         .unwrap();
@@ -669,7 +653,7 @@ mod tests {
         let (fake, tx, metrics) = start_with_metrics(10);
         let mut objects = svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]);
         objects.extend(svc("b", "10.96.0.2", &["10.244.1.3"]));
-        tx.try_send(SourceUpdate::Replace(objects)).unwrap();
+        send_listing(&tx, objects);
         settle().await;
         let before = fake.table(Family::Ip).unwrap();
         let applies = fake.applies();
@@ -720,27 +704,25 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_api_source_programs_nothing_until_every_kind_has_listed() {
-        use crate::source::Kind;
+        use crate::objects::Kind;
         let (fake, tx) = start(10);
         let objects = svc("a", "10.96.0.1", &["10.244.1.1"]);
-        tx.try_send(SourceUpdate::KindRelistStart(Kind::Service))
+        tx.try_send(SourceUpdate::RelistStart(Kind::Service))
             .unwrap();
         tx.try_send(SourceUpdate::RelistItem(objects[0].clone()))
             .unwrap();
-        tx.try_send(SourceUpdate::KindRelistDone(Kind::Service))
+        tx.try_send(SourceUpdate::RelistDone(Kind::Service))
             .unwrap();
-        tx.try_send(SourceUpdate::KindRelistStart(Kind::EndpointSlice))
+        tx.try_send(SourceUpdate::RelistStart(Kind::EndpointSlice))
             .unwrap();
         tx.try_send(SourceUpdate::RelistItem(objects[1].clone()))
             .unwrap();
-        tx.try_send(SourceUpdate::KindRelistDone(Kind::EndpointSlice))
+        tx.try_send(SourceUpdate::RelistDone(Kind::EndpointSlice))
             .unwrap();
         settle().await;
         assert_eq!(fake.applies(), 0, "Nodes have not listed yet");
-        tx.try_send(SourceUpdate::KindRelistStart(Kind::Node))
-            .unwrap();
-        tx.try_send(SourceUpdate::KindRelistDone(Kind::Node))
-            .unwrap();
+        tx.try_send(SourceUpdate::RelistStart(Kind::Node)).unwrap();
+        tx.try_send(SourceUpdate::RelistDone(Kind::Node)).unwrap();
         tx.try_send(SourceUpdate::Synced).unwrap();
         settle().await;
         assert!(fake.applies() > 0);
@@ -760,7 +742,7 @@ mod tests {
         let mut objects = svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.2"]);
         objects.extend(svc("b", "10.96.0.2", &["10.244.1.3"]));
         objects.extend(svc("c", "10.96.0.3", &[]));
-        tx.try_send(SourceUpdate::Replace(objects)).unwrap();
+        send_listing(&tx, objects);
         settle().await;
         // Incremental syncs: an endpoint added, a Service deleted, one added.
         let mut now: Vec<Object> = svc(
@@ -772,8 +754,8 @@ mod tests {
         for o in now.iter().cloned() {
             tx.try_send(SourceUpdate::Upsert(o)).unwrap();
         }
-        tx.try_send(SourceUpdate::Delete(crate::source::ObjectRef {
-            kind: crate::source::Kind::Service,
+        tx.try_send(SourceUpdate::Delete(crate::objects::ObjectRef {
+            kind: crate::objects::Kind::Service,
             key: ObjectKey::new("d", "b"),
         }))
         .unwrap();
@@ -783,7 +765,7 @@ mod tests {
         let mut all = now;
         all.extend(svc("b", "10.96.0.2", &["10.244.1.3"]).into_iter().skip(1));
         all.extend(svc("c", "10.96.0.3", &[]));
-        store.record(SourceUpdate::Replace(all), SystemTime::now());
+        store.record_all(SourceUpdate::listing(all), SystemTime::now());
         let mut full = DesiredState::default();
         recompute_with(&store, &cfg(10).model, &mut full, &mut |_| {});
         let want = gauges(&full);
