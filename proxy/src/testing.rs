@@ -80,8 +80,10 @@ pub fn programmed(yaml: &str, model: &ModelConfig, render: &RenderConfig, family
         .unwrap_or_else(|| panic!("the fake holds no {family:?} table"))
 }
 
-/// A scratch network namespace, deleted when dropped. Under `CI=true` a machine where it
-/// cannot be made (no root, no netns) fails the test instead of skipping it.
+/// A scratch network namespace, deleted when dropped: the one namespace guard of every
+/// tier (weir-e2e's `Netns` holds one and adds the processes it starts). Under `CI=true`
+/// a machine where it cannot be made (no root, no netns) fails the test instead of
+/// skipping it.
 #[derive(Debug)]
 pub struct ScratchNetns {
     name: String,
@@ -105,6 +107,12 @@ impl ScratchNetns {
             return None;
         }
         Some(ScratchNetns { name })
+    }
+
+    /// Takes charge of the namespace `name`, which the caller creates (alone or with
+    /// others in one `ip -batch`): it is deleted when the guard drops, made or not.
+    pub fn adopt(name: String) -> ScratchNetns {
+        ScratchNetns { name }
     }
 
     /// The namespace's name.

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+use weir_proxy::testing::ScratchNetns;
 
 /// Harness failures.
 #[derive(Debug, thiserror::Error)]
@@ -105,9 +106,10 @@ pub fn require_privileges() -> bool {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A network namespace that is deleted (with the processes started in it) when dropped.
+/// A network namespace that is deleted (with the processes started in it) when dropped:
+/// weir-proxy's scratch namespace guard plus the processes started inside.
 pub struct Netns {
-    name: String,
+    ns: ScratchNetns,
     children: Vec<Child>,
 }
 
@@ -118,7 +120,7 @@ impl Netns {
         let name = format!("weir-{}-{n}-{role}", std::process::id());
         run("ip", &["netns", "add", &name])?;
         let ns = Netns {
-            name,
+            ns: ScratchNetns::adopt(name),
             children: Vec::new(),
         };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
@@ -133,14 +135,14 @@ impl Netns {
             .map(|role| {
                 let n = COUNTER.fetch_add(1, Ordering::SeqCst);
                 Netns {
-                    name: format!("weir-{}-{n}-{role}", std::process::id()),
+                    ns: ScratchNetns::adopt(format!("weir-{}-{n}-{role}", std::process::id())),
                     children: Vec::new(),
                 }
             })
             .collect();
         let script: String = out
             .iter()
-            .map(|ns| format!("netns add {}\n", ns.name))
+            .map(|ns| format!("netns add {}\n", ns.name()))
             .collect();
         run_with_input("ip", &["-batch", "-"], &script)?;
         Ok(out)
@@ -148,7 +150,7 @@ impl Netns {
 
     /// Runs `ip` commands (one per line) inside the namespace in one process.
     pub fn batch(&self, commands: &str) -> Result<()> {
-        run_with_input("ip", &["-n", &self.name, "-batch", "-"], commands).map(|_| ())
+        run_with_input("ip", &["-n", self.ns.name(), "-batch", "-"], commands).map(|_| ())
     }
 
     /// Sets several sysctls inside the namespace in one process.
@@ -164,12 +166,12 @@ impl Netns {
 
     /// The namespace's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.ns.name()
     }
 
     /// Runs a command inside the namespace.
     pub fn exec(&self, cmd: &[&str]) -> Result<Output> {
-        let mut args = vec!["netns", "exec", &self.name];
+        let mut args = vec!["netns", "exec", self.ns.name()];
         args.extend_from_slice(cmd);
         run("ip", &args)
     }
@@ -177,7 +179,7 @@ impl Netns {
     /// Starts a background process inside the namespace (killed on drop).
     pub fn spawn(&mut self, cmd: &[&str], stdout: Stdio) -> Result<&mut Child> {
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.name])
+            .args(["netns", "exec", self.ns.name()])
             .args(cmd)
             .stdout(stdout)
             .stderr(Stdio::inherit())
@@ -196,7 +198,7 @@ impl Netns {
     /// bpffs mounts that eBPF mode needs); killed on drop.
     pub fn spawn_keeping_mounts(&mut self, cmd: &[&str], stdout: Stdio) -> Result<&mut Child> {
         let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.name))
+            .arg(format!("--net=/run/netns/{}", self.ns.name()))
             .args(cmd)
             .stdout(stdout)
             .stderr(Stdio::inherit())
@@ -233,7 +235,7 @@ impl Drop for Netns {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = run("ip", &["netns", "del", &self.name]);
+        // The namespace itself goes with `self.ns`, after its processes.
     }
 }
 
