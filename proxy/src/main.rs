@@ -5,7 +5,6 @@ use anyhow::Context;
 use std::sync::Arc;
 use weir_proxy::config::{ProxyMode, SourceConfig};
 use weir_proxy::dataplane::conntrack::Conntrack;
-use weir_proxy::dataplane::nft::diff::cleanup_plan;
 use weir_proxy::dataplane::nft::kernel::KernelNft;
 use weir_proxy::dataplane::nft::render::RenderConfig;
 use weir_proxy::http::healthcheck::HealthCheckServer;
@@ -20,10 +19,9 @@ type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Resu
 use weir_proxy::dataplane::ebpf::sync::EbpfDataplane;
 use weir_proxy::dataplane::ipvs::sync::IpvsDataplane;
 use weir_proxy::dataplane::nft::policy::POLICY_TABLE;
-use weir_proxy::dataplane::nft::sync::NftDataplane;
-use weir_proxy::dataplane::nft::FAMILIES;
+use weir_proxy::dataplane::nft::sync::{remove_tables, NftDataplane};
 use weir_proxy::dataplane::none::NoServices;
-use weir_proxy::dataplane::Dataplane;
+use weir_proxy::dataplane::{Dataplane, DataplaneError};
 use weir_proxy::sync::effects::SideEffects;
 use weir_proxy::sync::policy::{PolicyConfig, PolicyController};
 use weir_proxy::sync::runner::{Runner, RunnerConfig};
@@ -70,9 +68,8 @@ fn daemon() -> anyhow::Result<()> {
         tracing::info!(dir = %cfg.ebpf.bpffs_dir.display(), pins, "removed weir's eBPF links and maps");
         let policy = kernel.clone().for_table(POLICY_TABLE);
         for k in [&kernel, &policy] {
-            for family in FAMILIES {
-                let existing = k.dump(family)?;
-                k.apply(&cleanup_plan(existing.as_ref(), family))?;
+            if let Some(e) = remove_tables(k).into_iter().next() {
+                return Err(e.into());
             }
         }
         tracing::info!("removed weir's nftables tables");
@@ -119,19 +116,11 @@ fn remove_other_modes(
         }
     }
     if !matches!(mode, Some(ProxyMode::Nftables | ProxyMode::Ipvs)) {
-        for family in FAMILIES {
-            let removed = match kernel.dump(family) {
-                Ok(None) => continue,
-                Ok(existing) => kernel.apply(&cleanup_plan(existing.as_ref(), family)),
-                Err(e) => Err(e),
-            };
-            match removed {
-                Ok(()) => tracing::info!(%family, "removed the nftables mode's service table"),
-                Err(e) => {
-                    metrics.nftables_cleanup_failed(family);
-                    tracing::warn!(error = %e, %family, "removing the nftables mode's service table failed; retrying at the first sync");
-                }
+        for e in remove_tables(kernel) {
+            if let DataplaneError::Nft { family, .. } = e {
+                metrics.nftables_cleanup_failed(family);
             }
+            tracing::warn!(error = %e, "removing the nftables mode's service table failed; retrying at the first sync");
         }
     }
     if mode != Some(ProxyMode::Ipvs) {

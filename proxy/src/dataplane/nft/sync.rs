@@ -206,25 +206,43 @@ impl<K: NftBackend> LeftoverTables<K> {
         if !self.left {
             return Vec::new();
         }
-        let mut failed = Vec::new();
-        for family in FAMILIES {
-            let removed = match read(&self.kernel, family).await {
-                Ok(None) => continue,
-                Ok(Some(t)) => apply(&self.kernel, cleanup_plan(Some(&t), family)).await,
-                Err(e) => Err(e),
-            };
-            match removed {
-                Ok(()) => info!(%family, "removed the nftables mode's service table"),
-                Err(source) => failed.push(DataplaneError::Nft {
-                    family,
-                    step: "removing",
-                    source,
-                }),
-            }
-        }
+        let kernel = self.kernel.clone();
+        let failed = tokio::task::spawn_blocking(move || remove_tables(&kernel))
+            .await
+            .unwrap_or_else(|e| {
+                FAMILIES
+                    .map(|family| DataplaneError::Nft {
+                        family,
+                        step: "removing",
+                        source: join_error(family, e.to_string()),
+                    })
+                    .into()
+            });
         self.left = !failed.is_empty();
         failed
     }
+}
+
+/// Removes `kernel`'s table (weir's service table, or the table it is for) in both
+/// families, where it exists; returns the removals that failed. Blocking.
+pub fn remove_tables<K: NftBackend>(kernel: &K) -> Vec<DataplaneError> {
+    let mut failed = Vec::new();
+    for family in FAMILIES {
+        let removed = match kernel.dump(family) {
+            Ok(None) => continue,
+            Ok(Some(t)) => kernel.apply(&cleanup_plan(Some(&t), family)),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(()) => info!(%family, "removed weir's nftables table"),
+            Err(source) => failed.push(DataplaneError::Nft {
+                family,
+                step: "removing",
+                source,
+            }),
+        }
+    }
+    failed
 }
 
 /// Lists `family`'s table on a blocking thread.
@@ -235,7 +253,7 @@ async fn read<K: NftBackend>(
     let kernel = kernel.clone();
     tokio::task::spawn_blocking(move || kernel.dump(family))
         .await
-        .unwrap_or_else(|e| Err(join_error(family, e)))
+        .unwrap_or_else(|e| Err(join_error(family, e.to_string())))
 }
 
 /// Applies `p` on a blocking thread.
@@ -244,10 +262,10 @@ async fn apply<K: NftBackend>(kernel: &K, p: Plan) -> Result<(), KernelError> {
     let family = p.family;
     tokio::task::spawn_blocking(move || kernel.apply(&p))
         .await
-        .unwrap_or_else(|e| Err(join_error(family, e)))
+        .unwrap_or_else(|e| Err(join_error(family, e.to_string())))
 }
 
-fn join_error(family: Family, e: tokio::task::JoinError) -> KernelError {
+fn join_error(family: Family, e: String) -> KernelError {
     KernelError::List {
         family,
         table: super::table::TABLE_NAME.to_owned(),
