@@ -95,6 +95,37 @@ fn sample_name_and_labels(line: &str) -> (&str, Vec<String>) {
     (name, labels)
 }
 
+/// The p-quantile of a Prometheus histogram's IPv4 series in the text exposition `text`, as
+/// the upper bound of the bucket it falls in, with the series' count.
+pub fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<(f64, f64)> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        // `name_bucket{le="0.25",ip_family="IPv4"} 3`: the IPv4 series (weir observes every
+        // sync once per family; the labels come in either order).
+        let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) else {
+            continue;
+        };
+        let (labels, count) = rest.split_once("} ")?;
+        if !labels.split(',').any(|l| l == "ip_family=\"IPv4\"") {
+            continue;
+        }
+        let le = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("le=\""))?
+            .strip_suffix('"')?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        buckets.push((le, count.trim().parse().ok()?));
+    }
+    let total = buckets.last()?.1;
+    let want = total * p;
+    let le = buckets.iter().find(|(_, c)| *c >= want)?.0;
+    Some((le, total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use weir_e2e::apiserver::{ApiServer, ApiServerOptions};
 use weir_e2e::forward::Forwarder;
+use weir_e2e::prom::histogram_quantile;
 use weir_e2e::*;
 
 const METRICS: u16 = 10449;
@@ -38,36 +39,6 @@ endpoints: [{addresses: ["10.244.1.10"], nodeName: node1, conditions: {ready: tr
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
-}
-
-/// p-quantile from a Prometheus histogram's cumulative buckets (upper bound of the bucket).
-fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<(f64, f64)> {
-    let mut buckets: Vec<(f64, f64)> = Vec::new();
-    for line in text.lines() {
-        // `name_bucket{le="0.25",ip_family="IPv4"} 3`: the IPv4 series (weir observes every
-        // sync once per family; the labels come in either order).
-        let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) else {
-            continue;
-        };
-        let (labels, count) = rest.split_once("} ")?;
-        if !labels.split(',').any(|l| l == "ip_family=\"IPv4\"") {
-            continue;
-        }
-        let le = labels
-            .split(',')
-            .find_map(|l| l.strip_prefix("le=\""))?
-            .strip_suffix('"')?;
-        let le = if le == "+Inf" {
-            f64::INFINITY
-        } else {
-            le.parse().ok()?
-        };
-        buckets.push((le, count.trim().parse().ok()?));
-    }
-    let total = buckets.last()?.1;
-    let want = total * p;
-    let le = buckets.iter().find(|(_, c)| *c >= want)?.0;
-    Some((le, total))
 }
 
 #[test]

@@ -80,6 +80,10 @@ enum BenchCmd {
     /// shapes: control plane and data path at 1k/10k/30k services, CSV/JSON/PNG under
     /// docs/bench (about 10 minutes; --quick for one small size).
     Compare(bench::compare::CompareArgs),
+    /// weir against the real kube-proxy (the pinned release, nftables and iptables modes),
+    /// each fed by one kube-apiserver with the same Services and EndpointSlices: time to
+    /// live, endpoint change p50/p99, peak RSS, CPU; api.json/api.csv under docs/bench.
+    Api(bench::api::ApiArgs),
     /// ClusterIP against the same backend pods by pod IP (connect and request p50/p99,
     /// requests per second), per mode and service count, measured interleaved; ratios,
     /// CSV/JSON under docs/bench.
@@ -263,6 +267,7 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Sync(a)) => bench::sync::sync(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Policy(a)) => bench::policy::policy(a),
         Cmd::Bench(BenchCmd::Compare(a)) => bench::compare::compare(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Api(a)) => bench::api::api(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Datapath(a)) => bench::datapath::datapath(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Check(a)) => bench::check::check(a, &workspace_root()),
         Cmd::Apiserver(a) => apiserver::apiserver(a),

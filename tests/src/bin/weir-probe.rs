@@ -17,6 +17,9 @@
 //! - `weir-probe tcp-hold ADDR:PORT MILLIS`: the same over one TCP connection (a line and
 //!   its echo every 100 ms), reconnecting after an error;
 //! - `weir-probe get ADDR:PORT PATH`: one HTTP GET, prints the body;
+//! - `weir-probe wait ADDR:PORT NAME|- TIMEOUT_MS`: a new TCP connection and one line every
+//!   millisecond until the backend that answers is NAME (`-`: any backend); exits 0 then,
+//!   printing `{"attempts": N}`, or 1 after TIMEOUT_MS (a benchmark's "traffic follows");
 //! - `weir-probe http ADDR:PORT PATH`: one HTTP GET, prints
 //!   `{"status": N, "headers": {lowercase name: value}, "body": "..."}`, or
 //!   `{"error": KIND}` (refused, timeout, ...) when there is no answer;
@@ -359,6 +362,7 @@ fn main() -> anyhow::Result<()> {
     let mut errors: BTreeMap<&str, u64> = BTreeMap::new();
     let mut lat: Vec<u128> = Vec::new();
     match mode {
+        "wait" => return wait_for_backend(addr, &args),
         "peer" => {
             let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
             s.set_read_timeout(Some(TIMEOUT))?;
@@ -480,4 +484,36 @@ fn main() -> anyhow::Result<()> {
         json!({"answers": answers, "errors": errors, "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99)})
     );
     Ok(())
+}
+
+/// `wait ADDR:PORT NAME|- TIMEOUT_MS`: connects again and again (one line each) until NAME,
+/// or any backend, answers.
+fn wait_for_backend(addr: SocketAddr, args: &[String]) -> anyhow::Result<()> {
+    let want = args.get(3).map(String::as_str).unwrap_or("-");
+    let timeout: u64 = args
+        .get(4)
+        .map(|t| t.parse())
+        .transpose()?
+        .unwrap_or(10_000);
+    let deadline = Instant::now() + Duration::from_millis(timeout);
+    let mut attempts = 0u64;
+    while Instant::now() < deadline {
+        attempts += 1;
+        let answer = TcpStream::connect_timeout(&addr, Duration::from_millis(100)).and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let mut w = s.try_clone()?;
+            writeln!(w, "who")?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            Ok(line.trim().to_owned())
+        });
+        if let Ok(name) = answer {
+            if want == "-" || name == want {
+                println!("{}", json!({"attempts": attempts}));
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    anyhow::bail!("{addr}: no answer from {want} within {timeout} ms ({attempts} attempts)")
 }

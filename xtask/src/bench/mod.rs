@@ -4,6 +4,7 @@
 //! docs/bench/baseline.json), `plot` (the README's figures); `rig` is the topology they
 //! share and `report` the rows and tables `compare`, `check` and `plot` read.
 
+pub mod api;
 pub mod check;
 pub mod compare;
 pub mod datapath;

@@ -451,13 +451,32 @@ pub fn start_weir(
     log: &Path,
 ) -> Result<Weir> {
     let source = format!("dir:{}", dir.display());
+    let args = [
+        "--source",
+        &source,
+        "--min-sync-period",
+        "200ms",
+        "--sync-period",
+        "1h",
+    ];
+    start_weir_with(bin, node, mode, &args, scratch, log)
+}
+
+/// Starts weir-proxy like [`start_weir`] with `source_args` (the source and any sync
+/// settings) instead of a manifest directory.
+pub fn start_weir_with(
+    bin: &Path,
+    node: &Netns,
+    mode: &str,
+    source_args: &[&str],
+    scratch: Option<&EbpfScratch>,
+    log: &Path,
+) -> Result<Weir> {
     let proxy = bin.join("weir-proxy").display().to_string();
     let mut args: Vec<String> = [
         proxy.as_str(),
         "--proxy-mode",
         mode,
-        "--source",
-        &source,
         "--hostname-override",
         "node1",
         "--cluster-cidr",
@@ -468,12 +487,9 @@ pub fn start_weir(
         "127.0.0.1:10249",
         "--healthz-bind-address",
         "127.0.0.1:10256",
-        "--min-sync-period",
-        "200ms",
-        "--sync-period",
-        "1h",
     ]
     .iter()
+    .chain(source_args)
     .map(|s| s.to_string())
     .collect();
     if let Some(s) = scratch {

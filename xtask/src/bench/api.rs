@@ -1,0 +1,593 @@
+//! `cargo xtask bench api`: weir against the real kube-proxy (the pinned Kubernetes
+//! release's binary, in its nftables and iptables modes), each fed by the same
+//! kube-apiserver holding the same Services and EndpointSlices, created through the API.
+//!
+//! For each size, one kube-apiserver (with etcd) is started and N Services × E endpoints
+//! are created in it (`kubectl create`, in parallel chunks); every program then runs in
+//! turn in a fresh namespace topology (the node, E backend pods running weir-echo, a
+//! client pod), reaching the API server through a forwarder on the node's loopback. Per
+//! program:
+//! - time to live: from the process' start (every object already written) to the
+//!   last-created Service answering through its ClusterIP from the client pod;
+//! - one endpoint change, `--changes` times: the last Service's EndpointSlice is patched
+//!   to hold one other backend pod (with the `last-change-trigger-time` annotation the
+//!   EndpointSlice controller would set), timed from just before the PATCH to the first
+//!   new connection answered by that pod; p50 and p99, and the program's own
+//!   `kubeproxy_network_programming_duration_seconds` p50/p99 (bucket bounds);
+//! - peak RSS (VmHWM) and CPU seconds until live, and the CPU share of a core over
+//!   `--idle-secs` of idling afterwards.
+//!
+//! Every program runs with its own defaults for sync periods, as operators run them.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use weir_e2e::apiserver::{ApiServer, ApiServerOptions};
+use weir_e2e::forward::Forwarder;
+use weir_e2e::prom::histogram_quantile;
+use weir_e2e::{pod_ip, Netns, Topology};
+
+use crate::bench::rig::{
+    build_release, cpu_seconds_precise, loadavg, machine, now_utc, release_dir, service_ip,
+    start_weir_with, status_kib, topology, write_manifests, EbpfScratch, Machine, Proc,
+};
+
+/// Options of `bench api`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Service counts to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    sizes: Vec<usize>,
+    /// Programs to run: weir-nftables, weir-ebpf, kube-proxy-nftables, kube-proxy-iptables.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "weir-nftables,weir-ebpf,kube-proxy-nftables,kube-proxy-iptables"
+    )]
+    programs: Vec<String>,
+    /// Endpoints per Service.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Endpoint changes timed per program.
+    #[arg(long, default_value_t = 50)]
+    changes: usize,
+    /// Seconds of idling over which the idle CPU is measured.
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
+    /// A program not live after this many seconds is stopped and reported as such.
+    #[arg(long, default_value_t = 300)]
+    limit: u64,
+    /// Where api.json and api.csv go.
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+}
+
+/// One program at one size.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct ApiRow {
+    /// Services created.
+    pub services: usize,
+    /// Endpoints per Service.
+    pub endpoints: usize,
+    /// The program, with its version for kube-proxy.
+    pub program: String,
+    /// `ok`, or what went wrong.
+    pub status: String,
+    /// Seconds from start to the last Service answering.
+    pub live_s: Option<f64>,
+    /// One endpoint change, PATCH to traffic following: p50 and p99 in ms.
+    pub change_p50_ms: Option<f64>,
+    /// See `change_p50_ms`.
+    pub change_p99_ms: Option<f64>,
+    /// Changes timed.
+    pub changes: usize,
+    /// The program's own network-programming histogram: bucket bounds of p50 and p99 (s).
+    pub programming_p50_le_s: Option<f64>,
+    /// See `programming_p50_le_s`.
+    pub programming_p99_le_s: Option<f64>,
+    /// Peak RSS (MiB).
+    pub peak_rss_mib: Option<f64>,
+    /// CPU seconds from start to live.
+    pub cpu_to_live_s: Option<f64>,
+    /// CPU share of one core while idle (percent).
+    pub idle_cpu_pct: Option<f64>,
+}
+
+/// One run of `bench api`.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ApiReport {
+    /// When it ran (UTC).
+    pub date: String,
+    /// The machine.
+    pub machine: Machine,
+    /// Load average before and after.
+    pub load: (String, String),
+    /// The Kubernetes release of kube-apiserver and kube-proxy.
+    pub kubernetes: String,
+    /// Every row.
+    pub rows: Vec<ApiRow>,
+}
+
+/// The objects' namespace.
+const NAMESPACE: &str = "bench";
+
+/// Runs `bench api`.
+pub fn api(args: ApiArgs, root: &Path) -> Result<()> {
+    for p in &args.programs {
+        if !PROGRAMS.contains(&p.as_str()) {
+            bail!(
+                "--programs: unknown program {p:?} (one of {})",
+                PROGRAMS.join(", ")
+            );
+        }
+    }
+    build_release(root)?;
+    let bin = release_dir(root);
+    let bins = weir_e2e::k8s::ensure_built().context("building the pinned Kubernetes release")?;
+    let release = weir_e2e::k8s::release().to_owned();
+    let work = tempfile::tempdir()?;
+    let load_before = loadavg();
+    let mut rows = Vec::new();
+    for &n in &args.sizes {
+        eprintln!("==> {n} Services x {} endpoints", args.endpoints);
+        let api = ApiServer::start(ApiServerOptions::default())?;
+        let t = Instant::now();
+        create_objects(&api, work.path(), n, args.endpoints)?;
+        eprintln!(
+            "    created {} objects through the API in {:.1} s",
+            2 * n + 1,
+            t.elapsed().as_secs_f64()
+        );
+        for program in &args.programs {
+            eprintln!("    {program}");
+            let ctx = Run {
+                bin: &bin,
+                kube_proxy: &bins.kube_proxy,
+                release: &release,
+                api: &api,
+                work: work.path(),
+                args: &args,
+                n,
+            };
+            let row = ctx.measure(program).unwrap_or_else(|e| ApiRow {
+                services: n,
+                endpoints: args.endpoints,
+                program: ctx.label(program),
+                status: format!("failed: {e:#}"),
+                ..ApiRow::default()
+            });
+            eprintln!("      {}", summary(&row));
+            rows.push(row);
+        }
+    }
+    let report = ApiReport {
+        date: now_utc(),
+        machine: machine(),
+        load: (load_before, loadavg()),
+        kubernetes: release,
+        rows,
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let json = args.out.join("api.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(args.out.join("api.csv"), to_csv(&report))?;
+    println!("{}", to_markdown(&report));
+    eprintln!("==> wrote {} and api.csv", json.display());
+    Ok(())
+}
+
+/// The programs `--programs` may name.
+const PROGRAMS: [&str; 4] = [
+    "weir-nftables",
+    "weir-ebpf",
+    "kube-proxy-nftables",
+    "kube-proxy-iptables",
+];
+
+/// Creates the namespace, the node and N Services with their EndpointSlices, four
+/// `kubectl create` at a time (one per file of 500 Services).
+fn create_objects(api: &ApiServer, work: &Path, n: usize, eps: usize) -> Result<()> {
+    let dir = work.join(format!("objects-{n}"));
+    std::fs::create_dir_all(&dir)?;
+    write_manifests(&dir, n, eps, &[], false)?;
+    api.kubectl(&["create", "namespace", NAMESPACE])?;
+    api.kubectl(&["create", "-f", &dir.join("node.yaml").display().to_string()])?;
+    let files: Vec<PathBuf> = (0..n.div_ceil(500))
+        .map(|c| dir.join(format!("c{c:03}.yaml")))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(f) = files.get(i) else {
+                            return Ok(());
+                        };
+                        api.kubectl(&["create", "-f", &f.display().to_string()])
+                            .with_context(|| format!("creating {}", f.display()))?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a creating thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// A row's name: kube-proxy's carry the release (`kube-proxy v1.37.2 nftables`).
+fn label(program: &str, release: &str) -> String {
+    match program.strip_prefix("kube-proxy-") {
+        Some(mode) => format!("kube-proxy {release} {mode}"),
+        None => program.to_owned(),
+    }
+}
+
+/// What one program's measurement needs.
+struct Run<'a> {
+    bin: &'a Path,
+    kube_proxy: &'a Path,
+    release: &'a str,
+    api: &'a ApiServer,
+    work: &'a Path,
+    args: &'a ApiArgs,
+    n: usize,
+}
+
+impl Run<'_> {
+    fn label(&self, program: &str) -> String {
+        label(program, self.release)
+    }
+
+    fn measure(&self, program: &str) -> Result<ApiRow> {
+        let eps = self.args.endpoints;
+        let n = self.n;
+        let mut row = ApiRow {
+            services: n,
+            endpoints: eps,
+            program: self.label(program),
+            status: "ok".into(),
+            ..ApiRow::default()
+        };
+        let topo = topology(self.bin, eps)?;
+        let target: SocketAddr = format!("127.0.0.1:{}", self.api.port()).parse()?;
+        let _fwd = Forwarder::start(topo.node.name(), self.api.port(), target)?;
+        let scratch = match program {
+            "weir-ebpf" => Some(EbpfScratch::new(&format!("api{n}"))?),
+            _ => None,
+        };
+        let log = self.work.join(format!("{program}-{n}.log"));
+        let (child, pid, started) = self.start(program, &topo, scratch.as_ref(), &log)?;
+        let client = topo.pods.last().context("no client pod")?;
+        let cgroup = scratch.as_ref().map(|s| s.cgroup.as_path());
+        let svc = format!("{}:80", service_ip(n - 1));
+        let limit = Duration::from_secs(self.args.limit);
+        if let Err(e) = wait_backend(self.bin, client, cgroup, &svc, "-", limit) {
+            row.status = format!("not live within {} s: {e:#}", self.args.limit);
+            return Ok(row);
+        }
+        row.live_s = Some(started.elapsed().as_secs_f64());
+        row.cpu_to_live_s = cpu_seconds_precise(pid);
+        // The slice holds one pod at a time: pod 0 first (not timed), then each change
+        // moves it to the next pod, so the first connection that pod answers is the
+        // change taking effect.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let slices = rt.block_on(slices_api(self.api))?;
+        let slice = format!("s{}-a", n - 1);
+        let follow = |pod: usize| -> Result<Duration> {
+            let t0 = Instant::now();
+            rt.block_on(move_slice(&slices, &slice, pod))?;
+            wait_backend(
+                self.bin,
+                client,
+                cgroup,
+                &svc,
+                &format!("pod-{pod}"),
+                Duration::from_secs(30),
+            )?;
+            Ok(t0.elapsed())
+        };
+        follow(0)?;
+        let mut times: Vec<f64> = Vec::new();
+        for k in 1..=self.args.changes {
+            times.push(follow(k % eps)?.as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        row.changes = times.len();
+        row.change_p50_ms = quantile(&times, 0.5);
+        row.change_p99_ms = quantile(&times, 0.99);
+        let text = metrics_text(self.bin, &topo.node).unwrap_or_default();
+        let name = "kubeproxy_network_programming_duration_seconds";
+        row.programming_p50_le_s = histogram_quantile(&text, name, 0.5).map(|q| q.0);
+        row.programming_p99_le_s = histogram_quantile(&text, name, 0.99).map(|q| q.0);
+        let cpu0 = cpu_seconds_precise(pid);
+        std::thread::sleep(Duration::from_secs(self.args.idle_secs));
+        let cpu1 = cpu_seconds_precise(pid);
+        row.idle_cpu_pct = match (cpu0, cpu1) {
+            (Some(a), Some(b)) => Some((b - a) / self.args.idle_secs as f64 * 100.0),
+            _ => None,
+        };
+        row.peak_rss_mib = status_kib(pid, "VmHWM:").map(|k| k as f64 / 1024.0);
+        drop(child);
+        drop(topo);
+        drop(scratch);
+        Ok(row)
+    }
+
+    /// Starts `program` on the topology's node, reading the API server through the
+    /// forwarder; returns the process, its PID and when it started.
+    fn start(
+        &self,
+        program: &str,
+        topo: &Topology,
+        scratch: Option<&EbpfScratch>,
+        log: &Path,
+    ) -> Result<(Proc, u32, Instant)> {
+        let kc = self.api.kubeconfig_path().display().to_string();
+        if let Some(mode) = program.strip_prefix("weir-") {
+            let w = start_weir_with(
+                self.bin,
+                &topo.node,
+                mode,
+                &["--kubeconfig", &kc],
+                scratch,
+                log,
+            )?;
+            return Ok((w.child, w.pid, w.started));
+        }
+        let mode = program
+            .strip_prefix("kube-proxy-")
+            .context("unknown program")?;
+        let started = Instant::now();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", topo.node.name()))
+            .arg(self.kube_proxy)
+            .args([
+                format!("--kubeconfig={kc}"),
+                "--hostname-override=node1".to_owned(),
+                format!("--proxy-mode={mode}"),
+                "--cluster-cidr=10.244.0.0/16".to_owned(),
+                "--metrics-bind-address=127.0.0.1:10249".to_owned(),
+                "--healthz-bind-address=127.0.0.1:10256".to_owned(),
+                // The conntrack table's size and timeouts are global sysctls: left alone.
+                "--conntrack-max-per-core=0".to_owned(),
+                "--conntrack-tcp-timeout-established=0s".to_owned(),
+                "--conntrack-tcp-timeout-close-wait=0s".to_owned(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", self.kube_proxy.display()))?;
+        let pid = child.id();
+        Ok((Proc(child), pid, started))
+    }
+}
+
+/// The EndpointSlices of the objects' namespace, through the API server's kubeconfig.
+async fn slices_api(
+    api: &ApiServer,
+) -> Result<kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice>> {
+    let kc = kube::config::Kubeconfig::read_from(api.kubeconfig_path())?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Api::namespaced(
+        kube::Client::try_from(cfg)?,
+        NAMESPACE,
+    ))
+}
+
+/// Makes `slice` hold backend pod `pod` alone, stamped with the trigger time the
+/// EndpointSlice controller would set (the programs' network-programming metric reads it).
+async fn move_slice(
+    slices: &kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    slice: &str,
+    pod: usize,
+) -> Result<()> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {"endpoints.kubernetes.io/last-change-trigger-time": now}},
+        "endpoints": [{"addresses": [pod_ip(pod)], "nodeName": "node1", "conditions": {"ready": true}}],
+    });
+    slices
+        .patch(
+            slice,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .with_context(|| format!("patching EndpointSlice {NAMESPACE}/{slice}"))?;
+    Ok(())
+}
+
+/// Waits with `weir-probe wait` in `client` (joined to `cgroup` in eBPF mode) until
+/// backend `name` (`-`: any) answers at `addr`.
+fn wait_backend(
+    bin: &Path,
+    client: &Netns,
+    cgroup: Option<&Path>,
+    addr: &str,
+    name: &str,
+    limit: Duration,
+) -> Result<()> {
+    let probe = bin.join("weir-probe").display().to_string();
+    let netns = format!("--net=/run/netns/{}", client.name());
+    let ms = limit.as_millis().to_string();
+    let probe_args = [probe.as_str(), "wait", addr, name, &ms];
+    // nsenter keeps the host's mounts (the cgroup v2 one) that `ip netns exec` would hide.
+    let out = match cgroup {
+        Some(cg) => {
+            let script = format!(
+                "echo $$ > {} && exec \"$@\"",
+                cg.join("cgroup.procs").display()
+            );
+            let mut args = vec!["-c", &script, "sh", "nsenter", &netns];
+            args.extend_from_slice(&probe_args);
+            Command::new("sh").args(&args).output()?
+        }
+        None => Command::new("nsenter")
+            .arg(&netns)
+            .args(probe_args)
+            .output()?,
+    };
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The `/metrics` text of the program on the node (127.0.0.1:10249).
+fn metrics_text(bin: &Path, node: &Netns) -> Option<String> {
+    let probe = bin.join("weir-probe").display().to_string();
+    let out = node
+        .exec(&[&probe, "get", "127.0.0.1:10249", "/metrics"])
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The p-quantile of sorted `v` (nearest rank).
+fn quantile(v: &[f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(i).copied()
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn summary(r: &ApiRow) -> String {
+    format!(
+        "{}: live {} s, change p50 {} / p99 {} ms, peak RSS {} MiB, idle CPU {} %",
+        r.status,
+        opt(r.live_s, 2),
+        opt(r.change_p50_ms, 1),
+        opt(r.change_p99_ms, 1),
+        opt(r.peak_rss_mib, 1),
+        opt(r.idle_cpu_pct, 2)
+    )
+}
+
+const COLUMNS: &str = "services,endpoints,program,status,live_s,change_p50_ms,change_p99_ms,changes,programming_p50_le_s,programming_p99_le_s,peak_rss_mib,cpu_to_live_s,idle_cpu_pct";
+
+/// The rows as CSV, after a comment line naming the machine, date and load.
+pub fn to_csv(r: &ApiReport) -> String {
+    let mut s = format!(
+        "# {} UTC, {} ({} cores), kernel {}, Kubernetes {}, load {} -> {}\n{COLUMNS}\n",
+        r.date, r.machine.cpu, r.machine.cores, r.machine.kernel, r.kubernetes, r.load.0, r.load.1
+    );
+    for x in &r.rows {
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            x.services,
+            x.endpoints,
+            x.program,
+            x.status.replace(',', ";"),
+            opt(x.live_s, 3),
+            opt(x.change_p50_ms, 2),
+            opt(x.change_p99_ms, 2),
+            x.changes,
+            opt(x.programming_p50_le_s, 3),
+            opt(x.programming_p99_le_s, 3),
+            opt(x.peak_rss_mib, 1),
+            opt(x.cpu_to_live_s, 2),
+            opt(x.idle_cpu_pct, 2)
+        );
+    }
+    s
+}
+
+/// The rows as a Markdown table (for docs/performance.md).
+pub fn to_markdown(r: &ApiReport) -> String {
+    let mut s = format!(
+        "{} UTC, {} ({} cores), kernel {}, Kubernetes {}, load {} -> {}\n\n\
+         | Services | program | live (s) | change p50 / p99 (ms) | programming p50 / p99 (s, bucket) | peak RSS (MiB) | CPU to live (s) | idle CPU (%) |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        r.date, r.machine.cpu, r.machine.cores, r.machine.kernel, r.kubernetes, r.load.0, r.load.1
+    );
+    for x in &r.rows {
+        let status = if x.status == "ok" {
+            String::new()
+        } else {
+            format!(" ({})", x.status)
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {}{status} | {} | {} / {} | {} / {} | {} | {} | {} |",
+            x.services,
+            x.program,
+            opt(x.live_s, 2),
+            opt(x.change_p50_ms, 1),
+            opt(x.change_p99_ms, 1),
+            opt(x.programming_p50_le_s, 3),
+            opt(x.programming_p99_le_s, 3),
+            opt(x.peak_rss_mib, 1),
+            opt(x.cpu_to_live_s, 2),
+            opt(x.idle_cpu_pct, 2)
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), Some(51.0));
+        assert_eq!(quantile(&v, 0.99), Some(99.0));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn kube_proxy_rows_carry_the_release() {
+        assert_eq!(
+            label("kube-proxy-nftables", "v1.37.2"),
+            "kube-proxy v1.37.2 nftables"
+        );
+        assert_eq!(label("weir-nftables", "v1.37.2"), "weir-nftables");
+    }
+
+    #[test]
+    fn the_csv_has_one_line_per_row_under_its_header() {
+        let r = ApiReport {
+            date: "2026-12-07T00:00:00Z".into(),
+            machine: machine(),
+            load: ("0.1".into(), "0.2".into()),
+            kubernetes: "v1.37.2".into(),
+            rows: vec![ApiRow {
+                services: 10,
+                endpoints: 10,
+                program: "weir-nftables".into(),
+                status: "ok".into(),
+                live_s: Some(0.5),
+                ..ApiRow::default()
+            }],
+        };
+        let csv = to_csv(&r);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[1], COLUMNS);
+        assert_eq!(lines.len(), 3);
+        assert!(lines[2].starts_with("10,10,weir-nftables,ok,0.500,"));
+        assert_eq!(
+            lines[2].split(',').count(),
+            COLUMNS.split(',').count(),
+            "{}",
+            lines[2]
+        );
+    }
+}
