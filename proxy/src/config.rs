@@ -97,9 +97,15 @@ pub struct Args {
     /// Minimum time between syncs (e.g. `1s`, `100ms`).
     #[arg(long, env = "WEIR_MIN_SYNC_PERIOD", default_value = "1s")]
     pub min_sync_period: String,
-    /// Time between full resyncs that repair drift (e.g. `30s`).
+    /// Longest time between two syncs (e.g. `30s`); a sync between full resyncs programs
+    /// only what changed.
     #[arg(long, env = "WEIR_SYNC_PERIOD", default_value = "30s")]
     pub sync_period: String,
+    /// Time between full resyncs, which re-read the kernel's state and repair drift (as
+    /// kube-proxy's nftables mode, hourly by default; never more often than
+    /// `--sync-period`).
+    #[arg(long, env = "WEIR_FULL_SYNC_PERIOD", default_value = "1h")]
+    pub full_sync_period: String,
     /// Remove everything weir programmed and exit.
     #[arg(long, env = "WEIR_CLEANUP")]
     pub cleanup: bool,
@@ -227,8 +233,10 @@ pub struct Config {
     pub healthz_bind_address: SocketAddr,
     /// Minimum time between syncs.
     pub min_sync_period: Duration,
-    /// Time between full resyncs.
+    /// Longest time between two syncs.
     pub sync_period: Duration,
+    /// Time between full resyncs.
+    pub full_sync_period: Duration,
     /// eBPF mode: where the programs attach and their objects are pinned.
     pub ebpf: crate::dataplane::ebpf::kernel::EbpfSettings,
     /// eBPF mode: `--ebpf-lb-algorithm`.
@@ -341,6 +349,14 @@ impl Args {
                 "must be greater than 0",
             ));
         }
+        let full_sync_period = duration("full-sync-period", &self.full_sync_period)?;
+        if full_sync_period.is_zero() {
+            return Err(invalid(
+                "full-sync-period",
+                &self.full_sync_period,
+                "must be greater than 0",
+            ));
+        }
         let mountinfo = match self.ebpf_cgroup {
             Some(_) => String::new(),
             None => std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
@@ -376,6 +392,7 @@ impl Args {
             healthz_bind_address: addr("healthz-bind-address", &self.healthz_bind_address)?,
             min_sync_period,
             sync_period,
+            full_sync_period,
             ebpf: crate::dataplane::ebpf::kernel::EbpfSettings {
                 cgroup,
                 cgroup_origin,
@@ -438,6 +455,7 @@ mod tests {
         assert_eq!(c.healthz_bind_address.to_string(), "0.0.0.0:10256");
         assert_eq!(c.min_sync_period, Duration::from_secs(1));
         assert_eq!(c.sync_period, Duration::from_secs(30));
+        assert_eq!(c.full_sync_period, Duration::from_secs(3600));
         assert_eq!(c.node_name, "host1");
     }
 

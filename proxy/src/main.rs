@@ -231,6 +231,7 @@ async fn run(
         },
         min_sync_period: cfg.min_sync_period,
         sync_period: cfg.sync_period,
+        full_sync_period: cfg.full_sync_period,
     };
     let render = RenderConfig {
         cluster_cidrs: cfg.cluster_cidrs.clone(),

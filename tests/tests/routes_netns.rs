@@ -54,6 +54,8 @@ fn pod_routes_follow_the_node_objects_and_are_repaired() {
             "--route-pod-cidrs",
             "--sync-period",
             "2s",
+            "--full-sync-period",
+            "2s",
             "--cni-pod-cidrs-file",
             &cidrs_arg,
         ],

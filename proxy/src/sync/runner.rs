@@ -1,7 +1,7 @@
 //! One loop owns the change trackers and the dataplane. Source updates only record
-//! changes; a [`Schedule`] starts the syncs: at most once per `min_sync_period`, a full
-//! resync (re-reading the kernel's state, so drift is repaired) every `sync_period` and
-//! after any failure. No kernel write happens before the source has delivered its first
+//! changes; a [`Schedule`] starts the syncs: at most once per `min_sync_period`, at least
+//! every `sync_period` (programming what changed), a full resync (re-reading the kernel's
+//! state, so drift is repaired) every `full_sync_period` and after any failure. No kernel write happens before the source has delivered its first
 //! complete view. Whether a sync is full or incremental is decided here, in
 //! [`Runner::sync`], and nowhere else; the [`Dataplane`] is told which.
 
@@ -32,8 +32,10 @@ pub struct RunnerConfig {
     pub model: ModelConfig,
     /// Minimum time between syncs.
     pub min_sync_period: Duration,
-    /// Time between full resyncs.
+    /// Longest time between two syncs.
     pub sync_period: Duration,
+    /// Time between full resyncs.
+    pub full_sync_period: Duration,
 }
 
 /// The sync loop's state.
@@ -82,7 +84,8 @@ impl<D: Dataplane> Runner<D> {
 
     /// Runs until the source channel closes.
     pub async fn run(mut self, mut updates: Receiver<SourceUpdate>) {
-        let pacing = Pacing::new(self.cfg.min_sync_period, self.cfg.sync_period);
+        let pacing = Pacing::new(self.cfg.min_sync_period, self.cfg.sync_period)
+            .with_full_interval(self.cfg.full_sync_period);
         let mut schedule = Schedule::new(pacing, tokio::time::Instant::now());
         loop {
             let wake = schedule.next_run();
@@ -355,6 +358,7 @@ mod tests {
             },
             min_sync_period: Duration::from_millis(min_sync),
             sync_period: Duration::from_secs(3600),
+            full_sync_period: Duration::from_secs(3600),
         }
     }
 

@@ -2,8 +2,8 @@
 //! BoundedFrequencyRunner, as a pure state machine over instants the caller passes in.
 //!
 //! - at most `burst` syncs start within any `min_interval` (a change waits for the window);
-//! - a sync runs at least every `max_interval`, changed or not, and that one is full (it
-//!   re-reads what the kernel holds);
+//! - a sync runs at least every `max_interval`, changed or not; one every `full_interval`
+//!   (at least `max_interval`) is full: it re-reads what the kernel holds;
 //! - after a failed sync the next one runs no sooner than `retry` later, and is full;
 //! - nothing runs before the source's first complete view ([`Schedule::set_ready`]).
 //!
@@ -19,8 +19,11 @@ use tokio::time::Instant;
 pub struct Pacing {
     /// Window in which at most `burst` syncs start (`--min-sync-period`).
     pub min_interval: Duration,
-    /// Longest time between two syncs, and between two full ones (`--sync-period`).
+    /// Longest time between two syncs (`--sync-period`).
     pub max_interval: Duration,
+    /// Longest time between two full syncs (`--full-sync-period`; never below
+    /// `max_interval`).
+    pub full_interval: Duration,
     /// Syncs allowed within one `min_interval` (at least 1).
     pub burst: usize,
     /// Wait after a failed sync before the next.
@@ -28,15 +31,23 @@ pub struct Pacing {
 }
 
 impl Pacing {
-    /// One sync per `min_interval`, a full one every `max_interval`, a failed one retried
-    /// after `min_interval`: how weir-proxy's runners pace themselves.
+    /// One sync per `min_interval`, one at least every `max_interval` and every one of
+    /// those full, a failed one retried after `min_interval`.
     pub fn new(min_interval: Duration, max_interval: Duration) -> Pacing {
         Pacing {
             min_interval,
             max_interval,
+            full_interval: max_interval,
             burst: 1,
             retry: min_interval,
         }
+    }
+
+    /// Makes only one sync every `full_interval` full (the others between program only
+    /// what changed), as kube-proxy's nftables mode re-reads everything only hourly.
+    pub fn with_full_interval(mut self, full_interval: Duration) -> Pacing {
+        self.full_interval = full_interval;
+        self
     }
 }
 
@@ -56,6 +67,8 @@ pub struct Schedule {
     dirty: bool,
     /// Start times of the last `burst` syncs, oldest first.
     recent: VecDeque<Instant>,
+    /// When the last sync started (the schedule's creation before the first).
+    last_run: Instant,
     last_full: Instant,
     /// Set by a failure: the earliest next start, which is full.
     retry_at: Option<Instant>,
@@ -69,11 +82,13 @@ impl Schedule {
         Schedule {
             pacing: Pacing {
                 burst: pacing.burst.max(1),
+                full_interval: pacing.full_interval.max(pacing.max_interval),
                 ..pacing
             },
             ready: false,
             dirty: false,
             recent: VecDeque::new(),
+            last_run: now,
             last_full: now,
             retry_at: None,
             recheck_at: None,
@@ -121,12 +136,15 @@ impl Schedule {
             Some(a) => t.max(a),
             None => t,
         };
-        let periodic = at_least(self.last_full + self.pacing.max_interval);
+        let periodic = at_least(
+            (self.last_run + self.pacing.max_interval)
+                .min(self.last_full + self.pacing.full_interval),
+        );
         let wanted = if let Some(r) = self.retry_at {
             Some(at_least(r))
         } else if self.dirty {
             // As soon as the window allows; an instant already past means now.
-            Some(self.allowed().unwrap_or(self.last_full))
+            Some(self.allowed().unwrap_or(self.last_run))
         } else {
             self.recheck_at.map(at_least)
         };
@@ -140,10 +158,11 @@ impl Schedule {
 
     /// A sync starts at `now`: what it must do. Call when [`Self::is_due`].
     pub fn start(&mut self, now: Instant) -> Run {
-        let full = self.retry_at.is_some() || now >= self.last_full + self.pacing.max_interval;
+        let full = self.retry_at.is_some() || now >= self.last_full + self.pacing.full_interval;
         if full {
             self.last_full = now;
         }
+        self.last_run = now;
         self.recent.push_back(now);
         while self.recent.len() > self.pacing.burst {
             self.recent.pop_front();
@@ -260,6 +279,34 @@ mod tests {
         assert_eq!(s.next_run(), Some(t0 + 2000 * MS));
         s.queue();
         assert_eq!(s.start(t0 + 1500 * MS), Run { full: false });
+    }
+
+    #[test]
+    fn between_full_syncs_the_periodic_ones_only_program_changes() {
+        let t0 = Instant::now();
+        let p = pacing(100, 1000).with_full_interval(3000 * MS);
+        let mut s = ready(p, t0);
+        assert_eq!(s.next_run(), Some(t0 + 1000 * MS));
+        assert!(
+            !s.start(t0 + 1000 * MS).full,
+            "a periodic sync, not a full one"
+        );
+        assert_eq!(s.next_run(), Some(t0 + 2000 * MS));
+        assert!(!s.start(t0 + 2000 * MS).full);
+        // A change at 2.5 s; the one at 3 s, from the periodic timer's full deadline, is full.
+        s.queue();
+        assert!(!s.start(t0 + 2500 * MS).full);
+        assert_eq!(s.next_run(), Some(t0 + 3000 * MS));
+        assert!(s.start(t0 + 3000 * MS).full, "the full resync is due");
+        assert_eq!(s.next_run(), Some(t0 + 4000 * MS));
+    }
+
+    #[test]
+    fn a_full_interval_below_the_max_interval_is_the_max_interval() {
+        let t0 = Instant::now();
+        let mut s = ready(pacing(100, 1000).with_full_interval(10 * MS), t0);
+        assert!(!s.start(t0 + 500 * MS).full);
+        assert!(s.start(t0 + 1000 * MS).full);
     }
 
     #[test]
