@@ -95,8 +95,9 @@ fn sample_name_and_labels(line: &str) -> (&str, Vec<String>) {
     (name, labels)
 }
 
-/// The p-quantile of a Prometheus histogram's IPv4 series in the text exposition `text`, as
-/// the upper bound of the bucket it falls in, with the series' count.
+/// The p-quantile of a Prometheus histogram in the text exposition `text` (its IPv4 series
+/// when it has one per family), as the upper bound of the bucket it falls in, with the
+/// series' count.
 pub fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<(f64, f64)> {
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in text.lines() {
@@ -106,7 +107,9 @@ pub fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<(f64, f64)> 
             continue;
         };
         let (labels, count) = rest.split_once("} ")?;
-        if !labels.split(',').any(|l| l == "ip_family=\"IPv4\"") {
+        // A series per family (weir's) or one for both (kube-proxy's).
+        let family = labels.split(',').find(|l| l.starts_with("ip_family="));
+        if family.is_some_and(|l| l != "ip_family=\"IPv4\"") {
             continue;
         }
         let le = labels
@@ -129,6 +132,18 @@ pub fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<(f64, f64)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_quantiles_read_the_ipv4_series_or_the_only_one() {
+        let weir = "x_bucket{ip_family=\"IPv6\",le=\"0.1\"} 9\nx_bucket{ip_family=\"IPv4\",le=\"0.1\"} 1\nx_bucket{ip_family=\"IPv4\",le=\"1\"} 4\nx_bucket{ip_family=\"IPv4\",le=\"+Inf\"} 4\n";
+        assert_eq!(histogram_quantile(weir, "x", 0.5), Some((1.0, 4.0)));
+        assert_eq!(histogram_quantile(weir, "x", 0.25), Some((0.1, 4.0)));
+        let kube_proxy =
+            "x_bucket{le=\"0.25\"} 3\nx_bucket{le=\"0.5\"} 4\nx_bucket{le=\"+Inf\"} 4\n";
+        assert_eq!(histogram_quantile(kube_proxy, "x", 0.5), Some((0.25, 4.0)));
+        assert_eq!(histogram_quantile(kube_proxy, "x", 0.99), Some((0.5, 4.0)));
+        assert_eq!(histogram_quantile("", "x", 0.5), None);
+    }
 
     #[test]
     fn families_carry_their_type_and_label_names() {

@@ -9,8 +9,9 @@
 //! program:
 //! - time to live: from the process' start (every object already written) to the
 //!   last-created Service answering through its ClusterIP from the client pod;
-//! - one endpoint change, `--changes` times: the last Service's EndpointSlice is patched
-//!   to hold one other backend pod (with the `last-change-trigger-time` annotation the
+//! - one endpoint change, `--changes` times, `--change-gap-ms` apart (beyond the programs'
+//!   1 s minimum sync period): the last Service's EndpointSlice is patched to hold one
+//!   other backend pod (with the `last-change-trigger-time` annotation the
 //!   EndpointSlice controller would set), timed from just before the PATCH to the first
 //!   new connection answered by that pod; p50 and p99, and the program's own
 //!   `kubeproxy_network_programming_duration_seconds` p50/p99 (bucket bounds);
@@ -55,6 +56,10 @@ pub struct ApiArgs {
     /// Endpoint changes timed per program.
     #[arg(long, default_value_t = 50)]
     changes: usize,
+    /// Milliseconds between one change going live and the next PATCH: beyond both programs'
+    /// default 1 s `--min-sync-period`, so the rate limit does not add to the latency.
+    #[arg(long, default_value_t = 1100)]
+    change_gap_ms: u64,
     /// Seconds of idling over which the idle CPU is measured.
     #[arg(long, default_value_t = 60)]
     idle_secs: u64,
@@ -300,6 +305,7 @@ impl Run<'_> {
         follow(0)?;
         let mut times: Vec<f64> = Vec::new();
         for k in 1..=self.args.changes {
+            std::thread::sleep(Duration::from_millis(self.args.change_gap_ms));
             times.push(follow(k % eps)?.as_secs_f64() * 1000.0);
         }
         times.sort_by(f64::total_cmp);

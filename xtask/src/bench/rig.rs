@@ -91,9 +91,11 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
 
 // ---------------------------------------------------------------- the cluster's objects
 
-/// Service i's ClusterIP.
+/// Service i's ClusterIP (10.96.0.1 stays free: an API server gives it to the
+/// `kubernetes` Service).
 pub fn service_ip(i: usize) -> String {
-    format!("10.96.{}.{}", i / 250, i % 250 + 1)
+    let k = i + 1;
+    format!("10.96.{}.{}", k / 250, k % 250 + 1)
 }
 
 /// Endpoint e of Service i of n: the real pods for the last-added Service, else an
