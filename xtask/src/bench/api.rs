@@ -33,7 +33,7 @@ use weir_e2e::prom::histogram_quantile;
 use weir_e2e::{pod_ip, Netns, Topology};
 
 use crate::bench::rig::{
-    build_release, cpu_seconds_precise, loadavg, machine, now_utc, release_dir, service_ip,
+    build_release, cpu_seconds, loadavg, machine, now_utc, release_dir, service_ip,
     start_weir_with, status_kib, topology, write_manifests, EbpfScratch, Machine, Proc,
 };
 
@@ -90,6 +90,9 @@ pub struct ApiRow {
     pub change_p99_ms: Option<f64>,
     /// Changes timed.
     pub changes: usize,
+    /// Every change's latency in ms, in the order they were made.
+    #[serde(default)]
+    pub change_ms: Vec<f64>,
     /// The program's own network-programming histogram: bucket bounds of p50 and p99 (s).
     pub programming_p50_le_s: Option<f64>,
     /// See `programming_p50_le_s`.
@@ -135,6 +138,9 @@ pub fn api(args: ApiArgs, root: &Path) -> Result<()> {
     let bins = weir_e2e::k8s::ensure_built().context("building the pinned Kubernetes release")?;
     let release = weir_e2e::k8s::release().to_owned();
     let work = tempfile::tempdir()?;
+    // The programs' logs outlive the run, for a row that failed.
+    let logs = root.join("target/bench-api");
+    std::fs::create_dir_all(&logs)?;
     let load_before = loadavg();
     let mut rows = Vec::new();
     for &n in &args.sizes {
@@ -154,7 +160,7 @@ pub fn api(args: ApiArgs, root: &Path) -> Result<()> {
                 kube_proxy: &bins.kube_proxy,
                 release: &release,
                 api: &api,
-                work: work.path(),
+                logs: &logs,
                 args: &args,
                 n,
             };
@@ -242,7 +248,7 @@ struct Run<'a> {
     kube_proxy: &'a Path,
     release: &'a str,
     api: &'a ApiServer,
-    work: &'a Path,
+    logs: &'a Path,
     args: &'a ApiArgs,
     n: usize,
 }
@@ -269,7 +275,7 @@ impl Run<'_> {
             "weir-ebpf" => Some(EbpfScratch::new(&format!("api{n}"))?),
             _ => None,
         };
-        let log = self.work.join(format!("{program}-{n}.log"));
+        let log = self.logs.join(format!("{program}-{n}.log"));
         let (child, pid, started) = self.start(program, &topo, scratch.as_ref(), &log)?;
         let client = topo.pods.last().context("no client pod")?;
         let cgroup = scratch.as_ref().map(|s| s.cgroup.as_path());
@@ -280,7 +286,7 @@ impl Run<'_> {
             return Ok(row);
         }
         row.live_s = Some(started.elapsed().as_secs_f64());
-        row.cpu_to_live_s = cpu_seconds_precise(pid);
+        row.cpu_to_live_s = cpu_seconds(pid);
         // The slice holds one pod at a time: pod 0 first (not timed), then each change
         // moves it to the next pod, so the first connection that pod answers is the
         // change taking effect.
@@ -308,6 +314,7 @@ impl Run<'_> {
             std::thread::sleep(Duration::from_millis(self.args.change_gap_ms));
             times.push(follow(k % eps)?.as_secs_f64() * 1000.0);
         }
+        row.change_ms = times.clone();
         times.sort_by(f64::total_cmp);
         row.changes = times.len();
         row.change_p50_ms = quantile(&times, 0.5);
@@ -316,9 +323,10 @@ impl Run<'_> {
         let name = "kubeproxy_network_programming_duration_seconds";
         row.programming_p50_le_s = histogram_quantile(&text, name, 0.5).map(|q| q.0);
         row.programming_p99_le_s = histogram_quantile(&text, name, 0.99).map(|q| q.0);
-        let cpu0 = cpu_seconds_precise(pid);
+        // The process' own counter (10 ms ticks) keeps the time of threads that exited.
+        let cpu0 = cpu_seconds(pid);
         std::thread::sleep(Duration::from_secs(self.args.idle_secs));
-        let cpu1 = cpu_seconds_precise(pid);
+        let cpu1 = cpu_seconds(pid);
         row.idle_cpu_pct = match (cpu0, cpu1) {
             (Some(a), Some(b)) => Some((b - a) / self.args.idle_secs as f64 * 100.0),
             _ => None,
@@ -445,7 +453,9 @@ fn wait_backend(
             .output()?,
     };
     if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().next().unwrap_or_default();
+        bail!("{}", first.trim_start_matches("Error: "));
     }
     Ok(())
 }
