@@ -93,6 +93,9 @@ pub struct ApiRow {
     /// Every change's latency in ms, in the order they were made.
     #[serde(default)]
     pub change_ms: Vec<f64>,
+    /// How long each change's PATCH took to return (ms), the API server's part of it.
+    #[serde(default)]
+    pub patch_ms: Vec<f64>,
     /// The program's own network-programming histogram: bucket bounds of p50 and p99 (s).
     pub programming_p50_le_s: Option<f64>,
     /// See `programming_p50_le_s`.
@@ -295,9 +298,10 @@ impl Run<'_> {
             .build()?;
         let slices = rt.block_on(slices_api(self.api))?;
         let slice = format!("s{}-a", n - 1);
-        let follow = |pod: usize| -> Result<Duration> {
+        let follow = |pod: usize| -> Result<(Duration, Duration)> {
             let t0 = Instant::now();
             rt.block_on(move_slice(&slices, &slice, pod))?;
+            let patched = t0.elapsed();
             wait_backend(
                 self.bin,
                 client,
@@ -306,13 +310,15 @@ impl Run<'_> {
                 &format!("pod-{pod}"),
                 Duration::from_secs(30),
             )?;
-            Ok(t0.elapsed())
+            Ok((t0.elapsed(), patched))
         };
         follow(0)?;
         let mut times: Vec<f64> = Vec::new();
         for k in 1..=self.args.changes {
             std::thread::sleep(Duration::from_millis(self.args.change_gap_ms));
-            times.push(follow(k % eps)?.as_secs_f64() * 1000.0);
+            let (took, patched) = follow(k % eps)?;
+            times.push(took.as_secs_f64() * 1000.0);
+            row.patch_ms.push(patched.as_secs_f64() * 1000.0);
         }
         row.change_ms = times.clone();
         times.sort_by(f64::total_cmp);
