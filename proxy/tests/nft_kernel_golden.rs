@@ -101,3 +101,46 @@ fn ipv6_half_renders_to_its_golden_table_and_the_kernel_agrees() {
     assert_eq!(got.to_text(), text);
     assert!(plan(&want, &got).is_empty(), "{:?}", plan(&want, &got));
 }
+
+/// The full plan of the fixture with its plain maps' elements written through nfnetlink
+/// instead of nft: the kernel holds the same table (both families); writing the same
+/// elements again changes nothing, and an element of a map that does not exist is refused
+/// naming the map.
+#[test]
+fn elements_written_through_netlink_dump_as_through_nft() {
+    for (family, tag) in [(Family::Ip, "nl4"), (Family::Ip6, "nl6")] {
+        let Some(ns) = ScratchNetns::new("golden", tag) else {
+            return;
+        };
+        let nft = KernelNft::in_netns(ns.name());
+        let want = render_family(&fixture(), family);
+        let p = plan(&want, &DumpedTable::empty(family));
+        let plain: Vec<String> = p.plain_maps().map(str::to_owned).collect();
+        let (rest, elements) = p.split_elements(|m| plain.iter().any(|n| n == m));
+        assert!(
+            elements.element_changes() > 5,
+            "{family}: {} elements through netlink",
+            elements.element_changes()
+        );
+        nft.apply(&rest)
+            .unwrap_or_else(|e| panic!("{e}\nscript:\n{}", rest.to_script()));
+        nft.add_elements(&elements)
+            .unwrap_or_else(|e| panic!("{family}: {e}"));
+        let got = nft.dump(family).unwrap().unwrap();
+        assert_eq!(got.to_text(), want.to_dump().to_text(), "{family}");
+        nft.add_elements(&elements)
+            .unwrap_or_else(|e| panic!("{family}, again: {e}"));
+        assert_eq!(nft.dump(family).unwrap().unwrap(), got, "{family}");
+
+        let mut wrong = elements.clone();
+        wrong.ops.truncate(1);
+        if let weir_proxy::dataplane::nft::Op::AddElements { map, .. } = &mut wrong.ops[0] {
+            *map = "no_such_map".into();
+        }
+        let e = nft.add_elements(&wrong).unwrap_err().to_string();
+        assert!(
+            e.contains("no_such_map") && e.contains("No such file"),
+            "{e}"
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! Side effects: applying plans with `nft -f` and dumping weir's table back.
 
-use super::plan::Plan;
+use super::plan::{Op, Plan};
 use super::table::{Atom, Data, DumpedChain, DumpedMap, DumpedTable, Family, Key, TABLE_NAME};
 use crate::model::Protocol;
 use crate::sys::libnftables::LibNft;
@@ -43,6 +43,16 @@ pub enum KernelError {
         /// What went wrong.
         message: String,
     },
+    /// Adding elements through nfnetlink failed; the batch that failed was not applied.
+    #[error("adding elements to table {family} {table}: {source}")]
+    Elements {
+        /// Family of the table.
+        family: Family,
+        /// Name of the table.
+        table: String,
+        /// What failed.
+        source: super::elements::ElementsError,
+    },
     /// The listing could not be understood.
     #[error("parsing nft's listing of {family} {table}: {message}")]
     Parse {
@@ -67,6 +77,8 @@ pub struct KernelNft {
     prefix: Vec<String>,
     lib: Option<std::sync::Arc<LibNft>>,
     table: String,
+    /// The network namespace element loads enter (`None`: this process's).
+    netns: Option<std::path::PathBuf>,
 }
 
 impl Default for KernelNft {
@@ -76,6 +88,7 @@ impl Default for KernelNft {
             prefix: Vec::new(),
             lib: None,
             table: TABLE_NAME.to_owned(),
+            netns: None,
         }
     }
 }
@@ -104,6 +117,7 @@ impl KernelNft {
             prefix: ["netns", "exec", name, "nft"].map(str::to_owned).to_vec(),
             lib: None,
             table: TABLE_NAME.to_owned(),
+            netns: Some(std::path::Path::new("/run/netns").join(name)),
         }
     }
 
@@ -176,6 +190,34 @@ impl KernelNft {
             ops: plan.ops.len(),
             stderr,
         })
+    }
+
+    /// Adds the elements of a plan of [`Op::AddElements`] on plain sets and maps through
+    /// nfnetlink, without nft parsing them; large loads go in several transactions.
+    pub fn add_elements(&self, plan: &Plan) -> Result<(), KernelError> {
+        let maps = plan.ops.iter().filter_map(|op| match op {
+            Op::AddElements { map, elements } => Some((map.as_str(), elements.as_slice())),
+            _ => None,
+        });
+        if let Some(other) = plan
+            .ops
+            .iter()
+            .find(|op| !matches!(op, Op::AddElements { .. }))
+        {
+            return Err(KernelError::Apply {
+                family: plan.family,
+                table: self.table.clone(),
+                ops: plan.ops.len(),
+                stderr: format!("not an element addition: {other:?}"),
+            });
+        }
+        super::elements::add(self.netns.as_deref(), plan.family, &self.table, maps)
+            .map(|_| ())
+            .map_err(|source| KernelError::Elements {
+                family: plan.family,
+                table: self.table.clone(),
+                source,
+            })
     }
 
     /// Lists this instance's table (weir's by default): `None` when it does not exist.

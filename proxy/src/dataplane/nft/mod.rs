@@ -2,6 +2,7 @@
 //! NodePort is an element of shared named maps and sets.
 
 pub mod diff;
+pub mod elements;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod incremental;
@@ -29,6 +30,12 @@ pub trait NftBackend: Clone + Send + Sync + 'static {
     fn dump(&self, family: Family) -> Result<Option<DumpedTable>, kernel::KernelError>;
     /// Applies a plan atomically.
     fn apply(&self, plan: &Plan) -> Result<(), kernel::KernelError>;
+    /// Adds the elements of a plan holding only [`Op::AddElements`] on plain (not interval,
+    /// not dynamic) sets and maps; it may take several transactions, so only for loads into
+    /// a table nothing uses yet. By default the same as [`NftBackend::apply`].
+    fn add_elements(&self, plan: &Plan) -> Result<(), kernel::KernelError> {
+        self.apply(plan)
+    }
 }
 
 impl NftBackend for kernel::KernelNft {
@@ -38,6 +45,10 @@ impl NftBackend for kernel::KernelNft {
 
     fn apply(&self, plan: &Plan) -> Result<(), kernel::KernelError> {
         kernel::KernelNft::apply(self, plan)
+    }
+
+    fn add_elements(&self, plan: &Plan) -> Result<(), kernel::KernelError> {
+        kernel::KernelNft::add_elements(self, plan)
     }
 }
 

@@ -1,6 +1,6 @@
 //! A [`Plan`]: the ordered operations of one nftables transaction, and its nft script.
 
-use super::table::{BaseChain, Data, Family, Key, MapDecl, Rule, TABLE_NAME};
+use super::table::{BaseChain, Data, Family, Key, MapDecl, MapFlags, Rule, TABLE_NAME};
 use std::fmt::Write as _;
 
 /// One operation on weir's table.
@@ -112,6 +112,34 @@ impl Plan {
                 _ => 0,
             })
             .sum()
+    }
+
+    /// Splits off the element additions to the maps `plain` says are plain (written
+    /// without nft, see [`super::NftBackend::add_elements`]): returns the rest, in its
+    /// order, and those additions. The rest goes first: it creates what the elements name.
+    pub fn split_elements(self, plain: impl Fn(&str) -> bool) -> (Plan, Plan) {
+        let (elements, rest): (Vec<Op>, Vec<Op>) = self
+            .ops
+            .into_iter()
+            .partition(|op| matches!(op, Op::AddElements { map, .. } if plain(map)));
+        (
+            Plan {
+                family: self.family,
+                ops: rest,
+            },
+            Plan {
+                family: self.family,
+                ops: elements,
+            },
+        )
+    }
+
+    /// The names of the plain sets and maps (no flags) the plan creates.
+    pub fn plain_maps(&self) -> impl Iterator<Item = &str> {
+        self.ops.iter().filter_map(|op| match op {
+            Op::AddMap { name, decl } if decl.flags == MapFlags::None => Some(name.as_str()),
+            _ => None,
+        })
     }
 
     /// The plan as an `nft -f` script (one transaction) on weir's table.

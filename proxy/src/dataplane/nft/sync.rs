@@ -8,6 +8,7 @@ use super::render::RenderConfig;
 use super::{DumpedTable, Family, NftBackend, Plan, FAMILIES};
 use crate::dataplane::{Changed, Dataplane, DataplaneError, FamilyTimes, ObjectCount, SyncReport};
 use crate::model::{DesiredState, ServiceDelta, ServicePortState};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tracing::info;
 
@@ -112,6 +113,7 @@ impl<K: NftBackend> NftDataplane<K> {
         };
         let (skeleton, mut objects) =
             plan_state(&empty, &self.render, family, DumpedTable::empty(family));
+        let mut plain: HashSet<String> = skeleton.plain_maps().map(str::to_owned).collect();
         apply(&self.kernel, skeleton).await?;
         let mut inc = Incremental::new(&empty, &self.render, family);
         // Only ports with a ClusterIP of this family contribute to its table.
@@ -131,7 +133,12 @@ impl<K: NftBackend> NftDataplane<K> {
                 .collect();
             let p = inc.update(&deltas, &desired.node_ips);
             objects = objects.saturating_add_signed(p.element_delta() as isize);
-            apply(&self.kernel, p).await?;
+            plain.extend(p.plain_maps().map(str::to_owned));
+            // The elements of plain maps skip nft's parse; the rest (new chains, maps,
+            // interval sets) goes first, as they may name it.
+            let (rest, elements) = p.split_elements(|m| plain.contains(m));
+            apply(&self.kernel, rest).await?;
+            add_elements(&self.kernel, elements).await?;
         }
         let objects = objects + inc.structure_objects();
         Ok((inc, objects))
@@ -252,6 +259,18 @@ async fn read<K: NftBackend>(
 ) -> Result<Option<DumpedTable>, KernelError> {
     let kernel = kernel.clone();
     tokio::task::spawn_blocking(move || kernel.dump(family))
+        .await
+        .unwrap_or_else(|e| Err(join_error(family, e.to_string())))
+}
+
+/// Adds `p`'s elements on a blocking thread.
+async fn add_elements<K: NftBackend>(kernel: &K, p: Plan) -> Result<(), KernelError> {
+    if p.is_empty() {
+        return Ok(());
+    }
+    let kernel = kernel.clone();
+    let family = p.family;
+    tokio::task::spawn_blocking(move || kernel.add_elements(&p))
         .await
         .unwrap_or_else(|e| Err(join_error(family, e.to_string())))
 }
