@@ -52,6 +52,9 @@ impl Forwarder {
                     let _ = inside.shutdown(Shutdown::Both);
                     continue;
                 };
+                // Watch events are small writes: sent at once, not held for an ACK.
+                let _ = inside.set_nodelay(true);
+                let _ = outside.set_nodelay(true);
                 let (a, b) = match (inside.try_clone(), outside.try_clone()) {
                     (Ok(a), Ok(b)) => (a, b),
                     _ => continue,

@@ -282,6 +282,30 @@ pub fn parse_load_report(v: &serde_json::Value) -> Vec<(Traffic, u64)> {
     }
 }
 
+/// `program` (with its arguments) run inside `ns`, as a member of `cgroup` when given (so
+/// eBPF mode's socket hooks see it). nsenter keeps the host's mounts (the cgroup v2 one)
+/// that `ip netns exec` would hide.
+pub fn in_client(ns: &Netns, cgroup: Option<&Path>, program: &[&str]) -> Command {
+    let netns = format!("--net=/run/netns/{}", ns.name());
+    match cgroup {
+        Some(cg) => {
+            let script = format!(
+                "echo $$ > {} && exec \"$@\"",
+                cg.join("cgroup.procs").display()
+            );
+            let mut c = Command::new("sh");
+            c.args(["-c", &script, "sh", "nsenter", &netns])
+                .args(program);
+            c
+        }
+        None => {
+            let mut c = Command::new("nsenter");
+            c.arg(&netns).args(program);
+            c
+        }
+    }
+}
+
 /// `weir-load` from inside `ns` (as a member of `cgroup` when given, so eBPF mode's
 /// socket hooks see it) to `groups` (each `ADDR:PORT[,ADDR:PORT...]`), whose
 /// connections alternate; one [`Traffic`] per group.
@@ -292,7 +316,6 @@ pub fn load(
     groups: &[&str],
     spec: LoadSpec,
 ) -> Result<Vec<Traffic>> {
-    let netns = format!("--net=/run/netns/{}", ns.name());
     let bin = bin.join("weir-load").display().to_string();
     let target = groups.join("/");
     let (req, conc, ms) = (
@@ -300,23 +323,7 @@ pub fn load(
         spec.concurrency.to_string(),
         spec.millis.to_string(),
     );
-    let load_args = [bin.as_str(), &target, &req, &conc, &ms];
-    // nsenter keeps the host's mounts (the cgroup v2 one) that `ip netns exec` would hide.
-    let out = match cgroup {
-        Some(cg) => {
-            let script = format!(
-                "echo $$ > {} && exec \"$@\"",
-                cg.join("cgroup.procs").display()
-            );
-            let mut args = vec!["-c", &script, "sh", "nsenter", &netns];
-            args.extend_from_slice(&load_args);
-            Command::new("sh").args(&args).output()?
-        }
-        None => Command::new("nsenter")
-            .arg(&netns)
-            .args(load_args)
-            .output()?,
-    };
+    let out = in_client(ns, cgroup, &[bin.as_str(), &target, &req, &conc, &ms]).output()?;
     if !out.status.success() {
         bail!(
             "weir-load {target}: {}",
