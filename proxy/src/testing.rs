@@ -128,3 +128,36 @@ impl Drop for ScratchNetns {
             .status();
     }
 }
+
+/// Service port `ns/dns` of `proto`: ClusterIP 10.96.0.53:53, NodePort 30053, the
+/// endpoints `eps` on port 5353 (local when in 10.244.1.0/24), and with `local` external
+/// traffic policy Local with health-check NodePort 32000.
+pub fn dns_port(
+    proto: crate::model::Protocol,
+    eps: &[&str],
+    local: bool,
+) -> crate::model::ServicePortState {
+    use crate::model::{Endpoint, ServiceInfo, ServicePortName, ServicePortState};
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap_or_else(|e| panic!("{s}: {e}")) };
+    let name = ServicePortName {
+        namespace: "ns".into(),
+        name: "dns".into(),
+        port: String::new(),
+        protocol: proto,
+    };
+    let info = ServiceInfo {
+        node_port: Some(30053),
+        external_local: local,
+        health_check_node_port: local.then_some(32000),
+        ..ServiceInfo::new(name, vec![ip("10.96.0.53")], 53)
+    };
+    let all = eps
+        .iter()
+        .map(|e| Endpoint {
+            ip: ip(e),
+            port: 5353,
+            is_local: e.starts_with("10.244.1."),
+        })
+        .collect();
+    ServicePortState::from_endpoints(info, all)
+}

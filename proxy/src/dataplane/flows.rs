@@ -59,35 +59,7 @@ pub fn flow_filters(d: &ServiceDelta) -> Vec<FlowFilter> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, ServiceInfo, ServicePortName};
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn port(proto: Protocol, eps: &[&str], local: bool) -> ServicePortState {
-        let name = ServicePortName {
-            namespace: "ns".into(),
-            name: "dns".into(),
-            port: String::new(),
-            protocol: proto,
-        };
-        let info = ServiceInfo {
-            node_port: Some(30053),
-            external_local: local,
-            health_check_node_port: local.then_some(32000),
-            ..ServiceInfo::new(name, vec![ip("10.96.0.53")], 53)
-        };
-        let all = eps
-            .iter()
-            .map(|e| Endpoint {
-                ip: ip(e),
-                port: 5353,
-                is_local: e.starts_with("10.244.1."),
-            })
-            .collect();
-        ServicePortState::from_endpoints(info, all)
-    }
+    use crate::testing::dns_port as port;
 
     fn delta(old: Option<ServicePortState>, new: Option<ServicePortState>) -> ServiceDelta {
         ServiceDelta {

@@ -173,39 +173,9 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
 
 #[cfg(test)]
 mod tests {
-    use crate::model::{
-        DesiredState, Endpoint, Protocol, ServiceInfo, ServicePortName, ServicePortState,
-    };
+    use crate::model::{DesiredState, Protocol};
     use crate::sync::tally::{gauges, health_check_services};
-    use std::net::IpAddr;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn port(proto: Protocol, eps: &[&str], local: bool) -> ServicePortState {
-        let name = ServicePortName {
-            namespace: "ns".into(),
-            name: "dns".into(),
-            port: String::new(),
-            protocol: proto,
-        };
-        let info = ServiceInfo {
-            node_port: Some(30053),
-            external_local: local,
-            health_check_node_port: local.then_some(32000),
-            ..ServiceInfo::new(name, vec![ip("10.96.0.53")], 53)
-        };
-        let all = eps
-            .iter()
-            .map(|e| Endpoint {
-                ip: ip(e),
-                port: 5353,
-                is_local: e.starts_with("10.244.1."),
-            })
-            .collect();
-        ServicePortState::from_endpoints(info, all)
-    }
+    use crate::testing::dns_port as port;
 
     #[test]
     fn health_checks_count_local_endpoints_per_service() {
