@@ -10,6 +10,7 @@ use netlink_packet_core::{
 };
 use netlink_sys::{Socket, SocketAddr};
 use std::io;
+use std::path::Path;
 
 /// Failures of the socket itself.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +126,23 @@ impl NetlinkSocket {
             }
         }
     }
+}
+
+/// Runs `f` on a new thread that has entered the network namespace at `path`, so a
+/// socket `f` opens talks to that namespace's kernel state; the caller's thread stays
+/// where it is. The error is for entering the namespace (or `f` panicking), not `f`'s own.
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let file = std::fs::File::open(path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the worker thread panicked")))
+    })
 }
 
 /// Appends `msg` (finalized here) to the datagram in `out`, on the 4-byte boundary the

@@ -21,7 +21,7 @@
 //! stale flows are deleted ([`stale_flow`]), so the next packet picks a live backend.
 
 use crate::dataplane::conntrack::FlowFilter;
-use crate::dataplane::netlink::{messages, NetlinkError, NetlinkSocket};
+use crate::dataplane::netlink::{self, messages, NetlinkError, NetlinkSocket};
 use crate::model::{Protocol, ServiceDelta, ServicePortState};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
@@ -218,20 +218,11 @@ pub fn in_netns<T: Send>(
     path: &Path,
     f: impl FnOnce() -> Result<T, SocketsError> + Send,
 ) -> Result<T, SocketsError> {
-    let err = |source: io::Error| SocketsError::Netns {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(err)?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| err(io::Error::from(e)))?;
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(err(io::Error::other("the worker thread panicked"))))
+    netlink::in_netns(path, f).unwrap_or_else(|source| {
+        Err(SocketsError::Netns {
+            path: path.to_owned(),
+            source,
+        })
     })
 }
 

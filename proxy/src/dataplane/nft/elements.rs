@@ -7,7 +7,7 @@
 //! batches the kernel accepts. Interval and dynamic sets are not for this path.
 
 use super::table::{Atom, Data, Family, Key};
-use crate::dataplane::netlink::{frame, messages, NetlinkError, NetlinkSocket};
+use crate::dataplane::netlink::{self, frame, messages, NetlinkError, NetlinkSocket};
 use netlink_packet_core::{
     Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
 };
@@ -137,6 +137,7 @@ fn nfproto(family: Family) -> NetfilterProtoFamily {
 
 /// The datagrams (one batch each) adding `elements` of each map to `table`, with the
 /// sequence numbers of the acknowledged messages and the map each one names.
+#[derive(Debug, Default)]
 pub struct Batches {
     /// One datagram per transaction, in order.
     pub datagrams: Vec<Vec<u8>>,
@@ -150,49 +151,15 @@ pub fn batches<'a>(
     family: Family,
     table: &str,
     maps: impl IntoIterator<Item = (&'a str, &'a [(Key, Data)])>,
-    mut next_seq: impl FnMut() -> u32,
+    next_seq: impl FnMut() -> u32,
 ) -> Result<Batches, ElementsError> {
-    let mut out = Batches {
-        datagrams: Vec::new(),
-        acked: Vec::new(),
+    let mut writer = BatchWriter {
+        family,
+        table,
+        next_seq,
+        open: None,
+        out: Batches::default(),
     };
-    let mut open: Option<(Vec<u8>, HashMap<u32, String>)> = None;
-    let mut flush_message =
-        |open: &mut Option<(Vec<u8>, HashMap<u32, String>)>,
-         out: &mut Batches,
-         map: &str,
-         list: Vec<ListAttribute<SetElementAttribute>>| {
-            let msg = NfTablesMessage::NewSetElement(SetElementMessage {
-                attributes: vec![
-                    SetElementList::Table(table.to_owned()),
-                    SetElementList::Set(map.to_owned()),
-                    SetElementList::Elements(list),
-                ],
-            });
-            let (buf, acked) = open.get_or_insert_with(|| {
-                let mut b = Vec::new();
-                control(&mut b, next_seq(), ControlMessage::BatchBegin);
-                (b, HashMap::new())
-            });
-            let seq = next_seq();
-            let mut header = NetlinkHeader::default();
-            header.flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK;
-            header.sequence_number = seq;
-            frame(
-                buf,
-                NetlinkMessage::new(
-                    header,
-                    NetlinkPayload::from(NetfilterMessage::new(
-                        NetfilterHeader::new(nfproto(family), 0, 0),
-                        msg,
-                    )),
-                ),
-            );
-            acked.insert(seq, map.to_owned());
-            if buf.len() >= BATCH_BYTES - MESSAGE_BYTES - 1024 {
-                close(open, out, &mut next_seq);
-            }
-        };
     for (map, elements) in maps {
         let mut list = Vec::new();
         let mut bytes = 0;
@@ -200,45 +167,103 @@ pub fn batches<'a>(
             let e = element(map, key, data)?;
             let len = e.buffer_len();
             if bytes + len > MESSAGE_BYTES && !list.is_empty() {
-                flush_message(&mut open, &mut out, map, std::mem::take(&mut list));
+                writer.message(map, std::mem::take(&mut list));
                 bytes = 0;
             }
             bytes += len;
             list.push(e);
         }
         if !list.is_empty() {
-            flush_message(&mut open, &mut out, map, list);
+            writer.message(map, list);
         }
     }
-    close(&mut open, &mut out, &mut next_seq);
-    Ok(out)
+    Ok(writer.finish())
 }
 
-/// Ends the open batch, if any, and moves it to `out`.
-fn close(
-    open: &mut Option<(Vec<u8>, HashMap<u32, String>)>,
-    out: &mut Batches,
-    next_seq: &mut impl FnMut() -> u32,
-) {
-    if let Some((mut buf, acked)) = open.take() {
-        control(&mut buf, next_seq(), ControlMessage::BatchEnd);
-        out.datagrams.push(buf);
-        out.acked.push(acked);
+/// Appends element messages to the open batch, opening one when needed and closing it
+/// before it outgrows [`BATCH_BYTES`].
+struct BatchWriter<'t, F> {
+    family: Family,
+    table: &'t str,
+    next_seq: F,
+    /// The batch being written: its bytes and its acknowledged messages.
+    open: Option<(Vec<u8>, HashMap<u32, String>)>,
+    out: Batches,
+}
+
+impl<F: FnMut() -> u32> BatchWriter<'_, F> {
+    /// Appends one message adding `list` to `map`.
+    fn message(&mut self, map: &str, list: Vec<ListAttribute<SetElementAttribute>>) {
+        let msg = NfTablesMessage::NewSetElement(SetElementMessage {
+            attributes: vec![
+                SetElementList::Table(self.table.to_owned()),
+                SetElementList::Set(map.to_owned()),
+                SetElementList::Elements(list),
+            ],
+        });
+        let next_seq = &mut self.next_seq;
+        let (buf, acked) = self.open.get_or_insert_with(|| {
+            let mut b = Vec::new();
+            frame_nf(
+                &mut b,
+                next_seq(),
+                NLM_F_REQUEST,
+                NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
+                ControlMessage::BatchBegin,
+            );
+            (b, HashMap::new())
+        });
+        let seq = next_seq();
+        frame_nf(
+            buf,
+            seq,
+            NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK,
+            NetfilterHeader::new(nfproto(self.family), 0, 0),
+            msg,
+        );
+        acked.insert(seq, map.to_owned());
+        if buf.len() >= BATCH_BYTES - MESSAGE_BYTES - 1024 {
+            self.close();
+        }
+    }
+
+    /// Ends the open batch, if any.
+    fn close(&mut self) {
+        if let Some((mut buf, acked)) = self.open.take() {
+            frame_nf(
+                &mut buf,
+                (self.next_seq)(),
+                NLM_F_REQUEST,
+                NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
+                ControlMessage::BatchEnd,
+            );
+            self.out.datagrams.push(buf);
+            self.out.acked.push(acked);
+        }
+    }
+
+    fn finish(mut self) -> Batches {
+        self.close();
+        self.out
     }
 }
 
-fn control(buf: &mut Vec<u8>, seq: u32, message: ControlMessage) {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST;
-    header.sequence_number = seq;
+/// Appends one nfnetlink message (`header` + `inner`) with `seq` and `flags` to `buf`.
+fn frame_nf(
+    buf: &mut Vec<u8>,
+    seq: u32,
+    flags: u16,
+    header: NetfilterHeader,
+    inner: impl Into<netlink_packet_netfilter::NetfilterMessageInner>,
+) {
+    let mut nl = NetlinkHeader::default();
+    nl.flags = flags;
+    nl.sequence_number = seq;
     frame(
         buf,
         NetlinkMessage::new(
-            header,
-            NetlinkPayload::from(NetfilterMessage::new(
-                NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
-                message,
-            )),
+            nl,
+            NetlinkPayload::from(NetfilterMessage::new(header, inner)),
         ),
     );
 }
@@ -255,20 +280,11 @@ pub fn add<'a>(
     match netns {
         None => add_here(family, table, maps),
         Some(path) => {
-            let err = |source: io::Error| ElementsError::Netns {
-                path: path.to_owned(),
-                source,
-            };
-            let file = std::fs::File::open(path).map_err(err)?;
-            std::thread::scope(|scope| {
-                scope
-                    .spawn(|| {
-                        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                            .map_err(|e| err(io::Error::from(e)))?;
-                        add_here(family, table, maps)
-                    })
-                    .join()
-                    .unwrap_or_else(|_| Err(err(io::Error::other("the worker thread panicked"))))
+            netlink::in_netns(path, || add_here(family, table, maps)).unwrap_or_else(|source| {
+                Err(ElementsError::Netns {
+                    path: path.to_owned(),
+                    source,
+                })
             })
         }
     }
