@@ -157,7 +157,10 @@ pub fn plan_state(
     let shared: Vec<(String, Key, Data)> = counts
         .shared
         .into_keys()
-        .map(|(map, key)| (map.to_string(), key, Data::None))
+        .map(|s| {
+            let (map, key) = s.element();
+            (map.to_string(), key, Data::None)
+        })
         .collect();
     let elements = state
         .services

@@ -3,7 +3,7 @@
 
 use super::diff::TableDelta;
 use super::plan::Plan;
-use super::render::{contribution, skeleton, Counts, MapName, RenderConfig};
+use super::render::{contribution, skeleton, Counts, MapName, RenderConfig, Shared};
 use super::table::{Data, Family, Key, Table};
 use crate::model::{DesiredState, ServiceDelta};
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,7 +49,7 @@ impl Incremental {
         let fam = self.family;
         let mut dels: BTreeMap<MapName, BTreeSet<Key>> = BTreeMap::new();
         let mut adds: BTreeMap<MapName, BTreeMap<Key, Data>> = BTreeMap::new();
-        let mut shared_before: BTreeMap<(MapName, Key), bool> = BTreeMap::new();
+        let mut shared_before: BTreeMap<Shared, bool> = BTreeMap::new();
         for d in deltas {
             let old = d
                 .old
@@ -63,7 +63,7 @@ impl Incremental {
                 .unwrap_or_default();
             for k in old.shared.iter().chain(&new.shared) {
                 shared_before
-                    .entry(k.clone())
+                    .entry(*k)
                     .or_insert_with(|| self.counts.shared.contains_key(k));
             }
             self.counts.remove(&old);
@@ -83,8 +83,9 @@ impl Incremental {
                 }
             }
         }
-        for ((map, key), was) in shared_before {
-            let now = self.counts.shared.contains_key(&(map, key.clone()));
+        for (shared, was) in shared_before {
+            let now = self.counts.shared.contains_key(&shared);
+            let (map, key) = shared.element();
             if was && !now {
                 dels.entry(map).or_default().insert(key);
             } else if !was && now {
