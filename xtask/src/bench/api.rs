@@ -16,7 +16,11 @@
 //!   new connection answered by that pod; p50 and p99, and the program's own
 //!   `kubeproxy_network_programming_duration_seconds` p50/p99 (bucket bounds);
 //! - peak RSS (VmHWM) and CPU seconds until live, and the CPU share of a core over
-//!   `--idle-secs` of idling afterwards.
+//!   `--idle-secs` of idling afterwards;
+//! - the data path, after the idling: `weir-load` from the client pod alternating between
+//!   the last Service's ClusterIP and the one pod its slice then holds, addressed by pod
+//!   IP, so both see the same moment of the machine: connect and request p50/p99, and
+//!   requests per second of each.
 //!
 //! Every program runs with its own defaults for sync periods, as operators run them.
 
@@ -32,9 +36,11 @@ use weir_e2e::forward::Forwarder;
 use weir_e2e::prom::histogram_quantile;
 use weir_e2e::{pod_ip, Netns, Topology};
 
+use crate::bench::report::opt;
 use crate::bench::rig::{
-    build_release, cpu_seconds, in_client, loadavg, machine, now_utc, release_dir, service_ip,
-    start_weir_with, status_kib, topology, write_manifests, EbpfScratch, Machine, Proc,
+    build_release, cpu_seconds, in_client, load, loadavg, machine, now_utc, release_dir,
+    service_ip, start_weir_with, status_kib, topology, write_manifests, EbpfScratch, LoadSpec,
+    Machine, Proc, Traffic,
 };
 
 /// Options of `bench api`.
@@ -68,12 +74,22 @@ pub struct ApiArgs {
     /// listing from a server still busy.
     #[arg(long, default_value_t = 30)]
     settle_secs: u64,
+    /// Sequential connections per target in the data-path measurement.
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    /// Milliseconds of the data path's throughput phase per target.
+    #[arg(long, default_value_t = 1500)]
+    rps_millis: u64,
     /// A program not live after this many seconds is stopped and reported as such.
     #[arg(long, default_value_t = 300)]
     limit: u64,
-    /// Where api.json and api.csv go.
+    /// Where api.json, api.csv and api-control-plane.png go.
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
+    /// Measure nothing: re-write api.csv and the plot from the api.json under --out and
+    /// print its table.
+    #[arg(long)]
+    replot: bool,
 }
 
 /// One program at one size.
@@ -111,6 +127,12 @@ pub struct ApiRow {
     pub cpu_to_live_s: Option<f64>,
     /// CPU share of one core while idle (percent).
     pub idle_cpu_pct: Option<f64>,
+    /// The data path through the last Service's ClusterIP, from the client pod.
+    #[serde(default)]
+    pub clusterip: Option<Traffic>,
+    /// The same backend pod by pod IP, in the same `weir-load` run.
+    #[serde(default)]
+    pub pod_ip: Option<Traffic>,
 }
 
 /// One run of `bench api`.
@@ -133,6 +155,9 @@ const NAMESPACE: &str = "bench";
 
 /// Runs `bench api`.
 pub fn api(args: ApiArgs, root: &Path) -> Result<()> {
+    if args.replot {
+        return replot(&root.join(&args.out));
+    }
     for p in &args.programs {
         if !PROGRAMS.contains(&p.as_str()) {
             bail!(
@@ -195,9 +220,63 @@ pub fn api(args: ApiArgs, root: &Path) -> Result<()> {
     let json = args.out.join("api.json");
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
     std::fs::write(args.out.join("api.csv"), to_csv(&report))?;
+    crate::bench::plot::api_plots(&as_plot_report(&report), &args.out)?;
     println!("{}", to_markdown(&report));
-    eprintln!("==> wrote {} and api.csv", json.display());
+    eprintln!(
+        "==> wrote {}, api.csv and api-control-plane.png",
+        json.display()
+    );
     Ok(())
+}
+
+/// Re-writes api.csv and api-control-plane.png from the api.json under `out`.
+pub fn replot(out: &Path) -> Result<()> {
+    let json = out.join("api.json");
+    let report: ApiReport = serde_json::from_str(
+        &std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?,
+    )
+    .with_context(|| format!("parsing {}", json.display()))?;
+    std::fs::write(out.join("api.csv"), to_csv(&report))?;
+    crate::bench::plot::api_plots(&as_plot_report(&report), out)?;
+    println!("{}", to_markdown(&report));
+    Ok(())
+}
+
+/// The run in the plots' terms: one row per program and size (mode `kube-proxy-<mode>`
+/// for the real kube-proxy, whose release goes into the caption), live time as the
+/// full-sync value, change p99 as the change value.
+fn as_plot_report(r: &ApiReport) -> crate::bench::report::Report {
+    let key = |program: &str| match program.rsplit_once(' ') {
+        Some((p, mode)) if p.starts_with("kube-proxy") => format!("kube-proxy-{mode}"),
+        _ => program.to_owned(),
+    };
+    crate::bench::report::Report {
+        date: format!("{} (Kubernetes {})", r.date, r.kubernetes),
+        machine: r.machine.clone(),
+        load_before: r.load.0.clone(),
+        load_after: r.load.1.clone(),
+        rows: r
+            .rows
+            .iter()
+            .map(|x| crate::bench::report::Row {
+                services: x.services,
+                endpoints: x.endpoints,
+                mode: key(&x.program),
+                // A program not live is drawn as cut off at the limit.
+                status: if x.live_s.is_some() {
+                    "ok".into()
+                } else {
+                    "> limit".into()
+                },
+                full_sync_s: x.live_s,
+                change_ms: x.change_p99_ms,
+                peak_rss_mib: x.peak_rss_mib,
+                cpu_s: x.cpu_to_live_s,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
 }
 
 /// The programs `--programs` may name.
@@ -362,6 +441,28 @@ impl Run<'_> {
             (Some(a), Some(b)) => Some((b - a) / self.args.idle_secs as f64 * 100.0),
             _ => None,
         };
+        // The slice now holds pod `changes % eps` alone: the ClusterIP and that pod's IP,
+        // connections alternating between them.
+        let pod = format!("{}:8080", pod_ip(self.args.changes % eps));
+        let spec = LoadSpec {
+            requests: self.args.requests,
+            concurrency: 4,
+            millis: self.args.rps_millis,
+        };
+        match load(
+            self.bin,
+            client,
+            cgroup,
+            &[svc.as_str(), pod.as_str()],
+            spec,
+        ) {
+            Ok(t) => {
+                let mut t = t.into_iter();
+                row.clusterip = t.next();
+                row.pod_ip = t.next();
+            }
+            Err(e) => row.status = format!("data path failed: {e:#}"),
+        }
         row.peak_rss_mib = status_kib(pid, "VmHWM:").map(|k| k as f64 / 1024.0);
         drop(child);
         drop(topo);
@@ -492,11 +593,6 @@ fn quantile(v: &[f64], p: f64) -> Option<f64> {
     v.get(i).copied()
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}"))
-        .unwrap_or_else(|| "-".into())
-}
-
 fn summary(r: &ApiRow) -> String {
     format!(
         "{}: live {} s, change p50 {} / p99 {} ms, peak RSS {} MiB, idle CPU {} %",
@@ -509,7 +605,26 @@ fn summary(r: &ApiRow) -> String {
     )
 }
 
-const COLUMNS: &str = "services,endpoints,program,status,live_s,change_p50_ms,change_p99_ms,changes,programming_p50_le_s,programming_p99_le_s,peak_rss_mib,cpu_to_live_s,idle_cpu_pct";
+const COLUMNS: &str = "services,endpoints,program,status,live_s,change_p50_ms,change_p99_ms,changes,programming_p50_le_s,programming_p99_le_s,peak_rss_mib,cpu_to_live_s,idle_cpu_pct,clusterip_connect_p50_us,clusterip_connect_p99_us,clusterip_p50_us,clusterip_p99_us,clusterip_rps,podip_connect_p50_us,podip_connect_p99_us,podip_p50_us,podip_p99_us,podip_rps";
+
+/// A [`Traffic`]'s five CSV fields (empty when not measured).
+fn traffic_csv(t: &Option<Traffic>) -> String {
+    match t {
+        Some(t) => format!(
+            "{:.0},{:.0},{:.0},{:.0},{:.0}",
+            t.connect_p50_us, t.connect_p99_us, t.p50_us, t.p99_us, t.rps
+        ),
+        None => ",,,,".into(),
+    }
+}
+
+/// Request p50 through the ClusterIP over the same by pod IP.
+fn clusterip_over_pod_ip(r: &ApiRow) -> Option<f64> {
+    match (&r.clusterip, &r.pod_ip) {
+        (Some(c), Some(p)) if p.p50_us > 0.0 => Some(c.p50_us / p.p50_us),
+        _ => None,
+    }
+}
 
 /// The rows as CSV, after a comment line naming the machine, date and load.
 pub fn to_csv(r: &ApiReport) -> String {
@@ -520,7 +635,7 @@ pub fn to_csv(r: &ApiReport) -> String {
     for x in &r.rows {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             x.services,
             x.endpoints,
             x.program,
@@ -533,7 +648,9 @@ pub fn to_csv(r: &ApiReport) -> String {
             opt(x.programming_p99_le_s, 3),
             opt(x.peak_rss_mib, 1),
             opt(x.cpu_to_live_s, 2),
-            opt(x.idle_cpu_pct, 2)
+            opt(x.idle_cpu_pct, 2),
+            traffic_csv(&x.clusterip),
+            traffic_csv(&x.pod_ip)
         );
     }
     s
@@ -543,8 +660,8 @@ pub fn to_csv(r: &ApiReport) -> String {
 pub fn to_markdown(r: &ApiReport) -> String {
     let mut s = format!(
         "{} UTC, {} ({} cores), kernel {}, Kubernetes {}, load {} -> {}\n\n\
-         | Services | program | live (s) | change p50 / p99 (ms) | programming p50 / p99 (s, bucket) | peak RSS (MiB) | CPU to live (s) | idle CPU (%) |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | Services | program | live (s) | change p50 / p99 (ms) | programming p50 / p99 (s, bucket) | peak RSS (MiB) | CPU to live (s) | idle CPU (%) | request p50 / p99, ClusterIP (µs) | same pod by pod IP (µs) | ClusterIP / pod IP p50 |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
         r.date, r.machine.cpu, r.machine.cores, r.machine.kernel, r.kubernetes, r.load.0, r.load.1
     );
     for x in &r.rows {
@@ -555,7 +672,7 @@ pub fn to_markdown(r: &ApiReport) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {}{status} | {} | {} / {} | {} / {} | {} | {} | {} |",
+            "| {} | {}{status} | {} | {} / {} | {} / {} | {} | {} | {} | {} | {} | {} |",
             x.services,
             x.program,
             opt(x.live_s, 2),
@@ -565,10 +682,20 @@ pub fn to_markdown(r: &ApiReport) -> String {
             opt(x.programming_p99_le_s, 3),
             opt(x.peak_rss_mib, 1),
             opt(x.cpu_to_live_s, 2),
-            opt(x.idle_cpu_pct, 2)
+            opt(x.idle_cpu_pct, 2),
+            latency(&x.clusterip),
+            latency(&x.pod_ip),
+            opt(clusterip_over_pod_ip(x), 3)
         );
     }
     s
+}
+
+fn latency(t: &Option<Traffic>) -> String {
+    match t {
+        Some(t) => format!("{:.0} / {:.0}", t.p50_us, t.p99_us),
+        None => "-".into(),
+    }
 }
 
 #[cfg(test)]
@@ -581,6 +708,38 @@ mod tests {
         assert_eq!(quantile(&v, 0.5), Some(51.0));
         assert_eq!(quantile(&v, 0.99), Some(99.0));
         assert_eq!(quantile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn plot_rows_key_kube_proxy_by_mode_and_keep_the_release_in_the_caption() {
+        let r = ApiReport {
+            date: "2026-12-07T00:00:00Z".into(),
+            machine: machine(),
+            load: ("0.1".into(), "0.2".into()),
+            kubernetes: "v1.37.2".into(),
+            rows: vec![
+                ApiRow {
+                    program: label("kube-proxy-iptables", "v1.37.2"),
+                    status: "not live within 300 s".into(),
+                    ..ApiRow::default()
+                },
+                ApiRow {
+                    program: "weir-ebpf".into(),
+                    live_s: Some(1.1),
+                    change_p99_ms: Some(33.0),
+                    ..ApiRow::default()
+                },
+            ],
+        };
+        let p = as_plot_report(&r);
+        assert_eq!(p.rows[0].mode, "kube-proxy-iptables");
+        assert!(p.rows[0].status.starts_with('>'));
+        assert_eq!(p.rows[1].mode, "weir-ebpf");
+        assert_eq!(
+            (p.rows[1].full_sync_s, p.rows[1].change_ms),
+            (Some(1.1), Some(33.0))
+        );
+        assert!(p.caption().contains("v1.37.2"), "{}", p.caption());
     }
 
     #[test]

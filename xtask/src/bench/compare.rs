@@ -60,8 +60,8 @@ pub struct CompareArgs {
     /// compare.json already under --out: the other numbers are kept, and the run is noted.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
-    /// Only these dataplanes (direct, weir-nftables, weir-ebpf, kube-proxy-iptables,
-    /// kube-proxy-nftables), merged into the existing compare.json like --only.
+    /// Only these dataplanes (direct, weir-nftables, weir-ebpf, shape-iptables,
+    /// shape-nftables: rulesets in kube-proxy's shape, not the program), merged into the existing compare.json like --only.
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Service counts measured inside the qemu guest that IPVS mode needs (this kernel
@@ -123,8 +123,8 @@ const MODES: [&str; 5] = [
     "direct",
     "weir-nftables",
     "weir-ebpf",
-    "kube-proxy-iptables",
-    "kube-proxy-nftables",
+    "shape-iptables",
+    "shape-nftables",
 ];
 
 /// The dataplanes compared inside the guest: IPVS, with nftables mode and pod IP as its
@@ -643,7 +643,7 @@ fn reference(ctx: &Ctx, n: usize, kind: &str) -> Result<Row> {
     let mut row = Row {
         services: n,
         endpoints: ctx.eps,
-        mode: format!("kube-proxy-{kind}"),
+        mode: format!("shape-{kind}"),
         status: "ok".into(),
         ..Row::default()
     };
@@ -707,8 +707,8 @@ fn estimate(mode: &str, n: usize, limit: f64) -> f64 {
         "direct" => traffic,
         "weir-nftables" | "weir-ebpf" => 5.0 + traffic + 1.0 * k,
         "weir-ipvs" => 5.0 + traffic + 2.0 * k,
-        "kube-proxy-iptables" => 3.0 + traffic + (0.5 * k + 0.01 * k * k).min(limit) * 1.5,
-        "kube-proxy-nftables" => 3.0 + traffic + (2.0 * k * k / 1.0).min(limit),
+        "shape-iptables" => 3.0 + traffic + (0.5 * k + 0.01 * k * k).min(limit) * 1.5,
+        "shape-nftables" => 3.0 + traffic + (2.0 * k * k / 1.0).min(limit),
         _ => 0.0,
     }
 }
@@ -801,7 +801,7 @@ fn run(
                 "weir-nftables" => weir(&ctx, n, "nftables"),
                 "weir-ebpf" => weir(&ctx, n, "ebpf"),
                 "weir-ipvs" => weir(&ctx, n, "ipvs"),
-                "kube-proxy-iptables" => reference(&ctx, n, "iptables"),
+                "shape-iptables" => reference(&ctx, n, "iptables"),
                 _ => reference(&ctx, n, "nftables"),
             }
         };

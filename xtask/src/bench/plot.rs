@@ -10,21 +10,32 @@ use std::path::Path;
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The dataplanes drawn, with their colours and labels.
-const LINES: [(&str, RGBColor, &str); 6] = [
+const LINES: [(&str, RGBColor, &str); 8] = [
     ("weir-nftables", RGBColor(0x1f, 0x77, 0xb4), "weir nftables"),
     ("weir-ebpf", RGBColor(0x2c, 0xa0, 0x2c), "weir eBPF"),
     ("weir-ipvs", RGBColor(0x94, 0x67, 0xbd), "weir IPVS"),
     (
+        "shape-iptables",
+        RGBColor(0xd6, 0x27, 0x28),
+        "kube-proxy's iptables shape (generated here)",
+    ),
+    (
+        "shape-nftables",
+        RGBColor(0xff, 0x7f, 0x0e),
+        "kube-proxy's nftables shape (generated here)",
+    ),
+    ("direct", RGBColor(0x55, 0x55, 0x55), "pod IP, no rules"),
+    // `bench api`'s real kube-proxy (the release is in the caption).
+    (
         "kube-proxy-iptables",
         RGBColor(0xd6, 0x27, 0x28),
-        "kube-proxy iptables (reference)",
+        "kube-proxy iptables",
     ),
     (
         "kube-proxy-nftables",
         RGBColor(0xff, 0x7f, 0x0e),
-        "kube-proxy nftables (reference)",
+        "kube-proxy nftables",
     ),
-    ("direct", RGBColor(0x55, 0x55, 0x55), "pod IP, no rules"),
 ];
 
 fn register_font() -> Result<()> {
@@ -152,23 +163,23 @@ const CONTROL: &[&str] = &[
     "weir-nftables",
     "weir-ebpf",
     "weir-ipvs",
-    "kube-proxy-iptables",
-    "kube-proxy-nftables",
+    "shape-iptables",
+    "shape-nftables",
 ];
 const DATA: &[&str] = &[
     "weir-nftables",
     "weir-ebpf",
     "weir-ipvs",
-    "kube-proxy-iptables",
-    "kube-proxy-nftables",
+    "shape-iptables",
+    "shape-nftables",
     "direct",
 ];
 const NODEPORT: &[&str] = &[
     "weir-nftables",
     "weir-ebpf",
     "weir-ipvs",
-    "kube-proxy-iptables",
-    "kube-proxy-nftables",
+    "shape-iptables",
+    "shape-nftables",
 ];
 
 /// Writes `<prefix>control-plane.png` and `<prefix>data-path.png` into `out`.
@@ -224,4 +235,38 @@ pub fn plots(report: &Report, out: &Path, prefix: &str) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+const API: &[&str] = &[
+    "weir-nftables",
+    "weir-ebpf",
+    "kube-proxy-nftables",
+    "kube-proxy-iptables",
+];
+
+/// Writes `api-control-plane.png` into `out`: a `bench api` run of the real programs,
+/// drawn through the same panels (the rows carry `bench api`'s values: time to live,
+/// change p99, peak RSS, CPU to live).
+pub fn api_plots(report: &Report, out: &Path) -> Result<()> {
+    register_font()?;
+    figure(
+        &out.join("api-control-plane.png"),
+        report,
+        &[
+            (
+                "Start to the last Service answering (objects already in the API server)",
+                "seconds",
+                API,
+                |r| r.full_sync_s,
+            ),
+            (
+                "One endpoint change: PATCH to traffic following, p99",
+                "milliseconds",
+                API,
+                |r| r.change_ms,
+            ),
+            ("Peak RSS", "MiB", API, |r| r.peak_rss_mib),
+            ("CPU time up to live", "seconds", API, |r| r.cpu_s),
+        ],
+    )
 }
