@@ -45,7 +45,9 @@ pub struct Store {
     services: ChangeTracker<ServiceRecord>,
     slices: ChangeTracker<SliceRecord>,
     nodes: ChangeTracker<NodeRecord>,
-    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Each Service's slices, sorted: a Vec, since a Service has one or a few (a BTreeSet
+    /// allocates a whole node even for one, 0.5 MB per 1,000 Services).
+    slices_by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
     changed_services: BTreeSet<ObjectKey>,
     /// Keys seen since `RelistStart` of each kind (Service, EndpointSlice, Node).
     kind_relist: [Option<BTreeSet<ObjectKey>>; 3],
@@ -224,7 +226,9 @@ impl Store {
             .cloned()
         {
             if let Some(set) = self.slices_by_service.get_mut(&svc) {
-                set.remove(key);
+                if let Ok(i) = set.binary_search(key) {
+                    set.remove(i);
+                }
                 if set.is_empty() {
                     self.slices_by_service.remove(&svc);
                 }
@@ -252,10 +256,10 @@ impl Store {
         let is_invalid = r.is_err();
         self.unindex_slice(&key);
         if let Some(svc) = slice_service(&r).cloned() {
-            self.slices_by_service
-                .entry(svc.clone())
-                .or_default()
-                .insert(key.clone());
+            let set = self.slices_by_service.entry(svc.clone()).or_default();
+            if let Err(i) = set.binary_search(&key) {
+                set.insert(i, key.clone());
+            }
             self.changed_services.insert(svc);
         }
         let changed = self.slices.upsert(key, r, now);
