@@ -36,7 +36,7 @@ use weir_e2e::forward::Forwarder;
 use weir_e2e::prom::histogram_quantile;
 use weir_e2e::{pod_ip, Netns, Topology};
 
-use crate::bench::report::opt;
+use crate::bench::report::{opt, traffic_csv};
 use crate::bench::rig::{
     build_release, cpu_seconds, in_client, load, loadavg, machine, now_utc, release_dir,
     service_ip, start_weir_with, status_kib, topology, write_manifests, EbpfScratch, LoadSpec,
@@ -219,9 +219,7 @@ pub fn api(args: ApiArgs, root: &Path) -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let json = args.out.join("api.json");
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
-    std::fs::write(args.out.join("api.csv"), to_csv(&report))?;
-    crate::bench::plot::api_plots(&as_plot_report(&report), &args.out)?;
-    println!("{}", to_markdown(&report));
+    write_outputs(&report, &args.out)?;
     eprintln!(
         "==> wrote {}, api.csv and api-control-plane.png",
         json.display()
@@ -236,9 +234,14 @@ pub fn replot(out: &Path) -> Result<()> {
         &std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?,
     )
     .with_context(|| format!("parsing {}", json.display()))?;
-    std::fs::write(out.join("api.csv"), to_csv(&report))?;
-    crate::bench::plot::api_plots(&as_plot_report(&report), out)?;
-    println!("{}", to_markdown(&report));
+    write_outputs(&report, out)
+}
+
+/// Writes api.csv and api-control-plane.png of `report` into `out` and prints its table.
+fn write_outputs(report: &ApiReport, out: &Path) -> Result<()> {
+    std::fs::write(out.join("api.csv"), to_csv(report))?;
+    crate::bench::plot::api_plots(&as_plot_report(report), out)?;
+    println!("{}", to_markdown(report));
     Ok(())
 }
 
@@ -279,8 +282,8 @@ fn as_plot_report(r: &ApiReport) -> crate::bench::report::Report {
     }
 }
 
-/// The programs `--programs` may name.
-const PROGRAMS: [&str; 4] = [
+/// The programs `--programs` may name (also the plot's lines).
+pub(crate) const PROGRAMS: [&str; 4] = [
     "weir-nftables",
     "weir-ebpf",
     "kube-proxy-nftables",
@@ -607,17 +610,6 @@ fn summary(r: &ApiRow) -> String {
 
 const COLUMNS: &str = "services,endpoints,program,status,live_s,change_p50_ms,change_p99_ms,changes,programming_p50_le_s,programming_p99_le_s,peak_rss_mib,cpu_to_live_s,idle_cpu_pct,clusterip_connect_p50_us,clusterip_connect_p99_us,clusterip_p50_us,clusterip_p99_us,clusterip_rps,podip_connect_p50_us,podip_connect_p99_us,podip_p50_us,podip_p99_us,podip_rps";
 
-/// A [`Traffic`]'s five CSV fields (empty when not measured).
-fn traffic_csv(t: &Option<Traffic>) -> String {
-    match t {
-        Some(t) => format!(
-            "{:.0},{:.0},{:.0},{:.0},{:.0}",
-            t.connect_p50_us, t.connect_p99_us, t.p50_us, t.p99_us, t.rps
-        ),
-        None => ",,,,".into(),
-    }
-}
-
 /// Request p50 through the ClusterIP over the same by pod IP.
 fn clusterip_over_pod_ip(r: &ApiRow) -> Option<f64> {
     match (&r.clusterip, &r.pod_ip) {
@@ -710,27 +702,32 @@ mod tests {
         assert_eq!(quantile(&[], 0.5), None);
     }
 
-    #[test]
-    fn plot_rows_key_kube_proxy_by_mode_and_keep_the_release_in_the_caption() {
-        let r = ApiReport {
+    /// A report of `rows` from a fixed date, load and release.
+    fn report(rows: Vec<ApiRow>) -> ApiReport {
+        ApiReport {
             date: "2026-12-07T00:00:00Z".into(),
             machine: machine(),
             load: ("0.1".into(), "0.2".into()),
             kubernetes: "v1.37.2".into(),
-            rows: vec![
-                ApiRow {
-                    program: label("kube-proxy-iptables", "v1.37.2"),
-                    status: "not live within 300 s".into(),
-                    ..ApiRow::default()
-                },
-                ApiRow {
-                    program: "weir-ebpf".into(),
-                    live_s: Some(1.1),
-                    change_p99_ms: Some(33.0),
-                    ..ApiRow::default()
-                },
-            ],
-        };
+            rows,
+        }
+    }
+
+    #[test]
+    fn plot_rows_key_kube_proxy_by_mode_and_keep_the_release_in_the_caption() {
+        let r = report(vec![
+            ApiRow {
+                program: label("kube-proxy-iptables", "v1.37.2"),
+                status: "not live within 300 s".into(),
+                ..ApiRow::default()
+            },
+            ApiRow {
+                program: "weir-ebpf".into(),
+                live_s: Some(1.1),
+                change_p99_ms: Some(33.0),
+                ..ApiRow::default()
+            },
+        ]);
         let p = as_plot_report(&r);
         assert_eq!(p.rows[0].mode, "kube-proxy-iptables");
         assert!(p.rows[0].status.starts_with('>'));
@@ -753,20 +750,14 @@ mod tests {
 
     #[test]
     fn the_csv_has_one_line_per_row_under_its_header() {
-        let r = ApiReport {
-            date: "2026-12-07T00:00:00Z".into(),
-            machine: machine(),
-            load: ("0.1".into(), "0.2".into()),
-            kubernetes: "v1.37.2".into(),
-            rows: vec![ApiRow {
-                services: 10,
-                endpoints: 10,
-                program: "weir-nftables".into(),
-                status: "ok".into(),
-                live_s: Some(0.5),
-                ..ApiRow::default()
-            }],
-        };
+        let r = report(vec![ApiRow {
+            services: 10,
+            endpoints: 10,
+            program: "weir-nftables".into(),
+            status: "ok".into(),
+            live_s: Some(0.5),
+            ..ApiRow::default()
+        }]);
         let csv = to_csv(&r);
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[1], COLUMNS);

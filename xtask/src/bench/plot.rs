@@ -237,12 +237,7 @@ pub fn plots(report: &Report, out: &Path, prefix: &str) -> Result<()> {
     Ok(())
 }
 
-const API: &[&str] = &[
-    "weir-nftables",
-    "weir-ebpf",
-    "kube-proxy-nftables",
-    "kube-proxy-iptables",
-];
+const API: &[&str] = &crate::bench::api::PROGRAMS;
 
 /// Writes `api-control-plane.png` into `out`: a `bench api` run of the real programs,
 /// drawn through the same panels (the rows carry `bench api`'s values: time to live,

@@ -54,6 +54,18 @@ pub(crate) fn opt(v: Option<f64>, digits: usize) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// A [`Traffic`]'s five CSV fields: connect p50, p99, request p50, p99, requests/s
+/// (empty when not measured).
+pub(crate) fn traffic_csv(t: &Option<Traffic>) -> String {
+    match t {
+        Some(t) => format!(
+            "{:.0},{:.0},{:.0},{:.0},{:.0}",
+            t.connect_p50_us, t.connect_p99_us, t.p50_us, t.p99_us, t.rps
+        ),
+        None => ",,,,".into(),
+    }
+}
+
 const CSV_HEADER: &str = "services,endpoints,mode,status,full_sync_s,startup_s,change_ms,peak_rss_mib,cpu_s,clusterip_connect_p50_us,clusterip_connect_p99_us,clusterip_p50_us,clusterip_p99_us,clusterip_rps,nodeport_connect_p50_us,nodeport_connect_p99_us,nodeport_p50_us,nodeport_p99_us,nodeport_rps,nodeport_note";
 
 pub(crate) fn csv(report: &Report) -> String {
@@ -62,13 +74,7 @@ pub(crate) fn csv(report: &Report) -> String {
         let _ = writeln!(s, "# then {p}");
     }
     for r in &report.rows {
-        let t = |t: &Option<Traffic>| match t {
-            Some(t) => format!(
-                "{:.0},{:.0},{:.0},{:.0},{:.0}",
-                t.connect_p50_us, t.connect_p99_us, t.p50_us, t.p99_us, t.rps
-            ),
-            None => ",,,,".into(),
-        };
+        let t = traffic_csv;
         let quote = |x: &str| format!("\"{}\"", x.replace('"', "'"));
         let _ = writeln!(
             s,
