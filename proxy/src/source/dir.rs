@@ -18,12 +18,21 @@
 //! and keeps the objects last read from it, at their programmed versions, until it parses
 //! again or is removed; as a definition it still counts as valid. A file that never parsed
 //! contributes the documents before the error.
+//!
+//! # Reading a changed file
+//!
+//! A file's text is cut into its documents ([`documents`]); the watcher keeps a digest of
+//! each and the objects it named. When the file changes, only the documents whose text is
+//! new are parsed and sent (as upserts), and the objects no document names any more are
+//! deleted: one edited Service in a file of ten thousand costs one document's parse. A new
+//! file's documents are parsed on every core and sent as they are read, in file order.
 
+use super::documents::{self, Piece};
 use super::{Kind, Object, ObjectRef, SourceUpdate};
 use crate::objects::ObjectKey;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -121,9 +130,12 @@ pub fn scan_dir(
     let mut seen = BTreeSet::new();
     for file in manifest_files(dir)? {
         let (_, text) = read_manifest(&file);
-        scan_text(&file, &text, &mut seen, &mut |found| match found {
-            Found::Object(o) => on_object(o),
-            Found::Error(e) => on_error(e),
+        scan_text(&file, &text, &mut seen, &[], &mut |found| {
+            match found {
+                Found::Object(o) => on_object(o),
+                Found::Error(e) => on_error(e),
+            }
+            true
         });
     }
     Ok(())
@@ -142,6 +154,18 @@ enum Found {
     Error(DocumentError),
 }
 
+/// What one piece of a file (see [`documents`]) defined: enough to read the file again
+/// without parsing the piece while its text stays the same.
+#[derive(Clone, Debug)]
+struct PieceMemo {
+    /// Digest of the piece's text.
+    digest: u64,
+    /// Documents in it (the index of every later document counts them).
+    docs: usize,
+    /// The objects it names, and whether each definition is valid.
+    ids: Vec<(Id, bool)>,
+}
+
 /// What one file defines.
 #[derive(Debug, Default)]
 struct FileScan {
@@ -149,30 +173,217 @@ struct FileScan {
     defs: BTreeMap<Id, bool>,
     /// The file could not be read or parsed to its end.
     broken: bool,
+    /// Some object is named by more than one document of the file.
+    dups: bool,
+    /// The pieces read, in order, up to a broken one.
+    pieces: Vec<PieceMemo>,
+    /// The caller stopped the scan.
+    stopped: bool,
 }
 
 /// A file's digest (0 when it cannot be read) and its text (or why it cannot be read).
 fn read_manifest(file: &Path) -> (u64, Result<String, String>) {
     match std::fs::read(file) {
         Ok(bytes) => (
-            content_digest(&bytes),
+            documents::digest(&bytes),
             String::from_utf8(bytes).map_err(|e| e.to_string()),
         ),
         Err(e) => (0, Err(e.to_string())),
     }
 }
 
-/// Reads one manifest file's text. `seen` holds the objects already used (from this file or
-/// files before it): a later valid definition is reported as a duplicate and not handed
-/// over. When the text does not parse to its end, the documents before the error are still
-/// handed over and the result is marked broken.
+/// What one object of a document gave: its index inside a `List`, and the object (None:
+/// of a kind weir does not read) or why it cannot be used.
+type ItemParse = (Option<usize>, Result<Option<Object>, ParseError>);
+
+/// What one document of a piece held.
+enum DocParse {
+    /// An empty document.
+    Null,
+    /// It does not parse, and neither does the rest of the file: the message, with the
+    /// file's line numbers.
+    Broken(String),
+    /// What each object in it gave: (index inside a `List`, the object or why not).
+    Items(Vec<ItemParse>),
+}
+
+/// Parses one piece into its documents and their objects (on a worker thread).
+fn parse_piece(piece: &Piece<'_>) -> Vec<DocParse> {
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(piece.text) {
+        match Value::deserialize(doc) {
+            Ok(v) if v.is_null() => out.push(DocParse::Null),
+            Ok(v) => out.push(DocParse::Items(items_of(v))),
+            Err(_) => {
+                out.push(DocParse::Broken(broken_message(piece)));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The objects of one document: a `List`'s items with their index, or the document.
+fn items_of(mut value: Value) -> Vec<ItemParse> {
+    if value.get("kind").and_then(Value::as_str) != Some("List") {
+        return vec![(None, parse_object(value))];
+    }
+    match value.get_mut("items").map(std::mem::take) {
+        Some(Value::Sequence(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(j, v)| (Some(j), parse_object(v)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A piece's parse error as the whole file's parse reports it: the piece is parsed again
+/// after as many empty lines as come before it, so the error's line numbers are the file's.
+fn broken_message(piece: &Piece<'_>) -> String {
+    let padded = format!("{}{}", "\n".repeat(piece.line), piece.text);
+    for doc in serde_yaml_ng::Deserializer::from_str(&padded) {
+        if let Err(e) = Value::deserialize(doc) {
+            return e.to_string();
+        }
+    }
+    "does not parse".into()
+}
+
+/// One scan of a file in progress: what it has found so far.
+struct Reading<'a, F> {
+    file: &'a Path,
+    seen: &'a mut BTreeSet<Id>,
+    on: &'a mut F,
+    scan: FileScan,
+    /// Documents before the next piece.
+    docs: usize,
+}
+
+impl<F: FnMut(Found) -> bool> Reading<'_, F> {
+    /// Records that the file names `id` (validly or not).
+    fn define(&mut self, id: &Id, valid: bool) {
+        match self.scan.defs.get_mut(id) {
+            Some(v) => {
+                self.scan.dups = true;
+                *v |= valid;
+            }
+            None => {
+                self.scan.defs.insert(id.clone(), valid);
+            }
+        }
+    }
+
+    /// A piece whose text did not change: its objects count as read, and none is handed
+    /// over (each is in effect as it was).
+    fn reused(&mut self, memo: PieceMemo) {
+        for (id, valid) in &memo.ids {
+            self.define(id, *valid);
+            if *valid {
+                self.seen.insert(id.clone());
+            }
+        }
+        self.docs += memo.docs;
+        self.scan.pieces.push(memo);
+    }
+
+    /// A piece just parsed; false when the scan stops here.
+    fn parsed(&mut self, digest: u64, docs: Vec<DocParse>) -> bool {
+        let mut memo = PieceMemo {
+            digest,
+            docs: docs.len(),
+            ids: Vec::new(),
+        };
+        for (j, doc) in docs.into_iter().enumerate() {
+            let i = self.docs + j;
+            match doc {
+                DocParse::Null => {}
+                DocParse::Broken(message) => {
+                    (self.on)(Found::Error(doc_error(
+                        self.file,
+                        i.to_string(),
+                        None,
+                        None,
+                        message,
+                    )));
+                    self.scan.broken = true;
+                    return false;
+                }
+                DocParse::Items(items) => {
+                    for (item, res) in items {
+                        let index = match item {
+                            Some(k) => format!("{i} item {k}"),
+                            None => i.to_string(),
+                        };
+                        if !self.item(index, res, &mut memo) {
+                            self.scan.stopped = true;
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        self.docs += memo.docs;
+        self.scan.pieces.push(memo);
+        true
+    }
+
+    /// One object of a document; false when the caller stops the scan.
+    fn item(
+        &mut self,
+        index: String,
+        res: Result<Option<Object>, ParseError>,
+        memo: &mut PieceMemo,
+    ) -> bool {
+        match res {
+            Ok(None) => true,
+            Ok(Some(obj)) => {
+                let id = (obj.kind(), obj.key());
+                self.define(&id, true);
+                memo.ids.push((id.clone(), true));
+                if self.seen.insert(id) {
+                    (self.on)(Found::Object(obj))
+                } else {
+                    (self.on)(Found::Error(doc_error(
+                        self.file,
+                        index,
+                        Some(describe(&obj)),
+                        None,
+                        "duplicate object; the first one is used".into(),
+                    )))
+                }
+            }
+            Err(err) => {
+                let (object, field, message, target) = *err;
+                if let Some(r) = &target {
+                    let id = (r.kind, r.key.clone());
+                    self.define(&id, false);
+                    memo.ids.push((id, false));
+                }
+                let mut e = doc_error(self.file, index, object, field, message);
+                e.invalid_object = target;
+                (self.on)(Found::Error(e))
+            }
+        }
+    }
+}
+
+/// Reads one manifest file's text, handing over each usable object and each error to
+/// `on`, which may stop the scan by returning false. `seen` holds the objects already used
+/// (from this file or files before it): a later valid definition is reported as a
+/// duplicate and not handed over. When the text does not parse to its end, the documents
+/// before the error are still handed over and the result is marked broken.
+///
+/// A piece of the text whose digest is in `reuse` (the pieces of the file's last read) is
+/// not parsed: its objects count as defined and none is handed over. The other pieces are
+/// parsed on worker threads, their results taken in order.
 fn scan_text(
     file: &Path,
     text: &Result<String, String>,
     seen: &mut BTreeSet<Id>,
-    on: &mut impl FnMut(Found),
+    reuse: &[PieceMemo],
+    on: &mut impl FnMut(Found) -> bool,
 ) -> FileScan {
-    let mut scan = FileScan::default();
     let text = match text {
         Ok(t) => t,
         Err(e) => {
@@ -183,93 +394,81 @@ fn scan_text(
                 None,
                 e.clone(),
             )));
-            scan.broken = true;
-            return scan;
+            return FileScan {
+                broken: true,
+                ..FileScan::default()
+            };
         }
     };
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value = match Value::deserialize(doc) {
-            Ok(v) => v,
-            Err(e) => {
-                // The rest of the file cannot be parsed either.
-                on(Found::Error(doc_error(
-                    file,
-                    i.to_string(),
-                    None,
-                    None,
-                    e.to_string(),
-                )));
-                scan.broken = true;
-                break;
+    let pieces = documents::split(text);
+    let mut old: HashMap<u64, Vec<&PieceMemo>> = HashMap::new();
+    for m in reuse.iter().rev() {
+        old.entry(m.digest).or_default().push(m);
+    }
+    // Each piece's digest and, when its text is unchanged, what it defined.
+    let mut known: Vec<(u64, Option<PieceMemo>)> = pieces
+        .iter()
+        .map(|p| {
+            let d = documents::digest(p.text.as_bytes());
+            let memo = old.get_mut(&d).and_then(Vec::pop).cloned();
+            (d, memo)
+        })
+        .collect();
+    let to_parse: Vec<usize> = (0..pieces.len())
+        .filter(|&i| known[i].1.is_none())
+        .collect();
+    let mut reading = Reading {
+        file,
+        seen,
+        on,
+        scan: FileScan::default(),
+        docs: 0,
+    };
+    let mut next = 0;
+    documents::ordered_map(
+        &to_parse,
+        documents::workers_for(to_parse.len()),
+        |&i| parse_piece(&pieces[i]),
+        |k, docs| {
+            let i = to_parse[k];
+            for memo in known[next..i].iter_mut().filter_map(|k| k.1.take()) {
+                reading.reused(memo);
             }
+            next = i + 1;
+            reading.parsed(known[i].0, docs)
+        },
+    );
+    let mut scan = reading.scan;
+    if !scan.broken && !scan.stopped {
+        let mut rest = Reading {
+            file,
+            seen: reading.seen,
+            on: reading.on,
+            scan,
+            docs: reading.docs,
         };
-        if value.is_null() {
-            continue;
+        for memo in known[next..].iter_mut().filter_map(|k| k.1.take()) {
+            rest.reused(memo);
         }
-        let items: Vec<(String, Value)> =
-            if value.get("kind").and_then(Value::as_str) == Some("List") {
-                match value.get("items").and_then(Value::as_sequence) {
-                    Some(items) => items
-                        .iter()
-                        .enumerate()
-                        .map(|(j, v)| (format!("{i} item {j}"), v.clone()))
-                        .collect(),
-                    None => Vec::new(),
-                }
-            } else {
-                vec![(i.to_string(), value)]
-            };
-        for (index, v) in items {
-            match parse_object(v) {
-                Ok(None) => {}
-                Ok(Some(obj)) => {
-                    let id = (obj.kind(), obj.key());
-                    scan.defs.insert(id.clone(), true);
-                    if seen.insert(id) {
-                        on(Found::Object(obj));
-                    } else {
-                        on(Found::Error(doc_error(
-                            file,
-                            index,
-                            Some(describe(&obj)),
-                            None,
-                            "duplicate object; the first one is used".into(),
-                        )));
-                    }
-                }
-                Err(err) => {
-                    let (object, field, message, target) = *err;
-                    if let Some(r) = &target {
-                        scan.defs.entry((r.kind, r.key.clone())).or_insert(false);
-                    }
-                    let mut e = doc_error(file, index, object, field, message);
-                    e.invalid_object = target;
-                    on(Found::Error(e))
-                }
-            }
-        }
+        scan = rest.scan;
     }
     scan
-}
-
-fn content_digest(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
 }
 
 /// Reads the manifests in `text` as the file `name` would be read (fixtures and tests).
 pub fn load_text(name: &Path, text: &str) -> Loaded {
     let mut out = Loaded::default();
-    let mut seen = BTreeSet::new();
     scan_text(
         name,
         &Ok(text.to_owned()),
-        &mut seen,
-        &mut |found| match found {
-            Found::Object(o) => out.objects.push(o),
-            Found::Error(e) => out.errors.push(e),
+        &mut BTreeSet::new(),
+        &[],
+        &mut |found| {
+            match found {
+                Found::Object(o) => out.objects.push(o),
+                Found::Error(e) => out.errors.push(e),
+            }
+            true
         },
     );
     out
@@ -294,6 +493,22 @@ struct FileState {
     defs: BTreeMap<Id, bool>,
     /// The contents last read do not parse.
     broken: bool,
+    /// Some object is named by more than one of its documents.
+    dups: bool,
+    /// What each piece of the text in effect defines (see [`scan_text`]).
+    pieces: Vec<PieceMemo>,
+}
+
+impl FileState {
+    fn new(digest: u64, scan: FileScan) -> Self {
+        FileState {
+            digest,
+            defs: scan.defs,
+            broken: scan.broken,
+            dups: scan.dups,
+            pieces: scan.pieces,
+        }
+    }
 }
 
 /// What the watcher knows of the files it sent.
@@ -316,14 +531,28 @@ impl Sent {
         self.files.remove(file).map(|s| s.defs).unwrap_or_default()
     }
 
-    /// How many files define an object (validly or not). Counted on demand rather than
-    /// kept in an index: a directory has few files, and an index of every object would
-    /// cost as much memory as the per-file sets themselves.
-    fn owners(&self, id: &Id) -> usize {
+    /// Whether a file other than `file` defines an object (validly or not). Looked up on
+    /// demand rather than kept in an index: a directory has few files, and an index of
+    /// every object would cost as much memory as the per-file sets themselves.
+    fn elsewhere(&self, file: &Path, id: &Id) -> bool {
         self.files
-            .values()
-            .filter(|f| f.defs.contains_key(id))
-            .count()
+            .iter()
+            .any(|(f, s)| f != file && s.defs.contains_key(id))
+    }
+
+    /// Whether any file defines an object.
+    fn defined(&self, id: &Id) -> bool {
+        self.files.values().any(|s| s.defs.contains_key(id))
+    }
+
+    /// An object `file` defines that another file defines too.
+    fn shared_with_others(&self, file: &Path) -> Option<Id> {
+        let state = self.files.get(file)?;
+        state
+            .defs
+            .keys()
+            .find(|id| self.elsewhere(file, id))
+            .cloned()
     }
 }
 
@@ -378,17 +607,18 @@ fn relist(
             } else {
                 // Items sent from it would replace the kept versions: find out whether
                 // the file parses before sending any.
-                let check = scan_text(file, &text, &mut BTreeSet::new(), &mut |_| {});
+                let check = scan_text(file, &text, &mut BTreeSet::new(), &[], &mut |_| true);
                 check.broken
             }
         });
-        let (defs, broken) = match keep {
+        let file_state = match keep {
             Some(last) => {
-                scan_text(file, &text, &mut BTreeSet::new(), &mut |found| {
+                scan_text(file, &text, &mut BTreeSet::new(), &[], &mut |found| {
                     if let Found::Error(e) = found {
                         errors += 1;
                         report(&e);
                     }
+                    true
                 });
                 log_kept(file, last.defs.len());
                 for (id, valid) in &last.defs {
@@ -398,33 +628,35 @@ fn relist(
                     }
                     send(SourceUpdate::RelistInvalid(object_ref(id)));
                 }
-                (last.defs.clone(), true)
+                FileState {
+                    digest,
+                    defs: last.defs.clone(),
+                    broken: true,
+                    dups: last.dups,
+                    pieces: last.pieces.clone(),
+                }
             }
             None => {
-                let scan = scan_text(file, &text, &mut seen, &mut |found| match found {
-                    Found::Object(o) => {
-                        objects += 1;
-                        send(SourceUpdate::RelistItem(o));
-                    }
-                    Found::Error(e) => {
-                        errors += 1;
-                        report(&e);
-                        if let Some(r) = e.invalid_object {
-                            send(SourceUpdate::RelistInvalid(r));
+                let scan = scan_text(file, &text, &mut seen, &[], &mut |found| {
+                    match found {
+                        Found::Object(o) => {
+                            objects += 1;
+                            send(SourceUpdate::RelistItem(o));
+                        }
+                        Found::Error(e) => {
+                            errors += 1;
+                            report(&e);
+                            if let Some(r) = e.invalid_object {
+                                send(SourceUpdate::RelistInvalid(r));
+                            }
                         }
                     }
+                    true
                 });
-                (scan.defs, scan.broken)
+                FileState::new(digest, scan)
             }
         };
-        state.insert(
-            file.clone(),
-            FileState {
-                digest,
-                defs,
-                broken,
-            },
-        );
+        state.insert(file.clone(), file_state);
     }
     for kind in Kind::ALL {
         send(SourceUpdate::RelistDone(kind));
@@ -434,25 +666,26 @@ fn relist(
     state
 }
 
-/// One changed file, read once.
-struct Changed {
-    file: PathBuf,
-    digest: u64,
-    text: Result<String, String>,
-    /// What it defines now (what it defined before when it is broken and was known).
-    scan: FileScan,
-    /// It does not parse and keeps the objects last read from it.
-    kept: bool,
-    /// Its errors, reported when no relist follows (a relist reports them itself).
-    errors: Vec<DocumentError>,
+/// Objects of a known file's new version held between checking it and sending them; a
+/// larger change is parsed again to be sent.
+const HOLD: usize = 512;
+
+/// What applying one changed file came to.
+enum Applied {
+    /// Applied: the objects it no longer defines.
+    Done(Vec<Id>),
+    /// It names an object another file defines too, so the precedence between the
+    /// definitions matters: a full relist is needed.
+    Shared(Id),
 }
 
 /// Sends what changed in the directory since `sent` (None: nothing sent yet).
 ///
-/// The first time, a full relist. Afterwards the cheap path: the objects of changed files
-/// as upserts and deletions of objects no file defines any more; except when a change
-/// touches an object that more than one file defines (before or after the change), where
-/// the precedence between the definitions matters: then a full relist.
+/// The first time, a full relist. Afterwards the cheap path, file by file, removed files
+/// first: a changed file's new and changed objects as upserts (only the pieces of its text
+/// that changed are parsed), then deletions of objects no file defines any more; except
+/// when a change touches an object that another file defines too, before or after the
+/// change, where the precedence between the definitions matters: then a full relist.
 fn apply_changes(
     path: &Path,
     sent: &mut Option<Sent>,
@@ -464,111 +697,179 @@ fn apply_changes(
         *sent = Some(relist(path, &files, None, send, report));
         return Ok(());
     };
-    let mut changed = Vec::new();
-    for file in &files {
-        let (digest, text) = read_manifest(file);
-        let last = prev.files.get(file);
-        if last.map(|s| s.digest) == Some(digest) {
-            continue;
-        }
-        let mut errors = Vec::new();
-        let mut scan = scan_text(file, &text, &mut BTreeSet::new(), &mut |found| {
-            if let Found::Error(e) = found {
-                errors.push(e);
-            }
-        });
-        let kept = match last {
-            Some(last) if scan.broken => {
-                scan.defs = last.defs.clone();
-                true
-            }
-            _ => false,
-        };
-        changed.push(Changed {
-            file: file.clone(),
-            digest,
-            text,
-            scan,
-            kept,
-            errors,
-        });
-    }
     let removed: Vec<PathBuf> = prev
         .files
         .keys()
         .filter(|f| files.binary_search(f).is_err())
         .cloned()
         .collect();
+    let mut changed = Vec::new();
+    for file in &files {
+        let (digest, text) = read_manifest(file);
+        if prev.files.get(file).map(|s| s.digest) != Some(digest) {
+            changed.push((file, digest, text));
+        }
+    }
     if changed.is_empty() && removed.is_empty() {
         *sent = Some(prev);
         return Ok(());
     }
-    // How many more (or fewer) files define each touched object after the change.
-    let mut delta: BTreeMap<Id, isize> = BTreeMap::new();
-    for c in changed.iter().filter(|c| !c.kept) {
-        let old = prev.files.get(&c.file).map(|s| &s.defs);
-        for id in old.into_iter().flat_map(BTreeMap::keys) {
-            *delta.entry(id.clone()).or_default() -= 1;
+    let mut gone = BTreeSet::new();
+    let shared = removed.iter().find_map(|f| prev.shared_with_others(f));
+    let shared = match shared {
+        Some(id) => Some(id),
+        None => {
+            for file in &removed {
+                gone.extend(prev.remove(file).into_keys());
+                tracing::info!(file = %file.display(), "manifest file removed");
+            }
+            // A file naming an object that a file still to be applied defines waits for
+            // it once (the object may be moving between them); after that it is shared.
+            let mut queue: VecDeque<_> = changed.iter().map(|c| (c, false)).collect();
+            let mut shared = None;
+            while let Some((c, waited)) = queue.pop_front() {
+                let (file, digest, text) = c;
+                match apply_file(&mut prev, file, *digest, text, send, report) {
+                    Applied::Done(ids) => gone.extend(ids),
+                    Applied::Shared(id)
+                        if !waited
+                            && queue.iter().any(|((f, ..), _)| {
+                                prev.files.get(*f).is_some_and(|s| s.defs.contains_key(&id))
+                            }) =>
+                    {
+                        queue.push_back((c, true));
+                    }
+                    Applied::Shared(id) => {
+                        shared = Some(id);
+                        break;
+                    }
+                }
+            }
+            shared
         }
-        for id in c.scan.defs.keys() {
-            *delta.entry(id.clone()).or_default() += 1;
-        }
-    }
-    for file in &removed {
-        for id in prev.files.get(file).into_iter().flat_map(|s| s.defs.keys()) {
-            *delta.entry(id.clone()).or_default() -= 1;
-        }
-    }
-    let shared = delta.iter().find(|(id, d)| {
-        let before = prev.owners(id);
-        before > 1 || before.saturating_add_signed(**d) > 1
-    });
-    if let Some(((kind, key), _)) = shared {
+    };
+    if let Some((kind, key)) = shared {
         tracing::info!(kind = ?kind, object = %key, "change touches an object defined in several files; relisting");
         *sent = Some(relist(path, &files, Some(&prev), send, report));
         return Ok(());
     }
-    // Every touched object is defined in at most one file, before and after.
-    let mut gone = BTreeSet::new();
-    for c in changed {
-        for e in &c.errors {
-            report(e);
-        }
-        if c.kept {
-            log_kept(&c.file, c.scan.defs.len());
-            if let Some(s) = prev.files.get_mut(&c.file) {
-                s.digest = c.digest;
-                s.broken = true;
-            }
-            continue;
-        }
-        let mut upserts = 0usize;
-        scan_text(&c.file, &c.text, &mut BTreeSet::new(), &mut |found| {
-            if let Found::Object(o) = found {
-                upserts += 1;
-                send(SourceUpdate::Upsert(o));
-            }
-        });
-        let state = FileState {
-            digest: c.digest,
-            broken: c.scan.broken,
-            defs: c.scan.defs,
-        };
-        let new_ids: BTreeSet<Id> = state.defs.keys().cloned().collect();
-        let old = prev.insert(c.file.clone(), state);
-        gone.extend(old.into_keys().filter(|id| !new_ids.contains(id)));
-        tracing::info!(file = %c.file.display(), objects = upserts, "manifest file changed");
-    }
-    for file in removed {
-        gone.extend(prev.remove(&file).into_keys());
-        tracing::info!(file = %file.display(), "manifest file removed");
-    }
     // An object that moved to another file is still defined: not deleted.
-    for id in gone.iter().filter(|id| prev.owners(id) == 0) {
+    for id in gone.iter().filter(|id| !prev.defined(id)) {
         send(SourceUpdate::Delete(object_ref(id)));
     }
     *sent = Some(prev);
     Ok(())
+}
+
+/// Applies one changed file to `prev`, sending its objects as upserts, unless it names an
+/// object another file defines too.
+///
+/// A file read before is checked before anything is sent: when it no longer parses, it
+/// keeps the objects last read from it, and nothing from its new text is sent. Its
+/// objects are held for the sending when they are few, parsed again when not. A new file
+/// is sent as it is read: what parses before an error is in effect.
+fn apply_file(
+    prev: &mut Sent,
+    file: &Path,
+    digest: u64,
+    text: &Result<String, String>,
+    send: &mut impl FnMut(SourceUpdate),
+    report: &mut impl FnMut(&DocumentError),
+) -> Applied {
+    if let Some(id) = prev.shared_with_others(file) {
+        return Applied::Shared(id);
+    }
+    let Some(old) = prev.files.get(file) else {
+        // A new file: objects are sent as they are read.
+        let mut shared = None;
+        let mut upserts = 0usize;
+        let scan = scan_text(file, text, &mut BTreeSet::new(), &[], &mut |found| {
+            let (id, object) = match found {
+                Found::Object(o) => ((o.kind(), o.key()), Some(o)),
+                Found::Error(e) => {
+                    report(&e);
+                    match e.invalid_object {
+                        Some(r) => ((r.kind, r.key), None),
+                        None => return true,
+                    }
+                }
+            };
+            if prev.elsewhere(file, &id) {
+                shared = Some(id);
+                return false;
+            }
+            if let Some(o) = object {
+                upserts += 1;
+                send(SourceUpdate::Upsert(o));
+            }
+            true
+        });
+        if let Some(id) = shared {
+            return Applied::Shared(id);
+        }
+        tracing::info!(file = %file.display(), objects = upserts, "manifest file added");
+        prev.insert(file.to_owned(), FileState::new(digest, scan));
+        return Applied::Done(Vec::new());
+    };
+    // A file read before: its unchanged pieces are not parsed again, unless an object is
+    // named twice in it (which definition is first may then have changed).
+    let mut reuse: &[PieceMemo] = if old.dups { &[] } else { &old.pieces };
+    let check = |reuse: &[PieceMemo]| {
+        let (mut held, mut errors) = (Some(Vec::new()), Vec::new());
+        let scan = scan_text(file, text, &mut BTreeSet::new(), reuse, &mut |found| {
+            match found {
+                Found::Object(o) => match &mut held {
+                    Some(h) if h.len() < HOLD => h.push(o),
+                    _ => held = None,
+                },
+                Found::Error(e) => errors.push(e),
+            }
+            true
+        });
+        (scan, held, errors)
+    };
+    let (mut scan, mut held, mut errors) = check(reuse);
+    if scan.dups && !reuse.is_empty() {
+        reuse = &[];
+        (scan, held, errors) = check(reuse);
+    }
+    for e in &errors {
+        report(e);
+    }
+    if scan.broken {
+        log_kept(file, old.defs.len());
+        if let Some(s) = prev.files.get_mut(file) {
+            s.digest = digest;
+            s.broken = true;
+        }
+        return Applied::Done(Vec::new());
+    }
+    if let Some(id) = scan.defs.keys().find(|id| prev.elsewhere(file, id)) {
+        return Applied::Shared(id.clone());
+    }
+    let mut upserts = 0usize;
+    match held {
+        Some(objects) => {
+            for o in objects {
+                upserts += 1;
+                send(SourceUpdate::Upsert(o));
+            }
+        }
+        None => {
+            scan_text(file, text, &mut BTreeSet::new(), reuse, &mut |found| {
+                if let Found::Object(o) = found {
+                    upserts += 1;
+                    send(SourceUpdate::Upsert(o));
+                }
+                true
+            });
+        }
+    }
+    tracing::info!(file = %file.display(), objects = upserts, "manifest file changed");
+    let state = FileState::new(digest, scan);
+    let old = prev.insert(file.to_owned(), state);
+    let now = &prev.files[file].defs;
+    Applied::Done(old.into_keys().filter(|id| !now.contains_key(id)).collect())
 }
 
 /// [`apply_changes`] into a channel, logging errors. Returns false when the receiver is gone.
@@ -1073,6 +1374,121 @@ metadata: {name: ignored}
         h.write("b.yaml", "");
         assert_eq!(h.step(), ["upsert demo/web"]);
         assert!(h.service("web").unwrap().contains("10.96.0.2"));
+    }
+
+    /// `n` Services in one text, one document each; Service `bad` (when some) invalid.
+    fn services(n: usize, bad: Option<usize>) -> String {
+        (0..n)
+            .map(|i| match bad {
+                Some(b) if b == i => INVALID_WEB.replace("name: web", &format!("name: s{i}")),
+                _ => svc(&format!("s{i}"), &format!("10.96.1.{}", i + 1)),
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    #[test]
+    fn a_change_to_one_document_parses_and_sends_only_that_document() {
+        let mut h = Harness::new(&[("a.yaml", &services(100, None))]);
+        assert_eq!(h.step().len(), 102);
+        let changed = services(100, None).replace("10.96.1.42,", "10.96.2.42,");
+        h.write("a.yaml", &changed);
+        assert_eq!(h.step(), ["upsert demo/s41"]);
+        assert!(h.service("s41").unwrap().contains("10.96.2.42"));
+        // A document removed and one added: the one deletion and the one upsert.
+        let fewer = changed.replace(&format!("{}---\n", svc("s7", "10.96.1.8")), "");
+        h.write(
+            "a.yaml",
+            &format!("{fewer}---\n{}", svc("new", "10.96.3.1")),
+        );
+        let mut out = h.step();
+        out.sort();
+        assert_eq!(out, ["delete demo/s7", "upsert demo/new"]);
+        // Unchanged documents keep their errors out of the log; a new error is reported
+        // with its document's index in the file.
+        h.write("a.yaml", &services(100, Some(57)));
+        h.step();
+        assert_eq!(h.errors.len(), 1, "{:?}", h.errors);
+        assert!(
+            h.errors[0].contains("a.yaml document 57: Service demo/s57"),
+            "{:?}",
+            h.errors
+        );
+    }
+
+    #[test]
+    fn a_large_new_file_is_read_in_order_with_every_index_right() {
+        let text = services(300, Some(250));
+        let loaded = load_text(Path::new("big.yaml"), &text);
+        let keys: Vec<String> = loaded.objects.iter().map(|o| o.key().to_string()).collect();
+        let want: Vec<String> = (0..300)
+            .filter(|i| *i != 250)
+            .map(|i| format!("demo/s{i}"))
+            .collect();
+        assert_eq!(keys, want);
+        assert_eq!(loaded.errors.len(), 1);
+        assert!(
+            loaded.errors[0]
+                .to_string()
+                .contains("big.yaml document 250: Service demo/s250: field spec.ports[0].port"),
+            "{}",
+            loaded.errors[0]
+        );
+        // A syntax error is reported at the file's line, as the whole stream reports it.
+        let cut = format!("{}---\nkind: [unclosed\n", services(60, None));
+        let loaded = load_text(Path::new("cut.yaml"), &cut);
+        assert_eq!(loaded.objects.len(), 60);
+        let whole = serde_yaml_ng::Deserializer::from_str(&cut)
+            .find_map(|d| Value::deserialize(d).err())
+            .unwrap()
+            .to_string();
+        assert!(whole.contains("at line 302 column 1"), "{whole}");
+        assert_eq!(loaded.errors[0].message, whole);
+        assert_eq!(loaded.errors[0].index, "60");
+    }
+
+    #[test]
+    fn when_the_first_of_two_definitions_in_a_file_goes_the_second_takes_effect() {
+        let two = format!(
+            "{}---\n{}",
+            svc("web", "10.96.0.1"),
+            svc("web", "10.96.0.2")
+        );
+        let mut h = Harness::new(&[("a.yaml", &two)]);
+        h.step();
+        assert!(h.service("web").unwrap().contains("10.96.0.1"));
+        // The second document's text is unchanged, but it is now the first definition.
+        h.write(
+            "a.yaml",
+            &format!(
+                "{}---\n{}",
+                svc("api", "10.96.0.3"),
+                svc("web", "10.96.0.2")
+            ),
+        );
+        let mut out = h.step();
+        out.sort();
+        assert_eq!(out, ["upsert demo/api", "upsert demo/web"]);
+        assert!(h.service("web").unwrap().contains("10.96.0.2"));
+    }
+
+    #[test]
+    fn a_file_that_parses_again_sends_what_differs_from_its_last_good_version() {
+        let mut h = Harness::new(&[("a.yaml", &services(40, None))]);
+        h.step();
+        let half = format!(
+            "{}---\nkind: [",
+            services(40, None).replace("10.96.1.3,", "10.96.9.3,")
+        );
+        h.write("a.yaml", &half);
+        assert_eq!(h.step(), Vec::<String>::new());
+        assert!(h.service("s2").unwrap().contains("10.96.1.3"));
+        h.write(
+            "a.yaml",
+            &services(40, None).replace("10.96.1.5,", "10.96.9.5,"),
+        );
+        assert_eq!(h.step(), ["upsert demo/s4"]);
+        assert!(h.service("s4").unwrap().contains("10.96.9.5"));
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 //! records it in change trackers.
 
 pub mod dir;
+pub mod documents;
 pub mod kube;
 pub mod split;
 
