@@ -251,6 +251,11 @@ pub enum SourceUpdate {
     Upsert(Object),
     /// An object was deleted.
     Delete(ObjectRef),
+    /// The updates up to the next `BatchEnd` belong together (one read of a changed
+    /// manifest file): a sync waits for the end rather than programming part of them.
+    BatchStart,
+    /// See `BatchStart`.
+    BatchEnd,
 }
 
 impl SourceUpdate {

@@ -84,6 +84,10 @@ enum BenchCmd {
     /// each fed by one kube-apiserver with the same Services and EndpointSlices: time to
     /// live, endpoint change p50/p99, peak RSS, CPU; api.json/api.csv under docs/bench.
     Api(bench::api::ApiArgs),
+    /// weir fed by `--source dir:` with every object in one file: rename to live, one
+    /// endpoint change in that file to traffic following (p50/p99), peak RSS; dir.json
+    /// under docs/bench.
+    Dir(bench::dirsource::DirArgs),
     /// ClusterIP against the same backend pods by pod IP (connect and request p50/p99,
     /// requests per second), per mode and service count, measured interleaved; ratios,
     /// CSV/JSON under docs/bench.
@@ -268,6 +272,7 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Policy(a)) => bench::policy::policy(a),
         Cmd::Bench(BenchCmd::Compare(a)) => bench::compare::compare(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Api(a)) => bench::api::api(a, &workspace_root()),
+        Cmd::Bench(BenchCmd::Dir(a)) => bench::dirsource::dir(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Datapath(a)) => bench::datapath::datapath(a, &workspace_root()),
         Cmd::Bench(BenchCmd::Check(a)) => bench::check::check(a, &workspace_root()),
         Cmd::Apiserver(a) => apiserver::apiserver(a),

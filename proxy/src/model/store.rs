@@ -138,7 +138,10 @@ impl Store {
                     .map(|key| self.record(SourceUpdate::Delete(ObjectRef { kind, key }), now))
                     .sum()
             }
-            SourceUpdate::RelistDone(_) | SourceUpdate::Synced => 0,
+            SourceUpdate::RelistDone(_)
+            | SourceUpdate::Synced
+            | SourceUpdate::BatchStart
+            | SourceUpdate::BatchEnd => 0,
             SourceUpdate::Upsert(o) => {
                 let key = o.key();
                 usize::from(match o {

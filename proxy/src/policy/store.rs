@@ -67,6 +67,7 @@ impl PolicyStore {
                 self.synced = true;
                 false
             }
+            SourceUpdate::BatchStart | SourceUpdate::BatchEnd => false,
             SourceUpdate::Upsert(o) => self.upsert(o),
             SourceUpdate::Delete(r) => self.delete(&r),
         }

@@ -872,23 +872,36 @@ fn apply_file(
     Applied::Done(old.into_keys().filter(|id| !now.contains_key(id)).collect())
 }
 
-/// [`apply_changes`] into a channel, logging errors. Returns false when the receiver is gone.
+/// [`apply_changes`] into a channel, logging errors, the updates of one pass framed as a
+/// batch (`BatchStart` … `BatchEnd`) so the runner programs them together. Returns false
+/// when the receiver is gone.
 fn send_changes(
     path: &Path,
     tx: &Sender<SourceUpdate>,
     sent: &mut Option<Sent>,
 ) -> Result<bool, DirSourceError> {
-    let mut closed = false;
-    apply_changes(
+    let (mut closed, mut started) = (false, false);
+    let mut put = |u| {
+        if tx.blocking_send(u).is_err() {
+            closed = true;
+        }
+    };
+    let result = apply_changes(
         path,
         sent,
         &mut |u| {
-            if tx.blocking_send(u).is_err() {
-                closed = true;
+            if !started {
+                started = true;
+                put(SourceUpdate::BatchStart);
             }
+            put(u)
         },
         &mut report,
-    )?;
+    );
+    if started {
+        put(SourceUpdate::BatchEnd);
+    }
+    result?;
     Ok(!closed)
 }
 
@@ -1190,9 +1203,11 @@ metadata: {name: ignored}
         match u {
             SourceUpdate::RelistStart(k) if *k == Kind::ALL[0] => "start".to_owned(),
             SourceUpdate::RelistDone(k) if *k == Kind::ALL[5] => "done".to_owned(),
-            SourceUpdate::RelistStart(_) | SourceUpdate::RelistDone(_) | SourceUpdate::Synced => {
-                String::new()
-            }
+            SourceUpdate::RelistStart(_)
+            | SourceUpdate::RelistDone(_)
+            | SourceUpdate::Synced
+            | SourceUpdate::BatchStart
+            | SourceUpdate::BatchEnd => String::new(),
             SourceUpdate::RelistItem(o) => format!("item {}", o.key()),
             SourceUpdate::RelistInvalid(r) => format!("invalid {}", r.key),
             SourceUpdate::Upsert(o) => format!("upsert {}", o.key()),
@@ -1489,6 +1504,48 @@ metadata: {name: ignored}
         );
         assert_eq!(h.step(), ["upsert demo/s4"]);
         assert!(h.service("s4").unwrap().contains("10.96.9.5"));
+    }
+
+    #[tokio::test]
+    async fn each_pass_that_sends_anything_frames_it_as_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), services(3, None)).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let path = dir.path().to_owned();
+        let mut sent = tokio::task::spawn_blocking(move || {
+            let mut sent = None;
+            assert!(send_changes(&path, &tx, &mut sent).unwrap());
+            std::fs::write(path.join("a.yaml"), services(2, None)).unwrap();
+            assert!(send_changes(&path, &tx, &mut sent).unwrap());
+            // Nothing changed: nothing sent, not even an empty batch.
+            assert!(send_changes(&path, &tx, &mut sent).unwrap());
+            sent
+        });
+        let mut got = Vec::new();
+        while let Some(u) = rx.recv().await {
+            got.push(match u {
+                SourceUpdate::BatchStart => "[".to_owned(),
+                SourceUpdate::BatchEnd => "]".to_owned(),
+                u => short(&u),
+            });
+        }
+        got.retain(|w| !w.is_empty());
+        assert!((&mut sent).await.unwrap().is_some());
+        assert_eq!(
+            got,
+            [
+                "[",
+                "start",
+                "item demo/s0",
+                "item demo/s1",
+                "item demo/s2",
+                "done",
+                "]",
+                "[",
+                "delete demo/s2",
+                "]"
+            ]
+        );
     }
 
     #[tokio::test]

@@ -29,7 +29,9 @@ pub fn route(u: SourceUpdate) -> Route {
         }
     };
     match u {
-        SourceUpdate::Synced => Route::Both(SourceUpdate::Synced, u),
+        SourceUpdate::Synced | SourceUpdate::BatchStart | SourceUpdate::BatchEnd => {
+            Route::Both(u.clone(), u)
+        }
         SourceUpdate::RelistItem(ref o) | SourceUpdate::Upsert(ref o) => {
             by_kind(o.kind().is_policy(), u)
         }

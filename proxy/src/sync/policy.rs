@@ -82,6 +82,11 @@ impl<K: NftBackend> PolicyController<K> {
             tokio::select! {
                 u = updates.recv() => {
                     let Some(u) = u else { return };
+                    match u {
+                        SourceUpdate::BatchStart => schedule.hold(true, tokio::time::Instant::now()),
+                        SourceUpdate::BatchEnd => schedule.hold(false, tokio::time::Instant::now()),
+                        _ => {}
+                    }
                     let bad_before = self.store.invalid_received();
                     if self.store.record(u) {
                         schedule.queue();

@@ -107,8 +107,11 @@ impl<D: Dataplane> Runner<D> {
 
     fn record(&mut self, u: SourceUpdate, schedule: &mut Schedule) {
         let now = SystemTime::now();
-        if u == SourceUpdate::Synced {
-            schedule.set_ready();
+        match u {
+            SourceUpdate::Synced => schedule.set_ready(),
+            SourceUpdate::BatchStart => schedule.hold(true, tokio::time::Instant::now()),
+            SourceUpdate::BatchEnd => schedule.hold(false, tokio::time::Instant::now()),
+            _ => {}
         }
         let (svc_before, eps_before) = self.store.total_changes();
         let invalid_before = self.store.invalid_received();
@@ -139,9 +142,10 @@ impl<D: Dataplane> Runner<D> {
 
     /// One sync; returns whether it succeeded. It is full (every Service computed, the
     /// kernel read back) when the schedule asks (`forced_full`), when the dataplane does
-    /// not know what the kernel holds (first sync, after a failure), when Nodes changed
-    /// and when a frontend released by one Service is wanted by another; otherwise only
-    /// the changed Services are computed and their ports programmed.
+    /// not know what the kernel holds (first sync, after a failure), when Nodes changed,
+    /// when a frontend released by one Service is wanted by another and when most
+    /// Services changed ([`mostly_changed`]); otherwise only the changed Services are
+    /// computed and their ports programmed.
     #[instrument(skip_all, fields(full))]
     async fn sync(&mut self, forced_full: bool) -> bool {
         let started = Instant::now();
@@ -169,7 +173,8 @@ impl<D: Dataplane> Runner<D> {
         let mut full = forced_full
             || !self.dataplane.tracks_kernel()
             || changes.nodes
-            || self.desired.needs_full_compute();
+            || self.desired.needs_full_compute()
+            || mostly_changed(changes.services.len(), self.store.services().len());
         let mut deltas = Vec::new();
         if !full {
             deltas = self.recompute_changed(&changes.services);
@@ -335,6 +340,15 @@ impl<D: Dataplane> Runner<D> {
         }
         deltas
     }
+}
+
+/// Whether `changed` of `total` Services is enough change that a full sync costs less
+/// than an incremental one: at 10k Services x 10 endpoints in nftables mode, programming
+/// 6,575 new Services incrementally took 2.5 s, a full sync of all 10,000 1.4 s (weir's
+/// own `synced` log lines, `cargo xtask bench dir`). More than a quarter of them, and more
+/// than 500.
+fn mostly_changed(changed: usize, total: usize) -> bool {
+    changed > 500 && changed * 4 > total
 }
 
 #[cfg(test)]
@@ -613,6 +627,37 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(fake.applies(), first + 1, "one sync took all five changes");
         assert_eq!(backends(&fake), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_from_the_source_is_programmed_in_one_sync_after_its_end() {
+        let (fake, tx) = start(10);
+        send_listing(&tx, svc("a", "10.96.0.1", &["10.244.1.1"]));
+        settle().await;
+        let first = fake.applies();
+        tx.try_send(SourceUpdate::BatchStart).unwrap();
+        for i in 2..7 {
+            for o in svc(&format!("s{i}"), &format!("10.96.0.{i}"), &["10.244.1.1"]) {
+                tx.try_send(SourceUpdate::Upsert(o)).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(fake.applies(), first, "nothing programmed inside the batch");
+        tx.try_send(SourceUpdate::BatchEnd).unwrap();
+        settle().await;
+        assert_eq!(fake.applies(), first + 1, "one sync took the whole batch");
+        assert_eq!(backends(&fake), 6);
+    }
+
+    #[test]
+    fn a_sync_is_full_when_most_services_changed() {
+        assert!(!mostly_changed(1, 10));
+        assert!(!mostly_changed(500, 1000), "no more than 500");
+        assert!(mostly_changed(2600, 10_000));
+        assert!(
+            !mostly_changed(2500, 10_000),
+            "a quarter is not more than a quarter"
+        );
     }
 
     #[tokio::test(start_paused = true)]

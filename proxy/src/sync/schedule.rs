@@ -5,7 +5,9 @@
 //! - a sync runs at least every `max_interval`, changed or not; one every `full_interval`
 //!   (at least `max_interval`) is full: it re-reads what the kernel holds;
 //! - after a failed sync the next one runs no sooner than `retry` later, and is full;
-//! - nothing runs before the source's first complete view ([`Schedule::set_ready`]).
+//! - nothing runs before the source's first complete view ([`Schedule::set_ready`]);
+//! - nothing runs while the source sends a batch that belongs together
+//!   ([`Schedule::hold`]), for at most [`HOLD_LIMIT`].
 //!
 //! The clock is tokio's ([`tokio::time::Instant`]): the loops that drive a schedule sleep
 //! on it, and their tests pause it and let it advance, so no test waits on the wall clock.
@@ -13,6 +15,10 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// The longest a batch holds the syncs back: a source that never ends its batch delays
+/// programming, it never stops it.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(10);
 
 /// The bounds of a schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +80,8 @@ pub struct Schedule {
     retry_at: Option<Instant>,
     /// A sync wanted at this time without a change (IPVS real servers still draining).
     recheck_at: Option<Instant>,
+    /// Since when the source's batch holds the syncs back.
+    held_since: Option<Instant>,
 }
 
 impl Schedule {
@@ -92,7 +100,14 @@ impl Schedule {
             last_full: now,
             retry_at: None,
             recheck_at: None,
+            held_since: None,
         }
+    }
+
+    /// The source starts (`true`) or ends a batch of updates that belong together: no
+    /// sync starts while it lasts, up to [`HOLD_LIMIT`] from its start.
+    pub fn hold(&mut self, on: bool, now: Instant) {
+        self.held_since = on.then(|| self.held_since.unwrap_or(now));
     }
 
     /// The source's first complete view arrived: syncs may run.
@@ -148,7 +163,11 @@ impl Schedule {
         } else {
             self.recheck_at.map(at_least)
         };
-        Some(wanted.map_or(periodic, |w| w.min(periodic)))
+        let next = wanted.map_or(periodic, |w| w.min(periodic));
+        Some(match self.held_since {
+            Some(since) => next.max(since + HOLD_LIMIT),
+            None => next,
+        })
     }
 
     /// Whether a sync should start at `now`.
@@ -216,6 +235,27 @@ mod tests {
         assert!(!s.is_due(t0 + 5000 * MS));
         s.set_ready();
         assert!(s.is_due(t0), "the first change runs at once");
+    }
+
+    #[test]
+    fn a_batch_holds_syncs_back_until_it_ends_or_for_at_most_the_hold_limit() {
+        let t0 = Instant::now();
+        let mut s = ready(pacing(100, 60_000), t0);
+        s.hold(true, t0);
+        s.queue();
+        assert_eq!(s.next_run(), Some(t0 + HOLD_LIMIT), "held");
+        // A second start does not extend the hold.
+        s.hold(true, t0 + 5000 * MS);
+        assert_eq!(s.next_run(), Some(t0 + HOLD_LIMIT));
+        s.hold(false, t0 + 7000 * MS);
+        assert!(
+            s.is_due(t0 + 7000 * MS),
+            "the change runs as the batch ends"
+        );
+        let run = s.start(t0 + 7000 * MS);
+        assert!(!run.full);
+        s.finish(t0 + 7000 * MS, true);
+        assert!(!s.is_dirty());
     }
 
     #[test]

@@ -38,8 +38,8 @@ use weir_e2e::{pod_ip, Netns, Topology};
 
 use crate::bench::report::{opt, traffic_csv};
 use crate::bench::rig::{
-    build_release, cpu_seconds, in_client, load, loadavg, machine, now_utc, release_dir,
-    service_ip, start_weir_with, status_kib, topology, write_manifests, EbpfScratch, LoadSpec,
+    build_release, cpu_seconds, load, loadavg, machine, now_utc, release_dir, service_ip,
+    start_weir_with, status_kib, topology, wait_backend, write_manifests, EbpfScratch, LoadSpec,
     Machine, Proc, Traffic,
 };
 
@@ -554,27 +554,6 @@ async fn move_slice(
         )
         .await
         .with_context(|| format!("patching EndpointSlice {NAMESPACE}/{slice}"))?;
-    Ok(())
-}
-
-/// Waits with `weir-probe wait` in `client` (joined to `cgroup` in eBPF mode) until
-/// backend `name` (`-`: any) answers at `addr`.
-fn wait_backend(
-    bin: &Path,
-    client: &Netns,
-    cgroup: Option<&Path>,
-    addr: &str,
-    name: &str,
-    limit: Duration,
-) -> Result<()> {
-    let probe = bin.join("weir-probe").display().to_string();
-    let ms = limit.as_millis().to_string();
-    let out = in_client(client, cgroup, &[probe.as_str(), "wait", addr, name, &ms]).output()?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let first = err.lines().next().unwrap_or_default();
-        bail!("{}", first.trim_start_matches("Error: "));
-    }
     Ok(())
 }
 

@@ -439,6 +439,27 @@ pub fn wait_metric(
     Ok(None)
 }
 
+/// Waits with `weir-probe wait` in `client` (joined to `cgroup` in eBPF mode) until
+/// backend `name` (`-`: any) answers at `addr`.
+pub fn wait_backend(
+    bin: &Path,
+    client: &Netns,
+    cgroup: Option<&Path>,
+    addr: &str,
+    name: &str,
+    limit: Duration,
+) -> Result<()> {
+    let probe = bin.join("weir-probe").display().to_string();
+    let ms = limit.as_millis().to_string();
+    let out = in_client(client, cgroup, &[probe.as_str(), "wait", addr, name, &ms]).output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().next().unwrap_or_default();
+        bail!("{}", first.trim_start_matches("Error: "));
+    }
+    Ok(())
+}
+
 /// A weir-proxy started on a topology's node.
 pub struct Weir {
     /// The process (killed on drop).
