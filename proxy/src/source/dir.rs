@@ -438,21 +438,12 @@ fn scan_text(
             reading.parsed(known[i].0, docs)
         },
     );
-    let mut scan = reading.scan;
-    if !scan.broken && !scan.stopped {
-        let mut rest = Reading {
-            file,
-            seen: reading.seen,
-            on: reading.on,
-            scan,
-            docs: reading.docs,
-        };
+    if !reading.scan.broken && !reading.scan.stopped {
         for memo in known[next..].iter_mut().filter_map(|k| k.1.take()) {
-            rest.reused(memo);
+            reading.reused(memo);
         }
-        scan = rest.scan;
     }
-    scan
+    reading.scan
 }
 
 /// Reads the manifests in `text` as the file `name` would be read (fixtures and tests).

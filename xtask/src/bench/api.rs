@@ -567,7 +567,7 @@ fn metrics_text(bin: &Path, node: &Netns) -> Option<String> {
 }
 
 /// The p-quantile of sorted `v` (nearest rank).
-fn quantile(v: &[f64], p: f64) -> Option<f64> {
+pub fn quantile(v: &[f64], p: f64) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

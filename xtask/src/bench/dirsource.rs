@@ -20,10 +20,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use weir_e2e::pod_ip;
 
+use crate::bench::api::quantile;
 use crate::bench::report::opt;
 use crate::bench::rig::{
-    build_release, cpu_seconds, endpoint_ip, loadavg, machine, now_utc, release_dir, service_ip,
-    start_weir_with, status_kib, topology, wait_backend, EbpfScratch, Machine,
+    build_release, cpu_seconds, endpoint_ip, loadavg, machine, metric, now_utc, release_dir,
+    service_ip, start_weir_with, status_kib, topology, wait_backend, EbpfScratch, Machine, LAST,
 };
 
 /// Options of `bench dir`.
@@ -218,7 +219,7 @@ fn measure(bin: &Path, logs: &Path, args: &DirArgs, n: usize, mode: &str) -> Res
     )?;
     // Up and watching the empty directory: its metrics answer.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while crate::bench::rig::metric(bin, &topo.node, crate::bench::rig::LAST).is_none() {
+    while metric(bin, &topo.node, LAST).is_none() {
         anyhow::ensure!(
             Instant::now() < deadline,
             "weir-proxy did not sync the empty directory; see {}",
@@ -263,22 +264,13 @@ fn measure(bin: &Path, logs: &Path, args: &DirArgs, n: usize, mode: &str) -> Res
     }
     row.change_ms = times.clone();
     times.sort_by(f64::total_cmp);
-    row.change_p50_ms = nearest_rank(&times, 0.5);
-    row.change_p99_ms = nearest_rank(&times, 0.99);
+    row.change_p50_ms = quantile(&times, 0.5);
+    row.change_p99_ms = quantile(&times, 0.99);
     row.peak_rss_mib = status_kib(weir.pid, "VmHWM:").map(|k| k as f64 / 1024.0);
     drop(weir);
     drop(topo);
     drop(scratch);
     Ok(row)
-}
-
-/// The p-quantile of sorted `v` (nearest rank).
-fn nearest_rank(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
-        .copied()
 }
 
 /// The report as a Markdown table.
